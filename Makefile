@@ -1,0 +1,111 @@
+# The pipeline: pretrain -> sft -> (prefs ->) rm -> ppo, then a report.
+#
+#   make all                  set up, then run every stage of the `tiny` recipe and write the report
+#   make test                 set up, then run the test suite
+#   make sft RECIPE=micro     run one stage; missing upstream stages are built first
+#
+# Variables:
+#   RECIPE=tiny|micro|gpu     which configs/<recipe>/ to use
+#   RUN=<name>                run name: outputs in runs/<RUN>/<stage>/, one W&B group (default: RECIPE)
+#   ACCELERATE_CONFIG=<file>  accelerate launch config (default: configs/accelerate/cpu.yaml, or
+#                             single_gpu.yaml when a GPU is present)
+#   ARGS="k=v ..."            config overrides for the stage you name on the command line
+#   PRETRAIN_ARGS, SFT_ARGS, PREFS_ARGS, RM_ARGS, PPO_ARGS
+#                             overrides for that stage whenever it runs (also when built as a dependency)
+
+RECIPE ?= tiny
+RUN ?= $(RECIPE)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ACCELERATE_CONFIG ?= configs/accelerate/$(if $(HAS_GPU),single_gpu,cpu).yaml
+LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG)
+RUNDIR := runs/$(RUN)
+SETUP_STAMP := $(VENV)/.installed
+export TOKENIZERS_PARALLELISM ?= false
+
+# stage outputs: a stage is done when its final/ checkpoint exists
+PRETRAIN_OUT := $(RUNDIR)/pretrain/final/config.json
+SFT_OUT := $(RUNDIR)/sft/final/config.json
+PREFS_OUT := $(RUNDIR)/prefs/train.jsonl
+RM_OUT := $(RUNDIR)/rm/final/config.json
+PPO_OUT := $(RUNDIR)/ppo/final/config.json
+REPORT_OUT := $(RUNDIR)/report.md
+
+# $(call stage,<module>,<config>,<stage args>,<command-line args>)
+stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(3) $(4)
+
+.PHONY: help setup all pretrain sft prefs rm ppo report eval chat test bench clean
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
+
+# ---- setup: a venv with CPU torch where there is no CUDA -------------------------------------------
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(HAS_GPU)" ]; then \
+	  echo "setup: GPU found, installing the default (CUDA) torch build"; \
+	  $(PY) -m pip install -q torch; \
+	elif ! $(PY) -c "import torch" 2>/dev/null; then \
+	  echo "setup: no GPU, installing the CPU build of torch"; \
+	  $(PY) -m pip install -q "torch==2.13.0+cpu" 2>/dev/null || \
+	  $(PY) -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
+	    --extra-index-url https://pypi.org/simple; \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# ---- stages: naming a stage runs it; its missing upstream stages are built first ------------------
+all: $(PPO_OUT) report
+
+pretrain: | $(SETUP_STAMP)
+	$(call stage,stages.pretrain,pretrain,$(PRETRAIN_ARGS),$(ARGS))
+$(PRETRAIN_OUT): | $(SETUP_STAMP)
+	$(call stage,stages.pretrain,pretrain,$(PRETRAIN_ARGS))
+
+sft: $(PRETRAIN_OUT)
+	$(call stage,stages.sft,sft,$(SFT_ARGS),$(ARGS))
+$(SFT_OUT): $(PRETRAIN_OUT)
+	$(call stage,stages.sft,sft,$(SFT_ARGS))
+
+prefs: $(SFT_OUT)
+	$(call stage,reward_model.collect,rm,$(PREFS_ARGS),$(ARGS))
+$(PREFS_OUT): $(SFT_OUT)
+	$(call stage,reward_model.collect,rm,$(PREFS_ARGS))
+
+rm: $(PREFS_OUT)
+	$(call stage,reward_model.train,rm,$(RM_ARGS),$(ARGS))
+$(RM_OUT): $(PREFS_OUT)
+	$(call stage,reward_model.train,rm,$(RM_ARGS))
+
+ppo: $(RM_OUT) $(SFT_OUT)
+	$(call stage,stages.ppo,ppo,$(PPO_ARGS),$(ARGS))
+$(PPO_OUT): $(RM_OUT) $(SFT_OUT)
+	$(call stage,stages.ppo,ppo,$(PPO_ARGS))
+
+# ---- after training ---------------------------------------------------------------------------------
+report: $(PPO_OUT)
+	$(PY) -m pipeline.report --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) $(ARGS)
+
+STAGE ?= ppo
+eval: | $(SETUP_STAMP)
+	$(PY) -m pipeline.evaluate --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
+
+chat: | $(SETUP_STAMP)
+	$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
+
+# ---- checks -----------------------------------------------------------------------------------------
+# pytest exits 5 when it collects no tests (e.g. a -k filter that matches nothing): say so, do not fail
+test: | $(SETUP_STAMP)
+	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests $(ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+bench: | $(SETUP_STAMP)
+	WANDB_MODE=disabled $(PY) -m pipeline.bench $(ARGS)
+
+clean:
+	rm -rf runs wandb .pytest_cache

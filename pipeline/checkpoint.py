@@ -1,0 +1,168 @@
+"""Checkpoints: atomic writes, the final HF checkpoint of a stage, and resumable training state.
+
+A stage's `final/` is a plain Hugging Face checkpoint (safetensors + config + tokenizer with its chat
+template). The stage that made it is recorded in the model config (`pipeline_stage`), so a later stage can
+refuse a checkpoint from the wrong stage with a clear message instead of failing deep inside training.
+
+Training state (optimizer, scheduler, RNG, counters) is saved with `torch.save` and read back with
+`weights_only=True`: tensors and plain containers only, never arbitrary pickles.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # one progress bar per stage is enough; saving shards needs none
+
+CHECKPOINT_PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or was made by a stage that cannot be used here."""
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `target`; on success rename it to `target`.
+
+    A crash mid-write leaves only a `.tmp-*` directory, never a half-written `target`.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.parent / f".old-{target.name}-{os.getpid()}"
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def parameter_fingerprint(model: Any) -> str:
+    """A hash of every parameter's bytes: equal on all DDP ranks when they hold the same weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, param in sorted(unwrap(model).named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def unwrap(model: Any) -> Any:
+    """The bare model behind DDP/accelerate wrappers."""
+    return model.module if hasattr(model, "module") else model
+
+
+def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, **config_extra: Any) -> Path:
+    """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats)."""
+    model = unwrap(model)
+    model.config.pipeline_stage = stage
+    for key, value in config_extra.items():
+        setattr(model.config, key, value)
+    with atomic_dir(final_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+    return Path(final_dir)
+
+
+def checkpoint_stage(path: str | Path) -> str | None:
+    """The pipeline stage recorded in a checkpoint's config.json, or None for outside checkpoints."""
+    config_file = Path(path) / "config.json"
+    if not config_file.exists():
+        return None
+    try:
+        return json.loads(config_file.read_text()).get("pipeline_stage")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed_by: str) -> Path:
+    """Check that a local checkpoint exists and comes from one of `allowed_stages` (outside ones pass)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{needed_by}: checkpoint {path} does not exist. Run the earlier stage first "
+                              f"(the Makefile does this for you), or set init_from to a checkpoint path.")
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{needed_by}: {path} has no config.json; it is not a Hugging Face checkpoint.")
+    stage = checkpoint_stage(path)
+    if stage is not None and stage not in allowed_stages:
+        raise CheckpointError(f"{needed_by}: checkpoint {path} was made by the '{stage}' stage, but "
+                              f"{needed_by} needs one from: {', '.join(allowed_stages)}.")
+    return path
+
+
+# ---- resumable training state -------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    # numpy's state is stored as a tensor so that `weights_only=True` can read it back
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                   cached], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_as_python_state(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+def _as_python_state(state: Any) -> tuple:
+    # torch.save turns the tuple-of-tuples from random.getstate() into lists on some paths
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict,
+                             keep_last: int = 2) -> Path:
+    """Save weights (safetensors), tokenizer and training state for `step`; prune to the newest `keep_last`."""
+    checkpoints_dir = Path(checkpoints_dir)
+    target = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
+    with atomic_dir(target) as tmp:
+        unwrap(model).save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({**state, "step": step, "rng": rng_state()}, tmp / "training_state.pt")
+    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    checkpoints_dir = Path(checkpoints_dir)
+    if not checkpoints_dir.exists():
+        return []
+    return sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def load_training_state(checkpoint: str | Path) -> dict:
+    """Read training state back (tensors and plain containers only) and restore the RNG streams."""
+    path = Path(checkpoint) / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise CheckpointError(f"cannot read training state {path}: {e}") from None
+    set_rng_state(state["rng"])
+    return state

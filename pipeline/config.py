@@ -1,0 +1,166 @@
+"""Typed configs from YAML, with `key=value` overrides.
+
+Every stage defines one dataclass (fields documented where they are defined); a YAML file only overrides
+defaults. A field whose type is itself a dataclass may be given inline as a mapping or as the path of
+another YAML file (relative to the file that names it), so a recipe's model spec and world settings are
+written once and shared by every stage.
+
+Unknown keys and wrong types are errors that name the file (or the command-line override) and the key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override does not fit its dataclass."""
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
+    """Check `value` against the annotation `tp` and convert it (nested dataclasses, int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, base_dir, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: key '{key}': expected one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, str):  # a path to another YAML file
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not path.exists() and Path(value).exists():
+                path = Path(value)
+            return load_config(tp, path)
+        if isinstance(value, dict):
+            return _build(tp, value, where, base_dir, f"{key}.")
+        raise ConfigError(f"{where}: key '{key}': expected a mapping or a YAML path for {tp.__name__}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: key '{key}': expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, where, base_dir, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}': expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp) or (Any, Any)
+        return {str(k): _coerce(v, val_tp, where, base_dir, f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: key '{key}': expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: key '{key}': expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+        kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+    node[leaf] = value
+
+
+def _as_tree(cls: type, raw: dict, base_dir: Path) -> dict:
+    """Expand fields given as YAML paths into mappings, so a dotted override can reach inside them."""
+    hints = typing.get_type_hints(cls)
+    out = dict(raw)
+    for key, value in raw.items():
+        tp = hints.get(key)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, str):
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not path.exists() and Path(value).exists():
+                path = Path(value)
+            out[key] = _as_tree(tp, _read_yaml(path), path.parent)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return raw
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Build `cls` from its defaults, the YAML at `path`, then `key=value` overrides (dotted for nesting)."""
+    path = Path(path) if path else None
+    raw = _read_yaml(path) if path else {}
+    base_dir = path.parent if path else Path.cwd()
+    tree = _as_tree(cls, raw, base_dir)
+    where = str(path) if path else "config"
+    for item in overrides or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected key=value")
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        trial = copy.deepcopy(tree)
+        _set_path(trial, key, value)
+        _build(cls, trial, f"override '{item}'", base_dir)  # validate now, so the error names the override
+        tree = trial
+    return _build(cls, tree, where, base_dir)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

@@ -1,0 +1,104 @@
+"""Batched sampling with the KV cache: one code path for evaluation, preference collection and PPO rollouts.
+
+Prompts are left-padded so every row's next token sits in the last column. Sampling stops at EOS (our
+end-of-turn token) per row, and the loop ends when every row has stopped or the length cap is hit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.tokenizer import chat_prompt
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 48
+    """Response length cap (tokens)."""
+    temperature: float = 1.0
+    """0 means greedy decoding."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)."""
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside top-k and outside the top-p nucleus with -inf."""
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
+           eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample continuations of left-padded prompts. Returns [B, T_new] tokens; after EOS a row holds pad."""
+    batch = input_ids.size(0)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_position = position_ids[:, -1:] + 1
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    tokens = []
+    for _ in range(sampling.max_new_tokens):
+        if sampling.temperature <= 0:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        finished |= token == eos_token_id
+        if finished.all():
+            break
+        # finished rows keep decoding pad; their outputs are discarded, so their mask value does not matter
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict:
+    """Chat-format single-turn prompts and left-pad them into a batch."""
+    texts = [chat_prompt(tokenizer, p) for p in prompts]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def decode_responses(tokenizer, response_tokens: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in response_tokens]
+
+
+def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int = 32,
+                       seed: int | None = None) -> tuple[list[str], list[bool]]:
+    """Answer each prompt in the chat format. Returns the responses and whether each ended with EOS."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    was_training = model.training
+    model.eval()
+    responses, ended = [], []
+    for start in range(0, len(prompts), batch_size):
+        batch = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
+        tokens = sample(model, batch["input_ids"], batch["attention_mask"], sampling,
+                        tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+        responses += decode_responses(tokenizer, tokens)
+        ended += (tokens == tokenizer.eos_token_id).any(-1).tolist()
+    model.train(was_training)
+    return responses, ended

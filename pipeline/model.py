@@ -1,0 +1,101 @@
+"""The one model definition: a standard transformers architecture (Llama by default) built from a YAML spec.
+
+Every stage uses it. The policy is `AutoModelForCausalLM`; the reward model and the PPO critic are the same
+backbone with a scalar head (`AutoModelForSequenceClassification`, `num_labels=1`), which scores a sequence
+at its last non-pad token. Checkpoints load with plain `from_pretrained`: no project code, no remote code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pipeline.checkpoint import require_checkpoint
+
+POLICY_STAGES = ("pretrain", "sft", "ppo")
+SCALAR_STAGES = ("rm",)
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a model trained from scratch. Ignored when `pretrained` names a checkpoint."""
+
+    architecture: str = "llama"
+    """Any transformers `model_type` (llama, qwen2, mistral, ...). Llama: RoPE, RMSNorm, SwiGLU, causal attention."""
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    """Fewer than num_attention_heads gives grouped-query attention."""
+    intermediate_size: int = 704
+    max_position_embeddings: int = 256
+    """Longest sequence the model sees; also the pretraining block size cap."""
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = True
+    """Share input embeddings and LM head: saves vocab*hidden parameters, which matter at small sizes."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for the transformers config (e.g. attention_dropout)."""
+    tokenizer: str = ""
+    """An existing tokenizer (path or hub id). Empty: train a byte-level BPE on the pretraining corpus."""
+    vocab_size: int = 2048
+    """Vocabulary size of the BPE tokenizer trained here (special tokens included)."""
+    pretrained: str = ""
+    """Start pretraining from this causal-LM checkpoint (path or hub id) instead of random weights."""
+
+
+def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
+    """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
+    if spec.pretrained:
+        model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code)
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+    else:
+        config = AutoConfig.for_model(
+            spec.architecture, vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
+            num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+            num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
+            max_position_embeddings=spec.max_position_embeddings, rope_theta=spec.rope_theta,
+            tie_word_embeddings=spec.tie_word_embeddings, **spec.extra)
+        model = AutoModelForCausalLM.from_config(config)
+    set_special_token_ids(model, tokenizer)
+    return model
+
+
+def set_special_token_ids(model: Any, tokenizer: Any) -> None:
+    """Record BOS/EOS/PAD in the model and generation configs, so plain `generate` stops at end of turn."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+            cfg.pad_token_id = tokenizer.pad_token_id
+
+
+def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
+                   allowed_stages: tuple[str, ...] = POLICY_STAGES) -> torch.nn.Module:
+    """A policy checkpoint: a local stage output (checked for its stage) or any HF causal LM (path or hub id)."""
+    if Path(path).exists():
+        require_checkpoint(path, allowed_stages, needed_by)
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_code: bool = False,
+                      allowed_stages: tuple[str, ...] = POLICY_STAGES + SCALAR_STAGES) -> torch.nn.Module:
+    """The backbone at `path` with a scalar head: a trained RM, or a policy checkpoint whose new head starts random."""
+    if Path(path).exists():
+        require_checkpoint(path, allowed_stages, needed_by)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
+                                                               trust_remote_code=trust_remote_code)
+    # the score is read at the last non-pad token, which needs the pad id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def non_embedding_parameters(model: torch.nn.Module) -> int:
+    """Parameters that cost FLOPs per token (for MFU): all but the input embedding table."""
+    return count_parameters(model) - model.get_input_embeddings().weight.numel()

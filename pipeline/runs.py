@@ -1,0 +1,104 @@
+"""Run directories and the hand-off between stages.
+
+    runs/<run>/world/                 the synthetic world's files (generated on first use, seeded)
+    runs/<run>/<stage>/final/         the stage's HF checkpoint, read by the next stage
+    runs/<run>/<stage>/checkpoints/   resumable training state
+    runs/<run>/<stage>/config.yaml    the resolved config of the last launch
+    runs/<run>/<stage>/metrics.jsonl  every logged metric, one JSON object per line
+
+This module is the one place that knows the layout; stages and the Makefile go through it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.world import WorldConfig, write_world
+from pipeline.config import ConfigError, load_config, save_config
+
+# which stage's final/ each stage starts from by default
+UPSTREAM = {"pretrain": None, "sft": "pretrain", "prefs": "sft", "rm": "sft", "ppo": "sft"}
+
+
+@dataclass
+class StageConfig:
+    """Fields every stage shares. Each stage's config dataclass extends this."""
+
+    run_name: str = ""
+    """Pipeline run: outputs go to runs_dir/run_name/<stage>/, and W&B groups the stages by this name.
+    Empty: the recipe's name (the config file's directory, e.g. `tiny`)."""
+    runs_dir: str = "runs"
+    seed: int = 0
+    world: WorldConfig = field(default_factory=WorldConfig)
+    """The synthetic world (sizes, noise); a recipe points every stage at one world.yaml."""
+    init_from: str = ""
+    """Checkpoint to start from: a path or hub id. Empty: the upstream stage's final/ in this run."""
+    resume: bool = False
+    """Continue from the newest checkpoint in checkpoints/ instead of starting over."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with a hub checkpoint. Off: only architectures transformers ships are loaded."""
+    wandb_project: str = "rlhf-pipeline"
+
+
+@dataclass
+class StagePaths:
+    root: Path
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+
+def run_dir(cfg: StageConfig) -> Path:
+    return Path(cfg.runs_dir) / cfg.run_name
+
+
+def stage_paths(cfg: StageConfig, stage: str) -> StagePaths:
+    return StagePaths(run_dir(cfg) / stage)
+
+
+def init_checkpoint(cfg: StageConfig, stage: str) -> str:
+    """Where `stage` starts from: `init_from` if set, else the upstream stage's final/."""
+    if cfg.init_from:
+        return cfg.init_from
+    upstream = UPSTREAM[stage]
+    return str(stage_paths(cfg, upstream).final) if upstream else ""
+
+
+def world_dir(cfg: StageConfig) -> Path:
+    """The run's synthetic world, written on first use (deterministic from the world config)."""
+    return write_world(run_dir(cfg) / "world", cfg.world)
+
+
+def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = ""):
+    """`--config FILE key=value ...` -> a config dataclass. Bad keys exit with a message, not a traceback."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config, e.g. configs/tiny/pretrain.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if not cfg.run_name:
+        cfg.run_name = Path(args.config).resolve().parent.name if args.config else "default"
+    return cfg
+
+
+def write_resolved_config(cfg: StageConfig, paths: StagePaths) -> None:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, paths.config_file)

@@ -1,0 +1,68 @@
+"""The tokenizer: byte-level BPE trained on the pretraining corpus, with our special tokens and chat template.
+
+This module is the one source of truth for the special tokens and the chat template. The end-of-turn token
+is also the EOS token, so `generate` stops at the end of an assistant turn with no extra settings, and a
+pretraining document ends the same way a reply does.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
+
+# `{% generation %}` marks the assistant's tokens, so SFT can train on them alone
+# (transformers' return_assistant_tokens_mask, TRL's assistant_only_loss).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% elif message['role'] in ['system', 'user'] %}"
+    "{{ '<|' + message['role'] + '|>' }}{{ message['content'] }}{{ eos_token }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers fast tokenizer."""
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                        additional_special_tokens=list(ROLE_TOKENS.values()))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
+    """Load an existing tokenizer (local path or hub id); give it our chat tokens and template if it lacks them."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.chat_template is None:
+        missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+        if tokenizer.bos_token is None:
+            tokenizer.add_special_tokens({"bos_token": BOS})
+        if tokenizer.eos_token is None:
+            tokenizer.add_special_tokens({"eos_token": EOS})
+        tokenizer.chat_template = CHAT_TEMPLATE
+    if tokenizer.pad_token is None:  # many causal-LM tokenizers ship without one
+        tokenizer.add_special_tokens({"pad_token": PAD})
+    return tokenizer
+
+
+def chat_prompt(tokenizer, prompt: str) -> str:
+    """The text the model sees before it answers a single-turn user `prompt`."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)

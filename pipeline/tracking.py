@@ -1,0 +1,180 @@
+"""Tracking: W&B, the console and runs/<run>/<stage>/metrics.jsonl, from the main process only.
+
+The stages of one pipeline run share a W&B group (the run name) with `job_type` set to the stage. Each stage
+logs its final/ as a model artifact (a reference to the local path). Online, the next stage declares it as
+input (`use_artifact`), so the lineage graph shows the chain; offline (wandb refuses `use_artifact` there),
+the upstream run id and checkpoint path go into the run config instead.
+
+With no credentials W&B runs offline and the stage prints the `wandb sync` command at the end.
+`WANDB_MODE=disabled` turns it off. Keys and tokens are never logged.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from pipeline.config import to_dict
+
+
+def wandb_mode() -> str:
+    """`WANDB_MODE` if set; otherwise online when credentials exist, offline when they do not."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class Tracker:
+    """Log metrics to W&B, metrics.jsonl and the console. A no-op on non-main processes."""
+
+    def __init__(self, cfg: Any, stage: str, metrics_file: Path, is_main: bool = True,
+                 upstream: dict[str, Path] | None = None):
+        self.stage, self.is_main, self.metrics_file = stage, is_main, Path(metrics_file)
+        self.run = None
+        if not is_main:
+            return
+        self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        self.mode = wandb_mode()
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        config = to_dict(cfg)
+        upstream_info = {name: _upstream_record(path) for name, path in (upstream or {}).items()}
+        if upstream_info and self.mode != "online":
+            config["upstream"] = upstream_info
+        self.run = wandb.init(project=cfg.wandb_project, group=cfg.run_name, job_type=stage,
+                              name=f"{cfg.run_name}-{stage}", config=config, dir=str(self.metrics_file.parent),
+                              mode=self.mode, reinit="finish_previous")
+        if self.mode == "online":
+            for name, info in upstream_info.items():
+                if info.get("artifact"):
+                    try:
+                        self.run.use_artifact(info["artifact"])
+                    except Exception as e:  # lineage is nice to have; never fail a stage over it
+                        print(f"[{stage}] could not link upstream artifact {info['artifact']}: {e}")
+
+    def log(self, metrics: dict[str, Any], step: int, console: bool = True) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
+        for key, value in clean.items():
+            if isinstance(value, float) and math.isnan(value):
+                raise FloatingPointError(f"[{self.stage}] {key} is NaN at step {step}; stopping the run. "
+                                         "Lower the learning rate or check the data.")
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.run is not None:
+            self.run.log(clean, step=step)
+        if console:
+            tqdm.write(f"[{self.stage}] step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in clean.items()))
+
+    def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A W&B table (samples with their scores); also kept in metrics.jsonl for the report."""
+        if not self.is_main:
+            return
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, "table": key, "columns": columns, "rows": rows}) + "\n")
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.is_main and self.run is not None:
+            for key, value in metrics.items():
+                self.run.summary[key] = value
+
+    def finish(self, final_dir: Path | None = None) -> None:
+        if not self.is_main or self.run is None:
+            return
+        import wandb
+
+        if final_dir is not None:
+            artifact = wandb.Artifact(name=f"{self.run.group}-{self.stage}", type="model",
+                                      metadata={"path": str(Path(final_dir).resolve())})
+            artifact.add_reference(f"file://{Path(final_dir).resolve()}", checksum=False)
+            self.run.log_artifact(artifact)
+            _write_run_record(final_dir, self.run, self.stage)
+        run_dir = self.run.dir
+        self.run.finish()
+        if self.mode == "offline":
+            offline_dir = Path(run_dir).parent
+            print(f"[{self.stage}] W&B ran offline. To upload this run: wandb sync {offline_dir}")
+
+
+def _write_run_record(final_dir: Path, run: Any, stage: str) -> None:
+    """Beside the checkpoint: which W&B run made it, so the next stage can record its lineage."""
+    record = {"stage": stage, "wandb_run_id": run.id, "wandb_project": run.project,
+              "artifact": f"{run.group}-{stage}:latest"}
+    (Path(final_dir) / "pipeline_run.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _upstream_record(path: Path) -> dict:
+    record_file = Path(path) / "pipeline_run.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    return {"path": str(Path(path).resolve()) if Path(path).exists() else str(path), **record}
+
+
+class Throughput:
+    """Tokens per second between two calls of `rate`."""
+
+    def __init__(self):
+        self.tokens, self.start = 0, time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        value = self.tokens / max(now - self.start, 1e-9)
+        self.tokens, self.start = 0, now
+        return value
+
+
+class TrackerCallback(TrainerCallback):
+    """Route a transformers Trainer's logs through our Tracker (the Trainer's own reporting is off)."""
+
+    def __init__(self, tracker: Tracker):
+        self.tracker = tracker
+        self.last_tokens, self.last_time = 0, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        metrics = {}
+        for key, value in logs.items():
+            if not isinstance(value, (int, float)) or key in ("epoch", "total_flos"):
+                continue
+            if key.startswith("eval_"):
+                metrics[f"eval/{key[5:]}"] = value
+            elif key.startswith("train_"):
+                metrics[f"train/{key[6:]}"] = value
+            else:
+                metrics[f"train/{key}"] = value
+        tokens = getattr(state, "num_input_tokens_seen", 0) or 0
+        if tokens > self.last_tokens and not any(k.startswith("eval/") for k in metrics):
+            now = time.perf_counter()
+            metrics["perf/tokens_per_sec"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+            self.last_tokens, self.last_time = tokens, now
+        if metrics:
+            self.tracker.log(metrics, step=state.global_step)

@@ -1,0 +1,1 @@
+"""Pretraining stage: `python -m stages.pretrain --config configs/<recipe>/pretrain.yaml`."""

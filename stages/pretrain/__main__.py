@@ -1,0 +1,3 @@
+from stages.pretrain.pretrain import main
+
+main()

@@ -1,0 +1,215 @@
+"""Pretraining: next-token prediction on packed sequences of a text corpus.
+
+    python -m stages.pretrain --config configs/tiny/pretrain.yaml [key=value ...]
+    accelerate launch -m stages.pretrain --config configs/gpu/pretrain.yaml
+
+Reads top to bottom: config, data, tokenizer and model (fresh or resumed), optimizer, evaluation, the
+learning-rate schedule, then the training loop with logging, evaluation and checkpoints in plain sight.
+Resume is the same path as a fresh start; only where the weights, optimizer and step come from differs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from data.loading import DatasetSpec, load_dataset_for
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
+                                 save_training_checkpoint)
+from pipeline.generation import SamplingConfig, sample
+from pipeline.packing import PackedCorpus
+from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
+from pipeline.runs import StageConfig, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.tokenizer import load_tokenizer, train_tokenizer
+from pipeline.tracking import Throughput, Tracker
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    model: ModelSpec = field(default_factory=ModelSpec)
+    """Architecture and tokenizer (usually a recipe's model.yaml)."""
+    data: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:pretrain"))
+    """The corpus (schema `text`): the world by default, or local files, or a hub dataset (streaming: true)."""
+    block_size: int = 128
+    """Tokens per training sequence; documents are packed end to end, separated by EOS."""
+    batch_size: int = 32
+    """Sequences per process per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (effective batch = batch_size * grad_accum * processes)."""
+    max_steps: int = 1000
+    learning_rate: float = 3e-3
+    """Peak learning rate. Small models tolerate (and need) a high one."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at learning_rate * min_lr_ratio."""
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    """Applied to matrices only, not to norms or biases."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation (in-memory corpora)."""
+    val_blocks: int = 64
+    """Validation blocks per evaluation (held-out tail of a streamed corpus)."""
+    eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    sample_prompts: list[str] = field(default_factory=list)
+    """Text to continue at each eval. Empty: the first words of a few validation documents."""
+    sample_tokens: int = 24
+    peak_flops: float = 2.0e11
+    """Hardware peak FLOP/s for MFU. The default is a rough 2-core CPU figure; set ~9.9e14 for an H100 (bf16)."""
+
+
+def get_lr(step: int, cfg: PretrainConfig) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio * learning_rate."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    floor = cfg.learning_rate * cfg.min_lr_ratio
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
+    paths = stage_paths(cfg, "pretrain")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    torch.manual_seed(cfg.seed)
+
+    # ---- data: validated before any model is built, so bad input fails fast
+    with accelerator.main_process_first():
+        world = world_dir(cfg) if cfg.data.path.startswith("world:") else None
+    texts = load_dataset_for(cfg.data, "text", world_dir=world)
+
+    # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
+    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    if checkpoint is not None:
+        tokenizer = load_tokenizer(str(checkpoint / "model"))
+    elif cfg.model.tokenizer:
+        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.trust_remote_code)
+    else:
+        tokenizer = train_tokenizer(PackedCorpus.tokenizer_sample(texts), cfg.model.vocab_size)
+    corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed)
+
+    if checkpoint is not None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+    else:
+        model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
+    set_special_token_ids(model, tokenizer)
+
+    # ---- optimizer: weight decay on matrices only
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+    start_step = 0
+    if checkpoint is not None:
+        state = load_training_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process)
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, paths)
+        n_params = sum(p.numel() for p in model.parameters())
+        tracker.summary({"model/parameters": n_params, "data/train_tokens": corpus.train_tokens,
+                         "data/unigram_entropy": corpus.unigram_entropy})
+        print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {corpus.train_tokens:,} training tokens, "
+              f"unigram entropy {corpus.unigram_entropy:.3f} nats/token"
+              + (f", resuming from step {start_step}" if start_step else ""))
+    sample_prompts = cfg.sample_prompts or corpus.sample_prompts(3)
+
+    @torch.no_grad()
+    def estimate_val_loss() -> float:
+        model.eval()
+        losses = [model(input_ids=b, labels=b).loss for b in corpus.val_batches(cfg.batch_size, accelerator)]
+        model.train()
+        local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
+        return accelerator.reduce(local.to(accelerator.device), reduction="mean").item()
+
+    def continuations() -> list[str]:
+        bare = accelerator.unwrap_model(model)
+        bare.eval()
+        out = []
+        for prompt in sample_prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+            tokens = sample(bare, ids["input_ids"], ids["attention_mask"],
+                            SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0),
+                            tokenizer.eos_token_id, tokenizer.pad_token_id)
+            out.append(prompt + tokenizer.decode(tokens[0], skip_special_tokens=True))
+        bare.train()
+        return out
+
+    # ---- training loop
+    flops_per_token = 6 * non_embedding_parameters(accelerator.unwrap_model(model))
+    throughput = Throughput()
+    batches = corpus.train_batches(cfg.batch_size, cfg.grad_accum, start_step, accelerator)
+    progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                    desc="pretrain", disable=not accelerator.is_main_process)
+    model.train()
+    started, val_loss = time.perf_counter(), None
+    for step in progress:
+        lr = get_lr(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            throughput.add(batch.numel() * accelerator.num_processes)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"[pretrain] loss is {loss.item()} at step {step}; stopping. "
+                                     "Lower learning_rate or check the corpus.")
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps:
+            tokens_per_sec = throughput.rate()
+            progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            tracker.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
+                         "perf/tokens_per_sec": tokens_per_sec,
+                         "perf/mfu": flops_per_token * tokens_per_sec / cfg.peak_flops,
+                         "train/tokens_seen": done * cfg.batch_size * cfg.grad_accum * cfg.block_size
+                         * accelerator.num_processes}, step=done, console=False)
+        if done % cfg.eval_every == 0 or done == cfg.max_steps:
+            val_loss = estimate_val_loss()
+            tracker.log({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50))}, step=done)
+            if accelerator.is_main_process:
+                for text in continuations():
+                    tqdm.write(f"[pretrain]   > {text!r}")
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
+                                         {"optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+
+    # ---- the hand-off: a plain HF checkpoint for the next stage
+    if val_loss is None:  # resumed at max_steps: nothing was trained, but report the checkpoint's loss
+        val_loss = estimate_val_loss()
+    # every rank prints it: under DDP the ranks must agree
+    print(f"[pretrain] rank {accelerator.process_index} parameter fingerprint {parameter_fingerprint(model)}")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain")
+        tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": time.perf_counter() - started})
+        print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
+              f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")
+        tracker.finish(paths.final)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

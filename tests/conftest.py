@@ -1,0 +1,60 @@
+"""Shared fixtures: one micro pipeline (pretrain -> sft -> prefs -> rm) trained once per test session.
+
+Stages run in-process through their `main(argv)`, exactly as `python -m stages.X` would run them, on the
+`micro` recipe (a tiny model, a few steps). Later fixtures reuse earlier outputs, so the chain costs seconds.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO = REPO / "configs" / "micro"
+
+# tests never talk to W&B unless a test opts in (the W&B test sets WANDB_MODE=offline itself)
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "micro") -> None:
+    """Run a stage's main() on a micro config with runs under `runs_dir`."""
+    main(["--config", str(MICRO / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def micro_runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def micro_pretrain(micro_runs) -> Path:
+    from stages.pretrain.pretrain import main
+
+    run_stage(main, "pretrain.yaml", micro_runs)
+    return micro_runs / "micro" / "pretrain" / "final"
+
+
+@pytest.fixture(scope="session")
+def micro_sft(micro_pretrain, micro_runs) -> Path:
+    from stages.sft.sft import main
+
+    run_stage(main, "sft.yaml", micro_runs)
+    return micro_runs / "micro" / "sft" / "final"
+
+
+@pytest.fixture(scope="session")
+def micro_prefs(micro_sft, micro_runs) -> Path:
+    from reward_model.collect import main
+
+    run_stage(main, "rm.yaml", micro_runs)
+    return micro_runs / "micro" / "prefs"
+
+
+@pytest.fixture(scope="session")
+def micro_rm(micro_prefs, micro_runs) -> Path:
+    from reward_model.train import main
+
+    run_stage(main, "rm.yaml", micro_runs)
+    return micro_runs / "micro" / "rm" / "final"

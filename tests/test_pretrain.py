@@ -1,0 +1,181 @@
+"""The pretrain stage on `micro`: it learns, hands off a plain HF checkpoint, resumes, runs under DDP, logs to W&B."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MICRO, REPO, run_stage
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_losses(metrics_file: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["eval/loss"]) for m in read_metrics(metrics_file) if "eval/loss" in m]
+
+
+def stage_env() -> dict:
+    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_pretrain_loss_falls_and_beats_unigram(micro_pretrain: Path):
+    metrics = micro_pretrain.parent / "metrics.jsonl"
+    losses = eval_losses(metrics)
+    assert len(losses) >= 2
+    assert losses[-1][1] < losses[0][1], f"validation loss did not fall: {losses}"
+    # the unigram entropy is printed and kept in the W&B summary; recompute it here from the corpus
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    texts = [row["text"] for row in read_metrics(micro_pretrain.parents[1] / "world" / "pretrain.jsonl")]
+    ids = [t for row in tokenizer(texts, add_special_tokens=False)["input_ids"] for t in row]
+    counts = torch.bincount(torch.tensor(ids)).double()
+    p = counts[counts > 0] / counts.sum()
+    unigram_entropy = float(-(p * p.log()).sum())
+    assert losses[-1][1] < unigram_entropy - 0.3, (losses[-1][1], unigram_entropy)
+
+
+def test_final_loads_in_plain_transformers(micro_pretrain: Path, tmp_path: Path):
+    """No project import: a fresh interpreter outside the repo loads and generates from final/."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        tok = AutoTokenizer.from_pretrained({str(micro_pretrain)!r})
+        model = AutoModelForCausalLM.from_pretrained({str(micro_pretrain)!r})
+        ids = tok("The word", return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        project = [m for m in sys.modules if m.split(".")[0] in ("pipeline", "stages", "reward_model", "data")]
+        print(json.dumps({{"text": tok.decode(out[0]), "template": tok.chat_template is not None,
+                           "eos": tok.eos_token, "pad": tok.pad_token, "project_modules": project}}))
+    """)
+    env = {k: v for k, v in stage_env().items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    assert info["template"] and info["eos"] == "<|end|>" and info["pad"] == "<|pad|>"
+    assert info["text"].startswith("The word")
+    assert info["project_modules"] == []
+
+
+def test_checkpoint_reload_generates_same_tokens(micro_pretrain: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.generation import SamplingConfig, sample
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    ids = tokenizer(["The word", "What"], return_tensors="pt", padding=True, padding_side="left")
+    outs = []
+    for _ in range(2):
+        model = AutoModelForCausalLM.from_pretrained(micro_pretrain).eval()
+        outs.append(sample(model, ids["input_ids"], ids["attention_mask"], SamplingConfig(12, temperature=0),
+                           tokenizer.eos_token_id, tokenizer.pad_token_id))
+    assert torch.equal(outs[0], outs[1])
+    # our KV-cache sampler agrees with transformers' greedy generate on an unpadded prompt
+    single = tokenizer("The word", return_tensors="pt")
+    ours = sample(model, single["input_ids"], single["attention_mask"], SamplingConfig(12, temperature=0),
+                  tokenizer.eos_token_id, tokenizer.pad_token_id)
+    ref = model.generate(**single, max_new_tokens=12, do_sample=False)[0, single["input_ids"].shape[1]:]
+    n = min(len(ref), ours.shape[1])
+    assert torch.equal(ours[0, :n], ref[:n])
+
+
+def test_resume_after_sigkill_continues_and_matches(micro_pretrain: Path, tmp_path: Path):
+    command = [sys.executable, "-m", "stages.pretrain", "--config", str(MICRO / "pretrain.yaml"),
+               f"runs_dir={tmp_path}", "run_name=micro"]
+    stage_dir = tmp_path / "micro" / "pretrain"
+    first_checkpoint = stage_dir / "checkpoints" / "step_00000040"
+    process = subprocess.Popen(command, cwd=REPO, env=stage_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not first_checkpoint.exists():
+        assert process.poll() is None, f"stage exited early: {process.stderr.read()}"
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (stage_dir / "final").exists(), "the run finished before it could be killed"
+    killed_at = max(m["step"] for m in read_metrics(stage_dir / "metrics.jsonl"))
+
+    resumed = subprocess.run(command + ["resume=true"], cwd=REPO, env=stage_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step" in resumed.stdout
+    restart_step = int(re.search(r"resuming from step (\d+)", resumed.stdout).group(1))
+    assert 40 <= restart_step <= killed_at, (restart_step, killed_at)
+    steps = [m["step"] for m in read_metrics(stage_dir / "metrics.jsonl")]
+    after_restart = steps[len(steps) - steps[::-1].index(killed_at):]  # what the resumed run logged
+    assert after_restart and min(after_restart) > restart_step, "the resumed run started over"
+
+    resumed_loss = eval_losses(stage_dir / "metrics.jsonl")[-1][1]
+    reference_loss = eval_losses(micro_pretrain.parent / "metrics.jsonl")[-1][1]
+    assert abs(resumed_loss - reference_loss) / reference_loss < 0.01, (resumed_loss, reference_loss)
+
+
+def test_ddp_two_ranks_identical_parameters(tmp_path: Path):
+    env = {**stage_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", "29631", "-m", "stages.pretrain", "--config", str(MICRO / "pretrain.yaml"),
+               f"runs_dir={tmp_path}", "run_name=ddp", "max_steps=12", "checkpoint_every=6", "eval_every=6"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    fingerprints = dict(re.findall(r"rank (\d+) parameter fingerprint (\w+)", result.stdout))
+    assert set(fingerprints) == {"0", "1"}, result.stdout
+    assert fingerprints["0"] == fingerprints["1"]
+    stage_dir = tmp_path / "ddp" / "pretrain"
+    steps = [m["step"] for m in read_metrics(stage_dir / "metrics.jsonl") if "train/loss" in m]
+    assert steps == sorted(set(steps)), "metrics were written by more than one rank"
+    assert [p.name for p in stage_dir.iterdir() if p.name.startswith(".tmp")] == []
+    assert (stage_dir / "final" / "model.safetensors").exists()
+
+
+def read_wandb_records(path: Path) -> list:
+    """Decode an offline run file: a 7-byte header, then LevelDB-log records (32 KiB blocks) of protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, records, pending = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # FULL, LAST
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending + chunk)
+            records.append(record)
+            pending = b""
+        elif kind in (2, 3):  # FIRST, MIDDLE
+            pending += chunk
+        else:
+            break
+    return records
+
+
+def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypatch):
+    from stages.pretrain.pretrain import main
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=10", "eval_every=5", "log_every=5", run_name="wb")
+    (run_file,) = (tmp_path / "wb" / "pretrain" / "wandb").glob("offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    logged = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+              for item in r.history.item}
+    for key in ("train/loss", "eval/loss", "perf/tokens_per_sec", "perf/mfu"):
+        assert key in logged, f"{key} not logged; history has {sorted(logged)}"
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert run.run_group == "wb" and run.job_type == "pretrain"
+    config = {item.key: item.value_json for item in run.config.update}
+    assert config["max_steps"] == "10"
