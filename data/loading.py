@@ -1,0 +1,503 @@
+"""Dataset schemas and the one loader every stage uses.
+
+A stage config names its data with a `DatasetSpec` and asks for a schema:
+
+    load_dataset_for(DatasetSpec(path="world:sft_train"), "sft", world_dir=run_dir / "world")
+
+The loader reads the source, applies the column mapping, validates every row (lazily, row by
+row, when streaming) and normalises it to the schema's canonical columns. Anything wrong with
+the data raises `DataError` naming the file, the row and the column, before training starts.
+
+Sources (`DatasetSpec.path`):
+- `world:<split>`: `<world_dir>/<split>.jsonl` as written by `data.world.write_world`.
+- a local `.jsonl` / `.json` (JSON lines or one JSON array of objects) / `.parquet` file.
+- a local `.txt` file: one `text` row per non-empty line (blank lines are skipped; row
+  numbers in errors are line numbers). Map it to another schema with
+  e.g. `columns={"prompt": "text"}`.
+- a local directory: every supported file under it (recursively, sorted, hidden ones
+  skipped), each read and validated on its own, then concatenated.
+- anything else: a Hugging Face hub dataset id, read with
+  `datasets.load_dataset(path, name, split=split, streaming=streaming)`.
+
+Rows are numbered from 1 in error messages. `split` only applies to hub datasets;
+`max_rows` caps the rows read from the source (for `.txt`, lines).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.parquet
+
+WORLD_PREFIX = "world:"
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class DatasetSpec:
+    """Where a stage's data comes from (plain typed fields: it lives inside stage YAML configs)."""
+
+    path: str = ""
+    """`world:<split>`, a local file or directory, or a hub dataset id (see module docstring)."""
+    name: str | None = None
+    """Hub dataset config name."""
+    split: str = "train"
+    """Hub dataset split."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Schema column -> source column, e.g. {"prompt": "question"}."""
+    streaming: bool = False
+    """Return an IterableDataset validated lazily row by row (for large pretraining corpora)."""
+    max_rows: int | None = None
+    """Read at most this many rows."""
+
+
+class DataError(ValueError):
+    """Bad or unreadable data. The message names the source, row and column and what was expected."""
+
+    def __init__(self, source: str, problem: str, row: int | None = None, column: str | None = None,
+                 source_column: str | None = None):
+        where = f"data error in {source}"
+        if row is not None:
+            where += f", row {row}"
+        if column is not None:
+            where += f", column '{column}'"
+            if source_column is not None and source_column != column:
+                where += f" (read from source column '{source_column}')"
+        super().__init__(f"{where}: {problem}")
+        self.source, self.row, self.column, self.problem = source, row, column, problem
+
+
+# ---------------------------------------------------------------- schemas
+
+_STRING = datasets.Value("string")
+_MESSAGES = datasets.List({"role": _STRING, "content": _STRING})
+
+# Output type of every column a schema can produce (required or optional).
+COLUMN_FEATURES: dict[str, Any] = {
+    "text": _STRING,
+    "messages": _MESSAGES,
+    "prompt": _STRING,
+    "responses": datasets.List(_STRING),
+    "gold_scores": datasets.List(datasets.Value("float64")),
+    "family": _STRING,
+}
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A dataset shape: the canonical columns, the input forms accepted, optional extras."""
+
+    name: str
+    columns: tuple[str, ...]
+    """Columns of the normalised output, always present."""
+    input_forms: tuple[tuple[str, ...], ...]
+    """Accepted sets of input columns; the first is the canonical one, others are converted."""
+    optional: tuple[str, ...] = ()
+    """Columns kept (validated) when the source has them."""
+
+    def requirement(self) -> str:
+        forms = [" + ".join(f"'{c}'" for c in form) for form in self.input_forms]
+        return f"schema '{self.name}' needs {' or '.join(forms)}"
+
+    def output_features(self, optional_present: tuple[str, ...]) -> datasets.Features:
+        return datasets.Features({c: COLUMN_FEATURES[c] for c in self.columns + optional_present})
+
+
+SCHEMAS: dict[str, Schema] = {
+    "text": Schema("text", ("text",), (("text",),)),
+    "sft": Schema("sft", ("messages",), (("messages",), ("prompt", "completion")), ("family",)),
+    "preferences": Schema("preferences", ("prompt", "responses"),
+                          (("prompt", "responses"), ("prompt", "chosen", "rejected")),
+                          ("family", "gold_scores")),
+    "prompts": Schema("prompts", ("prompt",), (("prompt",),), ("family",)),
+}
+
+
+# ---------------------------------------------------------------- row validation
+
+
+class _Invalid(Exception):
+    """A problem with one column of one row; turned into a DataError with source and row."""
+
+    def __init__(self, column: str, problem: str):
+        super().__init__(problem)
+        self.column, self.problem = column, problem
+
+
+def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[str, ...]) -> dict[str, Any]:
+    """Validate one (already column-mapped) row and return it in the schema's canonical form."""
+    form = _input_form(row, schema)
+    if schema.name == "text":
+        out = {"text": _string(row, "text")}
+    elif schema.name == "prompts":
+        out = {"prompt": _string(row, "prompt")}
+    elif schema.name == "sft":
+        if form == ("messages",):
+            out = {"messages": _messages(row["messages"])}
+        else:
+            out = {"messages": [{"role": "user", "content": _string(row, "prompt")},
+                                {"role": "assistant", "content": _string(row, "completion")}]}
+    elif schema.name == "preferences":
+        if form == ("prompt", "responses"):
+            responses = _ranked_responses(row["responses"])
+        else:
+            responses = [_string(row, "chosen"), _string(row, "rejected")]
+            if responses[0] == responses[1]:
+                raise _Invalid("rejected", "same text as 'chosen' (a preference pair needs two "
+                                           "different responses)")
+        out = {"prompt": _string(row, "prompt"), "responses": responses}
+    else:
+        raise ValueError(f"unknown schema {schema.name!r}")
+    for column in optional_present:
+        out[column] = _optional(row, column, out)
+    return out
+
+
+def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
+    """The accepted form this row is closest to; raises for the first missing column of it."""
+    present = [c for c, v in row.items() if v is not None]
+    best = max(schema.input_forms, key=lambda form: (sum(c in present for c in form),
+                                                     -schema.input_forms.index(form)))
+    for column in best:
+        if column not in present:
+            found = ", ".join(present) or "none"
+            raise _Invalid(column, f"missing ({schema.requirement()}; found columns: {found})")
+    return best
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _string(row: dict[str, Any], column: str) -> str:
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(column, f"expected a non-empty string, got {_describe(value)}")
+    return value
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    expected = "expected a list of {'role', 'content'} messages with at least one assistant turn"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid("messages", f"{expected}, got {_describe(value)}")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
+                or message.get("role") not in ROLES:
+            raise _Invalid("messages", f"{expected}; message {i} is {_describe(message)} "
+                                       f"(role must be one of {', '.join(ROLES)}, content a string)")
+        messages.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _Invalid("messages", f"{expected}; found no non-empty assistant turn")
+    return messages
+
+
+def _ranked_responses(value: Any) -> list[str]:
+    expected = "expected a list of at least 2 distinct non-empty strings, ranked best first"
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid("responses", f"{expected}, got {_describe(value)}")
+    if len(value) < 2:
+        raise _Invalid("responses", f"{expected}, got {len(value)} response(s)")
+    for i, response in enumerate(value):
+        if not isinstance(response, str) or not response.strip():
+            raise _Invalid("responses", f"{expected}; response {i} is {_describe(response)}")
+    if len(set(value)) != len(value):
+        duplicate = next(r for i, r in enumerate(value) if r in value[:i])
+        raise _Invalid("responses", f"{expected}; duplicate response {duplicate[:60]!r}")
+    return list(value)
+
+
+def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
+    value = row.get(column)
+    if value is None:
+        return None
+    if column == "family":
+        if not isinstance(value, str):
+            raise _Invalid(column, f"expected a string, got {_describe(value)}")
+        return value
+    if column == "gold_scores":
+        n = len(out["responses"])
+        if not isinstance(value, (list, tuple)) or len(value) != n or not all(
+                isinstance(s, (int, float)) and not isinstance(s, bool) for s in value):
+            raise _Invalid(column, f"expected a list of {n} numbers aligned with 'responses', "
+                                   f"got {_describe(value)}")
+        return [float(s) for s in value]
+    raise ValueError(f"no validator for optional column {column!r}")
+
+
+def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
+    """Apply the schema-column -> source-column mapping to one row."""
+    if not columns:
+        return row
+    mapped = {k: v for k, v in row.items() if k not in columns.values()}
+    for target, source in columns.items():
+        mapped[target] = row.get(source)
+    return mapped
+
+
+# ---------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One readable unit: a local file or a hub dataset split."""
+
+    description: str     # how errors name it
+    builder: str         # datasets builder: json, parquet, text, or a hub id
+    data_files: str | None = None
+    name: str | None = None
+    split: str = "train"
+
+    @property
+    def skips_blank_lines(self) -> bool:
+        return self.builder == "text"
+
+
+def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None) -> list[_Part]:
+    path = spec.path.strip()
+    if not path:
+        raise DataError("DatasetSpec", "'path' is empty; expected world:<split>, a local file or "
+                                       "directory, or a hub dataset id", column="path")
+    if path.startswith(WORLD_PREFIX):
+        return [_world_part(path[len(WORLD_PREFIX):], world_dir)]
+    local = Path(path).expanduser()
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS
+                       and not any(part.startswith(".") for part in p.relative_to(local).parts))
+        if not files:
+            raise DataError(str(local), f"directory has no {'/'.join(LOCAL_BUILDERS)} files")
+        return [_file_part(f) for f in files]
+    if local.is_file():
+        return [_file_part(local)]
+    if local.suffix in LOCAL_BUILDERS or path.startswith(("/", ".", "~")):
+        raise DataError(str(local), "file not found")
+    return [_Part(f"hub dataset '{path}'" + (f" (config '{spec.name}')" if spec.name else "")
+                  + f" split '{spec.split}'", path, name=spec.name, split=spec.split)]
+
+
+def _world_part(split: str, world_dir: str | Path | None) -> _Part:
+    if world_dir is None:
+        raise DataError(f"{WORLD_PREFIX}{split}", "no world_dir given to load_dataset_for "
+                                                  "(expected the directory written by write_world)")
+    file = Path(world_dir) / f"{split}.jsonl"
+    if not file.is_file():
+        raise DataError(str(file), f"file not found (world split '{split}'; expected a directory "
+                                   f"written by data.world.write_world)")
+    return _file_part(file)
+
+
+def _file_part(file: Path) -> _Part:
+    if file.suffix not in LOCAL_BUILDERS:
+        raise DataError(str(file), f"unsupported file type '{file.suffix}' "
+                                   f"(expected one of {', '.join(LOCAL_BUILDERS)})")
+    return _Part(str(file), LOCAL_BUILDERS[file.suffix], data_files=str(file))
+
+
+def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
+    """The raw rows of one part; any failure becomes a DataError naming it."""
+    if part.data_files is not None and Path(part.data_files).stat().st_size == 0:
+        raise DataError(part.description, "no rows (empty file)")
+    if part.builder == "parquet":
+        _check_parquet(part)
+    try:
+        if part.data_files is not None:
+            return datasets.load_dataset(part.builder, data_files=part.data_files, split="train",
+                                         streaming=streaming)
+        return datasets.load_dataset(part.builder, part.name, split=part.split, streaming=streaming)
+    except Exception as error:  # datasets raises many types (even StopIteration); all mean "unreadable"
+        if part.builder == "json":
+            _raise_json_problem(part.description)
+        raise DataError(part.description, f"cannot read {_format_name(part)}: "
+                                          f"{type(error).__name__}: {error}") from error
+
+
+def _check_parquet(part: _Part) -> None:
+    """Read the parquet footer first: it tells a corrupt file and an empty one apart cheaply."""
+    try:
+        n_rows = pyarrow.parquet.read_metadata(part.data_files).num_rows
+    except Exception as error:
+        raise DataError(part.description, f"cannot read as parquet: {type(error).__name__}: {error}") from error
+    if n_rows == 0:
+        raise DataError(part.description, "no rows (empty dataset)")
+
+
+def _format_name(part: _Part) -> str:
+    return {"json": "as JSON", "parquet": "as parquet", "text": "as text"}.get(part.builder, "the dataset")
+
+
+def _raise_json_problem(path: str) -> None:
+    """Find the first corrupt line/object in a JSON(L) file and raise a DataError for it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError:
+            pass  # maybe JSON lines in a .json file: check line by line below
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(path, f"not valid JSON ({error.msg} at char {error.colno}); expected one "
+                                  f"JSON object per line", row=number) from error
+        if not isinstance(value, dict):
+            raise DataError(path, f"expected a JSON object, got {_describe(value)}", row=number)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_dataset_for(spec: DatasetSpec, schema: str,
+                     world_dir: str | Path | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """Load `spec` as `schema` ("text", "sft", "preferences" or "prompts").
+
+    Returns a Dataset (or, with `spec.streaming`, an IterableDataset) whose columns are
+    exactly the schema's canonical columns plus any optional ones (`family`,
+    `gold_scores`) the source has. Raises DataError for unreadable or invalid data.
+    """
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
+    if spec.max_rows is not None and spec.max_rows < 1:
+        raise DataError("DatasetSpec", f"expected a positive number or None, got {spec.max_rows}",
+                        column="max_rows")
+    parts = resolve_parts(spec, world_dir)
+    if spec.streaming:
+        return _load_streaming(parts, SCHEMAS[schema], spec)
+    loaded = []
+    remaining = spec.max_rows
+    for part in parts:
+        if remaining is not None and remaining <= 0:
+            break
+        dataset = _load_part(part, SCHEMAS[schema], spec.columns, remaining)
+        loaded.append((part, dataset))
+        if remaining is not None:
+            remaining -= len(dataset)
+    return _concatenate(loaded)
+
+
+def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
+               max_rows: int | None) -> datasets.Dataset:
+    raw = _read(part, streaming=False)
+    if max_rows is not None and len(raw) > max_rows:
+        raw = raw.select(range(max_rows))
+    if len(raw) == 0:
+        raise DataError(part.description, "no rows (empty dataset)")
+    _check_mapped_columns_exist(part, raw.column_names, columns)
+    optional = _optional_present(raw.column_names, schema, columns)
+    normalised = raw.map(
+        _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+        features=schema.output_features(optional),
+        fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
+                   "optional": optional, "skip_blank": part.skips_blank_lines},
+        desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
+    )
+    if len(normalised) == 0:
+        raise DataError(part.description, "no rows (only blank lines)")
+    return normalised
+
+
+def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,
+                     columns: dict[str, str], optional: tuple[str, ...], skip_blank: bool) -> dict[str, list]:
+    schema = SCHEMAS[schema_name]
+    out: dict[str, list] = {c: [] for c in schema.columns + optional}
+    keys = list(batch)
+    for index, values in zip(indices, zip(*batch.values())):
+        row = dict(zip(keys, values))
+        if skip_blank and not (row.get("text") or "").strip():
+            continue
+        for column, value in _checked_row(row, index + 1, description, schema, columns, optional).items():
+            out[column].append(value)
+    return out
+
+
+def _checked_row(row: dict[str, Any], number: int, description: str, schema: Schema,
+                 columns: dict[str, str], optional: tuple[str, ...]) -> dict[str, Any]:
+    try:
+        return normalise_row(map_columns(row, columns), schema, optional)
+    except _Invalid as invalid:
+        raise DataError(description, invalid.problem, row=number, column=invalid.column,
+                        source_column=columns.get(invalid.column)) from None
+
+
+def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns: dict[str, str]) -> None:
+    if present is None:
+        return  # streaming source with unknown columns: checked on the first row instead
+    for target, source in columns.items():
+        if source not in present:
+            raise DataError(part.description, f"not found (DatasetSpec.columns maps '{target}' to it); "
+                                              f"found columns: {', '.join(present)}",
+                            row=1, column=source)
+
+
+def _optional_present(source_columns: list[str], schema: Schema, columns: dict[str, str]) -> tuple[str, ...]:
+    available = set(source_columns) | {t for t, s in columns.items() if s in source_columns}
+    return tuple(c for c in schema.optional if c in available)
+
+
+def _concatenate(loaded: list[tuple[_Part, datasets.Dataset]]) -> datasets.Dataset:
+    """Concatenate per-file datasets, keeping only optional columns every file has."""
+    if len(loaded) == 1:
+        return loaded[0][1]
+    shared = set.intersection(*(set(d.column_names) for _, d in loaded))
+    first_columns = [c for c in loaded[0][1].column_names if c in shared]
+    datasets_ = [d.select_columns(first_columns) for _, d in loaded]
+    return datasets.concatenate_datasets(datasets_)
+
+
+def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> datasets.IterableDataset:
+    """An IterableDataset that validates each row as it is read. The first row is checked
+    now, so a wrong path, mapping or format fails before training starts."""
+    streams = [(part, _read(part, streaming=True)) for part in parts]
+    first_part, first_stream = streams[0]
+    first_row = next(iter(_guarded(first_part, first_stream)), None)
+    if first_row is None:
+        raise DataError(first_part.description, "no rows (empty dataset)")
+    mapped_first = map_columns(first_row, spec.columns)
+    optional = tuple(c for c in schema.optional if mapped_first.get(c) is not None)
+
+    def generate() -> Iterator[dict[str, Any]]:
+        produced = 0
+        for part, stream in streams:
+            for number, row in enumerate(_guarded(part, stream), start=1):
+                if spec.max_rows is not None and produced >= spec.max_rows:
+                    return
+                if part.skips_blank_lines and not (row.get("text") or "").strip():
+                    continue
+                yield _checked_row(row, number, part.description, schema, spec.columns, optional)
+                produced += 1
+        if produced == 0:
+            raise DataError(first_part.description, "no rows (empty dataset)")
+
+    next(generate())  # fail now, not mid-training, if the first row is already wrong
+    return datasets.IterableDataset.from_generator(generate, features=schema.output_features(optional))
+
+
+def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
+    """Iterate a raw stream, turning read failures into DataErrors naming the part."""
+    iterator = iter(stream)
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except DataError:
+            raise
+        except Exception as error:
+            if part.builder == "json":
+                _raise_json_problem(part.description)
+            raise DataError(part.description, f"cannot read {_format_name(part)}: "
+                                              f"{type(error).__name__}: {error}") from error
+        yield row
+
+
+__all__ = ["DataError", "DatasetSpec", "SCHEMAS", "Schema", "load_dataset_for", "normalise_row"]

@@ -1,0 +1,272 @@
+"""The gold judge: a programmatic scorer that knows the right answer to every world prompt.
+
+It re-derives the task from the prompt text (same templates, same world lookup), then
+scores a response on five criteria in [0, 1]:
+
+- correctness (weight 0.4): the right answer is stated and no conflicting answer is.
+  Checked by program per answer kind (number, colour/place/..., reversed word, ...).
+  Weighted most because being right is the point; the other criteria are about how.
+- on_task (0.15): the response addresses this prompt -- it states the right answer or
+  mentions the operands / entity / word asked about. A dismissive non-answer scores 0.
+- tone (0.15): no rude or dismissive words ("ugh", "whatever", "stupid", ...). Binary:
+  one insult is enough to make a reply unacceptable.
+- concision (0.15): within the family's word budget, no repeated sentence or phrase, no
+  filler ("I hope this helps"). Rewards saying it once, briefly.
+- format (0.15): starts with a capital letter (or digit) and ends with a period; a stray
+  chat role token ("assistant:", "<|user|>") zeroes it since it means a broken template.
+
+The overall score is the weighted mean, so a perfect response scores exactly 1.0. An
+empty response scores 0 on everything. A prompt the judge cannot parse gets family
+"unknown": correctness and on_task are 0 and only tone, concision and format are scored.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .entities import World
+from .responses import flawed_response as _flawed_response
+from .responses import good_response as _good_response
+from .tasks import NOTE_OCCASION, OCCASION_MARKERS, SIGN_OFFS, UNKNOWN_FAMILY, Task, parse_prompt
+
+CRITERIA_WEIGHTS: dict[str, float] = {
+    "correctness": 0.4,
+    "on_task": 0.15,
+    "tone": 0.15,
+    "concision": 0.15,
+    "format": 0.15,
+}
+
+# Word budgets leave room for a restated question ("23 plus 45 is 68.") plus a few words.
+WORD_BUDGETS: dict[str, int] = {
+    "arithmetic": 12, "arithmetic_heldout": 12, "fact": 12, "word": 14, "polite": 22,
+    UNKNOWN_FAMILY: 25,
+}
+
+RUDE_PATTERN = re.compile(
+    r"\b(ugh|duh|obviously|whatever|stupid|dumb|idiot|who cares|figure it out yourself|"
+    r"stop bothering me|leave me alone|even a child knows|not doing that|shut up|boring|"
+    r"annoying|i guess|nobody cares)\b")
+FILLER_PATTERN = re.compile(
+    r"\b(let me think|i hope this helps|as i said|to be honest|basically|in other words|"
+    r"you know|by the way|anyway|needless to say)\b")
+ROLE_TOKEN_PATTERN = re.compile(
+    r"<\|[^|>]*\|>|<\/?s>|\b(user|assistant|system|human)\s*:|^\s*#{2,}", re.IGNORECASE)
+
+_WORD_RE = re.compile(r"[a-z]+")
+_NUMBER_RE = re.compile(r"(?<![0-9A-Za-z])-?\d+")
+_DASHED_RE = re.compile(r"(?<![A-Za-z-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z-])")
+_CAPS_RE = re.compile(r"\b[A-Z]{2,}\b")
+_SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The gold judge's verdict: overall `score` in [0, 1], each criterion in [0, 1], the task family."""
+
+    score: float
+    criteria: dict[str, float]
+    family: str
+
+
+@dataclass(frozen=True)
+class _ResponseView:
+    """A response pre-split once into the pieces the criteria look at."""
+
+    text: str
+    lower: str
+    words: frozenset[str]      # lower-case alphabetic tokens
+    numbers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, response: str) -> "_ResponseView":
+        text = response.strip()
+        lower = text.lower()
+        return cls(text, lower, frozenset(_WORD_RE.findall(lower)),
+                   tuple(int(n) for n in _NUMBER_RE.findall(text)))
+
+
+@dataclass
+class GoldJudge:
+    """Scores (prompt, response) pairs against the world's ground truth. Deterministic."""
+
+    world: World
+    _tasks: dict[str, Task | None] = field(default_factory=dict, init=False, repr=False)
+
+    def task(self, prompt: str) -> Task | None:
+        """The parsed task for a prompt (cached: the same prompts are scored many times)."""
+        if prompt not in self._tasks:
+            if len(self._tasks) > 200_000:
+                self._tasks.clear()
+            self._tasks[prompt] = parse_prompt(self.world, prompt)
+        return self._tasks[prompt]
+
+    def score(self, prompt: str, response: str) -> Verdict:
+        task = self.task(prompt)
+        view = _ResponseView.of(response)
+        family = task.family if task else UNKNOWN_FAMILY
+        if not view.text:
+            criteria = dict.fromkeys(CRITERIA_WEIGHTS, 0.0)
+        else:
+            criteria = {
+                "correctness": correctness(task, view) if task else 0.0,
+                "on_task": on_task(task, view) if task else 0.0,
+                "tone": tone(view),
+                "concision": concision(view, WORD_BUDGETS[family]),
+                "format": format_score(view),
+            }
+        total = sum(CRITERIA_WEIGHTS[name] * value for name, value in criteria.items())
+        return Verdict(score=round(total, 6), criteria=criteria, family=family)
+
+    def good_response(self, prompt: str) -> str:
+        """The templated ideal response (raises ValueError for a prompt the world cannot answer)."""
+        return _good_response(self._require_task(prompt))
+
+    def flawed_response(self, prompt: str, flaw: str, rng: random.Random) -> str:
+        """A realistic flawed response; `flaw` is one of "wrong", "rude", "ramble", "no_period"."""
+        return _flawed_response(self._require_task(prompt), flaw, rng)
+
+    def _require_task(self, prompt: str) -> Task:
+        task = self.task(prompt)
+        if task is None:
+            raise ValueError(f"prompt matches no task template of this world: {prompt!r}")
+        return task
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def correctness(task: Task, view: _ResponseView) -> float:
+    """1 if the right answer is stated and nothing contradicts it, else 0 (notes: partial credit)."""
+    kind = task.answer_kind
+    if kind == "number":
+        return float(_stated_numbers(task, view) == {int(task.answer)})
+    if kind == "choice":
+        return _choice_correctness(view.words, task.answer.lower(), task.alternatives)
+    if kind == "reverse":
+        return _reverse_correctness(view.words, task.params["word"], task.answer)
+    if kind == "spell":
+        spelled = {s.lower() for s in _DASHED_RE.findall(view.text)}
+        return float(spelled == {task.answer})
+    if kind == "capitals":
+        return float(set(_CAPS_RE.findall(view.text)) == {task.answer})
+    if kind == "note":
+        return _note_correctness(task, view)
+    raise ValueError(f"unknown answer kind {kind!r}")
+
+
+def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:
+    """Numbers the response states beyond restating the prompt's operands.
+
+    A response may restate the question several times ("23 plus 45 is 68. ... 23 plus 45
+    is 68."), so the operands are removed as often as the fullest restatement occurs (at
+    least once). An answer equal to an operand ("40 minus 20 is 20") then still counts.
+    """
+    remaining = Counter(view.numbers)
+    needed = Counter(task.operands)
+    if not needed:
+        return set(remaining)
+    restatements = max(1, min(remaining[n] // k for n, k in needed.items()))
+    for n, k in needed.items():
+        remaining[n] = max(0, remaining[n] - restatements * k)
+    return {n for n, count in remaining.items() if count > 0}
+
+
+def _choice_correctness(words: frozenset[str], answer: str, alternatives: tuple[str, ...]) -> float:
+    if answer not in words:
+        return 0.0
+    return float(not any(alt.lower() in words for alt in alternatives))
+
+
+def _reverse_correctness(words: frozenset[str], word: str, answer: str) -> float:
+    """The reversal is present and no other rearrangement of the word's letters competes."""
+    if answer not in words:
+        return 0.0
+    letters = sorted(word)
+    rivals = [w for w in words if w not in (word, answer) and sorted(w) == letters]
+    return float(not rivals)
+
+
+def _note_correctness(task: Task, view: _ResponseView) -> float:
+    """0 if the recipient is missing, or another entity, occasion, gift or place is named;
+    else the share of required parts present: occasion words, the gift or place asked
+    about (if any), a sign-off."""
+    words = view.words
+    if task.answer.lower() not in words or any(n.lower() in words for n in task.alternatives):
+        return 0.0
+    if any(d.lower() in words for d in task.detail_alternatives):
+        return 0.0
+    occasion = NOTE_OCCASION[task.op]
+    other_markers = [m for occ, markers in OCCASION_MARKERS.items() if occ != occasion for m in markers]
+    if any(m in words for m in other_markers):
+        return 0.0
+    detail = task.params.get("food") or task.params.get("place")
+    parts = [any(m in words for m in OCCASION_MARKERS[occasion]),
+             any(s in view.lower for s in SIGN_OFFS)]
+    if detail:
+        parts.append(detail.lower() in words)
+    return sum(parts) / len(parts)
+
+
+# ---------------------------------------------------------------- style criteria
+
+
+def on_task(task: Task, view: _ResponseView) -> float:
+    """1 if the right answer is stated, else the share of subject terms mentioned."""
+    if _answer_stated(task, view):
+        return 1.0
+    terms = task.subject_terms
+    if task.op in ("plus", "minus"):
+        mentioned = [int(t) in view.numbers for t in terms]
+    else:
+        mentioned = [t.lower() in view.words for t in terms]
+    return sum(mentioned) / len(terms)
+
+
+def _answer_stated(task: Task, view: _ResponseView) -> bool:
+    kind = task.answer_kind
+    if kind == "number":
+        return int(task.answer) in _stated_numbers(task, view)
+    if kind == "spell":
+        return task.answer in view.lower
+    if kind == "capitals":
+        return task.answer in view.text
+    return task.answer.lower() in view.words
+
+
+def tone(view: _ResponseView) -> float:
+    """0 if any rude or dismissive expression appears, else 1."""
+    return 0.0 if RUDE_PATTERN.search(view.lower) else 1.0
+
+
+def concision(view: _ResponseView, budget: int) -> float:
+    """1 within the word budget, falling linearly to 0 at twice the budget; halved for a
+    repeated sentence or phrase, halved again for filler."""
+    n_words = len(view.text.split())
+    length_factor = 1.0 if n_words <= budget else max(0.0, 1.0 - (n_words - budget) / budget)
+    if _has_repetition(view):
+        length_factor *= 0.5
+    if FILLER_PATTERN.search(view.lower):
+        length_factor *= 0.5
+    return length_factor
+
+
+def _has_repetition(view: _ResponseView) -> bool:
+    sentences = [s.strip(" .!?") for s in _SENTENCE_SPLIT_RE.split(view.lower) if s.strip(" .!?")]
+    if len(sentences) != len(set(sentences)):
+        return True
+    tokens = [t.strip(".,!?;:") for t in view.lower.split()]
+    trigrams = list(zip(tokens, tokens[1:], tokens[2:]))
+    return len(trigrams) != len(set(trigrams))
+
+
+def format_score(view: _ResponseView) -> float:
+    """Mean of starts-with-capital-or-digit and ends-with-period; 0 with a stray role token."""
+    if ROLE_TOKEN_PATTERN.search(view.text):
+        return 0.0
+    first = view.text[0]
+    starts_well = first.isupper() or first.isdigit()
+    return (float(starts_well) + float(view.text.endswith("."))) / 2

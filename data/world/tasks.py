@@ -1,0 +1,295 @@
+"""Task families: prompt templates, parsing a prompt back into a task, and enumerating prompts.
+
+The same template table is used in both directions: to generate prompts (and their good
+responses) and, via regexes compiled from it, to parse any generated prompt back into the
+task and its right answer. That is what lets the gold judge score a response to a prompt
+string alone.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+
+from .entities import World
+
+FAMILIES = ("arithmetic", "arithmetic_heldout", "fact", "word", "polite")
+TRAIN_FAMILIES = ("arithmetic", "fact", "word", "polite")
+UNKNOWN_FAMILY = "unknown"
+
+# Train splits use small operands; the held-out family tests generalisation to larger ones.
+TRAIN_OPERANDS = range(10, 50)
+HELDOUT_OPERANDS = range(50, 100)
+
+ARITHMETIC_OPS = ("plus", "minus")
+FACT_OPS = ("colour", "place", "count", "friend", "food", "kind")
+WORD_OPS = ("reverse", "letters", "spell", "capitals")
+NOTE_OPS = ("thanks", "thanks_gift", "sorry", "birthday", "get_well", "invite")
+
+PROMPT_PHRASINGS: dict[str, tuple[str, ...]] = {
+    "plus": ("What is {a} plus {b}?", "How much is {a} plus {b}?", "Compute {a} plus {b}."),
+    "minus": ("What is {a} minus {b}?", "How much is {a} minus {b}?", "Compute {a} minus {b}."),
+    "colour": ("What colour is {name}?", "Which colour is {name}?", "What is the colour of {name}?"),
+    "place": ("Where does {name} live?", "Where is {name}'s home?", "In which place does {name} live?"),
+    "count": ("How many {item} does {name} have?", "How many {item} has {name} got?",
+              "What number of {item} does {name} own?"),
+    "friend": ("Who is {name}'s friend?", "Who is the friend of {name}?", "Name the friend of {name}."),
+    "food": ("What does {name} like to eat?", "What is {name}'s favourite food?",
+             "Which food does {name} love?"),
+    "kind": ("What kind of creature is {name}?", "What sort of creature is {name}?",
+             "Tell me what kind of creature {name} is."),
+    "reverse": ("Reverse the word {word}.", "What is the word {word} reversed?",
+                "Write the word {word} backwards."),
+    "letters": ("How many letters are in the word {word}?", "How many letters does the word {word} have?",
+                "Count the letters in the word {word}."),
+    "spell": ("Spell the word {word} with dashes.", "Spell out the word {word}.",
+              "Write the word {word} letter by letter."),
+    "capitals": ("Write the word {word} in capitals.", "What is the word {word} in capital letters?",
+                 "Write the word {word} in upper case."),
+    "thanks": ("Write a short thank-you note to {name}.", "Please write a brief thank-you note to {name}."),
+    "thanks_gift": ("Write a short thank-you note to {name} for the {food}.",
+                    "Please write a brief thank-you note to {name} for the {food}."),
+    "sorry": ("Write a short apology to {name}.", "Please write a brief apology to {name}."),
+    "birthday": ("Write a short birthday note to {name}.", "Please write a brief birthday note to {name}."),
+    "get_well": ("Write a short get-well note to {name}.", "Please write a brief get-well note to {name}."),
+    "invite": ("Write a short note inviting {name} to {place}.",
+               "Please write a brief note inviting {name} to {place}."),
+}
+
+# The canonical (good) response for each op; `{answer}` is the part a wrong response changes.
+RESPONSE_TEMPLATES: dict[str, str] = {
+    "plus": "{a} plus {b} is {answer}.",
+    "minus": "{a} minus {b} is {answer}.",
+    "colour": "{name} is {answer}.",
+    "place": "{name} lives in {answer}.",
+    "count": "{name} has {answer} {item}.",
+    "friend": "{name}'s friend is {answer}.",
+    "food": "{name} likes to eat {answer}.",
+    "kind": "{name} is {article} {answer}.",
+    "reverse": "The word {word} reversed is {answer}.",
+    "letters": "The word {word} has {answer} letters.",
+    "spell": "The word {word} spelled out is {answer}.",
+    "capitals": "The word {word} in capitals is {answer}.",
+    "thanks": "Dear {name}, thank you for your help. Best wishes.",
+    "thanks_gift": "Dear {name}, thank you for the lovely {food}. Best wishes.",
+    "sorry": "Dear {name}, I am sorry for the trouble. Best wishes.",
+    "birthday": "Dear {name}, happy birthday to you. Best wishes.",
+    "get_well": "Dear {name}, I hope you feel better soon. Best wishes.",
+    "invite": "Dear {name}, please come and visit me in {place}. Best wishes.",
+}
+
+# Words that mark what a note is for. A note containing another occasion's marker
+# (an apology inside a thank-you note) is judged wrong.
+OCCASION_MARKERS: dict[str, tuple[str, ...]] = {
+    "thanks": ("thank", "thanks", "grateful"),
+    "sorry": ("sorry", "apologise", "apologize", "apology"),
+    "birthday": ("birthday",),
+    "get_well": ("better", "recover"),
+    "invite": ("visit", "invite"),
+}
+NOTE_OCCASION = {"thanks": "thanks", "thanks_gift": "thanks", "sorry": "sorry",
+                 "birthday": "birthday", "get_well": "get_well", "invite": "invite"}
+SIGN_OFFS = ("best wishes", "kind regards", "warm wishes", "yours truly", "with love", "love from")
+
+OP_FAMILY: dict[str, str] = {
+    **{op: "arithmetic" for op in ARITHMETIC_OPS},
+    **{op: "fact" for op in FACT_OPS},
+    **{op: "word" for op in WORD_OPS},
+    **{op: "polite" for op in NOTE_OPS},
+}
+
+_FIELD_PATTERNS = {
+    "a": r"\d{1,6}", "b": r"\d{1,6}",
+    "name": r"[A-Z][a-z]+", "place": r"[A-Z][a-z]+",
+    "item": r"[a-z]+", "word": r"[a-z]+", "food": r"[a-z]+",
+}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One question, recovered from a prompt: what is asked and what the right answer is.
+
+    `params` are the values parsed from the prompt (operands, entity name, word, ...).
+    `answer` is the canonical answer ("68", "teal", "elppa", "a-p-p-l-e", "APPLE"); for
+    notes it is the recipient's name. `alternatives` are the values a wrong answer to a
+    choice question would use (every other colour, place, ...); for notes, other names.
+    `detail_alternatives` (notes only): the foods or places other than the one asked about.
+    """
+
+    family: str
+    op: str
+    params: dict[str, str]
+    answer: str
+    alternatives: tuple[str, ...] = ()
+    detail_alternatives: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """Identity of the underlying question, shared by all phrasings of it."""
+        return (self.op, *(f"{k}={v}" for k, v in sorted(self.params.items())))
+
+    @property
+    def answer_kind(self) -> str:
+        if self.op in ARITHMETIC_OPS or self.op in ("count", "letters"):
+            return "number"
+        if self.op in FACT_OPS:
+            return "choice"
+        if self.op in NOTE_OPS:
+            return "note"
+        return self.op  # reverse, spell, capitals: each has its own answer shape
+
+    @property
+    def operands(self) -> tuple[int, ...]:
+        """Numbers the prompt itself contains; a response may repeat them without conflict."""
+        if self.op in ARITHMETIC_OPS:
+            return int(self.params["a"]), int(self.params["b"])
+        return ()
+
+    @property
+    def subject_terms(self) -> tuple[str, ...]:
+        """What an on-task response talks about: the operands, the entity or the word."""
+        if self.op in ARITHMETIC_OPS:
+            return self.params["a"], self.params["b"]
+        if self.op in WORD_OPS:
+            return (self.params["word"],)
+        return (self.params["name"],)
+
+    def render(self, answer: str | None = None) -> str:
+        """The templated response, with `answer` (default: the right one) filled in."""
+        answer = self.answer if answer is None else answer
+        article = "an" if answer[:1] in "aeiou" else "a"
+        return RESPONSE_TEMPLATES[self.op].format(answer=answer, article=article, **self.params)
+
+
+def _compile(phrasing: str) -> re.Pattern[str]:
+    pattern = ""
+    for literal, field_name, _, _ in string.Formatter().parse(phrasing):
+        pattern += re.escape(literal)
+        if field_name:
+            pattern += f"(?P<{field_name}>{_FIELD_PATTERNS[field_name]})"
+    return re.compile(pattern)
+
+
+# Checked in order; first full match wins. Templates never overlap, so order only matters for speed.
+_PARSERS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (op, _compile(phrasing)) for op, phrasings in PROMPT_PHRASINGS.items() for phrasing in phrasings
+)
+
+
+def parse_prompt(world: World, prompt: str) -> Task | None:
+    """The task a prompt asks for, or None if it matches no template (or names an unknown entity)."""
+    text = prompt.strip()
+    for op, regex in _PARSERS:
+        match = regex.fullmatch(text)
+        if match:
+            return build_task(world, op, match.groupdict())
+    return None
+
+
+def build_task(world: World, op: str, params: dict[str, str]) -> Task | None:
+    """Work out the right answer for `op` with `params` (None if the world cannot answer it)."""
+    if op in ARITHMETIC_OPS:
+        a, b = int(params["a"]), int(params["b"])
+        in_train_range = a in TRAIN_OPERANDS and b in TRAIN_OPERANDS
+        family = "arithmetic" if in_train_range else "arithmetic_heldout"
+        # Normalise "07" to "7" so the response template and the key match the numbers.
+        params = {"a": str(a), "b": str(b)}
+        return Task(family, op, params, str(a + b if op == "plus" else a - b))
+    if op in FACT_OPS:
+        return _fact_task(world, op, params)
+    if op in WORD_OPS:
+        return Task("word", op, params, _word_answer(op, params["word"]))
+    if op in NOTE_OPS:
+        others = tuple(n for n in world.names if n != params["name"])
+        if "food" in params:
+            details = tuple(f for f in world.foods if f != params["food"])
+        elif "place" in params:
+            details = tuple(p for p in world.places if p != params["place"])
+        else:
+            details = ()
+        return Task("polite", op, params, params["name"], others, details)
+    return None
+
+
+def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
+    entity = world.entity(params["name"])
+    if entity is None:
+        return None
+    if op == "count":
+        if params["item"] != entity.item:
+            return None  # the world does not say how many of other things it has
+        return Task("fact", op, params, str(entity.count))
+    if op == "friend":
+        others = tuple(n for n in world.names if n not in (entity.name, entity.friend))
+        return Task("fact", op, params, entity.friend, others)
+    answer, category = {
+        "colour": (entity.colour, world.colours),
+        "place": (entity.place, world.places),
+        "food": (entity.food, world.foods),
+        "kind": (entity.kind, world.kinds),
+    }[op]
+    return Task("fact", op, params, answer, tuple(c for c in category if c != answer))
+
+
+def _word_answer(op: str, word: str) -> str:
+    if op == "reverse":
+        return word[::-1]
+    if op == "letters":
+        return str(len(word))
+    if op == "spell":
+        return "-".join(word)
+    return word.upper()
+
+
+@dataclass(frozen=True)
+class PromptCandidate:
+    """A prompt the world can ask, with the identity of its underlying question."""
+
+    key: tuple[str, ...]
+    prompt: str
+    family: str
+
+
+def enumerate_prompts(world: World, family: str) -> list[PromptCandidate]:
+    """Every prompt of `family` the world can generate, in a fixed order."""
+    candidates = []
+    for op, params in _family_questions(world, family):
+        for phrasing in PROMPT_PHRASINGS[op]:
+            task = build_task(world, op, params)
+            assert task is not None and task.family == family, (op, params)
+            candidates.append(PromptCandidate(task.key, phrasing.format(**params), family))
+    return candidates
+
+
+def _family_questions(world: World, family: str):
+    if family in ("arithmetic", "arithmetic_heldout"):
+        operands = TRAIN_OPERANDS if family == "arithmetic" else HELDOUT_OPERANDS
+        for a in operands:
+            for b in operands:
+                yield "plus", {"a": str(a), "b": str(b)}
+                if a >= b:  # keep answers non-negative
+                    yield "minus", {"a": str(a), "b": str(b)}
+    elif family == "fact":
+        for entity in world.entities:
+            for op in FACT_OPS:
+                params = {"name": entity.name}
+                if op == "count":
+                    params["item"] = entity.item
+                yield op, params
+    elif family == "word":
+        for word in world.words:
+            for op in WORD_OPS:
+                yield op, {"word": word}
+    elif family == "polite":
+        for entity in world.entities:
+            name = entity.name
+            yield "thanks", {"name": name}
+            for food in world.foods:
+                yield "thanks_gift", {"name": name, "food": food}
+            for op in ("sorry", "birthday", "get_well"):
+                yield op, {"name": name}
+            for place in world.places:
+                yield "invite", {"name": name, "place": place}
+    else:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")

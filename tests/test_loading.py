@@ -1,0 +1,311 @@
+"""Dataset loading: every schema from jsonl and parquet, column mapping, normalisation, world: paths,
+streaming, and a DataError naming file, row and column for every kind of bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+
+from data.loading import DataError, DatasetSpec, load_dataset_for
+from data.world import WorldConfig, write_world
+
+datasets.disable_progress_bars()
+
+
+@pytest.fixture(autouse=True)
+def private_hf_cache(tmp_path, monkeypatch):
+    """Keep the datasets cache for these throwaway files out of the user's cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    """Write rows as .jsonl or .parquet, chosen by the path's suffix."""
+    if path.suffix == ".parquet":
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def load(path: Path, schema: str, **spec) -> datasets.Dataset:
+    return load_dataset_for(DatasetSpec(path=str(path), **spec), schema)
+
+
+def assert_data_error(error: pytest.ExceptionInfo, path: Path, row: int | None, column: str | None) -> str:
+    message = str(error.value)
+    assert path.name in message, message
+    if row is not None:
+        assert f"row {row}" in message, message
+    if column is not None:
+        assert f"column '{column}'" in message, message
+    return message
+
+
+FORMATS = [".jsonl", ".parquet"]
+
+# ---------------------------------------------------------------- good data, every schema
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_text(tmp_path, suffix):
+    path = write_rows(tmp_path / f"corpus{suffix}", [{"text": "Zorbi is teal."}, {"text": "23 plus 45 is 68."}])
+    dataset = load(path, "text")
+    assert dataset.column_names == ["text"]
+    assert dataset["text"] == ["Zorbi is teal.", "23 plus 45 is 68."]
+
+
+def test_txt_gives_one_row_per_non_empty_line(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("first line\n\n   \nsecond line\n")
+    assert load(path, "text")["text"] == ["first line", "second line"]
+    # The same file can serve as a prompt list through a column mapping.
+    prompts = load(path, "prompts", columns={"prompt": "text"})
+    assert prompts.column_names == ["prompt"] and prompts["prompt"] == ["first line", "second line"]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_sft_messages_and_prompt_completion(tmp_path, suffix):
+    chat = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."}]
+    messages = load(write_rows(tmp_path / f"chat{suffix}", [{"messages": chat, "family": "arithmetic"}]), "sft")
+    assert messages.column_names == ["messages", "family"]
+    assert messages[0] == {"messages": chat, "family": "arithmetic"}
+
+    pairs = write_rows(tmp_path / f"pc{suffix}", [{"prompt": "What is 2 plus 2?", "completion": "4."}])
+    normalised = load(pairs, "sft")
+    assert normalised.column_names == ["messages"]
+    assert normalised[0]["messages"] == chat
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_preferences_ranked_and_pairs(tmp_path, suffix):
+    ranked_rows = [{"prompt": "p", "responses": ["best", "middle", "worst"], "gold_scores": [1.0, 0.5, 0.2],
+                    "family": "fact"}]
+    ranked = load(write_rows(tmp_path / f"ranked{suffix}", ranked_rows), "preferences")
+    assert sorted(ranked.column_names) == ["family", "gold_scores", "prompt", "responses"]
+    assert ranked[0] == ranked_rows[0]
+
+    pairs = load(write_rows(tmp_path / f"pairs{suffix}", [{"prompt": "p", "chosen": "good", "rejected": "bad"}]),
+                 "preferences")
+    assert pairs.column_names == ["prompt", "responses"]
+    assert pairs[0] == {"prompt": "p", "responses": ["good", "bad"]}
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_prompts_with_column_mapping(tmp_path, suffix):
+    rows = [{"question": "What colour is Zorbi?", "category": "fact", "id": 1},
+            {"question": "What is 2 plus 2?", "category": "arithmetic", "id": 2}]
+    dataset = load(write_rows(tmp_path / f"q{suffix}", rows), "prompts",
+                   columns={"prompt": "question", "family": "category"})
+    assert dataset.column_names == ["prompt", "family"]
+    assert dataset[1] == {"prompt": "What is 2 plus 2?", "family": "arithmetic"}
+
+
+def test_pairs_with_column_mapping(tmp_path):
+    rows = [{"question": "q", "good": "yes", "bad": "no"}]
+    dataset = load(write_rows(tmp_path / "pairs.jsonl", rows), "preferences",
+                   columns={"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert dataset[0] == {"prompt": "q", "responses": ["yes", "no"]}
+
+
+def test_json_array_file_directory_and_max_rows(tmp_path):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    write_rows(folder / "a.jsonl", [{"prompt": f"a{i}"} for i in range(3)])
+    write_rows(folder / "b.parquet", [{"prompt": f"b{i}"} for i in range(2)])
+    (folder / "c.json").write_text(json.dumps([{"prompt": "c0"}]))
+    assert load(folder, "prompts")["prompt"] == ["a0", "a1", "a2", "b0", "b1", "c0"]
+    assert load(folder, "prompts", max_rows=4)["prompt"] == ["a0", "a1", "a2", "b0"]
+
+
+def test_world_paths(tmp_path):
+    config = WorldConfig(n_entities=12, corpus_chars=5000, sft_examples=30, sft_eval_examples=5, pref_prompts=10,
+                         ppo_prompts=10, eval_prompts=10)
+    world_dir = write_world(tmp_path / "world", config)
+    for split, schema, columns in [("pretrain", "text", ["text"]),
+                                   ("sft_train", "sft", ["messages", "family"]),
+                                   ("sft_eval", "sft", ["messages", "family"]),
+                                   ("prefs_static", "preferences", ["prompt", "responses", "family", "gold_scores"]),
+                                   ("pref_prompts", "prompts", ["prompt", "family"]),
+                                   ("ppo_prompts", "prompts", ["prompt", "family"]),
+                                   ("eval_prompts", "prompts", ["prompt", "family"])]:
+        dataset = load_dataset_for(DatasetSpec(path=f"world:{split}"), schema, world_dir=world_dir)
+        lines = (world_dir / f"{split}.jsonl").read_text().splitlines()
+        assert len(dataset) == len(lines), split
+        assert sorted(dataset.column_names) == sorted(columns), split
+    with pytest.raises(DataError, match="no world_dir"):
+        load_dataset_for(DatasetSpec(path="world:sft_train"), "sft")
+    with pytest.raises(DataError, match="nope.jsonl.*file not found"):
+        load_dataset_for(DatasetSpec(path="world:nope"), "prompts", world_dir=world_dir)
+
+
+def test_streaming_is_lazy_and_validates_each_row(tmp_path):
+    rows = [{"text": f"line {i}"} for i in range(5)] + [{"text": 7}]
+    path = write_rows(tmp_path / "big.jsonl", rows)
+    stream = load(path, "text", streaming=True)
+    assert isinstance(stream, datasets.IterableDataset)
+    assert [r["text"] for r in stream.take(3)] == ["line 0", "line 1", "line 2"]
+    with pytest.raises(DataError) as error:
+        list(stream)
+    assert_data_error(error, path, row=6, column="text")
+    assert [r["text"] for r in load(path, "text", streaming=True, max_rows=2)] == ["line 0", "line 1"]
+
+
+def test_streaming_checks_the_first_row_up_front(tmp_path):
+    path = write_rows(tmp_path / "prefs.jsonl", [{"prompt": "p", "chosen": "a"}])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences", streaming=True)  # no iteration needed
+    assert_data_error(error, path, row=1, column="rejected")
+
+
+# ---------------------------------------------------------------- bad data
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_missing_column(tmp_path, suffix):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}]
+    path = write_rows(tmp_path / f"prefs{suffix}", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    message = assert_data_error(error, path, row=2, column="rejected")
+    assert "missing" in message and "'prompt' + 'chosen' + 'rejected'" in message
+    assert "found columns: prompt, chosen" in message
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_column_absent_from_the_whole_file(tmp_path, suffix):
+    path = write_rows(tmp_path / f"sft{suffix}", [{"prompt": "p", "answer": "a"}])
+    with pytest.raises(DataError) as error:
+        load(path, "sft")
+    assert_data_error(error, path, row=1, column="completion")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_mapped_source_column_not_found(tmp_path, suffix):
+    path = write_rows(tmp_path / f"q{suffix}", [{"text": "hello"}])
+    with pytest.raises(DataError) as error:
+        load(path, "prompts", columns={"prompt": "question"})
+    message = assert_data_error(error, path, row=1, column="question")
+    assert "found columns: text" in message
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_responses_is_a_string(tmp_path, suffix):
+    path = write_rows(tmp_path / f"ranked{suffix}", [{"prompt": "p", "responses": "just one string"}])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    message = assert_data_error(error, path, row=1, column="responses")
+    assert "expected a list" in message and "got str" in message
+
+
+def test_responses_type_changes_midway(tmp_path):
+    rows = [{"prompt": "p", "responses": ["a", "b"]}, {"prompt": "p", "responses": ["a", "b"]},
+            {"prompt": "p", "responses": "a"}]
+    path = write_rows(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert_data_error(error, path, row=3, column="responses")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+@pytest.mark.parametrize("messages", ["hello", [{"role": "user", "text": "hi"}], [{"role": "user", "content": "hi"}]],
+                         ids=["string", "no-content", "no-assistant-turn"])
+def test_messages_not_a_list_of_role_content_dicts(tmp_path, suffix, messages):
+    path = write_rows(tmp_path / f"chat{suffix}", [{"messages": messages}])
+    with pytest.raises(DataError) as error:
+        load(path, "sft")
+    assert "expected a list of {'role', 'content'} messages" in assert_data_error(error, path, 1, "messages")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_fewer_than_two_responses(tmp_path, suffix):
+    rows = [{"prompt": "p", "responses": ["a", "b"]}, {"prompt": "q", "responses": ["only"]}]
+    path = write_rows(tmp_path / f"ranked{suffix}", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert "got 1 response(s)" in assert_data_error(error, path, row=2, column="responses")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_duplicate_responses(tmp_path, suffix):
+    rows = [{"prompt": "p", "responses": ["a", "b", "a"]}]
+    path = write_rows(tmp_path / f"ranked{suffix}", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert "duplicate response 'a'" in assert_data_error(error, path, row=1, column="responses")
+
+
+def test_chosen_equal_to_rejected(tmp_path):
+    path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert_data_error(error, path, row=1, column="rejected")
+
+
+def test_gold_scores_not_aligned(tmp_path):
+    path = write_rows(tmp_path / "ranked.jsonl", [{"prompt": "p", "responses": ["a", "b"], "gold_scores": [1.0]}])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert_data_error(error, path, row=1, column="gold_scores")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_empty_dataset(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    if suffix == ".parquet":
+        datasets.Dataset.from_dict({"prompt": []}, features=datasets.Features(
+            {"prompt": datasets.Value("string")})).to_parquet(str(path))
+    else:
+        path.write_text("")
+    with pytest.raises(DataError) as error:
+        load(path, "prompts")
+    assert "no rows" in assert_data_error(error, path, row=None, column=None)
+
+
+def test_blank_text_file_is_empty(tmp_path):
+    path = tmp_path / "blank.txt"
+    path.write_text("\n\n  \n")
+    with pytest.raises(DataError, match="blank.txt.*no rows"):
+        load(path, "text")
+
+
+def test_missing_path(tmp_path):
+    path = tmp_path / "does_not_exist.jsonl"
+    with pytest.raises(DataError) as error:
+        load(path, "text")
+    assert "file not found" in assert_data_error(error, path, row=None, column=None)
+
+
+def test_corrupt_json_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": "cut off\n')
+    with pytest.raises(DataError) as error:
+        load(path, "text")
+    assert "not valid JSON" in assert_data_error(error, path, row=3, column=None)
+
+
+def test_corrupt_parquet(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"this is not parquet at all" * 10)
+    with pytest.raises(DataError) as error:
+        load(path, "text")
+    message = assert_data_error(error, path, row=None, column=None)
+    assert "cannot read as parquet" in message and "Parquet magic bytes" in message
+
+
+def test_unsupported_file_and_unknown_schema(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("prompt\nhello\n")
+    with pytest.raises(DataError, match="table.csv.*unsupported file type '.csv'"):
+        load(path, "prompts")
+    with pytest.raises(ValueError, match="unknown schema 'chat'"):
+        load(path, "chat")
+
+
+def test_error_in_a_directory_names_the_file_and_its_own_row(tmp_path):
+    write_rows(tmp_path / "a.jsonl", [{"prompt": "ok"}, {"prompt": "ok too"}])
+    bad = write_rows(tmp_path / "b.jsonl", [{"prompt": "fine"}, {"prompt": ""}])
+    with pytest.raises(DataError) as error:
+        load(tmp_path, "prompts")
+    assert "expected a non-empty string" in assert_data_error(error, bad, row=2, column="prompt")

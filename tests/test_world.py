@@ -1,0 +1,499 @@
+"""The synthetic world: determinism, disjoint splits, the gold judge's verdicts, annotator noise."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from data.world import FAMILIES, FLAWS, TRAIN_FAMILIES, Annotator, GoldJudge, World, WorldConfig, write_world
+from data.world.corpus import fact_sentences, pretraining_corpus
+from data.world.splits import sft_demos
+from data.world.tasks import HELDOUT_OPERANDS, TRAIN_OPERANDS, enumerate_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+
+SMALL = WorldConfig(seed=3, n_entities=40, corpus_chars=50_000, sft_examples=400, sft_eval_examples=40,
+                    pref_prompts=100, ppo_prompts=100, eval_prompts=50)
+DATA_FILES = ("world.json", "pretrain.jsonl", "sft_train.jsonl", "sft_eval.jsonl", "pref_prompts.jsonl",
+              "ppo_prompts.jsonl", "eval_prompts.jsonl", "prefs_static.jsonl")
+PROMPT_SPLITS = ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts", "eval_prompts")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def prompts_of(world_dir: Path, split: str) -> list[str]:
+    rows = read_jsonl(world_dir / f"{split}.jsonl")
+    return [r["messages"][0]["content"] if "messages" in r else r["prompt"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def small_world_dir(tmp_path_factory) -> Path:
+    return write_world(tmp_path_factory.mktemp("worlds") / "small", SMALL)
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    return World.from_seed(0, 40)
+
+
+@pytest.fixture(scope="module")
+def judge(world) -> GoldJudge:
+    return GoldJudge(world)
+
+
+# ---------------------------------------------------------------- files and determinism
+
+
+def test_writes_every_file_with_sorted_keys(small_world_dir):
+    assert sorted(p.name for p in small_world_dir.iterdir()) == sorted(DATA_FILES + ("world_config.json",))
+    assert WorldConfig.from_json((small_world_dir / "world_config.json").read_text()) == SMALL
+    first_line = (small_world_dir / "prefs_static.jsonl").read_text().splitlines()[0]
+    assert first_line == json.dumps(json.loads(first_line), sort_keys=True, ensure_ascii=False)
+    sizes = {split: len(read_jsonl(small_world_dir / f"{split}.jsonl")) for split in PROMPT_SPLITS}
+    assert sizes == {"sft_train": 400, "sft_eval": 40, "pref_prompts": 100, "ppo_prompts": 100,
+                     "eval_prompts": 50}
+
+
+def test_same_seed_gives_identical_bytes_other_seed_differs(small_world_dir, tmp_path):
+    again = write_world(tmp_path / "again", SMALL)
+    other = write_world(tmp_path / "other", dataclasses.replace(SMALL, seed=SMALL.seed + 1))
+    for name in DATA_FILES:
+        assert (again / name).read_bytes() == (small_world_dir / name).read_bytes(), name
+        assert (other / name).read_bytes() != (small_world_dir / name).read_bytes(), name
+
+
+def test_write_world_skips_an_existing_identical_world_and_replaces_another(small_world_dir, tmp_path):
+    target = tmp_path / "w"
+    write_world(target, SMALL)
+    marker = target / "pretrain.jsonl"
+    mtime = marker.stat().st_mtime_ns
+    time.sleep(0.01)
+    write_world(target, SMALL)
+    assert marker.stat().st_mtime_ns == mtime  # not rewritten
+    bigger = dataclasses.replace(SMALL, sft_examples=410)
+    write_world(target, bigger)
+    assert len(read_jsonl(target / "sft_train.jsonl")) == 410
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
+
+
+def test_write_world_refuses_to_overwrite_a_non_world_directory(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a world directory"):
+        write_world(tmp_path, SMALL)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_cli_writes_the_same_world_in_another_process(tmp_path):
+    out = tmp_path / "cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "data.world", "--out", str(out), "--seed", "5", "--n-entities", "20",
+         "--corpus-chars", "20000", "--sft-examples", "50", "--sft-eval-examples", "10", "--pref-prompts", "20",
+         "--ppo-prompts", "20", "--eval-prompts", "10", "--demo-noise", "0.5", "--responses-per-prompt", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONHASHSEED": "12345"})  # string hashing differs from this process
+    assert result.returncode == 0, result.stderr
+    config = WorldConfig.from_json((out / "world_config.json").read_text())
+    assert config == WorldConfig(seed=5, n_entities=20, corpus_chars=20000, sft_examples=50, sft_eval_examples=10,
+                                 pref_prompts=20, ppo_prompts=20, eval_prompts=10, demo_noise=0.5,
+                                 responses_per_prompt=3)
+    assert all(len(r["responses"]) == 3 for r in read_jsonl(out / "prefs_static.jsonl"))
+    in_process = write_world(tmp_path / "in_process", config)
+    for name in DATA_FILES:
+        assert (out / name).read_bytes() == (in_process / name).read_bytes(), name
+
+
+def test_world_json_round_trip(small_world_dir):
+    text = (small_world_dir / "world.json").read_text()
+    world = World.from_json(text)
+    assert world == World.from_seed(SMALL.seed, SMALL.n_entities)
+    assert world.to_json() == text
+    assert len(set(world.names)) == 40
+    assert all(e.friend in world.names and e.friend != e.name for e in world.entities)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def test_prompt_splits_are_pairwise_disjoint(small_world_dir):
+    prompts = {split: prompts_of(small_world_dir, split) for split in PROMPT_SPLITS}
+    for split, items in prompts.items():
+        assert len(items) == len(set(items)), f"duplicates inside {split}"
+    for i, a in enumerate(PROMPT_SPLITS):
+        for b in PROMPT_SPLITS[i + 1:]:
+            assert not set(prompts[a]) & set(prompts[b]), (a, b)
+
+
+def test_eval_questions_are_not_asked_in_training_even_rephrased(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    eval_keys = {judge.task(p).key for p in prompts_of(small_world_dir, "eval_prompts")}
+    for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
+        assert not eval_keys & {judge.task(p).key for p in prompts_of(small_world_dir, split)}, split
+
+
+def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    eval_rows = read_jsonl(small_world_dir / "eval_prompts.jsonl")
+    counts = Counter(r["family"] for r in eval_rows)
+    assert set(counts) == set(FAMILIES) and max(counts.values()) - min(counts.values()) <= 1
+    for row in eval_rows:
+        task = judge.task(row["prompt"])
+        assert task.family == row["family"]
+        if task.family == "arithmetic_heldout":
+            assert all(int(task.params[k]) in HELDOUT_OPERANDS for k in ("a", "b"))
+    for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
+        families = [judge.task(p).family for p in prompts_of(small_world_dir, split)]
+        assert "arithmetic_heldout" not in families, split
+        assert set(families) == set(TRAIN_FAMILIES), split
+        for p in prompts_of(small_world_dir, split):
+            task = judge.task(p)
+            if task.family == "arithmetic":
+                assert all(int(task.params[k]) in TRAIN_OPERANDS for k in ("a", "b"))
+
+
+def test_too_small_a_world_says_which_split_ran_out(tmp_path):
+    config = dataclasses.replace(SMALL, n_entities=4, sft_examples=100_000)
+    with pytest.raises(ValueError, match="sft_examples=100000"):
+        write_world(tmp_path / "tiny", config)
+
+
+# ---------------------------------------------------------------- SFT demos and the ranked set
+
+
+def test_sft_files_are_chat_rows_and_eval_demos_are_clean(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    for row in read_jsonl(small_world_dir / "sft_train.jsonl"):
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+        assert row["family"] in TRAIN_FAMILIES
+    for row in read_jsonl(small_world_dir / "sft_eval.jsonl"):
+        prompt, response = (m["content"] for m in row["messages"])
+        assert judge.score(prompt, response).score == 1.0
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3, 0.7])
+def test_flawed_demo_fraction_matches_demo_noise(world, judge, noise):
+    pool = [c for family in TRAIN_FAMILIES for c in enumerate_prompts(world, family)]
+    prompts = random.Random(1).sample(pool, 600)
+    rows = sft_demos(judge, prompts, noise, random.Random(2))
+    flawed = [judge.score(r["messages"][0]["content"], r["messages"][1]["content"]).score < 1.0 for r in rows]
+    sigma = math.sqrt(max(noise * (1 - noise), 1e-9) / len(rows))
+    assert abs(sum(flawed) / len(rows) - noise) <= 3 * sigma + 1e-9
+
+
+def test_written_sft_train_noise_is_demo_noise(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    rows = read_jsonl(small_world_dir / "sft_train.jsonl")
+    flawed = sum(judge.score(r["messages"][0]["content"], r["messages"][1]["content"]).score < 1 for r in rows)
+    sigma = math.sqrt(SMALL.demo_noise * (1 - SMALL.demo_noise) / len(rows))
+    assert abs(flawed / len(rows) - SMALL.demo_noise) <= 3 * sigma
+
+
+def test_static_ranked_set_rows(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    rows = read_jsonl(small_world_dir / "prefs_static.jsonl")
+    assert [r["prompt"] for r in rows] == prompts_of(small_world_dir, "pref_prompts")
+    top_is_best, expected, variance = 0, 0.0, 0.0
+    temperature = SMALL.annotator_temperature
+    for row in rows:
+        responses, scores = row["responses"], row["gold_scores"]
+        assert len(responses) == SMALL.responses_per_prompt == len(set(responses))
+        assert scores == [judge.score(row["prompt"], r).score for r in responses]
+        assert max(scores) == 1.0 and sorted(scores)[-2] < 1.0  # one good, the rest flawed
+        top_is_best += scores[0] == max(scores)
+        # Under Plackett-Luce the best response is ranked first with probability w_best / sum(w).
+        p_top = 1 / sum(math.exp((s - max(scores)) / temperature) for s in scores)
+        expected += p_top
+        variance += p_top * (1 - p_top)
+    assert abs(top_is_best - expected) <= 3 * math.sqrt(variance), (top_is_best, expected)
+
+
+# ---------------------------------------------------------------- pretraining corpus
+
+
+def test_corpus_is_plain_text_of_the_requested_size(small_world_dir):
+    rows = read_jsonl(small_world_dir / "pretrain.jsonl")
+    texts = [r["text"] for r in rows]
+    assert list(rows[0]) == ["text"]
+    total = sum(map(len, texts))
+    assert SMALL.corpus_chars <= total < SMALL.corpus_chars + 1000
+    assert all(50 <= len(t) <= 600 for t in texts)
+    joined = "\n".join(texts)
+    for marker in ("user:", "assistant:", "<|", "|>", "###"):
+        assert marker not in joined.lower()
+    assert "57 plus" not in joined and "plus 57" not in joined  # held-out operands never appear
+
+
+def test_every_fact_appears_many_times_in_the_default_corpus():
+    world = World.from_seed(0, 200)
+    rows = pretraining_corpus(world, 3_000_000, random.Random(0))
+    sentences = Counter(s for row in rows for s in re.split(r"(?<=\.) ", row))
+    for entity in world.entities:
+        facts = fact_sentences(entity, world.entity(entity.friend))
+        # Each list holds the phrasings of one fact; stories mention it more on top of these.
+        for attribute, phrasings in facts.items():
+            mentions = sum(sentences[p] for p in phrasings)
+            assert mentions >= 10, (entity.name, attribute, mentions)
+
+
+# ---------------------------------------------------------------- gold judge: hand-written cases
+#
+# GOOD cases must score 1.0 on every criterion. FLAWED cases name the criterion the flaw must
+# sink and the highest value it may get; they must also score below the prompt's good response.
+
+
+def arithmetic_cases(world):
+    good = [
+        ("What is 23 plus 45?", "23 plus 45 is 68."),
+        ("What is 23 plus 45?", "68."),
+        ("How much is 41 minus 17?", "The answer is 24."),
+        ("Compute 30 minus 15.", "30 minus 15 is 15."),
+        ("What is 12 plus 12?", "12 + 12 = 24."),
+        ("How much is 49 minus 49?", "49 minus 49 is 0."),
+    ]
+    flawed = [
+        ("What is 23 plus 45?", "23 plus 45 is 70.", "correctness", 0.0),
+        ("What is 23 plus 45?", "23 plus 45 is 68, or maybe 67.", "correctness", 0.0),
+        ("Compute 30 minus 15.", "30 minus 15.", "correctness", 0.0),
+        ("How much is 41 minus 17?", "Ugh, obviously 41 minus 17 is 24.", "tone", 0.0),
+        ("What is 23 plus 45?", "Whatever.", "on_task", 0.0),
+        ("How much is 41 minus 17?", "41 minus 17 is 24. Let me think. 41 minus 17 is 24. I hope this helps.",
+         "concision", 0.3),
+        ("What is 23 plus 45?", "23 plus 45 is 68", "format", 0.5),
+        ("What is 23 plus 45?", "assistant: 23 plus 45 is 68.", "format", 0.0),
+    ]
+    return good, flawed
+
+
+def heldout_cases(world):
+    good = [
+        ("What is 67 plus 85?", "67 plus 85 is 152."),
+        ("How much is 93 minus 58?", "93 minus 58 is 35."),
+        ("Compute 50 plus 99.", "149."),
+        ("What is 72 minus 72?", "72 minus 72 is 0."),
+        ("How much is 88 plus 61?", "The sum is 149."),
+    ]
+    flawed = [
+        ("What is 67 plus 85?", "67 plus 85 is 142.", "correctness", 0.0),
+        ("How much is 93 minus 58?", "93 minus 58 is 45.", "correctness", 0.0),
+        ("Compute 50 plus 99.", "Duh, 50 plus 99 is 149.", "tone", 0.0),
+        ("What is 72 minus 72?", "72 minus 72 is 0. Basically, 72 minus 72 is 0. As I said, it is 0.",
+         "concision", 0.3),
+        ("How much is 88 plus 61?", "88 plus 61 is 149", "format", 0.5),
+        ("What is 67 plus 85?", "Figure it out yourself.", "on_task", 0.0),
+    ]
+    return good, flawed
+
+
+def fact_cases(world):
+    e = world.entities[0]
+    n = e.name
+    other_colour = next(c for c in world.colours if c != e.colour)
+    other_place = next(p for p in world.places if p != e.place)
+    other_name = next(x for x in world.names if x not in (n, e.friend))
+    good = [
+        (f"What colour is {n}?", f"{n} is {e.colour}."),
+        (f"Which colour is {n}?", f"The colour of {n} is {e.colour}."),
+        (f"Where does {n} live?", f"{n} lives in {e.place}."),
+        (f"How many {e.item} does {n} have?", f"{n} has {e.count} {e.item}."),
+        (f"Who is {n}'s friend?", f"{n}'s friend is {e.friend}."),
+        (f"What does {n} like to eat?", f"{n} likes to eat {e.food}."),
+        (f"What kind of creature is {n}?", f"{n} is a {e.kind}."),
+    ]
+    flawed = [
+        (f"What colour is {n}?", f"{n} is {other_colour}.", "correctness", 0.0),
+        (f"What colour is {n}?", f"{n} is {e.colour} or maybe {other_colour}.", "correctness", 0.0),
+        (f"Where does {n} live?", f"{n} lives in {other_place}.", "correctness", 0.0),
+        (f"How many {e.item} does {n} have?", f"{n} has {e.count + 3} {e.item}.", "correctness", 0.0),
+        (f"Who is {n}'s friend?", f"{n}'s friend is {other_name}.", "correctness", 0.0),
+        (f"Where does {n} live?", f"Ugh, obviously {n} lives in {e.place}.", "tone", 0.0),
+        (f"What colour is {n}?", "Whatever. Ask someone else.", "on_task", 0.0),
+        (f"What does {n} like to eat?",
+         f"{n} likes to eat {e.food}. To be honest, {n} likes to eat {e.food}. I hope this helps.",
+         "concision", 0.3),
+        (f"What kind of creature is {n}?", f"{n} is a {e.kind}", "format", 0.5),
+        (f"What colour is {n}?", f"<|user|> {n} is {e.colour}.", "format", 0.0),
+    ]
+    return good, flawed
+
+
+def word_cases(world):
+    good = [
+        ("Reverse the word apple.", "The word apple reversed is elppa."),
+        ("Write the word lantern backwards.", "Nretnal."),
+        ("How many letters are in the word garden?", "The word garden has 6 letters."),
+        ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e."),
+        ("Write the word tiger in capitals.", "TIGER."),
+        ("Write the word tiger in upper case.", "In capitals, tiger is TIGER."),
+    ]
+    flawed = [
+        ("Reverse the word apple.", "The word apple reversed is elpap.", "correctness", 0.0),
+        ("Reverse the word apple.", "The word apple reversed is apple.", "correctness", 0.0),
+        ("Reverse the word apple.", "It is elppa or eplpa.", "correctness", 0.0),
+        ("How many letters are in the word garden?", "The word garden has 7 letters.", "correctness", 0.0),
+        ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
+        ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),
+        ("How many letters are in the word garden?", "Duh, the word garden has 6 letters.", "tone", 0.0),
+        ("Spell out the word apple.", "Ugh, I am not doing that.", "on_task", 0.0),
+        ("Reverse the word apple.",
+         "The word apple reversed is elppa. In other words, the word apple reversed is elppa.", "concision", 0.3),
+        ("Reverse the word apple.", "the word apple reversed is elppa", "format", 0.0),
+    ]
+    return good, flawed
+
+
+def polite_cases(world):
+    e = world.entities[1]
+    n = e.name
+    other = next(x for x in world.names if x != n)
+    food = world.foods[0]
+    other_food = world.foods[1]
+    place = world.places[0]
+    good = [
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, thank you for your help. Best wishes."),
+        (f"Please write a brief thank-you note to {n}.", f"Dear {n}, thanks so much for everything. Kind regards."),
+        (f"Write a short thank-you note to {n} for the {food}.",
+         f"Dear {n}, thank you for the lovely {food}. Best wishes."),
+        (f"Write a short apology to {n}.", f"Dear {n}, I am so sorry about yesterday. Best wishes."),
+        (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday! Have a great day. Warm wishes."),
+        (f"Write a short get-well note to {n}.", f"Dear {n}, I hope you feel better soon. Best wishes."),
+        (f"Write a short note inviting {n} to {place}.",
+         f"Dear {n}, please come and visit me in {place}. Best wishes."),
+    ]
+    flawed = [
+        (f"Write a short thank-you note to {n}.", f"Dear {other}, thank you for your help. Best wishes.",
+         "correctness", 0.0),
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, I am sorry for the trouble. Best wishes.",
+         "correctness", 0.0),
+        (f"Write a short thank-you note to {n} for the {food}.",
+         f"Dear {n}, thank you for the lovely {other_food}. Best wishes.", "correctness", 0.0),
+        (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday, I guess. Now stop bothering me.",
+         "tone", 0.0),
+        (f"Write a short apology to {n}.", "Whatever.", "on_task", 0.0),
+        (f"Write a short get-well note to {n}.",
+         f"Dear {n}, I hope you feel better soon. By the way, I hope you feel better soon. Best wishes.",
+         "concision", 0.3),
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, thank you for your help. Best wishes", "format", 0.5),
+    ]
+    return good, flawed
+
+
+CASE_BUILDERS = {
+    "arithmetic": arithmetic_cases,
+    "arithmetic_heldout": heldout_cases,
+    "fact": fact_cases,
+    "word": word_cases,
+    "polite": polite_cases,
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_judge_gives_full_marks_to_good_responses(judge, world, family):
+    good, _ = CASE_BUILDERS[family](world)
+    assert len(good) >= 5
+    for prompt, response in good:
+        verdict = judge.score(prompt, response)
+        assert verdict.family == family, prompt
+        assert verdict.criteria == dict.fromkeys(verdict.criteria, 1.0), (prompt, response, verdict.criteria)
+        assert verdict.score == 1.0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_judge_penalises_each_flaw_on_its_criterion(judge, world, family):
+    _, flawed = CASE_BUILDERS[family](world)
+    assert len(flawed) >= 5
+    for prompt, response, criterion, at_most in flawed:
+        verdict = judge.score(prompt, response)
+        assert verdict.family == family, prompt
+        assert verdict.criteria[criterion] <= at_most, (response, criterion, verdict.criteria)
+        assert verdict.score < judge.score(prompt, judge.good_response(prompt)).score, response
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generated_responses_get_the_expected_verdicts(judge, world, family):
+    rng = random.Random(family)
+    expected_drop = {"wrong": ("correctness", 0.0), "rude": ("tone", 0.0), "ramble": ("concision", 0.3),
+                     "no_period": ("format", 0.5)}
+    for candidate in rng.sample(enumerate_prompts(world, family), 150):
+        good = judge.good_response(candidate.prompt)
+        assert judge.score(candidate.prompt, good).score == 1.0, (candidate.prompt, good)
+        for flaw in FLAWS:
+            response = judge.flawed_response(candidate.prompt, flaw, rng)
+            verdict = judge.score(candidate.prompt, response)
+            criterion, at_most = expected_drop[flaw]
+            assert verdict.criteria[criterion] <= at_most, (candidate.prompt, response, verdict)
+            assert verdict.score < 1.0
+
+
+def test_unknown_prompt_scores_only_style(judge):
+    verdict = judge.score("Tell me a joke about the sea.", "Why did the sea wave? To say hello.")
+    assert verdict.family == "unknown"
+    assert verdict.criteria["correctness"] == 0.0 and verdict.criteria["on_task"] == 0.0
+    assert verdict.criteria["tone"] == verdict.criteria["format"] == verdict.criteria["concision"] == 1.0
+    assert verdict.score == pytest.approx(0.45)
+    # A world prompt about an entity that does not exist is unanswerable too.
+    assert judge.score("What colour is Nobodyhere?", "It is blue.").family == "unknown"
+    with pytest.raises(ValueError, match="matches no task template"):
+        judge.good_response("Tell me a joke about the sea.")
+
+
+def test_empty_response_scores_zero(judge):
+    verdict = judge.score("What is 23 plus 45?", "   ")
+    assert verdict.score == 0.0 and set(verdict.criteria.values()) == {0.0}
+
+
+def test_judge_is_deterministic_and_fast(world):
+    pool = [c.prompt for family in FAMILIES for c in enumerate_prompts(world, family)]
+    prompts = random.Random(0).sample(pool, 3000)
+    fresh = GoldJudge(world)
+    rng = random.Random(0)
+    pairs = [(p, fresh.flawed_response(p, rng.choice(FLAWS), rng)) for p in prompts]
+    start = time.process_time()  # CPU time: other processes on the machine do not count against us
+    verdicts = [fresh.score(p, r) for p, r in pairs]
+    elapsed = time.process_time() - start
+    assert verdicts == [GoldJudge(world).score(p, r) for p, r in pairs]
+    # ~18k/s here on one core; the bound leaves headroom for slower machines.
+    assert len(pairs) / elapsed > 5000
+
+
+# ---------------------------------------------------------------- annotator
+
+
+def test_annotator_at_zero_temperature_gives_the_gold_order_with_ties_by_index(judge):
+    prompt = "What is 23 plus 45?"
+    responses = ["23 plus 45 is 70.", "23 plus 45 is 68", "23 plus 45 is 68.", "23 plus 45 is 71.", "Whatever."]
+    annotator = Annotator(judge, temperature=0.0, seed=0)
+    # Scores: 0.6, 0.925, 1.0, 0.6, 0.3 -> the two wrong answers tie and keep their index order.
+    assert annotator.rank(prompt, responses) == [2, 1, 0, 3, 4]
+
+
+@pytest.mark.parametrize("temperature", [0.05, 0.1, 0.3])
+def test_annotator_disagreement_matches_bradley_terry_noise(world, judge, temperature):
+    """Each trial ranks one (good, flawed) pair; P(flip) must be 1 / (1 + exp(|delta| / T))."""
+    annotator = Annotator(judge, temperature=temperature, seed=11)
+    rng = random.Random(5)
+    pool = [c.prompt for family in TRAIN_FAMILIES for c in enumerate_prompts(world, family)]
+    flips, expected, variance, trials = 0, 0.0, 0.0, 3000
+    for _ in range(trials):
+        prompt = rng.choice(pool)
+        pair = [judge.good_response(prompt), judge.flawed_response(prompt, rng.choice(FLAWS), rng)]
+        rng.shuffle(pair)
+        scores = [judge.score(prompt, r).score for r in pair]
+        delta = abs(scores[0] - scores[1])
+        assert delta > 0
+        p_flip = 1 / (1 + math.exp(delta / temperature))
+        expected += p_flip
+        variance += p_flip * (1 - p_flip)
+        best_first = annotator.rank(prompt, pair)[0]
+        flips += scores[best_first] < max(scores)
+    assert abs(flips - expected) <= 3 * math.sqrt(variance), (flips, expected, math.sqrt(variance))
