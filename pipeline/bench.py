@@ -1,0 +1,140 @@
+"""`make bench`: throughput and memory benchmarks, printed as one table.
+
+    python -m pipeline.bench [--quick] [--only pretrain,rm,ppo]
+
+- pretrain: tokens/s and peak memory of the real pretrain stage on the `tiny` model, next to a plain
+  hand-written torch loop (same model, batch and optimizer) run in the same invocation.
+- rm: K-way ranking loss versus the same data expanded into independent pairs (reward_model/bench_rm.py).
+- ppo: rollout generation tokens/s (our sampler versus `model.generate`) and the generation/update time split
+  per PPO step (stages/ppo/bench_ppo.py).
+
+Each measured program runs in its own subprocess, so peak memory (max RSS) is its own.
+Speed targets live here, never in timed tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny"
+
+
+def _run_child(args: list[str]) -> tuple[str, float]:
+    """Run a Python child; return its stdout and its peak RSS in MB."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark child {' '.join(args)} failed:\n{result.stderr[-2000:]}")
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return result.stdout, usage.ru_maxrss / 1024
+
+
+def plain_torch_loop(steps: int) -> None:
+    """The baseline: the same model and batch shape trained by the shortest possible torch loop."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.model import build_causal_lm
+    from pipeline.tokenizer import train_tokenizer
+    from stages.pretrain.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, TINY / "pretrain.yaml")
+    tokenizer = train_tokenizer(["warm up the vocabulary with some text"] * 10, cfg.model.vocab_size)
+    model = build_causal_lm(cfg.model, tokenizer)
+    # same vocabulary size as the stage's trained tokenizer, so the model is identical in shape
+    model.resize_token_embeddings(cfg.model.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+    batch = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.block_size))
+    warmup = 3
+    for step in range(steps + warmup):
+        if step == warmup:
+            start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    elapsed = time.perf_counter() - start
+    print(json.dumps({"tokens_per_sec": steps * batch.numel() / elapsed}))
+
+
+def bench_pretrain(quick: bool) -> list[dict]:
+    steps = 10 if quick else 40
+    rows = []
+    with tempfile.TemporaryDirectory() as runs_dir:
+        _, stage_rss = _run_child(["-m", "stages.pretrain", "--config", str(TINY / "pretrain.yaml"),
+                                   f"runs_dir={runs_dir}", "run_name=bench", f"max_steps={steps}",
+                                   f"log_every={max(2, steps // 5)}", f"eval_every={steps}",
+                                   f"checkpoint_every={steps * 10}", "warmup_steps=2"])
+        metrics = [json.loads(line) for line in (Path(runs_dir) / "bench/pretrain/metrics.jsonl").open()]
+        windows = [m["perf/tokens_per_sec"] for m in metrics if "perf/tokens_per_sec" in m][1:]  # skip warm-up
+        stage_rate = sum(windows) / len(windows)
+    plain_out, plain_rss = _run_child(["-m", "pipeline.bench", "--plain-loop", str(steps)])
+    plain_rate = json.loads(plain_out.strip().splitlines()[-1])["tokens_per_sec"]
+    rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, pipeline stage",
+                 "value": stage_rate, "unit": "tok/s", "note": f"{steps} steps, incl. data + logging"})
+    rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, plain torch loop",
+                 "value": plain_rate, "unit": "tok/s", "note": "same model, batch, AdamW"})
+    rows.append({"benchmark": "pretrain (tiny)", "metric": "stage / plain loop", "value": stage_rate / plain_rate,
+                 "unit": "x", "note": "target >= 1.0 (within noise)"})
+    rows.append({"benchmark": "pretrain (tiny)", "metric": "peak memory (max RSS)", "value": stage_rss,
+                 "unit": "MB", "note": "largest child so far"})
+    return rows
+
+
+def _optional(module: str, quick: bool) -> list[dict]:
+    import importlib
+
+    try:
+        bench = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        return [{"benchmark": module, "metric": "-", "value": float("nan"), "unit": "", "note": f"missing: {e}"}]
+    return bench.run_benchmark(quick=quick)
+
+
+BENCHES = {
+    "pretrain": bench_pretrain,
+    "rm": lambda quick: _optional("reward_model.bench_rm", quick),
+    "ppo": lambda quick: _optional("stages.ppo.bench_ppo", quick),
+}
+
+
+def print_table(rows: list[dict]) -> None:
+    cells = [[r["benchmark"], r["metric"], f"{r['value']:,.2f}" if isinstance(r["value"], float)
+              else str(r["value"]), r["unit"], r.get("note", "")] for r in rows]
+    header = ["benchmark", "metric", "value", "unit", "note"]
+    widths = [max(len(str(c[i])) for c in cells + [header]) for i in range(len(header))]
+    line = lambda c: "| " + " | ".join(str(v).rjust(w) if i == 2 else str(v).ljust(w)  # noqa: E731
+                                       for i, (v, w) in enumerate(zip(c, widths))) + " |"
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for c in cells:
+        print(line(c))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer steps: a smoke run, not a measurement")
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ",".join(BENCHES))
+    parser.add_argument("--plain-loop", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain_loop:
+        plain_torch_loop(args.plain_loop)
+        return
+    rows = []
+    for name in args.only.split(","):
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        rows += BENCHES[name](args.quick)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

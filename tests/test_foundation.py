@@ -1,0 +1,146 @@
+"""Configs, run hand-off, checkpoints and the tokenizer: the shared core every stage stands on."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final
+from pipeline.config import ConfigError, load_config
+from pipeline.model import ModelSpec, build_causal_lm
+from pipeline.runs import parse_stage_args
+from pipeline.tokenizer import CHAT_TEMPLATE, EOS, load_tokenizer, train_tokenizer
+from stages.pretrain.pretrain import PretrainConfig, get_lr
+from tests.conftest import MICRO
+
+
+@dataclass
+class Inner:
+    width: int = 4
+    rate: float = 0.5
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    limit: int | None = None
+    flag: bool = False
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_yaml_overrides_and_nested_yaml_path(tmp_path):
+    write(tmp_path / "inner.yaml", "width: 8\n")
+    cfg = load_config(Outer, write(tmp_path / "outer.yaml", "name: a\ninner: inner.yaml\ntags: [p, q]\n"),
+                      ["inner.rate=2", "limit=3", "flag=true"])
+    assert cfg == Outer(name="a", inner=Inner(width=8, rate=2.0), tags=["p", "q"], limit=3, flag=True)
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = write(tmp_path / "bad.yaml", "name: a\nwidht: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'widht'"):
+        load_config(Outer, path)
+    with pytest.raises(ConfigError, match=r"unknown key 'inner\.widht'.*did you mean 'width'"):
+        load_config(Outer, write(tmp_path / "nested.yaml", "inner: {widht: 3}\n"))
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'inner\.width': expected an integer, got 'wide'"):
+        load_config(Outer, write(tmp_path / "t.yaml", "inner: {width: wide}\n"))
+    with pytest.raises(ConfigError, match=r"key 'flag': expected true or false"):
+        load_config(Outer, None, ["flag=3"])
+
+
+def test_bad_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"override 'max_stpes=3': unknown key 'max_stpes'.*did you mean 'max_steps'"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", ["max_stpes=3"])
+
+
+def test_cli_exits_with_a_message_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_stage_args(PretrainConfig, ["--config", str(MICRO / "pretrain.yaml"), "learning_rate=fast"])
+    message = str(exit_info.value)
+    assert "override 'learning_rate=fast'" in message and "key 'learning_rate': expected float" in message
+
+
+def test_every_shipped_config_parses():
+    from pipeline.runs import StageConfig
+
+    stage_configs = {"pretrain": PretrainConfig}
+    for recipe in sorted(p for p in (MICRO.parent).iterdir() if p.is_dir() and p.name != "accelerate"):
+        for yaml_file in recipe.glob("pretrain.yaml"):
+            cfg = load_config(stage_configs[yaml_file.stem], yaml_file)
+            assert isinstance(cfg, StageConfig)
+
+
+def test_recipe_name_is_the_default_run_name():
+    cfg = parse_stage_args(PretrainConfig, ["--config", str(MICRO / "pretrain.yaml")])
+    assert cfg.run_name == "micro"
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = PretrainConfig(learning_rate=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert get_lr(0, cfg) == pytest.approx(0.1)
+    assert get_lr(9, cfg) == pytest.approx(1.0)
+    assert get_lr(60, cfg) == pytest.approx(0.55)
+    assert get_lr(110, cfg) == pytest.approx(0.1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = ["Zorbi is a teal dragon. 23 plus 45 is 68.", "The word lantern reversed is nretnal."] * 50
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def test_chat_template_marks_only_assistant_tokens(tokenizer):
+    messages = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "It is 4."}]
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assistant = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+    assert assistant == "It is 4." + EOS
+    assert "<|user|>" in tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+
+
+def test_outside_tokenizer_gets_chat_tokens_and_template(tmp_path, tokenizer):
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.chat_template == CHAT_TEMPLATE and loaded.pad_token is not None
+
+
+def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
+    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64), tokenizer)
+    save_final(model, tokenizer, tmp_path / "rm_final", "rm")
+    with pytest.raises(CheckpointError, match=r"made by the 'rm' stage.*sft needs one from: pretrain"):
+        require_checkpoint(tmp_path / "rm_final", ("pretrain",), "sft")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        require_checkpoint(tmp_path / "missing", ("pretrain",), "sft")
+
+
+def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
+    target = tmp_path / "final"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(target) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("crash mid-write")
+    assert (target / "a.txt").read_text() == "one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_nan_loss_stops_the_run_with_a_message(tmp_path):
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(PretrainConfig(run_name="nan"), "pretrain", tmp_path / "metrics.jsonl")
+    with pytest.raises(FloatingPointError, match=r"train/loss is NaN at step 7"):
+        tracker.log({"train/loss": torch.tensor(float("nan"))}, step=7)
