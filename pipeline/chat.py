@@ -1,0 +1,175 @@
+"""Chat with any stage's model in the terminal: `make chat STAGE=sft|ppo|pretrain|path/to/checkpoint`.
+
+    python -m pipeline.chat --config configs/tiny/ppo.yaml run_name=tiny --stage ppo [--temperature 0.7 ...]
+    python -m pipeline.chat --config configs/tiny/ppo.yaml --stage sft --prompt "What is 12 plus 30?"
+
+The conversation goes through the chat template, so the model sees the format it was trained on. Replies
+stream token by token (the KV-cache loop of pipeline.generation.sample, for one conversation: a greedy reply
+is the one `make eval` scores), and the history is kept across turns; the oldest turns are dropped when it
+outgrows the model's context. Commands: /reset starts a new conversation, /quit (or Ctrl-D) leaves.
+
+`--prompt "..."` answers once and exits, for scripts: the reply alone goes to stdout, everything else to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from typing import Iterator
+
+import torch
+
+from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
+                               load_policy_or_exit, load_run_config, resolve_checkpoint, sampling_from_args)
+from pipeline.generation import SamplingConfig, filter_logits
+
+CHAT_SAMPLING = SamplingConfig(max_new_tokens=128, temperature=0.7, top_k=0, top_p=0.95)
+"""Defaults for chatting: some variety, the unlikely tail cut off. --temperature 0 gives the greedy reply."""
+
+HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves."
+
+
+@torch.no_grad()
+def stream_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, eos_token_id: int,
+                  generator: torch.Generator | None = None) -> Iterator[int]:
+    """Sample one reply to a [1, T] prompt, yielding each token as soon as it is chosen (EOS included).
+
+    The computation of pipeline.generation.sample for a batch of one unpadded prompt, step for step.
+    """
+    attention_mask = torch.ones_like(input_ids)
+    position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    next_position = position_ids[:, -1:] + 1
+    for _ in range(sampling.max_new_tokens):
+        if sampling.temperature <= 0:
+            token = logits.argmax(-1)
+        else:
+            probs = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        yield int(token)
+        if int(token) == eos_token_id:
+            return
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=-1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_position = next_position + 1
+
+
+class Conversation:
+    """Multi-turn history in the chat format, and replies streamed as text."""
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, system: str = "",
+                 generator: torch.Generator | None = None):
+        self.model, self.tokenizer, self.sampling, self.generator = model, tokenizer, sampling, generator
+        self.system = system
+        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def prompt_ids(self) -> tuple[torch.Tensor, int, int]:
+        """The history as model input, (ids [1, T], reply budget, turns dropped to fit the context)."""
+        dropped = 0
+        while True:
+            # as pipeline.generation.encode_prompts: the template's text, tokenized without extra special tokens
+            text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            budget = self.sampling.max_new_tokens
+            if self.context:
+                budget = min(budget, self.context - ids.size(1))
+            first = 1 if self.system else 0
+            if budget >= min(self.sampling.max_new_tokens, 16) or len(self.messages) - first <= 1:
+                return ids, budget, dropped
+            del self.messages[first:first + 2]  # the oldest exchange: a user turn and its reply
+            dropped += 1
+
+    def reply(self, text: str) -> Iterator[str]:
+        """Add a user turn and stream the reply's text; the reply joins the history once complete."""
+        self.messages.append({"role": "user", "content": text})
+        ids, budget, dropped = self.prompt_ids()
+        if dropped:
+            print(f"(dropped the {dropped} oldest exchange(s) to fit the model's {self.context}-token context)",
+                  file=sys.stderr, flush=True)
+        if budget <= 0:
+            self.messages.pop()
+            raise ValueError(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
+        device = next(self.model.parameters()).device
+        tokens: list[int] = []
+        shown = ""
+        try:
+            for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
+                    budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
+                    self.tokenizer.eos_token_id, self.generator):
+                tokens.append(token)
+                text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+                if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                    continue
+                yield text_so_far[len(shown):]
+                shown = text_so_far
+        except BaseException:
+            self.messages.pop()  # an interrupted turn leaves no trace in the history
+            raise
+        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(tokens, skip_special_tokens=True)
+                              .strip()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    add_sampling_arguments(parser, CHAT_SAMPLING)
+    parser.add_argument("--prompt", help="answer this one message and exit (the reply alone goes to stdout)")
+    parser.add_argument("--system", default="", help="a system message at the start of the conversation")
+    parser.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh one)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    sampling = sampling_from_args(args)
+    path, label = resolve_checkpoint(cfg, args.stage)
+    device = default_device()
+    model, tokenizer = load_policy_or_exit(path, cfg.trust_remote_code, device, "chat")
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    chat = Conversation(model, tokenizer, sampling, args.system, torch.Generator(device=device).manual_seed(seed))
+
+    if args.prompt is not None:
+        for piece in chat.reply(args.prompt):
+            print(piece, end="", flush=True)
+        print()
+        return
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"Chatting with {label} ({path}); {describe_sampling(sampling)}.\n{HELP}", flush=True)
+    while True:
+        try:
+            text = input("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text in ("/quit", "/exit"):
+            return
+        if text == "/reset":
+            chat.reset()
+            print("(new conversation)", flush=True)
+            continue
+        if text.startswith("/") or not text:
+            if text:
+                print(f"unknown command {text}. {HELP}", flush=True)
+            continue
+        print("model> ", end="", flush=True)
+        try:
+            for piece in chat.reply(text):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print(" [interrupted]", end="")
+        except ValueError as e:
+            print(f"({e})", end="")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()

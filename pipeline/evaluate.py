@@ -1,0 +1,291 @@
+"""Held-out evaluation of one checkpoint: `make eval STAGE=sft|ppo|pretrain|path/to/checkpoint`.
+
+    python -m pipeline.evaluate --config configs/tiny/ppo.yaml run_name=tiny --stage sft
+    python -m pipeline.evaluate --config configs/tiny/ppo.yaml --stage ~/models/my-lm --rm --limit 50
+
+The checkpoint answers the run's held-out world prompts (`eval_prompts.jsonl`), greedily by default, and the
+gold judge scores every answer overall, per criterion and per task family. The table goes to stdout and the
+figures (with every prompt, answer and verdict) to a JSON file: runs/<run>/eval/<stage or directory>.json.
+
+Any Hugging Face causal LM directory works, not only this project's: its tokenizer is given our chat
+template (and role tokens) if it has none. `--rm` also scores the answers with the run's reward model.
+
+This module is also the evaluation `make report` uses (`evaluate_checkpoint`, with the same prompts, seed and
+sampling), so the report's figures equal a separate `make eval` of the same checkpoint.
+
+Config: the stage YAML the Makefile hands over (configs/<recipe>/ppo.yaml) is read by that stage's own
+config class (chosen by the file name, see STAGE_CONFIGS), so every key in it and every `key=value` override
+is checked as usual. Only the run's shared settings (run_name, runs_dir, seed, world, trust_remote_code) are
+used here; what to evaluate and how to sample are `--flags`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.config import ConfigError, load_config
+from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
+from pipeline.generation import SamplingConfig
+from pipeline.runs import StageConfig, run_dir, stage_paths, world_dir
+
+STAGE_CONFIGS = {
+    "pretrain": "stages.pretrain.pretrain:PretrainConfig",
+    "sft": "stages.sft.sft:SFTStageConfig",
+    "rm": "reward_model.config:RewardModelConfig",
+    "ppo": "stages.ppo.ppo:PPOStageConfig",
+}
+"""The config class that reads a stage YAML, by file name (configs/<recipe>/<name>.yaml). Other names are
+read as a bare StageConfig, so they may hold only the shared keys."""
+
+POLICY_STAGE_NAMES = ("pretrain", "sft", "ppo")
+CRITERIA = ("correctness", "on_task", "tone", "concision", "format")
+"""The gold judge's criteria, in the order tables show them."""
+
+
+# ---- the run's config and the command line, shared by evaluate, report and chat ----------------------------
+
+def config_class(config_path: str | None) -> type:
+    target = STAGE_CONFIGS.get(Path(config_path).stem) if config_path else None
+    if target is None:
+        return StageConfig
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_run_config(config_path: str | None, overrides: list[str]) -> StageConfig:
+    """The stage YAML (checked by its stage's config class) with overrides; exits with a message on errors."""
+    try:
+        cfg = load_config(config_class(config_path), config_path, overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if not cfg.run_name:  # as pipeline.runs.parse_stage_args: the recipe's name
+        cfg.run_name = Path(config_path).resolve().parent.name if config_path else "default"
+    return cfg
+
+
+def shared_config(cfg: StageConfig) -> StageConfig:
+    """Only the fields every stage shares (what the report's W&B run records as its config)."""
+    return StageConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageConfig)})
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a stage YAML naming the run's world, e.g. configs/tiny/ppo.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
+    parser.add_argument("--stage", default="ppo",
+                        help="pretrain, sft or ppo (that stage's final/ in this run), or a checkpoint path")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingConfig) -> None:
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy")
+    parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1.0: off")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p)
+
+
+def describe_sampling(sampling: SamplingConfig) -> str:
+    how = "greedy" if sampling.temperature <= 0 else f"temperature {sampling.temperature:g}" + (
+        f", top-k {sampling.top_k}" if sampling.top_k else "") + (
+        f", top-p {sampling.top_p:g}" if sampling.top_p < 1 else "")
+    return f"{how}, at most {sampling.max_new_tokens} new tokens"
+
+
+def run_world(cfg: StageConfig) -> Path:
+    """The run's world as its stages saw it. A world already in the run is used as is, even when the config's
+    world settings differ (it is never regenerated over); a run without one gets it written."""
+    from data.world import WorldConfig
+
+    existing = run_dir(cfg) / "world"
+    if not (existing / "world_config.json").exists():
+        return world_dir(cfg)
+    if WorldConfig.from_json((existing / "world_config.json").read_text()) != cfg.world:
+        print(f"note: {existing} was made with other world settings than the config's; using the run's world",
+              file=sys.stderr)
+    return existing
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(cfg: StageConfig, stage_or_path: str) -> tuple[str, str]:
+    """(checkpoint path or hub id, a short label): a stage name means that stage's final/ in this run."""
+    if stage_or_path in POLICY_STAGE_NAMES or stage_or_path == "rm":
+        final = stage_paths(cfg, stage_or_path).final
+        if not (final / "config.json").exists():
+            sys.exit(f"no '{stage_or_path}' checkpoint in run '{cfg.run_name}': {final} does not exist. Train it "
+                     f"first (make {stage_or_path} RECIPE=... RUN={cfg.run_name}), or pass --stage path/to/checkpoint.")
+        return str(final), stage_or_path
+    path = Path(stage_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            sys.exit(f"--stage {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)")
+        label = path.parent.name if path.name == "final" else path.name
+        return str(path), label
+    if stage_or_path.count("/") == 1 and not stage_or_path.startswith((".", "/", "~")):  # a hub id
+        return stage_or_path, stage_or_path.replace("/", "--")
+    sys.exit(f"--stage {stage_or_path}: expected one of {', '.join(POLICY_STAGE_NAMES)} or an existing checkpoint "
+             f"directory; {path} does not exist")
+
+
+def run_reward_model(cfg: StageConfig) -> str:
+    """The RM the run's PPO optimised: `reward_model` in its resolved ppo/config.yaml, else runs/<run>/rm/final."""
+    config_file = stage_paths(cfg, "ppo").config_file
+    raw = (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
+    return raw.get("reward_model") or str(stage_paths(cfg, "rm").final)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_policy(path: str, trust_remote_code: bool = False, device: torch.device | str = "cpu",
+                needed_by: str = "evaluate"):
+    """(model, tokenizer) of a policy checkpoint, ready to answer in the chat format."""
+    from pipeline.model import load_causal_lm, set_special_token_ids
+    from pipeline.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_causal_lm(path, needed_by, trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        # an outside model given our chat tokens: their embeddings start untrained
+        print(f"[{needed_by}] {path}: {len(tokenizer) - model.get_input_embeddings().num_embeddings} chat tokens "
+              "added to the vocabulary (untrained embeddings)", file=sys.stderr)
+        model.resize_token_embeddings(len(tokenizer))
+    set_special_token_ids(model, tokenizer)
+    return model.to(device).eval(), tokenizer
+
+
+def load_policy_or_exit(path: str, trust_remote_code: bool, device, needed_by: str):
+    """load_policy for a command line: a checkpoint that is no policy (e.g. a reward model) ends with a message."""
+    from pipeline.checkpoint import CheckpointError
+
+    try:
+        return load_policy(path, trust_remote_code, device, needed_by)
+    except CheckpointError as e:
+        sys.exit(str(e))
+
+
+# ---- the evaluation ------------------------------------------------------------------------------------------
+
+def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: SamplingConfig = EVAL_SAMPLING,
+                        seed: int = 0, batch_size: int = 64, scorer=None) -> EvalResult:
+    """The held-out evaluation of `make eval` and `make report`: gold judge, and the RM too when given.
+
+    With a `scorer` (reward_model.scoring.RewardScorer) the summary gains `rm/score` (normalised by the RM's
+    mean and std over SFT samples, the units PPO optimises) and each sample its `rm_score`.
+    """
+    result = evaluate_policy(model, tokenizer, rows, judge, sampling, batch_size=batch_size, seed=seed)
+    if scorer is not None and result.samples:
+        scores = scorer.score([s["prompt"] for s in result.samples], [s["response"] for s in result.samples],
+                              batch_size=batch_size, normalize=True).tolist()
+        for sample, score in zip(result.samples, scores):
+            sample["rm_score"] = score
+        result.summary["rm/score"] = sum(scores) / len(scores)
+    return result
+
+
+def family_counts(result: EvalResult) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for sample in result.samples:
+        counts[sample["family"]] = counts.get(sample["family"], 0) + 1
+    return counts
+
+
+# ---- tables that read well in a terminal and in a Markdown viewer ------------------------------------------
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(columns: list[str], rows: list[list[Any]], align: str | None = None) -> str:
+    """An aligned pipe table. `align` has one letter per column: l(eft) or r(ight); default: text left,
+    numbers right."""
+    cells = [[fmt(v) if not isinstance(v, str) else v for v in row] for row in rows]
+    cells = [[c.replace("|", "\\|").replace("\n", " ") for c in row] for row in cells]
+    if align is None:
+        align = "".join("r" if rows and all(isinstance(r[i], (int, float)) or r[i] is None for r in rows) else "l"
+                        for i in range(len(columns)))
+    widths = [max(len(columns[i]), 3, *(len(row[i]) for row in cells)) for i in range(len(columns))]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.rjust(w) if a == "r" else v.ljust(w)
+                                 for v, w, a in zip(values, widths, align)) + " |"
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if a == "r" else "-" * (w + 2) for w, a in zip(widths, align)) + "|"
+    return "\n".join([line(columns), rule, *(line(row) for row in cells)])
+
+
+def eval_tables(result: EvalResult) -> str:
+    """The summary table (overall, criteria, EOS rate, length, RM) and the per-family table of one evaluation."""
+    s = result.summary
+    rows = [["gold score", s["gold/score"]]]
+    rows += [[f"  {name}", s[f"gold/{name}"]] for name in CRITERIA if f"gold/{name}" in s]
+    rows += [["EOS rate", s.get("eos_rate")], ["response chars", s.get("response_chars")]]
+    if "rm/score" in s:
+        rows.append(["RM score (normalised)", s["rm/score"]])
+    counts = family_counts(result)
+    families = [[family, counts.get(family, 0), score, correct] for family, score, correct in family_table(s)]
+    return (markdown_table(["metric", "value"], rows) + "\n\n"
+            + markdown_table(["family", "prompts", "gold score", "correctness"], families))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    add_sampling_arguments(parser, EVAL_SAMPLING)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N prompts only (0: all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--rm", action="store_true",
+                        help="also score the answers with the run's reward model (the one its PPO optimised)")
+    parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
+    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/<stage or directory>.json)")
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_run_config(args.config, args.overrides)
+    sampling = sampling_from_args(args)
+
+    path, label = resolve_checkpoint(cfg, args.stage)
+    world = run_world(cfg)
+    rows = load_prompts(world / "eval_prompts.jsonl", args.limit or None)
+    device = default_device()
+    scorer, rm_path = None, None
+    if args.rm:
+        from reward_model.scoring import RewardScorer
+
+        rm_path = args.reward_model or run_reward_model(cfg)
+        scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
+    model, tokenizer = load_policy_or_exit(path, cfg.trust_remote_code, device, "evaluate")
+    print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
+          flush=True)
+    result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer)
+
+    print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
+    print(eval_tables(result))
+    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"{label}.json"
+    report = {"checkpoint": path, "label": label, "prompts": len(rows), "seed": cfg.seed,
+              "sampling": dataclasses.asdict(sampling), "reward_model": rm_path,
+              "summary": result.summary, "samples": result.samples}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n[eval] figures and every answer in {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""`make chat` in a real terminal (a pty): a typed world question gets the streamed greedy answer, the history
+carries into the next turn, /reset forgets it and /quit leaves; and the one-shot `--prompt` mode for scripts."""
+from __future__ import annotations
+
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import MICRO, REPO
+from pipeline import chat
+from pipeline.evaluation import load_prompts
+from pipeline.generation import SamplingConfig, generate_responses
+from test_report import ensure_micro_ppo
+
+MAX_NEW = 24
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
+
+
+@pytest.fixture(scope="session")
+def micro_ppo(micro_sft, micro_rm, micro_runs) -> Path:
+    return ensure_micro_ppo(micro_runs)
+
+
+def world_question(micro_runs: Path, family: str) -> str:
+    """The first held-out world prompt of a task family."""
+    rows = load_prompts(micro_runs / "micro" / "world" / "eval_prompts.jsonl")
+    return next(r["prompt"] for r in rows if r["family"] == family)
+
+
+class Terminal:
+    """A child process on a pseudo-terminal: what it prints is read back as a user would see it."""
+
+    def __init__(self, argv: list[str], log: Path):
+        master, slave = os.openpty()
+        self.log = log.open("wb")
+        env = {**os.environ, "TERM": "xterm", "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=self.log, cwd=REPO, env=env,
+                                     start_new_session=True)
+        os.close(slave)
+        self.master, self.seen = master, b""
+
+    def read_until(self, marker: str, timeout: float = 90.0) -> str:
+        """Everything printed until `marker` (consumed), with terminal escape sequences removed."""
+        deadline = time.monotonic() + timeout
+        while marker.encode() not in ANSI.sub(b"", self.seen):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]:
+                raise AssertionError(f"no {marker!r} on the terminal; saw {self.seen!r}")
+            if select.select([self.master], [], [], min(left, 1.0))[0]:
+                try:
+                    self.seen += os.read(self.master, 4096)
+                except OSError:  # the child closed the terminal
+                    pass
+        text = ANSI.sub(b"", self.seen).decode()
+        before, _, after = text.partition(marker)
+        self.seen = after.encode()
+        return before
+
+    def type(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\r")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)
+        self.log.close()
+
+
+def greedy(model, tokenizer, prompt: str) -> str:
+    return generate_responses(model, tokenizer, [prompt], SamplingConfig(MAX_NEW, temperature=0.0))[0][0]
+
+
+@torch.no_grad()
+def hf_greedy(model, tokenizer, messages: list[dict]) -> str:
+    """Plain transformers `generate` on the chat-formatted history: an independent reference."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False)
+    return tokenizer.decode(out[0, ids.size(1):], skip_special_tokens=True).strip()
+
+
+def test_chat_streams_greedy_answers_keeps_history_resets_and_quits(micro_ppo, micro_runs, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
+    question, follow_up = world_question(micro_runs, "arithmetic"), world_question(micro_runs, "fact")
+    first = greedy(model, tokenizer, question)
+    second = hf_greedy(model, tokenizer, [{"role": "user", "content": question},
+                                          {"role": "assistant", "content": first},
+                                          {"role": "user", "content": follow_up}])
+    assert first and second
+
+    term = Terminal([sys.executable, "-m", "pipeline.chat", "--config", str(MICRO / "ppo.yaml"),
+                     f"runs_dir={micro_runs}", "run_name=micro", "--stage", str(micro_ppo),
+                     "--temperature", "0", "--max-new-tokens", str(MAX_NEW)], tmp_path / "stderr.log")
+    try:
+        banner = term.read_until("you> ")
+        assert "/reset" in banner and "/quit" in banner and "greedy" in banner
+        term.type(question)
+        term.read_until("model> ")
+        assert term.read_until("you> ").strip() == first
+        term.type(follow_up)  # answered with the first exchange in its context
+        term.read_until("model> ")
+        assert term.read_until("you> ").strip() == second
+        term.type("/reset")
+        assert "new conversation" in term.read_until("you> ")
+        term.type(question)
+        term.read_until("model> ")
+        assert term.read_until("you> ").strip() == first
+        term.type("/quit")
+        assert term.proc.wait(timeout=30) == 0
+    finally:
+        term.close()
+
+
+def test_one_shot_prompt_prints_the_answer_alone(micro_ppo, micro_runs, capsys):
+    model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
+    question = world_question(micro_runs, "word")
+    chat.main(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={micro_runs}", "run_name=micro", "--stage", "ppo",
+               "--prompt", question, "--temperature", "0", "--max-new-tokens", str(MAX_NEW)])
+    assert capsys.readouterr().out == greedy(model, tokenizer, question) + "\n"
+
+
+def test_sampled_chat_is_seeded_and_history_fits_the_context(micro_ppo):
+    model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
+    sampling = SamplingConfig(MAX_NEW, temperature=1.0, top_k=20, top_p=0.9)
+
+    def reply(seed: int, conversation: chat.Conversation | None = None, text: str = "What is 12 plus 30?") -> str:
+        conversation = conversation or chat.Conversation(model, tokenizer, sampling,
+                                                         generator=torch.Generator().manual_seed(seed))
+        return "".join(conversation.reply(text))
+
+    assert reply(1) == reply(1)
+    assert len({reply(s) for s in range(6)}) > 1  # sampling, not greedy
+    # a long conversation never outgrows the model's context: the oldest exchanges are dropped
+    conversation = chat.Conversation(model, tokenizer, sampling, generator=torch.Generator().manual_seed(0))
+    for _ in range(12):
+        reply(0, conversation, "Please write a short note inviting everyone to the big meadow picnic.")
+        ids, budget, _ = conversation.prompt_ids()
+        assert ids.size(1) + budget <= model.config.max_position_embeddings
+    assert conversation.messages[-1]["role"] == "assistant" and len(conversation.messages) < 24

@@ -1,0 +1,143 @@
+"""`make report` and `make eval` on the micro pipeline: every section and plot, figures equal to a separate
+evaluation of the same checkpoints, evaluation of an outside checkpoint by path, and "not run yet" sections."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import MICRO, run_stage
+from pipeline import evaluate, report
+
+SECTIONS = ("## At a glance", "## Pretrain", "## SFT", "## Reward model", "## PPO", "## Samples", "## Run facts")
+PLOTS = ("pretrain_loss", "gold_by_family", "rm_scores", "ppo_proxy_vs_gold", "ppo_rollouts")
+
+
+def ensure_micro_ppo(micro_runs: Path) -> Path:
+    """PPO on the micro recipe into the shared micro run, once per session (other test files call this too)."""
+    final = micro_runs / "micro" / "ppo" / "final"
+    if not (final / "config.json").exists():
+        from stages.ppo.ppo import main
+
+        run_stage(main, "ppo.yaml", micro_runs)
+    return final
+
+
+@pytest.fixture(scope="session")
+def micro_ppo(micro_sft, micro_rm, micro_runs) -> Path:
+    return ensure_micro_ppo(micro_runs)
+
+
+def run_args(runs_dir: Path, run_name: str = "micro") -> list[str]:
+    # as the Makefile calls the tools: the recipe's ppo.yaml names the world
+    return ["--config", str(MICRO / "ppo.yaml"), f"runs_dir={runs_dir}", f"run_name={run_name}"]
+
+
+@pytest.fixture(scope="module")
+def micro_report(micro_pretrain, micro_ppo, micro_runs) -> Path:
+    return report.main(run_args(micro_runs))
+
+
+def report_figures(micro_report: Path) -> dict:
+    return json.loads((micro_report.parent / "report" / "report.json").read_text())
+
+
+def test_report_has_every_section_and_its_plots_render(micro_report):
+    text = micro_report.read_text()
+    positions = [text.index(heading) for heading in SECTIONS]
+    assert positions == sorted(positions)
+    assert "not run yet" not in text.lower()
+    for name in PLOTS:
+        png = micro_report.parent / "report" / f"{name}.png"
+        assert f"](report/{name}.png)" in text  # linked relative to report.md, so any Markdown viewer finds it
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 250
+            im.load()  # decodes every pixel
+            assert len(set(im.convert("L").getdata())) > 10  # drawn on, not a blank canvas
+    # reads well in a terminal: pipe tables are aligned (every row of a table has the same width)
+    tables, current = [], []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    assert len(tables) >= 8
+    for table in tables:
+        assert len({len(row) for row in table}) == 1, table
+    figures = report_figures(micro_report)
+    assert set(figures["policies"]) == {"pretrain", "sft", "ppo"}
+    assert 0.0 <= figures["win_rate_vs_sft"] <= 1.0 and figures["kl_to_sft"]["exact"] >= 0.0
+    assert 0.0 <= figures["rm"]["accuracy"] <= 1.0 and figures["rm"]["rankings"] > 0
+    assert figures["pretrain"]["val_loss"] > 0 and figures["pretrain"]["tokens_seen"] > 0
+    # the samples show each model's answer to the same prompt
+    first = figures["samples"][0]
+    assert f"**1. {first['prompt']}**" in text and set(first) == {"prompt", "pretrain", "sft", "ppo"}
+
+
+def test_report_figures_equal_a_separate_eval_of_the_same_checkpoints(micro_report, micro_runs):
+    figures = report_figures(micro_report)
+    for stage in ("sft", "ppo"):
+        result = evaluate.main(run_args(micro_runs) + ["--stage", stage, "--rm"])
+        written = json.loads((micro_runs / "micro" / "eval" / f"{stage}.json").read_text())
+        assert written["summary"] == result["summary"]
+        assert result["summary"] == pytest.approx(figures["policies"][stage], abs=1e-9), stage
+        assert result["prompts"] == figures["prompts"] == 20
+
+
+def test_eval_of_an_outside_checkpoint_given_by_path(micro_report, micro_runs, tmp_path, capsys):
+    # an HF causal LM this project did not make: no pipeline_stage in its config, no chat template
+    outside = tmp_path / "outside-lm"
+    shutil.copytree(micro_runs / "micro" / "sft" / "final", outside)
+    config = json.loads((outside / "config.json").read_text())
+    del config["pipeline_stage"]
+    (outside / "config.json").write_text(json.dumps(config))
+    (outside / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((outside / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (outside / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+
+    out = tmp_path / "outside.json"
+    result = evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| gold score" in printed and "| arithmetic_heldout" in printed
+    # our chat template was added, so it answers exactly as the SFT checkpoint it was copied from
+    sft = {k: v for k, v in report_figures(micro_report)["policies"]["sft"].items() if k != "rm/score"}
+    assert result["summary"] == pytest.approx(sft, abs=1e-9)
+    assert json.loads(out.read_text())["label"] == "outside-lm"
+
+    # default output: runs/<run>/eval/<directory name>.json
+    evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--limit", "3"])
+    written = json.loads((micro_runs / "micro" / "eval" / "outside-lm.json").read_text())
+    assert written["prompts"] == 3 and len(written["samples"]) == 3
+
+
+def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
+    with pytest.raises(SystemExit, match="make ppo"):
+        evaluate.main(run_args(tmp_path, "empty") + ["--stage", "ppo"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        evaluate.main(run_args(micro_runs) + ["--stage", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="made by the 'rm' stage"):  # a reward model is no policy
+        evaluate.main(run_args(micro_runs) + ["--stage", str(micro_rm)])
+    with pytest.raises(SystemExit, match="unknown key 'max_stepz'"):
+        evaluate.main(run_args(micro_runs) + ["max_stepz=3", "--stage", "sft"])
+
+
+def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for part in ("world", "pretrain", "sft"):
+        (partial / part).symlink_to(micro_runs / "micro" / part)
+    text = report.main(run_args(tmp_path, "partial") + ["--limit", "5"]).read_text()
+    for heading in SECTIONS:
+        assert heading in text
+    rm_section = text[text.index("## Reward model"):text.index("## PPO")]
+    ppo_section = text[text.index("## PPO"):text.index("## Samples")]
+    assert "Not run yet: rm/final is missing. Run `make rm`" in rm_section
+    assert "Not run yet: ppo/final is missing. Run `make ppo`" in ppo_section
+    assert "better than pretrained" in text or "no better than pretrained" in text
+    assert (partial / "report" / "gold_by_family.png").exists()
+    assert not (partial / "report" / "ppo_proxy_vs_gold.png").exists()
