@@ -1,0 +1,1 @@
+"""Supervised fine-tuning stage: `python -m stages.sft --config configs/<recipe>/sft.yaml`."""

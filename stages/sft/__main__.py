@@ -1,0 +1,3 @@
+from stages.sft.sft import main
+
+main()

@@ -1,0 +1,290 @@
+"""Supervised fine-tuning: the pretrained model learns to answer in the chat format (InstructGPT step 1).
+
+    python -m stages.sft --config configs/tiny/sft.yaml [key=value ...]
+    accelerate launch -m stages.sft --config configs/gpu/sft.yaml
+
+Reads top to bottom: config, the starting checkpoint (checked before anything loads), data, tokenizer and
+model, TRL's `SFTTrainer` (what it does each step is set in `training_arguments`), the pretrained model's
+gold-judge baseline, training with a gold-judge evaluation at every eval, then the hand-off to `final/`.
+
+The loss falls on assistant tokens only: the chat template marks each assistant reply, end-of-turn token
+included, with `{% generation %}`, and TRL turns every other token's label into -100. So the model learns to
+answer and to stop, never to imitate the user.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+from peft import LoraConfig
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback, set_seed
+from trl import SFTConfig, SFTTrainer
+
+from data.loading import DatasetSpec, load_dataset_for
+from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
+from pipeline.checkpoint import save_final
+from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
+from pipeline.generation import SamplingConfig
+from pipeline.model import POLICY_STAGES, load_causal_lm, set_special_token_ids
+from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir
+from pipeline.runs import write_resolved_config
+from pipeline.tokenizer import load_tokenizer
+from pipeline.tracking import Tracker, TrackerCallback
+
+
+@dataclass
+class LoraSpec:
+    """Low-rank adapters (PEFT LoRA) instead of training every weight."""
+
+    enabled: bool = False
+    """On: train adapters only; final/ holds the merged plain checkpoint and adapter/ the adapter alone."""
+    rank: int = 16
+    """Adapter rank r: each adapted matrix gets r * (d_in + d_out) trainable parameters."""
+    alpha: int = 32
+    """The update is scaled by alpha / rank; alpha = 2 * rank is the usual choice."""
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
+    ["all-linear"]: every linear layer except the LM head."""
+
+
+@dataclass
+class SFTStageConfig(StageConfig):
+    data: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:sft_train"))
+    """Chat demonstrations (schema `sft`: `messages`, or `prompt` + `completion`): the world's noisy demos by
+    default, or local files, or a hub dataset."""
+    eval_data: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:sft_eval"))
+    """Held-out demonstrations for the eval loss (the world's are always clean)."""
+    max_length: int = 256
+    """Tokens per example; longer conversations are cut at the end. The block length when packing."""
+    packing: bool = False
+    """Pack whole examples into max_length blocks (best-fit decreasing; attention stays within an example):
+    no pad tokens, so faster on GPUs. Off is simpler to inspect and as fast for short examples on CPU."""
+    batch_size: int = 32
+    """Examples (or packed blocks) per process per micro-step; also the eval batch size."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step (effective batch = batch_size * grad_accum * processes)."""
+    num_epochs: float = 1.0
+    """Passes over the data, unless max_steps is set."""
+    max_steps: int = -1
+    """Optimizer steps; -1: num_epochs decides."""
+    learning_rate: float = 1e-3
+    """Peak learning rate, then cosine decay to 0. Tiny models from scratch want ~1e-3; a 100M+ model ~5e-5;
+    LoRA ~10x the full-fine-tuning rate."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps (below 1) spent warming the learning rate up linearly."""
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """auto: bf16 mixed precision on GPUs that support it, else fp32 (CPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower. For big models or max_length."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    eval_every: int = 100
+    """Steps between evaluations: the eval loss and the gold-judge evaluation. The last step is always one."""
+    log_every: int = 10
+    checkpoint_every: int = 200
+    """Steps between resumable checkpoints (weights, optimizer, scheduler, RNG) in checkpoints/."""
+    keep_checkpoints: int = 2
+    gold_eval_prompts: int = 100
+    """Held-out world prompts (the first N of eval_prompts.jsonl) answered and scored by the gold judge at
+    every evaluation, and by the pretrained model once as the baseline. 0: off."""
+    gold_sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=0.0))
+    """How evaluation answers are sampled. Greedy by default: the policy's best guess, repeatable."""
+    gold_batch_size: int = 64
+
+
+def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
+    """Our config as TRL's: assistant-only loss, checkpoints under runs/<run>/sft/, our tracking only."""
+    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    precision = ("bf16" if bf16_gpu else "fp32") if cfg.precision == "auto" else cfg.precision
+    return SFTConfig(
+        output_dir=str(checkpoints_dir), seed=cfg.seed, assistant_only_loss=True,
+        max_length=cfg.max_length, packing=cfg.packing,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
+        bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.activation_checkpointing,
+        eval_strategy="steps", eval_steps=cfg.eval_every, logging_steps=cfg.log_every, logging_first_step=True,
+        save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
+        # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
+        report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
+        dataloader_pin_memory=torch.cuda.is_available())
+
+
+def latest_complete_checkpoint(checkpoints_dir: Path) -> str | None:
+    """The newest Trainer checkpoint with its trainer_state.json, which is written last: a run killed while
+    saving leaves an incomplete newest checkpoint, and resuming skips it."""
+    complete = [p for p in checkpoints_dir.glob("checkpoint-*")
+                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def lora_config(spec: LoraSpec) -> LoraConfig | None:
+    if not spec.enabled:
+        return None
+    targets = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
+    return LoraConfig(task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                      target_modules=targets)
+
+
+class GoldEval(TrainerCallback):
+    """At each evaluation the policy answers held-out world prompts and the gold judge scores the answers.
+
+    Runs on the main process only (the other ranks wait at their next collective). Logs `<prefix>/score`,
+    per criterion (`<prefix>/correctness`, ...) and per family (`<prefix>/<family>/score|correctness`), and a
+    table of prompt / response / score. The prefix is `gold` during training and `baseline` for the
+    pretrained model.
+    """
+
+    def __init__(self, cfg: SFTStageConfig, rows: list[dict], world: Path | None, tokenizer, tracker: Tracker):
+        self.cfg, self.rows, self.tokenizer, self.tracker = cfg, rows, tokenizer, tracker
+        self.judge = load_judge(world) if rows else None
+        self.result: EvalResult | None = None
+        self.last_eval_step, self.eval_loss = -1, float("nan")
+
+    def run(self, model, step: int, prefix: str) -> EvalResult:
+        result = evaluate_policy(model, self.tokenizer, self.rows, self.judge, self.cfg.gold_sampling,
+                                 self.cfg.gold_batch_size, seed=self.cfg.seed)
+        self.tracker.log(renamed(result.summary, prefix), step=step, console=False)
+        self.tracker.table(f"{prefix}/samples", ["prompt", "family", "response", "gold_score"],
+                           [[s["prompt"], s["family"], s["response"], s["gold_score"]] for s in result.samples],
+                           step=step)
+        s = result.summary
+        tqdm.write(f"[sft] step {step} | {prefix} score {s['gold/score']:.3f} | correctness "
+                   f"{s['gold/correctness']:.3f} | eos_rate {s['eos_rate']:.2f} on {len(self.rows)} held-out prompts"
+                   f" | e.g. {result.samples[0]['prompt']!r} -> {result.samples[0]['response']!r}")
+        return result
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        self.last_eval_step, self.eval_loss = state.global_step, (metrics or {}).get("eval_loss", float("nan"))
+        if state.is_world_process_zero and self.rows:
+            self.result = self.run(model, state.global_step, "gold")
+
+
+def renamed(summary: dict[str, float], prefix: str) -> dict[str, float]:
+    """evaluate_policy's keys under `prefix/`: gold/score -> baseline/score, eos_rate -> baseline/eos_rate."""
+    return {f"{prefix}/{key.removeprefix('gold/')}": value for key, value in summary.items()}
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar with the latest loss as postfix; the Tracker prints the log lines themselves."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+
+def comparison(sft: dict[str, float], pretrained: dict[str, float]) -> list[dict]:
+    """Per family and overall: SFT's gold score and correctness next to the pretrained model's."""
+    rows = [{"family": family, "sft_score": score, "pretrained_score": pretrained[f"gold/{family}/score"],
+             "sft_correctness": correct, "pretrained_correctness": pretrained[f"gold/{family}/correctness"]}
+            for family, score, correct in family_table(sft)]
+    rows.append({"family": "overall", "sft_score": sft["gold/score"], "pretrained_score": pretrained["gold/score"],
+                 "sft_correctness": sft["gold/correctness"],
+                 "pretrained_correctness": pretrained["gold/correctness"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: SFTStageConfig = parse_stage_args(SFTStageConfig, argv, __doc__)
+    paths = stage_paths(cfg, "sft")
+    state = PartialState()
+    set_seed(cfg.seed)
+
+    # ---- the starting checkpoint: upstream pretrain/final/ or any HF causal LM; a reward model is refused
+    init = init_checkpoint(cfg, "sft")
+    if not cfg.init_from or Path(init).exists():
+        require_checkpoint(init, POLICY_STAGES, "sft")
+
+    # ---- data: validated before any model loads, so bad input fails fast
+    uses_world = cfg.gold_eval_prompts > 0 or any(s.path.startswith("world:") for s in (cfg.data, cfg.eval_data))
+    with state.main_process_first():
+        world = world_dir(cfg) if uses_world else None
+    train_data = load_dataset_for(cfg.data, "sft", world_dir=world)
+    eval_data = load_dataset_for(cfg.eval_data, "sft", world_dir=world)
+    gold_rows = load_prompts(world / "eval_prompts.jsonl", cfg.gold_eval_prompts) if cfg.gold_eval_prompts else []
+
+    # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
+    tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    model = load_causal_lm(init, "sft", cfg.trust_remote_code)
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # an outside model given our chat tokens
+        model.resize_token_embeddings(len(tokenizer))
+    set_special_token_ids(model, tokenizer)
+
+    upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
+    tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream)
+    if state.is_main_process:
+        write_resolved_config(cfg, paths)
+    gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
+
+    # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
+    trainer = SFTTrainer(model=model, args=training_arguments(cfg, paths.checkpoints), train_dataset=train_data,
+                         eval_dataset=eval_data, processing_class=tokenizer, peft_config=lora_config(cfg.lora),
+                         callbacks=[gold, TrackerCallback(tracker)])  # gold first: its time is not training time
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBar())
+    checkpoint = latest_complete_checkpoint(paths.checkpoints) if cfg.resume else None
+
+    if state.is_main_process:
+        n_params = sum(p.numel() for p in trainer.model.parameters())
+        n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        sizes = [f"{len(d):,}" if isinstance(d, Dataset) else "streamed" for d in (train_data, eval_data)]
+        tracker.summary({"model/parameters": n_params, "model/trainable_parameters": n_trainable})
+        print(f"[sft] {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable) from {init}; "
+              f"{sizes[0]} demonstrations, {sizes[1]} held out"
+              + (f"; resuming from {checkpoint}" if checkpoint else ""))
+        if cfg.resume and checkpoint is None:
+            print(f"[sft] resume=true but no checkpoint in {paths.checkpoints}: starting from {init}")
+
+    # ---- the baseline: the pretrained model, prompted exactly as the SFT model will be
+    baseline = gold.run(trainer.model, 0, "baseline") if state.is_main_process and gold_rows else None
+
+    # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_seconds = time.perf_counter() - started
+    if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
+        trainer.evaluate()
+
+    # ---- the hand-off: a plain HF checkpoint (LoRA merged in) with the chat template, and the figures
+    state.wait_for_everyone()
+    if state.is_main_process:
+        model = trainer.model
+        if cfg.lora.enabled:
+            with atomic_dir(paths.root / "adapter") as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            model = model.merge_and_unload()
+        save_final(model, tokenizer, paths.final, "sft")
+        report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
+        tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
+        if gold.result is not None:
+            rows = comparison(gold.result.summary, baseline.summary)
+            report.update(prompts=len(gold_rows), families=rows, sft=gold.result.summary,
+                          pretrained=baseline.summary, samples=gold.result.samples)
+            tracker.summary({f"sft_vs_pretrained/{r['family']}/{k}": v for r in rows for k, v in r.items()
+                             if k != "family"})
+            print(f"[sft] gold judge on {len(gold_rows)} held-out world prompts, pretrained -> SFT:")
+            print(f"  {'family':<20} {'gold score':>18} {'correctness':>18}")
+            for r in rows:
+                print(f"  {r['family']:<20} {r['pretrained_score']:>8.3f} -> {r['sft_score']:<6.3f}"
+                      f" {r['pretrained_correctness']:>8.3f} -> {r['sft_correctness']:<6.3f}")
+        (paths.root / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"[sft] eval loss {gold.eval_loss:.4f} after {trainer.state.global_step} steps "
+              f"({train_seconds:.0f}s); checkpoint in {paths.final}")
+        tracker.finish(paths.final)
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The SFT stage on the micro recipe: label masking, LoRA merge, resume after a kill, clear errors, and a
+final/ checkpoint that chats in plain transformers."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import MICRO, REPO
+from data.loading import DataError, DatasetSpec, load_dataset_for
+from pipeline.checkpoint import CheckpointError
+from pipeline.config import load_config
+from stages.sft.sft import SFTStageConfig, main, training_arguments
+
+QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
+
+
+def sft_args(runs_dir: Path, run_name: str, *overrides: str) -> list[str]:
+    return ["--config", str(MICRO / "sft.yaml"), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides]
+
+
+def test_labels_mask_every_non_assistant_token(micro_pretrain, tmp_path):
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain)
+    world = micro_pretrain.parent.parent / "world"
+    demo = load_dataset_for(DatasetSpec(path="world:sft_train", max_rows=1), "sft", world_dir=world)[0]["messages"]
+    multi_turn = [{"role": "system", "content": "Answer briefly."},
+                  {"role": "user", "content": "What is 12 plus 30?"},
+                  {"role": "assistant", "content": "12 plus 30 is 42."},
+                  {"role": "user", "content": "Reverse the word cat."},
+                  {"role": "assistant", "content": "The word cat reversed is tac."}]
+    conversations = [demo, multi_turn]
+    cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}"])
+    data = Dataset.from_list([{"messages": m} for m in conversations])
+    trainer = SFTTrainer(model=model, args=training_arguments(cfg, tmp_path / "checkpoints"), train_dataset=data,
+                         eval_dataset=data, processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
+
+    for row, messages in enumerate(conversations):
+        expected = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = expected["input_ids"], expected["assistant_masks"]
+        n = len(ids)
+        assert batch["input_ids"][row, :n].tolist() == ids
+        labels = batch["labels"][row]
+        assert labels[:n].tolist() == [t if m else -100 for t, m in zip(ids, mask)]
+        assert (labels[n:] == -100).all()  # padding
+        # independently of the template's mask: the trained tokens spell exactly the assistant replies, each
+        # ending with the end-of-turn token, and nothing else (no BOS, role token, system or user text)
+        trained = batch["input_ids"][row][labels != -100]
+        replies = [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
+        assert tokenizer.decode(trained) == "".join(replies)
+        assert tokenizer.convert_tokens_to_ids("<|assistant|>") not in trained.tolist()
+
+
+def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
+    tokenizer = AutoTokenizer.from_pretrained(micro_sft)
+    model = AutoModelForCausalLM.from_pretrained(micro_sft)
+    world = micro_sft.parent.parent / "world"
+    prompts = [json.loads(line)["prompt"] for line in (world / "eval_prompts.jsonl").read_text().splitlines()[:3]]
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="pt", return_dict=True)
+        assert inputs["input_ids"][0, -1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+        answer = out[0, inputs["input_ids"].shape[1]:]
+        assert answer[-1] == tokenizer.eos_token_id, tokenizer.decode(answer)  # stopped at end of turn
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip()  # and said something first
+    report = json.loads((micro_sft.parent / "eval.json").read_text())
+    assert {"arithmetic", "fact", "word", "polite", "overall"} <= {r["family"] for r in report["families"]}
+
+
+def test_lora_gives_merged_plain_checkpoint_and_adapter(micro_pretrain, tmp_path):
+    from peft import PeftModel
+
+    main(sft_args(tmp_path, "lora", f"init_from={micro_pretrain}", "lora.enabled=true", "lora.rank=4",
+                  "max_steps=8", *QUICK))
+    stage = tmp_path / "lora" / "sft"
+    assert (stage / "adapter" / "adapter_config.json").exists()
+    assert (stage / "adapter" / "adapter_model.safetensors").exists()
+    merged = AutoModelForCausalLM.from_pretrained(stage / "final")  # plain: no peft involved
+    assert not any("lora" in name for name in merged.state_dict())
+    base = AutoModelForCausalLM.from_pretrained(micro_pretrain)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 33]])
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, stage / "adapter")(ids).logits
+        merged_logits = merged(ids).logits
+    assert not torch.allclose(merged_logits, base_logits, atol=1e-4)  # training changed the model
+    torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)  # merged == base + adapter
+
+
+def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
+    stage = tmp_path / "resume" / "sft"
+    command = [sys.executable, "-m", "stages.sft",
+               *sft_args(tmp_path, "resume", f"init_from={micro_pretrain}", "gold_eval_prompts=0",
+                         "eval_every=1000", "log_every=1", "checkpoint_every=3")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.Popen([*command, "max_steps=500"], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(stage.glob("checkpoints/checkpoint-*/trainer_state.json")):
+            assert first.poll() is None, f"the first run ended early:\n{first.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    states = [json.loads(p.read_text()) for p in stage.glob("checkpoints/checkpoint-*/trainer_state.json")]
+    resumed_from = max(s["global_step"] for s in states)
+    assert 0 < resumed_from < 500
+    logged_before = len(stage.joinpath("metrics.jsonl").read_text().splitlines())
+
+    second = subprocess.run([*command, "resume=true", f"max_steps={resumed_from + 3}"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resuming from {stage / 'checkpoints'}" in second.stdout
+    lines = [json.loads(line) for line in stage.joinpath("metrics.jsonl").read_text().splitlines()[logged_before:]]
+    train_steps = [r["step"] for r in lines if "train/loss" in r]
+    assert train_steps[0] == resumed_from + 1  # continued, did not start over at step 1
+    assert train_steps[-1] == resumed_from + 3
+    assert (stage / "final" / "config.json").exists()
+
+
+def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):
+    bad = tmp_path / "qa.jsonl"
+    bad.write_text("\n".join(json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(3)) + "\n")
+    with pytest.raises(DataError) as error:
+        main(sft_args(tmp_path, "bad", f"init_from={micro_pretrain}", f"data.path={bad}", *QUICK))
+    message = str(error.value)
+    assert str(bad) in message and "'messages'" in message and "row 1" in message
+    assert not (tmp_path / "bad" / "sft" / "checkpoints").exists()  # failed before any training
+
+
+def test_reward_model_checkpoint_is_refused(tmp_path):
+    fake_rm = tmp_path / "rm_final"
+    fake_rm.mkdir()
+    (fake_rm / "config.json").write_text(json.dumps({"model_type": "llama", "pipeline_stage": "rm"}))
+    with pytest.raises(CheckpointError, match="made by the 'rm' stage"):
+        main(sft_args(tmp_path, "refuse", f"init_from={fake_rm}", *QUICK))
