@@ -159,6 +159,17 @@ class TrackerCallback(TrainerCallback):
         self.tracker = tracker
         self.last_tokens, self.last_time = 0, time.perf_counter()
 
+    def _restart_clock(self, state) -> None:
+        self.last_tokens, self.last_time = getattr(state, "num_input_tokens_seen", 0) or 0, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # on resume the token count starts at the checkpoint's, not at 0
+        self._restart_clock(state)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        # tokens/s measures training: time spent evaluating does not count
+        self._restart_clock(state)
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         metrics = {}

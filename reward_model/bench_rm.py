@@ -1,0 +1,149 @@
+"""RM training throughput: InstructGPT's K-way ranking loss versus the same rankings expanded into pairs.
+
+    python -m reward_model.bench_rm [--quick]          (a row group of `make bench`)
+
+TRL, OpenRLHF and DeepSpeed-Chat expand a K-way ranking into C(K,2) independent (chosen, rejected) pairs and
+score each pair separately: K(K-1) forward passes per prompt, every response seen K-1 times per epoch
+(InstructGPT's "overfitting" baseline). The K-way loss scores each response once and compares all pairs of
+the group in the loss: K passes. Both arms run here, in one process, through the stage's own `collate` and
+`compute_loss` (a pair is a group of 2), from the same initial weights, with the same learning rate and the
+same number of conversations per step; the table reports one epoch's time for each, the speedup and the
+held-out accuracy of both (against the labels, and against gold where the data has gold scores).
+
+Data: the tiny run's collected preferences (runs/tiny/prefs) when they exist, else the tiny world's static
+ranked set (the ideal response and K-1 flawed ones per prompt). Backbone: the tiny SFT model when it exists,
+else a fresh model of the tiny architecture: the throughput comparison holds either way.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from data.loading import DatasetSpec, load_dataset_for
+from data.world import write_world
+from pipeline.config import load_config
+from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
+from pipeline.runs import stage_paths
+from pipeline.tokenizer import load_tokenizer, train_tokenizer
+from reward_model.collect import split_indices
+from reward_model.config import RewardModelConfig
+from reward_model.train import collate, compute_loss, epoch_batches, ranking_metrics, score_rankings
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny"
+
+
+def expand_to_pairs(rows: list[dict]) -> list[dict]:
+    """Each ranking as its C(K,2) independent (better, worse) pairs: the layout other frameworks train on."""
+    return [{"prompt": row["prompt"], "responses": [row["responses"][i], row["responses"][j]]}
+            for row in rows for i, j in itertools.combinations(range(len(row["responses"])), 2)]
+
+
+def tiny_data(cfg: RewardModelConfig, scratch: Path) -> tuple[list[dict], list[dict], str]:
+    """(train rankings, held-out rankings, description): the tiny run's collected ones, else the static set."""
+    prefs = stage_paths(cfg, "prefs").root
+    if (prefs / "train.jsonl").exists() and (prefs / "eval.jsonl").exists():
+        train, held_out = ([dict(r) for r in load_dataset_for(DatasetSpec(path=str(prefs / f"{s}.jsonl")),
+                                                               "preferences")] for s in ("train", "eval"))
+        return train, held_out, "collected tiny prefs"
+    world = write_world(scratch / "world", cfg.world)
+    rows = [dict(r) for r in load_dataset_for(DatasetSpec(path="world:prefs_static"), "preferences", world)]
+    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
+    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx], "tiny world's static ranked set"
+
+
+def tiny_backbone(cfg: RewardModelConfig, scratch: Path) -> tuple[str, str]:
+    """(checkpoint path, description): the tiny SFT final/, else a fresh tiny-architecture model."""
+    sft = stage_paths(cfg, "sft").final
+    if (sft / "config.json").exists():
+        return str(sft), "tiny SFT backbone"
+    texts = [json.loads(line)["text"] for line, _ in zip((scratch / "world" / "pretrain.jsonl").open(), range(3000))]
+    spec = load_config(ModelSpec, TINY / "model.yaml")
+    tokenizer = train_tokenizer(texts, spec.vocab_size)
+    build_causal_lm(spec, tokenizer).save_pretrained(scratch / "fresh")
+    tokenizer.save_pretrained(scratch / "fresh")
+    return str(scratch / "fresh"), "fresh tiny-architecture backbone (no tiny SFT yet)"
+
+
+class Arm:
+    """One side of the comparison: its own copy of the backbone, optimizer and epoch of batches, and its clock."""
+
+    def __init__(self, cfg: RewardModelConfig, backbone: str, groups: list[dict], groups_per_step: int):
+        torch.manual_seed(cfg.seed)  # the same scalar-head initialisation for both arms
+        self.cfg, self.groups, self.seconds = cfg, groups, 0.0
+        self.tokenizer = load_tokenizer(backbone)
+        self.model = load_scalar_model(backbone, "bench_rm", self.tokenizer).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+        self.batches = epoch_batches(groups, groups_per_step, len(groups) // groups_per_step, cfg.seed,
+                                     cfg.group_by_length)
+        self.conversations = sum(len(groups[i]["responses"]) for batch in self.batches for i in batch)
+        self.step(self.batches[0], update=False)  # untimed warm-up: one-off allocations, thread start-up
+
+    def step(self, indices: list[int], update: bool = True) -> None:
+        """One training step of the stage's loss, timed; with update=False only forward and backward."""
+        started = time.perf_counter()
+        batch = collate(self.tokenizer, [self.groups[i] for i in indices], self.cfg.max_length,
+                        chunk_size=self.cfg.forward_chunk)
+        loss, _ = compute_loss(self.model, batch, self.cfg.margin, self.cfg.center_coef)
+        loss.backward()
+        if update:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.seconds += time.perf_counter() - started
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def held_out_metrics(self, held_out: list[dict]) -> dict[str, float]:
+        self.model.eval()
+        scores = score_rankings(self.model, self.tokenizer, held_out, self.cfg.max_length, self.cfg.eval_batch_size)
+        return ranking_metrics(scores, held_out)
+
+
+def run_benchmark(quick: bool = False) -> list[dict]:
+    cfg = load_config(RewardModelConfig, TINY / "rm.yaml", [f"runs_dir={REPO / 'runs'}", "run_name=tiny"])
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        train, held_out, data_note = tiny_data(cfg, scratch)
+        # an epoch of the full tiny set takes minutes in the pairs arm; a fixed subset keeps `make bench` short
+        train, held_out = (train[:32], held_out[:16]) if quick else (train[:400], held_out[:120])
+        backbone, model_note = tiny_backbone(cfg, scratch)
+        K = max(len(r["responses"]) for r in train)
+        pairs = expand_to_pairs(train)
+        # the same number of conversations per step in both arms: B groups of K, or B*K/2 pairs
+        kway = Arm(cfg, backbone, train, cfg.batch_size)
+        pair = Arm(cfg, backbone, pairs, cfg.batch_size * K // 2)
+        # interleaved, so that a change in machine load hits both arms alike
+        done = 0
+        for i, indices in enumerate(kway.batches):
+            kway.step(indices)
+            while done < round((i + 1) * len(pair.batches) / len(kway.batches)):
+                pair.step(pair.batches[done])
+                done += 1
+        kway_metrics, pair_metrics = kway.held_out_metrics(held_out), pair.held_out_metrics(held_out)
+    name, note = f"rm (tiny, K={K})", f"{len(train)} rankings; {data_note}; {model_note}"
+    rows = [
+        {"benchmark": name, "metric": "epoch time, K-way loss", "value": kway.seconds, "unit": "s",
+         "note": f"{kway.conversations} conversations scored; {note}"},
+        {"benchmark": name, "metric": "epoch time, expanded pairs", "value": pair.seconds, "unit": "s",
+         "note": f"{len(pairs)} pairs = {pair.conversations} conversations scored (as TRL/OpenRLHF)"},
+        {"benchmark": name, "metric": "K-way speedup per epoch", "value": pair.seconds / kway.seconds, "unit": "x",
+         "note": f"target >= 2.5 at K=4 (ideal K-1 = {K - 1}); same batching, interleaved"},
+    ]
+    for arm, metrics in (("K-way", kway_metrics), ("pairs", pair_metrics)):
+        gold = f", gold agreement {metrics['gold_accuracy']:.3f} (ceiling {metrics['noise_ceiling']:.3f})" \
+            if "gold_accuracy" in metrics else ""
+        rows.append({"benchmark": name, "metric": f"held-out accuracy, {arm}", "value": metrics["accuracy"],
+                     "unit": "", "note": f"{int(metrics.get('decided_pairs', metrics['pairs']))} held-out pairs{gold}"})
+    return rows
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset: a smoke run, not a measurement")
+    for row in run_benchmark(parser.parse_args().quick):
+        print(json.dumps(row))

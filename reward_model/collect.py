@@ -1,0 +1,189 @@
+"""Preference collection: the SFT policy answers each prompt K times, the simulated annotator ranks the answers.
+
+    python -m reward_model.collect --config configs/tiny/rm.yaml [key=value ...]     (make prefs)
+
+InstructGPT's labelers ranked K samples of the policy per prompt; here the world's `Annotator` does (its
+noise set by `world.annotator_temperature`). Writes `runs/<run>/prefs/train.jsonl` and `eval.jsonl`
+(held-out prompts), one row per prompt: `prompt`, `responses` best first, their `gold_scores` (for analysis
+only: the RM never sees them), `family`. Exact duplicate and empty responses are dropped; a prompt left with
+fewer than 2 distinct responses has nothing to rank and is skipped (and counted). With `train_data` set the
+RM trains on that dataset and there is nothing to collect.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from data.loading import DatasetSpec, load_dataset_for
+from data.world import Annotator
+from pipeline.evaluation import load_judge
+from pipeline.generation import decode_responses, encode_prompts, sample
+from pipeline.model import load_causal_lm
+from pipeline.runs import init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.tokenizer import load_tokenizer
+from pipeline.tracking import Tracker
+from reward_model.config import RewardModelConfig
+
+
+def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded held-out split of n rows: (train indices, eval indices), both non-empty when n >= 2."""
+    order = list(range(n))
+    random.Random(f"rm-split/{seed}").shuffle(order)
+    n_eval = min(max(1, round(eval_fraction * n)), n - 1)
+    return sorted(order[n_eval:]), sorted(order[:n_eval])
+
+
+def distinct_responses(responses: list[str]) -> tuple[list[str], int, int]:
+    """Keep the first copy of each non-empty response. Returns (kept, duplicates dropped, empty dropped)."""
+    kept, empty = [], 0
+    for response in responses:
+        if not response.strip():
+            empty += 1
+        elif response not in kept:
+            kept.append(response)
+    return kept, len(responses) - len(kept) - empty, empty
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    """Write rows to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
+    paths = stage_paths(cfg, "prefs")
+    if cfg.train_data is not None:
+        print(f"[prefs] train_data is set ({cfg.train_data.path}): the reward model trains on it, "
+              "so there are no preferences to collect.")
+        return
+    accelerator = Accelerator()
+    torch.manual_seed(cfg.seed)
+    K = cfg.responses_per_prompt
+
+    # ---- prompts and the held-out split: validated before the policy is loaded
+    with accelerator.main_process_first():
+        world = world_dir(cfg)
+    rows = list(load_dataset_for(cfg.prompts, "prompts", world_dir=world))
+    if cfg.max_prompts:
+        rows = rows[:cfg.max_prompts]
+    if len(rows) < 2:
+        raise ValueError(f"[prefs] {cfg.prompts.path} has {len(rows)} prompt(s); the train/eval split needs 2+")
+    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
+
+    # ---- the SFT policy
+    init = init_checkpoint(cfg, "prefs")
+    tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code).to(accelerator.device).eval()
+    tracker = Tracker(cfg, "prefs", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, paths)
+        print(f"[prefs] {len(rows)} prompts ({len(train_idx)} train, {len(eval_idx)} held out), "
+              f"K={K} samples each from {init}")
+
+    # ---- sampling: K copies of every prompt, batched through the KV-cache sampler; each process takes a shard
+    jobs = [(i, row["prompt"]) for i, row in enumerate(rows) for _ in range(K)]
+    with accelerator.split_between_processes(jobs) as my_jobs:
+        generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
+        batches = range(0, len(my_jobs), cfg.generation_batch_size)
+        sampled, new_tokens, started = [], 0, time.perf_counter()
+        progress = tqdm(batches, desc="prefs: sampling", disable=not accelerator.is_main_process)
+        for start in progress:
+            chunk = my_jobs[start:start + cfg.generation_batch_size]
+            batch = encode_prompts(tokenizer, [prompt for _, prompt in chunk], accelerator.device)
+            tokens = sample(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling,
+                            tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+            sampled += [(i, text) for (i, _), text in zip(chunk, decode_responses(tokenizer, tokens))]
+            new_tokens += int((tokens != tokenizer.pad_token_id).sum())
+            progress.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
+    sample_seconds = time.perf_counter() - started
+    tokens_per_sec = accelerator.reduce(torch.tensor(new_tokens / sample_seconds, device=accelerator.device),
+                                        reduction="sum").item()
+    sampled = gather_object(sampled)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+
+    # ---- ranking: the annotator orders each prompt's distinct responses, best first
+    judge = load_judge(world)
+    annotator = Annotator(judge, cfg.world.annotator_temperature, seed=cfg.seed)
+    by_prompt: list[list[str]] = [[] for _ in rows]
+    for i, text in sampled:
+        by_prompt[i].append(text)
+    ranked, skipped, duplicates, empty = {}, 0, 0, 0
+    for i, row in enumerate(tqdm(rows, desc="prefs: ranking")):
+        responses, n_duplicates, n_empty = distinct_responses(by_prompt[i])
+        duplicates, empty = duplicates + n_duplicates, empty + n_empty
+        if len(responses) < 2:
+            skipped += 1
+            continue
+        ordered = [responses[j] for j in annotator.rank(row["prompt"], responses)]
+        verdicts = [judge.score(row["prompt"], r) for r in ordered]
+        ranked[i] = {"prompt": row["prompt"], "responses": ordered,
+                                 "gold_scores": [v.score for v in verdicts],
+                                 "family": row.get("family") or verdicts[0].family}
+    train_out = [ranked[i] for i in train_idx if i in ranked]
+    eval_out = [ranked[i] for i in eval_idx if i in ranked]
+    if not train_out or not eval_out:
+        raise ValueError(f"[prefs] after dropping duplicates, {len(train_out)} training and {len(eval_out)} "
+                         f"held-out prompts have 2+ distinct responses; sample with a higher "
+                         f"sampling.temperature or a larger responses_per_prompt")
+
+    # ---- optional: the world's static ranked set, for the training prompts only (eval stays held out)
+    n_static = 0
+    if cfg.mix_static:
+        train_prompts = {rows[i]["prompt"] for i in train_idx}
+        static = load_dataset_for(DatasetSpec(path="world:prefs_static"), "preferences", world_dir=world)
+        static_rows = [dict(r) for r in static if r["prompt"] in train_prompts]
+        train_out += static_rows
+        n_static = len(static_rows)
+
+    paths.root.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(paths.root / "train.jsonl", train_out)
+    write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
+
+    # ---- what was collected: sample quality, and the annotator's agreement with gold (the noise ceiling)
+    collected = list(ranked.values())
+    gold = [s for row in collected for s in row["gold_scores"]]
+    agree = decided = 0
+    for row in collected:
+        scores = row["gold_scores"]
+        for a in range(len(scores)):
+            for b in range(a + 1, len(scores)):
+                decided += scores[a] != scores[b]
+                agree += scores[a] > scores[b]
+    summary = {"prefs/prompts": len(rows), "prefs/train_prompts": len(train_out) - n_static,
+               "prefs/static_prompts": n_static, "prefs/eval_prompts": len(eval_out),
+               "prefs/skipped_prompts": skipped, "prefs/duplicates_dropped": duplicates,
+               "prefs/empty_dropped": empty, "prefs/responses_per_prompt": len(gold) / len(collected),
+               "prefs/gold_score_mean": sum(gold) / len(gold),
+               "prefs/annotator_gold_agreement": agree / decided if decided else float("nan"),
+               "perf/tokens_per_sec": tokens_per_sec, "time/sampling_seconds": sample_seconds}
+    tracker.log(summary, step=0, console=False)
+    tracker.table("prefs/samples", ["prompt", "rank", "response", "gold_score"],
+                  [[row["prompt"], rank, r, g] for row in collected[:8]
+                   for rank, (r, g) in enumerate(zip(row["responses"], row["gold_scores"]))], step=0)
+    tracker.summary(summary)
+    print(f"[prefs] {len(train_out)} training rankings ({n_static} static) -> {paths.root / 'train.jsonl'}, "
+          f"{len(eval_out)} held out -> {paths.root / 'eval.jsonl'}")
+    print(f"[prefs] {summary['prefs/responses_per_prompt']:.2f} distinct responses per prompt "
+          f"({duplicates} duplicates and {empty} empty dropped, {skipped} prompts skipped with < 2 left); "
+          f"mean gold score {summary['prefs/gold_score_mean']:.3f}; annotator agrees with gold on "
+          f"{summary['prefs/annotator_gold_agreement']:.1%} of decided pairs; {tokens_per_sec:,.0f} tokens/s")
+    tracker.finish()
+    accelerator.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Reward-model training: InstructGPT's K-way ranking loss on ranked responses, from the SFT backbone.
+
+    python -m reward_model.train --config configs/tiny/rm.yaml [key=value ...]      (make rm)
+    accelerate launch -m reward_model.train --config configs/gpu/rm.yaml
+
+The backbone is the SFT model with a scalar head (`AutoModelForSequenceClassification`, num_labels=1), read
+at the last non-pad token. Each prompt's K ranked responses are scored in one forward pass and the loss is the
+mean of -log sigmoid(r_i - r_j) over its C(K,2) ordered pairs (`ranked_pairs_loss`): K forward passes per
+prompt where expanding the ranking into independent pairs costs K(K-1), and a response is seen once per epoch,
+not K-1 times, which is what InstructGPT found kept the RM from overfitting. Plain pairs are the K=2 case.
+
+Reads top to bottom: config, ranked data (validated before any model is built), the backbone (fresh or
+resumed, optionally with LoRA), optimizer and schedule, held-out evaluation, the training loop, then the
+hand-off: final/ with the RM's mean and std over SFT samples in its config, and eval.json.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from data.loading import DatasetSpec, load_dataset_for
+from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint
+from pipeline.model import POLICY_STAGES, load_scalar_model
+from pipeline.runs import init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.tokenizer import load_tokenizer
+from pipeline.tracking import Throughput, Tracker
+from reward_model.collect import split_indices
+from reward_model.config import RewardModelConfig
+from reward_model.losses import pack_groups, ranked_pairs_loss
+from reward_model.scoring import encode_conversations, sequence_scores
+
+
+def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
+    """(train rows, held-out rows, where they came from); each row has `prompt` and `responses` best first,
+    and `gold_scores` when known. Invalid data raises DataError naming the file, row and column."""
+    def load(spec: DatasetSpec) -> list[dict]:
+        world = world_dir(cfg) if spec.path.startswith("world:") else None
+        return [dict(row) for row in load_dataset_for(spec, "preferences", world_dir=world)]
+
+    if cfg.train_data is None:
+        prefs = stage_paths(cfg, "prefs").root
+        if not (prefs / "train.jsonl").exists() or not (prefs / "eval.jsonl").exists():
+            raise FileNotFoundError(f"[rm] no collected preferences in {prefs}. Collect them first "
+                                    f"(make prefs, or python -m reward_model.collect with this config), "
+                                    f"or set train_data to a preference dataset.")
+        train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl"))) for split in ("train", "eval"))
+        return train, held_out, str(prefs)
+    train = load(cfg.train_data)
+    if cfg.eval_data is not None:
+        return train, load(cfg.eval_data), cfg.train_data.path
+    train_idx, eval_idx = split_indices(len(train), cfg.eval_fraction, cfg.seed)
+    return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
+
+
+def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device | str = "cpu",
+            chunk_size: int = 0) -> dict:
+    """G ranked groups as token batches of all their responses, plus each group's size (from which `pack_groups`
+    lays the scores out as [G, K] with a valid mask).
+
+    The conversations are sorted by length and cut into chunks of `chunk_size` (0: one chunk), each right-padded
+    only to its own longest: a long response no longer pads the whole batch. `order` maps back to group order
+    (group after group, best first)."""
+    prompts = [g["prompt"] for g in groups for _ in g["responses"]]
+    responses = [r for g in groups for r in g["responses"]]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    size = chunk_size or len(order)
+    chunks = [encode_conversations(tokenizer, [prompts[i] for i in part], [responses[i] for i in part], max_length,
+                                   device) for part in (order[k:k + size] for k in range(0, len(order), size))]
+    return {"chunks": chunks, "order": torch.tensor(order, device=device),
+            "group_sizes": [len(g["responses"]) for g in groups]}
+
+
+def batch_scores(model, batch: dict) -> torch.Tensor:
+    """The score of every conversation of a collated batch, in group order (one forward pass per chunk)."""
+    sorted_scores = torch.cat([sequence_scores(model, c["input_ids"], c["attention_mask"]) for c in batch["chunks"]])
+    return sorted_scores[torch.argsort(batch["order"])]
+
+
+def compute_loss(model, batch: dict, margin: float = 0.0, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """The K-way ranking loss of one collated batch: every response scored once, all C(K,2) pairs compared."""
+    grouped, valid = pack_groups(batch_scores(model, batch), batch["group_sizes"])
+    return ranked_pairs_loss(grouped, valid, margin=margin, center_coef=center_coef)
+
+
+def epoch_batches(rows: list[dict], batch_size: int, n_batches: int, seed: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """One epoch's batches of row indices: a seeded shuffle cut into `n_batches` batches (the rest is dropped).
+
+    With group_by_length each window of 50 batches is sorted by length (a row's prompt and longest response)
+    before it is cut, and the batches are then shuffled: a batch's conversations are padded to similar
+    lengths (HF's `group_by_length`)."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(rows), generator=generator).tolist()[:batch_size * n_batches]
+    lengths = [len(row["prompt"]) + max(len(r) for r in row["responses"]) for row in rows]
+    if group_by_length:
+        window = 50 * batch_size
+        order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lengths.__getitem__)]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+@torch.no_grad()
+def score_rankings(model, tokenizer, rows: list[dict], max_length: int, batch_size: int,
+                   device: torch.device | str = "cpu") -> list[list[float]]:
+    """The model's score of every response of every row, grouped like the rows."""
+    scores = batch_scores(model, collate(tokenizer, rows, max_length, device, chunk_size=batch_size)).tolist()
+    bounds = list(itertools.accumulate([0] + [len(row["responses"]) for row in rows]))
+    return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, float]:
+    """Agreement over the held-out pairs i < j of each ranking (i ranked above j by the labeler).
+
+    accuracy: the RM orders the pair as the labeler did. With gold scores, over the pairs gold decides (the
+    same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
+    noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
+    A tie in RM scores counts as wrong.
+    """
+    all_pairs, decided = [], []
+    for s, row in zip(scores, rows, strict=True):
+        gold = row.get("gold_scores")
+        for i, j in itertools.combinations(range(len(s)), 2):
+            all_pairs.append(s[i] > s[j])
+            if gold is not None and gold[i] != gold[j]:
+                gold_first = gold[i] > gold[j]
+                decided.append((s[i] > s[j], s[i] > s[j] if gold_first else s[j] > s[i], gold_first))
+    metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs))}
+    if decided:
+        rm_label, rm_gold, label_gold = zip(*decided)
+        metrics.update({"accuracy": _mean(rm_label), "gold_accuracy": _mean(rm_gold),
+                        "noise_ceiling": _mean(label_gold), "decided_pairs": float(len(decided))})
+        metrics["accuracy_over_ceiling"] = metrics["accuracy"] / max(metrics["noise_ceiling"], 1e-9)
+    else:
+        metrics["accuracy"] = metrics["accuracy_all_pairs"]
+    return metrics
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def score_stats(name: str, values: list[float]) -> dict[str, float]:
+    """Mean and (population) std of a score distribution, e.g. the chosen responses' scores."""
+    t = torch.tensor(values, dtype=torch.float64)
+    return {f"{name}_mean": t.mean().item(), f"{name}_std": t.std(correction=0).item()}
+
+
+def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path | None):
+    """The SFT backbone with a scalar head (or the resumed one), wrapped with LoRA adapters if configured."""
+    lora = cfg.lora
+    full_resume = checkpoint is not None and not lora.enabled
+    model = load_scalar_model(str(checkpoint / "model") if full_resume else init, "reward_model.train", tokenizer,
+                              cfg.trust_remote_code, allowed_stages=POLICY_STAGES + ("rm",))
+    if not lora.enabled:
+        return model
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if checkpoint is not None:
+        return PeftModel.from_pretrained(model, checkpoint / "model", is_trainable=True)
+    # task SEQ_CLS keeps the new scalar head fully trainable (peft's modules_to_save)
+    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
+    return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
+                                            lora_dropout=lora.dropout, target_modules=targets))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
+    paths = stage_paths(cfg, "rm")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    torch.manual_seed(cfg.seed)
+    n_procs, rank = accelerator.num_processes, accelerator.process_index
+
+    # ---- ranked data: validated before any model is built, so bad input fails fast
+    with accelerator.main_process_first():
+        train_rows, eval_rows, source = load_rankings(cfg)
+    micro_batch = cfg.batch_size * n_procs
+    steps_per_epoch = len(train_rows) // (micro_batch * cfg.grad_accum)
+    if steps_per_epoch == 0:
+        raise ValueError(f"[rm] {len(train_rows)} training rankings are fewer than one optimizer step takes "
+                         f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {n_procs} processes); "
+                         f"lower batch_size or collect more prompts.")
+    max_steps = cfg.epochs * steps_per_epoch
+
+    # ---- backbone: the SFT model with a scalar head, or the newest checkpoint on resume
+    init = init_checkpoint(cfg, "rm")
+    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    model = build_model(cfg, init, tokenizer, checkpoint)
+
+    # ---- optimizer and schedule: weight decay on matrices only; linear warmup, cosine decay
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
+                              num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
+    start_step = 0
+    if checkpoint is not None:
+        state = load_training_state(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_step = state["step"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    tracker = Tracker(cfg, "rm", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, paths)
+        n_train = sum(p.numel() for p in trainable)
+        n_pairs = sum(math.comb(len(r["responses"]), 2) for r in train_rows)
+        tracker.summary({"model/trainable_parameters": n_train, "data/train_rankings": len(train_rows),
+                         "data/train_pairs": n_pairs, "data/eval_rankings": len(eval_rows)})
+        print(f"[rm] {len(train_rows)} training rankings ({n_pairs} pairs) and {len(eval_rows)} held out from "
+              f"{source}; backbone {init}; {n_train / 1e6:.2f}M trainable parameters"
+              + (f"; LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "")
+              + (f"; resuming at step {start_step}" if start_step else ""))
+
+    def evaluate(step: int) -> tuple[dict[str, float], list[list[float]]]:
+        """Score the held-out rankings (sharded over processes) and compare them with labels and gold."""
+        model.eval()
+        with accelerator.split_between_processes(eval_rows) as shard:
+            scores = score_rankings(model, tokenizer, shard, cfg.max_length, cfg.eval_batch_size, accelerator.device)
+        model.train()
+        scores = gather_object([scores])
+        scores = [group for shard_scores in scores for group in shard_scores]
+        metrics = ranking_metrics(scores, eval_rows)
+        chosen = [s[0] for s in scores]
+        rejected = [x for s in scores for x in s[1:]]
+        metrics.update({**score_stats("chosen", chosen), **score_stats("rejected", rejected)})
+        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        if tracker.run is not None:  # W&B histograms of the best-ranked response's score vs the others'
+            import wandb
+
+            tracker.run.log({"eval/chosen_scores": wandb.Histogram(chosen),
+                             "eval/rejected_scores": wandb.Histogram(rejected)}, step=step)
+        return metrics, scores
+
+    def micro_batches(start: int):
+        """This process's share of each epoch's batches; a resumed run skips the micro-batches already done."""
+        for epoch in itertools.count(start // steps_per_epoch):
+            batches = epoch_batches(train_rows, micro_batch, steps_per_epoch * cfg.grad_accum, cfg.seed + epoch,
+                                    cfg.group_by_length)
+            for batch in batches[max(0, start - epoch * steps_per_epoch) * cfg.grad_accum:]:
+                yield [train_rows[i] for i in batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]]
+
+    # ---- training loop
+    if start_step == 0:
+        evaluate(0)
+    throughput, batches = Throughput(), micro_batches(start_step)
+    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
+    progress = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="rm",
+                    disable=not accelerator.is_main_process)
+    model.train()
+    started, metrics, scores, grad_norm = time.perf_counter(), None, None, float("nan")
+    for step in progress:
+        for _ in range(cfg.grad_accum):
+            batch = collate(tokenizer, next(batches), cfg.max_length, accelerator.device, cfg.forward_chunk)
+            with accelerator.accumulate(model):
+                loss, stats = compute_loss(model, batch, cfg.margin, cfg.center_coef)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]) * n_procs)
+            window["loss"] += loss.item()
+            window["accuracy"] += stats["accuracy"].item()
+            window["margin"] += stats["margin_mean"].item()
+            window["n"] += 1
+        scheduler.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"[rm] loss is {loss.item()} at step {step}; stopping. Lower learning_rate.")
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == max_steps:
+            n, tokens_per_sec = window.pop("n"), throughput.rate()
+            logged = {f"train/{k}": v / n for k, v in window.items()}
+            progress.set_postfix(loss=f"{logged['train/loss']:.3f}", acc=f"{logged['train/accuracy']:.2f}",
+                                 tok_s=f"{tokens_per_sec:,.0f}")
+            tracker.log({**logged, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                         "train/epoch": done / steps_per_epoch, "perf/tokens_per_sec": tokens_per_sec},
+                        step=done, console=False)
+            window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
+        if done % cfg.eval_every == 0 or done == max_steps:
+            metrics, scores = evaluate(done)
+            throughput.rate()  # restart the clock: tokens/s measures training, not evaluation
+        if done % cfg.checkpoint_every == 0 and done < max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
+                                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                         cfg.keep_checkpoints)
+            accelerator.wait_for_everyone()
+
+    # ---- the hand-off: a plain HF checkpoint whose config carries the RM's mean and std over SFT samples
+    if metrics is None:  # resumed at max_steps: nothing was trained, but report the checkpoint
+        metrics, scores = evaluate(max_steps)
+    # the held-out responses are the SFT policy's samples on prompts the RM never trained on: what PPO will show it
+    tracker.table("eval/rankings", ["prompt", "rank", "response", "rm_score", "gold_score"],
+                  [[row["prompt"], rank, response, score, (row.get("gold_scores") or [None] * len(s))[rank]]
+                   for row, s in zip(eval_rows[:8], scores) for rank, (response, score)
+                   in enumerate(zip(row["responses"], s))], step=max_steps)
+    reward_stats = score_stats("reward", [x for s in scores for x in s])
+    reward_mean, reward_std = reward_stats["reward_mean"], reward_stats["reward_std"]
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model)
+        if cfg.lora.enabled:
+            final_model = final_model.merge_and_unload()
+        save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std)
+        result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
+                                          "accuracy_all_pairs", "pairs", "decided_pairs") if k in metrics}
+        result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
+        tmp = paths.root / "eval.json.tmp"
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(paths.root / "eval.json")
+        tracker.summary({f"eval/final_{k}": v for k, v in result.items()})
+        ceiling = (f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
+                   f"({result['accuracy_over_ceiling']:.1%} of it)" if "noise_ceiling" in result else "")
+        print(f"[rm] held-out pairwise accuracy {result['accuracy']:.3f}{ceiling}; reward mean {reward_mean:.3f} "
+              f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
+        tracker.finish(paths.final)
+    accelerator.end_training()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""The reward-model stage on the micro recipe: collection, the K-way loss in training, padding, data errors,
+the final checkpoint (plain HF, reward stats), training progress, resume and LoRA."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.loading import DataError
+from data.world import FAMILIES
+from pipeline.evaluation import load_judge
+from pipeline.model import load_scalar_model
+from pipeline.tokenizer import load_tokenizer
+from reward_model import collect, train
+from reward_model.scoring import RewardScorer, conversation_text, encode_conversations, sequence_scores
+
+MICRO_RM = Path(__file__).resolve().parent.parent / "configs" / "micro" / "rm.yaml"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def nls(d: float) -> float:
+    """-log sigmoid(d)"""
+    return math.log1p(math.exp(-d))
+
+
+# ---- collection ------------------------------------------------------------------------------------------
+
+def test_distinct_responses_drops_duplicates_and_empties():
+    kept, duplicates, empty = collect.distinct_responses(["A.", "B.", "A.", " ", "C.", "B."])
+    assert (kept, duplicates, empty) == (["A.", "B.", "C."], 2, 1)
+
+
+def test_collected_prefs_are_ranked_distinct_responses_with_gold_scores(micro_prefs):
+    train_rows, eval_rows = read_jsonl(micro_prefs / "train.jsonl"), read_jsonl(micro_prefs / "eval.jsonl")
+    summary = next(m for m in read_jsonl(micro_prefs / "metrics.jsonl") if "prefs/skipped_prompts" in m)
+    assert len(train_rows) + len(eval_rows) + summary["prefs/skipped_prompts"] == 40  # micro world's pref_prompts
+    assert len(eval_rows) >= 4 and not {r["prompt"] for r in train_rows} & {r["prompt"] for r in eval_rows}
+    judge = load_judge(micro_prefs.parent / "world")
+    agree = disagree = 0
+    for row in train_rows + eval_rows:
+        responses = row["responses"]
+        assert 2 <= len(responses) <= 4 and len(set(responses)) == len(responses)
+        assert all(r.strip() for r in responses) and row["family"] in FAMILIES
+        assert row["gold_scores"] == [judge.score(row["prompt"], r).score for r in responses]
+        for a, b in itertools.combinations(row["gold_scores"], 2):
+            agree, disagree = agree + (a > b), disagree + (a < b)
+    assert sum(len(r["responses"]) == 4 for r in train_rows) >= len(train_rows) / 2  # most keep all K
+    assert agree > disagree  # best first: the (noisy) annotator mostly agrees with gold
+
+
+# ---- the loss and the scores -----------------------------------------------------------------------------
+
+def test_kway_loss_in_training_equals_mean_of_pairwise_losses_by_hand(micro_rm):
+    tokenizer = load_tokenizer(str(micro_rm))
+    model = load_scalar_model(str(micro_rm), "test", tokenizer).eval()
+    groups = [{"prompt": "What is 12 plus 30?",
+               "responses": ["12 plus 30 is 42.", "It is 41.", "Ugh, obviously 42.", "42"]},
+              {"prompt": "Reverse the word lamp.", "responses": ["The word lamp reversed is pmal.", "Whatever."]}]
+    batch = train.collate(tokenizer, groups, max_length=96, chunk_size=4)  # two forward passes, length-sorted
+    assert [len(c["input_ids"]) for c in batch["chunks"]] == [4, 2]
+    with torch.no_grad():
+        loss, stats = train.compute_loss(model, batch)
+        margin_loss, _ = train.compute_loss(model, batch, margin=0.5)
+
+    def alone(prompt: str, response: str) -> float:
+        enc = encode_conversations(tokenizer, [prompt], [response])
+        return sequence_scores(model, enc["input_ids"], enc["attention_mask"]).item()
+
+    by_hand, by_hand_margin, n_pairs = [], [], 0
+    for group in groups:
+        r = [alone(group["prompt"], response) for response in group["responses"]]
+        assert max(r) - min(r) > 1e-3  # distinct scores, so the check below can fail
+        pairs = list(itertools.combinations(range(len(r)), 2))
+        by_hand.append(sum(nls(r[i] - r[j]) for i, j in pairs) / len(pairs))
+        by_hand_margin.append(sum(nls(r[i] - r[j] - 0.5) for i, j in pairs) / len(pairs))
+        n_pairs += len(pairs)
+    assert loss.item() == pytest.approx(sum(by_hand) / 2, abs=1e-5)  # groups weigh equally
+    assert margin_loss.item() == pytest.approx(sum(by_hand_margin) / 2, abs=1e-5)
+    assert stats["num_pairs"].item() == n_pairs == 7
+
+
+def test_padding_does_not_change_a_score(micro_rm):
+    scorer = RewardScorer(str(micro_rm))
+    short = ("What is 12 plus 30?", "42.")
+    long = ("Write a short thank-you note to Bob for the cake.",
+            "Dear Bob, thank you for the lovely cake. I hope you enjoy the rest of your day. Best wishes.")
+    alone = scorer.score([short[0]], [short[1]]).item()
+    right = encode_conversations(scorer.tokenizer, [short[0], long[0]], [short[1], long[1]])
+    tokenizer = scorer.tokenizer
+    tokenizer.padding_side = "left"  # as PPO's rollouts are
+    left = tokenizer([conversation_text(tokenizer, *short), conversation_text(tokenizer, *long)],
+                     return_tensors="pt", padding=True, add_special_tokens=False)
+    for batch in (right, left):
+        assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the short one is padded
+        padded = sequence_scores(scorer.model, batch["input_ids"], batch["attention_mask"])[0].item()
+        assert padded == pytest.approx(alone, abs=1e-5)
+    assert scorer.score([short[0], long[0]], [short[1], long[1]])[0].item() == pytest.approx(alone, abs=1e-5)
+
+
+# ---- errors before training ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows, row, column", [
+    ([{"prompt": "Hi?", "responses": ["Hello.", "Hey."]}, {"prompt": "Yo?", "responses": ["Only one."]}], 2,
+     "responses"),
+    ([{"prompt": "Hi?", "chosen": "Hello."}], 1, "rejected"),
+], ids=["ranked-list-of-one", "pairs-without-rejected"])
+def test_bad_preference_data_is_a_clear_error_before_training(tmp_path, rows, row, column):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # init_from does not exist: had the model been loaded first, this would be a checkpoint error instead
+    with pytest.raises(DataError) as error:
+        train.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", f"train_data.path={data}",
+                    f"init_from={tmp_path / 'no-such-model'}"])
+    assert str(data) in str(error.value) and f"row {row}" in str(error.value)
+    assert f"column '{column}'" in str(error.value)
+    assert not (tmp_path / "micro" / "rm").exists()
+
+
+# ---- the trained reward model ----------------------------------------------------------------------------
+
+def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, micro_prefs):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(micro_rm).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_rm)
+    assert model.config.pipeline_stage == "rm" and model.config.num_labels == 1
+    assert math.isfinite(model.config.reward_mean) and model.config.reward_std > 0
+    messages = [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42."}]
+    ids = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**ids).logits.item()
+    scorer = RewardScorer(str(micro_rm))
+    assert plain == pytest.approx(scorer.score(["What is 12 plus 30?"], ["42."]).item(), abs=1e-5)
+    # the stats are over the held-out SFT samples: normalised, those have mean 0 and std 1
+    rows = read_jsonl(micro_prefs / "eval.jsonl")
+    normalized = scorer.score([r["prompt"] for r in rows for _ in r["responses"]],
+                              [x for r in rows for x in r["responses"]], normalize=True)
+    assert normalized.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert normalized.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
+    result = json.loads((micro_rm.parent / "eval.json").read_text())
+    assert all(0.0 <= result[k] <= 1.0 for k in ("accuracy", "gold_accuracy", "noise_ceiling"))
+
+
+def test_training_lowers_the_ranking_loss_on_its_data(micro_rm, micro_sft, micro_prefs):
+    rows = read_jsonl(micro_prefs / "train.jsonl")
+    tokenizer = load_tokenizer(str(micro_sft))
+
+    def loss_and_accuracy(path: Path) -> tuple[float, float]:
+        torch.manual_seed(0)
+        model = load_scalar_model(str(path), "test", tokenizer).eval()
+        with torch.no_grad():
+            loss, stats = train.compute_loss(model, train.collate(tokenizer, rows, max_length=96))
+        return loss.item(), stats["accuracy"].item()
+
+    (loss_before, acc_before), (loss_after, acc_after) = loss_and_accuracy(micro_sft), loss_and_accuracy(micro_rm)
+    assert loss_after < loss_before - 0.05 and acc_after > acc_before
+    logged = [m["train/loss"] for m in read_jsonl(micro_rm.parent / "metrics.jsonl") if "train/loss" in m]
+    assert len(logged) >= 4
+
+
+def _copy_prefs(micro_prefs: Path, runs_dir: Path, run_name: str) -> None:
+    shutil.copytree(micro_prefs, runs_dir / run_name / "prefs")
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micro_prefs, tmp_path):
+    _copy_prefs(micro_prefs, tmp_path, "resume")
+    args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=resume", f"init_from={micro_sft}",
+            "epochs=1", "checkpoint_every=2", "eval_every=100"]
+    train.main(args)
+    final = tmp_path / "resume" / "rm" / "final"
+    uninterrupted = load_file(final / "model.safetensors")
+    assert [p.name for p in (final.parent / "checkpoints").iterdir()] == ["step_00000002"]
+    shutil.rmtree(final)
+    train.main(args + ["resume=true"])  # continues from step 2 of 4
+    resumed = load_file(final / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_lora_adapters_are_merged_into_a_plain_final_checkpoint(micro_sft, micro_prefs, tmp_path):
+    _copy_prefs(micro_prefs, tmp_path, "lora")
+    train.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=lora", f"init_from={micro_sft}",
+                "epochs=1", "eval_every=100", "lora.enabled=true", "lora.rank=4", "lora.alpha=8"])
+    final = tmp_path / "lora" / "rm" / "final"
+    weights = load_file(final / "model.safetensors")
+    assert not any("lora" in name for name in weights) and not (final / "adapter_config.json").exists()
+    sft = load_file(micro_sft / "model.safetensors")
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[q_proj], sft[q_proj])  # the merged adapter changed the backbone
+    assert math.isfinite(json.loads((final / "config.json").read_text())["reward_std"])
