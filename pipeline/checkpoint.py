@@ -132,13 +132,18 @@ def _as_python_state(state: Any) -> tuple:
 
 
 def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict,
-                             keep_last: int = 2) -> Path:
-    """Save weights (safetensors), tokenizer and training state for `step`; prune to the newest `keep_last`."""
+                             keep_last: int = 2, extra_models: dict[str, Any] | None = None) -> Path:
+    """Save weights (safetensors), tokenizer and training state for `step`; prune to the newest `keep_last`.
+
+    `extra_models` ({name: model}) are saved beside `model/` as `<name>/` (e.g. PPO's critic).
+    """
     checkpoints_dir = Path(checkpoints_dir)
     target = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step:08d}"
     with atomic_dir(target) as tmp:
         unwrap(model).save_pretrained(tmp / "model", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "model")
+        for name, extra in (extra_models or {}).items():
+            unwrap(extra).save_pretrained(tmp / name, safe_serialization=True)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "training_state.pt")
     for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)

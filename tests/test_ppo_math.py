@@ -29,6 +29,7 @@ from stages.ppo.ppo_math import (
     masked_whiten,
     policy_loss,
     response_mask,
+    shape_scores,
     value_loss,
 )
 
@@ -509,3 +510,11 @@ def test_response_mask_multiple_eos_and_pad_equals_eos():
     mask, has_eos = response_mask(tokens, 0, 0)
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
     assert has_eos.tolist() == [True, False]
+
+
+def test_shape_scores_penalises_missing_eos_then_clips():
+    scores = t([0.5, 7.0, -2.0, -9.0])
+    has_eos = torch.tensor([True, True, False, True])
+    assert shape_scores(scores, has_eos, -1.0, 5.0).tolist() == [0.5, 5.0, -1.0, -5.0]
+    assert shape_scores(scores, has_eos, None, 5.0).tolist() == [0.5, 5.0, -2.0, -5.0]
+    assert shape_scores(scores, has_eos, -1.0, None).tolist() == [0.5, 7.0, -1.0, -9.0]

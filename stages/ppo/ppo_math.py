@@ -42,6 +42,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "kl_penalty_per_token",
+    "shape_scores",
     "compute_rewards",
     "gae",
     "policy_loss",
@@ -185,6 +186,25 @@ def kl_penalty_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str 
         # expm1 keeps precision when r ~ 1 (the common case).
         return torch.expm1(log_r) - log_r
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
+
+
+def shape_scores(
+    scores: Tensor,
+    has_eos: Tensor,
+    missing_eos_penalty: float | None,
+    clip: float | None,
+) -> Tensor:
+    """Sequence scores as PPO rewards them: a truncated reply gets a constant, then clipping.
+
+    [N+] (Huang et al. 2024): a response that hit the length cap without EOS is
+    not a finished answer, so its RM score is *replaced* by ``missing_eos_penalty``
+    (``None``: keep the score); then scores are clipped to ``[-clip, clip]``
+    (``None``: no clipping) so one outlier cannot dominate a batch.
+    """
+    out = scores
+    if missing_eos_penalty is not None:
+        out = torch.where(_as_bool(has_eos), out, torch.full_like(out, float(missing_eos_penalty)))
+    return out if clip is None else out.clamp(-clip, clip)
 
 
 def _last_true_index(mask: Tensor) -> Tensor:

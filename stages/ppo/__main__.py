@@ -1,0 +1,3 @@
+from stages.ppo.ppo import main
+
+main()

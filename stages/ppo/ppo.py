@@ -1,0 +1,492 @@
+"""PPO against the reward model (InstructGPT step 3): a policy, a critic, GAE and a KL leash to the SFT model.
+
+    python -m stages.ppo --config configs/tiny/ppo.yaml [key=value ...]
+    accelerate launch -m stages.ppo --config configs/gpu/ppo.yaml
+
+Each step, every rank samples replies to its own prompts with the KV cache; one forward pass each gives the
+policy's log-probs (of temperature-scaled logits), the SFT reference's log-probs and the critic's values, and the
+frozen RM scores each conversation. The reward is the normalised RM score (a constant if the reply never ended,
+then clipped) at the last token, minus beta * KL on every token. GAE gives advantages, whitened over all ranks;
+then several epochs of clipped policy and value updates on shuffled minibatches. The maths is in ppo_math.py;
+the details follow Ouyang et al. 2022 and Huang et al. 2024 ("N+").
+
+Models: the policy starts from SFT final/; the reference is SFT (with LoRA: the policy with its adapter off, no
+second copy); the RM is frozen; the critic starts from the RM (see TokenCritic). With `ema_decay` > 0, final/
+holds the EMA of the policy's weights (what is evaluated) and final_online/ the last policy itself.
+
+Distributed: under DDP each rank samples its own prompts, statistics (whitening, KL, metrics) are reduced
+across ranks, and only the main process logs and saves. DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)
+shards optimizer state and gradients and runs this loop as is. ZeRO-3 (deepspeed_zero3.yaml) also shards the
+parameters, so generation must gather the policy first (`deepspeed.zero.GatheredParameters`, the pattern of
+TRL's `unwrap_model_for_generation`), with the frozen reference and RM as ZeRO-3 inference engines: that is the
+multi-GPU path for policies that do not fit one device.
+Resume restores policy, critic, both optimizers, the KL controller, the EMA, RNG and the data position; every
+random draw of step s comes from generators seeded with (seed, step, rank), so a resumed run replays exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from data.loading import DatasetSpec, load_dataset_for
+from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint, unwrap
+from pipeline.config import ConfigError
+from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
+from pipeline.generation import SamplingConfig, decode_responses, encode_prompts, sample
+from pipeline.model import load_causal_lm, load_scalar_model, set_special_token_ids
+from pipeline.packing import PackedCorpus
+from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
+    write_resolved_config
+from pipeline.tokenizer import load_tokenizer
+from pipeline.tracking import Tracker
+from reward_model.scoring import RewardScorer
+from stages.ppo.ppo_math import compute_rewards, entropy_from_logits, explained_variance, gae, kl_controller, \
+    logprobs_from_logits, masked_mean, masked_sum, masked_whiten, policy_loss, response_mask, shape_scores, value_loss
+
+
+@dataclass
+class PPOStageConfig(StageConfig):
+    reward_model: str = ""
+    """The frozen RM (an `rm`-stage checkpoint); empty: runs/<run>/rm/final. The critic starts from it too."""
+    prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:ppo_prompts"))
+    """Training prompts (schema `prompts`): the world's PPO split, or local/hub data."""
+    max_steps: int = 100
+    """PPO iterations: one batch of rollouts, then ppo_epochs passes over it."""
+    rollout_batch_size: int = 64
+    """Prompts per process per iteration."""
+    minibatch_size: int = 16
+    """Rollouts per process per optimizer step."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch (micro-batch = minibatch_size / grad_accum, also the scoring chunk)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch: more reuses samples harder and moves further per step."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=0.7))
+    """Rollout sampling: length cap, temperature (> 0; log-probs use the same scaled logits, N+), top-k/top-p."""
+    policy_lr: float = 1e-5
+    critic_lr: float = 3e-5
+    """Separate optimizers; the critic's targets move every step, so it learns faster."""
+    anneal_lr: bool = True
+    """Decay both learning rates linearly to 0 over the policy's steps (N+)."""
+    adam_eps: float = 1e-5
+    """N+ uses 1e-5 rather than PyTorch's 1e-8."""
+    grad_clip: float = 1.0
+    """Max gradient norm, for policy and critic separately."""
+    gamma: float = 1.0
+    lam: float = 0.95
+    """GAE discount and lambda; a reply is a short episode with a terminal reward, so gamma = 1 (N+)."""
+    cliprange: float = 0.2
+    """PPO clip epsilon of the probability ratio."""
+    cliprange_value: float = 0.2
+    """Value clip around the rollout-time values (normalised reward units)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    whiten_advantages: bool = True
+    """Normalise advantages over every response token of the global batch."""
+    whiten_rewards: bool = False
+    """Scale per-token rewards to unit variance before GAE (an N+ option)."""
+    init_kl_coef: float = 0.05
+    """beta, the weight of the per-token KL penalty to the SFT model."""
+    kl_target: float | None = None
+    """KL per reply (nats) that the adaptive controller (Ziegler et al.) steers beta towards; null: fixed beta."""
+    kl_horizon: int = 10000
+    """Adaptive controller horizon in rollouts: larger adapts beta more slowly."""
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL in the reward: k1 = log p - log p_ref (InstructGPT), or k3 (non-negative)."""
+    missing_eos_penalty: float | None = -1.0
+    """Normalised score given instead of the RM's to a reply that hit the length cap without EOS (N+); null: off."""
+    reward_clip: float = 5.0
+    """Clip normalised scores to [-reward_clip, reward_clip]."""
+    critic_warmup_steps: int = 0
+    """The first steps (counted in max_steps) train only the critic, so early advantages are not noise."""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT): weight of a pretraining LM loss added to the policy loss; 0: off."""
+    ptx_data: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:pretrain"))
+    ptx_batch_size: int = 4
+    """Pretraining blocks of ptx_block_size tokens per micro-batch."""
+    ptx_block_size: int = 128
+    ema_decay: float = 0.0
+    """Keep an EMA of the policy's weights (e.g. 0.99); final/ then holds the EMA. 0: off."""
+    lora_r: int = 0
+    """LoRA rank of the policy (0: full fine-tuning); `lora_target_modules`: 'all-linear' or comma-separated names."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"
+    eval_prompts: int = 200
+    """Held-out world prompts (eval_prompts.jsonl) answered at each evaluation; 0: no evaluation."""
+    eval_every: int = 20
+    """Evaluate every N steps and at the end."""
+    eval_batch_size: int = 64
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    rm_max_length: int = 512
+    """Token cap of a conversation as the RM reads it (cut on the left)."""
+    debug_checksums: bool = False
+    """Each rank writes checksums/rank<k>.json with a hash of its policy's weights (the DDP test)."""
+
+    def __post_init__(self):
+        if self.sampling.temperature <= 0:
+            raise ConfigError("key 'sampling.temperature': PPO samples its rollouts; expected > 0")
+        if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
+            raise ConfigError(f"keys 'rollout_batch_size' ({self.rollout_batch_size}), 'minibatch_size' "
+                              f"({self.minibatch_size}), 'grad_accum' ({self.grad_accum}): each must divide "
+                              "the one before")
+
+
+class TokenCritic(torch.nn.Module):
+    """The value function: the RM's backbone with its score head applied at every position.
+
+    AutoModelForSequenceClassification applies `score` to all hidden states but returns only the last non-pad
+    one; PPO needs a value per response token, so we run the backbone and apply the head everywhere. The RM's
+    mean/std are folded in, so values are in the units of the (normalised) rewards from the first step. DDP wraps
+    this module, so training must call its forward, not the backbone's.
+    """
+
+    def __init__(self, rm: torch.nn.Module):
+        super().__init__()
+        self.rm = rm
+        self.mean, self.std = getattr(rm.config, "reward_mean", 0.0), getattr(rm.config, "reward_std", 1.0) or 1.0
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.rm.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
+        return (self.rm.score(hidden).squeeze(-1).float() - self.mean) / self.std
+
+
+def response_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Logits [B, T, V] that produced each response token, divided by the sampling temperature (N+)."""
+    n_prompt = batch["input_ids"].size(1) - batch["responses"].size(1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   position_ids=batch["position_ids"]).logits
+    return logits[:, n_prompt - 1:-1].float() / temperature
+
+
+def response_values(critic, batch: dict) -> torch.Tensor:
+    n_prompt = batch["input_ids"].size(1) - batch["responses"].size(1)
+    return critic(batch["input_ids"], batch["attention_mask"], batch["position_ids"])[:, n_prompt - 1:-1]
+
+
+@torch.no_grad()
+def rollout(policy, reference, critic, tokenizer, prompts: list[str], cfg: PPOStageConfig, generator) -> dict:
+    """Sample replies to `prompts` (KV cache; stop at EOS or the length cap), then score them token by token."""
+    enc = encode_prompts(tokenizer, prompts, next(policy.parameters()).device)
+    started = time.perf_counter()
+    responses = sample(policy, enc["input_ids"], enc["attention_mask"], cfg.sampling, tokenizer.eos_token_id,
+                       tokenizer.pad_token_id, generator)
+    seconds = time.perf_counter() - started
+    return {**score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg), "generation_seconds": seconds}
+
+
+@torch.no_grad()
+def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: torch.Tensor, cfg: PPOStageConfig):
+    """Policy and reference log-probs, entropy, exact KL and values (critic may be None), one pass each.
+
+    `reference()` is a context manager yielding the SFT model. Tokens after a reply's first EOS are masked out.
+    """
+    mask, has_eos = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    batch = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention_mask,
+             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses, "mask": mask,
+             "has_eos": has_eos}
+    parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "kl_exact": [], "values": []}
+    for rows in torch.arange(len(responses)).split(cfg.minibatch_size // cfg.grad_accum):
+        chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "responses")}
+        logits = response_logits(policy, chunk, cfg.sampling.temperature)
+        with reference() as ref_model:
+            ref_logits = response_logits(ref_model, chunk, cfg.sampling.temperature)
+        parts["logprobs"].append(logprobs_from_logits(logits, chunk["responses"]))
+        parts["ref_logprobs"].append(logprobs_from_logits(ref_logits, chunk["responses"]))
+        parts["entropy"].append(entropy_from_logits(logits))
+        logp, ref_logp = logits.log_softmax(-1), ref_logits.log_softmax(-1)  # exact KL of the next-token laws
+        parts["kl_exact"].append((logp.exp() * (logp - ref_logp)).sum(-1))
+        if critic is not None:
+            parts["values"].append(response_values(critic, chunk))
+    return {**batch, **{k: torch.cat(v) for k, v in parts.items() if v}}
+
+
+def trim_padding(mb: dict) -> dict:
+    """Drop the columns that are padding in every row of a micro-batch (before the prompts, after the replies)."""
+    n_prompt = mb["input_ids"].size(1) - mb["responses"].size(1)
+    first = int(mb["attention_mask"][:, :n_prompt].any(0).nonzero().min())
+    width = int(mb["mask"].any(0).nonzero().max()) + 1 if mb["mask"].any() else 1
+    return {k: v[:, first:n_prompt + width] if k in ("input_ids", "attention_mask", "position_ids") else
+            v[:, :width] if v.dim() == 2 else v for k, v in mb.items()}
+
+
+def ppo_loss(policy, critic, mb: dict, cfg: PPOStageConfig, train_policy: bool = True) -> tuple[torch.Tensor, dict]:
+    """The PPO objective on one micro-batch: clipped policy loss + vf_coef * clipped value loss."""
+    vf_loss, vf_stats = value_loss(response_values(critic, mb), mb["values"], mb["returns"], mb["mask"],
+                                   cfg.cliprange_value)
+    loss, stats = cfg.vf_coef * vf_loss, {"loss/value": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]}
+    if train_policy:
+        logprobs = logprobs_from_logits(response_logits(policy, mb, cfg.sampling.temperature), mb["responses"])
+        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
+        loss = loss + pg_loss
+        stats.update({"loss/policy": pg_loss.detach(), **{f"policy/{k}": v for k, v in pg_stats.items()}})
+    return loss, stats
+
+
+def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, seed: int) -> list[int]:
+    """This rank's prompts at `step`: a seeded shuffle per pass over the data, a pure function of the step."""
+    start = (step * world + rank) * batch
+    orders = {e: torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed * 1000003 + e))
+              for e in range(start // n_rows, (start + batch - 1) // n_rows + 1)}
+    return [int(orders[i // n_rows][i % n_rows]) for i in range(start, start + batch)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
+    paths = stage_paths(cfg, "ppo")
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    device, rank, n_ranks = accelerator.device, accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(cfg.seed)
+    all_reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731 (ppo_math's cross-rank sum)
+
+    # ---- data: training prompts, held-out eval prompts, the world's gold judge
+    with accelerator.main_process_first():
+        world = world_dir(cfg)
+    rows = [dict(r) for r in load_dataset_for(cfg.prompts, "prompts", world_dir=world)]
+    eval_rows = load_prompts(world / "eval_prompts.jsonl", cfg.eval_prompts) if cfg.eval_prompts else []
+    judge = load_judge(world)
+
+    # ---- models: policy (SFT, or the checkpoint on resume), reference, frozen RM, critic (from the RM)
+    sft_path = init_checkpoint(cfg, "ppo")
+    rm_path = cfg.reward_model or str(stage_paths(cfg, "rm").final)
+    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
+    rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
+    policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora_r else sft_path, "ppo",
+                            cfg.trust_remote_code)
+    set_special_token_ids(policy, tokenizer)
+    ref_model = None
+    if cfg.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        targets = cfg.lora_target_modules
+        policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
+            get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                              target_modules=targets if targets == "all-linear" else targets.split(","),
+                                              task_type="CAUSAL_LM"))
+    else:
+        ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code).to(device).eval().requires_grad_(False)
+    critic = TokenCritic(load_scalar_model(str(checkpoint / "critic") if checkpoint else rm_path, "ppo (critic)",
+                                           tokenizer, cfg.trust_remote_code, allowed_stages=("rm",)))
+
+    @contextlib.contextmanager
+    def reference():
+        """The frozen SFT model: its own copy, or (LoRA) the policy with the adapter switched off."""
+        if ref_model is not None:
+            yield ref_model
+        else:
+            with unwrap(policy).disable_adapter():
+                yield unwrap(policy)
+
+    # ---- optimizers (one per model: separate learning rates), KL controller, EMA, PPO-ptx data
+    policy_opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.policy_lr,
+                                   eps=cfg.adam_eps, weight_decay=0.0)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, eps=cfg.adam_eps, weight_decay=0.0)
+    kl_ctl = kl_controller(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
+    ema = None
+    if cfg.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    start_step = 0
+    if checkpoint is not None:
+        state = load_training_state(checkpoint)
+        policy_opt.load_state_dict(state["policy_optimizer"])
+        critic_opt.load_state_dict(state["critic_optimizer"])
+        kl_ctl.load_state_dict(state["kl_controller"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        start_step = state["step"]
+    policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
+    policy.eval()  # dropout off throughout: rollout and update log-probs come from the same function (N+)
+    critic.eval()
+    ptx_batches = None
+    if cfg.ptx_coef > 0:  # the batch stream resumes at the block the interrupted run reached
+        done_minibatches = max(0, start_step - cfg.critic_warmup_steps) * cfg.ppo_epochs * \
+            (cfg.rollout_batch_size // cfg.minibatch_size)
+        ptx_batches = PackedCorpus(load_dataset_for(cfg.ptx_data, "text", world_dir=world), tokenizer,
+                                   cfg.ptx_block_size, seed=cfg.seed).train_batches(
+            cfg.ptx_batch_size, cfg.grad_accum, done_minibatches, accelerator)
+
+    tracker = Tracker(cfg, "ppo", paths.metrics_file, accelerator.is_main_process,
+                      upstream={"sft": sft_path, "rm": rm_path})
+    if accelerator.is_main_process:
+        write_resolved_config(cfg, paths)
+        print(f"[ppo] policy {sft_path}, reward model {rm_path}, {len(rows)} prompts, {n_ranks} process(es)"
+              + (f", resuming from step {start_step}" if start_step else ""))
+
+    # ---- evaluation (main process): greedy replies to held-out prompts, scored by the RM and the gold judge
+    deliverable = lambda: ema.module if ema is not None else unwrap(policy)  # noqa: E731
+    eval_sampling = SamplingConfig(max_new_tokens=cfg.sampling.max_new_tokens, temperature=0.0)
+    eval_prompts = [r["prompt"] for r in eval_rows]
+
+    def answer(model) -> tuple:
+        result = evaluate_policy(model, tokenizer, eval_rows, judge, eval_sampling, cfg.eval_batch_size, cfg.seed)
+        replies = [s["response"] for s in result.samples]
+        return result, rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length).tolist()
+
+    def eval_kl(model) -> float:
+        """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies."""
+        g = torch.Generator(device=device).manual_seed(cfg.seed)
+        return torch.cat([masked_sum(r["kl_exact"], r["mask"], dim=1) for r in (
+            rollout(model, reference, None, tokenizer, eval_prompts[i:i + cfg.eval_batch_size], cfg, g)
+            for i in range(0, len(eval_prompts), cfg.eval_batch_size))]).mean().item()
+
+    with reference() as ref:
+        sft_eval = answer(ref) if accelerator.is_main_process and eval_rows else None
+
+    def evaluate(step: int) -> dict:
+        (sft, sft_rm), (ppo, ppo_rm) = sft_eval, answer(deliverable())
+        result = {"sft_gold_score": sft.summary["gold/score"], "ppo_gold_score": ppo.summary["gold/score"],
+                  "gold_win_rate": win_rate(ppo.scores, sft.scores), "kl_to_sft": eval_kl(deliverable()),
+                  "kl_target": cfg.kl_target, "sft_rm_score": sum(sft_rm) / len(sft_rm),
+                  "ppo_rm_score": sum(ppo_rm) / len(ppo_rm), "ppo_eos_rate": ppo.summary["eos_rate"],
+                  "per_family_gold": {f: {"sft": s, "ppo": p} for (f, s, _), (_, p, _) in
+                                      zip(family_table(sft.summary), family_table(ppo.summary), strict=True)},
+                  "eval_prompts": len(eval_rows)}
+        result["rm_score_gain"] = result["ppo_rm_score"] - result["sft_rm_score"]
+        tracker.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, float)},
+                     **{f"eval/gold/{f}": v["ppo"] for f, v in result["per_family_gold"].items()}}, step=step)
+        tracker.table("eval/samples", ["prompt", "family", "sft_response", "sft_rm", "sft_gold", "ppo_response",
+                                       "ppo_rm", "ppo_gold"],
+                      [[a["prompt"], a["family"], a["response"], sft_rm[i], a["gold_score"], b["response"], ppo_rm[i],
+                        b["gold_score"]] for i, (a, b) in enumerate(zip(sft.samples, ppo.samples))], step=step)
+        tqdm.write(f"[ppo] step {step} eval: gold {result['ppo_gold_score']:.3f} (SFT {result['sft_gold_score']:.3f}), "
+                   f"win rate {result['gold_win_rate']:.1%}, KL to SFT {result['kl_to_sft']:.2f}, "
+                   f"RM gain {result['rm_score_gain']:+.2f}")
+        return result
+
+    # ---- the PPO loop
+    result = None
+    for step in tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="ppo",
+                     disable=not accelerator.is_main_process):
+        started, done, train_policy = time.perf_counter(), step + 1, step >= cfg.critic_warmup_steps
+        left = 1.0 - max(0, step - cfg.critic_warmup_steps) / max(1, cfg.max_steps - cfg.critic_warmup_steps)
+        for opt, lr in ((policy_opt, cfg.policy_lr), (critic_opt, cfg.critic_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * (left if cfg.anneal_lr else 1.0)
+        seed = cfg.seed * 1000003 + step * 1009 + rank
+        sampler, shuffler = torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed + 7)
+
+        # rollouts: this rank's prompts, sampled replies, log-probs, values; RM and gold scores of the text
+        prompts = [rows[i]["prompt"] for i in
+                   prompt_indices(len(rows), step, rank, n_ranks, cfg.rollout_batch_size, cfg.seed)]
+        with accelerator.autocast():
+            data = rollout(unwrap(policy), reference, unwrap(critic), tokenizer, prompts, cfg, sampler)
+        replies, mask = decode_responses(tokenizer, data["responses"]), data["mask"]
+        rm_score = rm.score(prompts, replies, normalize=True, max_length=cfg.rm_max_length).to(device)
+        gold = torch.tensor([judge.score(p, r).score for p, r in zip(prompts, replies)], device=device)
+
+        # rewards: shaped score at the last token minus beta * KL on every token; GAE; global whitening
+        score = shape_scores(rm_score, data["has_eos"], cfg.missing_eos_penalty, cfg.reward_clip)
+        beta = kl_ctl.value
+        rewards, kl = compute_rewards(score, data["logprobs"], data["ref_logprobs"], mask, beta, cfg.kl_estimator)
+        rlhf_reward = rewards.sum(1)  # score - beta * KL, per reply
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+        data["advantages"], data["returns"] = gae(rewards, data["values"], mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            data["advantages"] = masked_whiten(data["advantages"], mask, all_reduce=all_reduce)
+        rollout_seconds, update_started, update_stats = time.perf_counter() - started, time.perf_counter(), []
+
+        # PPO update: epochs of shuffled minibatches, accumulated over micro-batches, clipped, one step per model
+        micro = cfg.minibatch_size // cfg.grad_accum
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(cfg.rollout_batch_size, generator=shuffler).split(micro):
+                mb = trim_padding({k: v[idx.to(device)] for k, v in data.items() if isinstance(v, torch.Tensor)})
+                with accelerator.accumulate(policy, critic):
+                    loss, stats = ppo_loss(policy, critic, mb, cfg, train_policy)
+                    if ptx_batches is not None and train_policy:
+                        ptx = next(ptx_batches)
+                        stats["loss/ptx"] = policy(input_ids=ptx, labels=ptx).loss
+                        loss = loss + cfg.ptx_coef * stats["loss/ptx"]
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                        if train_policy:
+                            stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                    critic_opt.step()
+                    critic_opt.zero_grad(set_to_none=True)
+                    if train_policy:
+                        policy_opt.step()
+                        policy_opt.zero_grad(set_to_none=True)
+                        if ema is not None and accelerator.sync_gradients:
+                            ema.update_parameters(unwrap(policy))
+                update_stats.append({k: v.detach().float() for k, v in stats.items()})
+        update_seconds = time.perf_counter() - update_started
+
+        # metrics, reduced across ranks (equal batches per rank, so the mean of rank means is the global mean)
+        seq_kl = kl.sum(1)
+        if train_policy:  # Ziegler's controller adapts beta to the KL of this batch
+            kl_ctl.update(accelerator.reduce(seq_kl.mean(), "mean").item(), cfg.rollout_batch_size * n_ranks)
+        local = {"objective/rm_score": rm_score.mean(), "objective/score": score.mean(), "objective/kl": seq_kl.mean(),
+                 "objective/kl_exact": masked_sum(data["kl_exact"], mask, dim=1).mean(),
+                 "objective/rlhf_reward": rlhf_reward.mean(), "objective/gold_score": gold.mean(),
+                 "rollout/response_length": mask.sum(1).float().mean(),
+                 "rollout/eos_rate": data["has_eos"].float().mean(),
+                 **{k: torch.stack([s[k] for s in update_stats if k in s]).mean() for k in update_stats[-1]}}
+        metrics = dict(zip(local, accelerator.reduce(torch.stack(list(local.values())).float(), "mean").tolist()))
+        tokens = accelerator.reduce(mask.sum().float(), "sum").item()
+        metrics.update({"objective/entropy": masked_mean(data["entropy"], mask, all_reduce=all_reduce).item(),
+                        "val/explained_variance": explained_variance(data["values"], data["returns"], mask, all_reduce),
+                        "objective/kl_coef": beta, "train/policy_lr": policy_opt.param_groups[0]["lr"],
+                        "perf/generation_tokens_per_sec": tokens / data["generation_seconds"],
+                        "perf/tokens_per_sec": tokens / (time.perf_counter() - started),
+                        "perf/generation_seconds": data["generation_seconds"], "perf/rollout_seconds": rollout_seconds,
+                        "perf/update_seconds": update_seconds})
+        tracker.log(metrics, step=done, console=False)
+        if accelerator.is_main_process:
+            tqdm.write(f"[ppo] step {done} | rm {metrics['objective/rm_score']:+.3f} | gold "
+                       f"{metrics['objective/gold_score']:.3f} | kl {metrics['objective/kl']:.2f} (beta "
+                       f"{beta:.3f}) | eos {metrics['rollout/eos_rate']:.2f} | "
+                       f"{metrics['perf/tokens_per_sec']:.0f} tok/s")
+        if eval_rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            if accelerator.is_main_process:
+                result = evaluate(done)
+            accelerator.wait_for_everyone()
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_training_checkpoint(
+                    paths.checkpoints, done, unwrap(policy), tokenizer,
+                    {"policy_optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
+                     "kl_controller": kl_ctl.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})},
+                    cfg.keep_checkpoints, extra_models={"critic": unwrap(critic).rm})
+            accelerator.wait_for_everyone()
+
+    # ---- the hand-off: a plain HF checkpoint (LoRA merged), eval.json; per-rank weight hashes on request
+    if accelerator.is_main_process and eval_rows and result is None:  # resumed at max_steps: evaluate anyway
+        result = evaluate(cfg.max_steps)
+    accelerator.wait_for_everyone()
+    if cfg.debug_checksums:
+        digest = hashlib.sha256()
+        for name, p in sorted(unwrap(policy).state_dict().items()):
+            digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
+        (paths.root / "checksums").mkdir(parents=True, exist_ok=True)
+        (paths.root / "checksums" / f"rank{rank}.json").write_text(json.dumps(
+            {"policy_sha256": digest.hexdigest(), "saved_final": accelerator.is_main_process}))
+    if accelerator.is_main_process:
+        plain = lambda m: m.merge_and_unload() if cfg.lora_r else m  # noqa: E731
+        if ema is not None:
+            save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo")
+        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None)
+        if result is not None:
+            (paths.root / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+            tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        print(f"[ppo] final policy in {paths.final}" + (f"; evaluation in {paths.root}/eval.json" if result else ""))
+        tracker.finish(paths.final)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

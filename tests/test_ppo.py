@@ -1,0 +1,225 @@
+"""The PPO stage on the micro recipe: masking in a real PPO step, a run with every option, 2-process DDP, and
+resume after SIGKILL with an identical continuation. (The maths itself is tested in test_ppo_math.py.)"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import MICRO, REPO
+from pipeline.config import load_config
+from pipeline.generation import encode_prompts
+from pipeline.model import load_scalar_model
+from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from stages.ppo.ppo import PPOStageConfig, TokenCritic, ppo_loss, score_rollout, trim_padding
+from stages.ppo.ppo_math import compute_rewards, gae, masked_whiten
+
+# micro models gain nothing from intra-op threads, and on a busy machine spinning threads cost seconds per step
+ENV = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+REQUIRED_EVERY_STEP = [
+    "objective/rm_score", "objective/kl", "objective/rlhf_reward", "objective/entropy", "objective/gold_score",
+    "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value", "val/explained_variance", "val/clipfrac",
+    "rollout/response_length", "rollout/eos_rate", "perf/tokens_per_sec", "perf/generation_seconds",
+    "perf/update_seconds"]
+REQUIRED_AT_EVAL = ["eval/ppo_gold_score", "eval/sft_gold_score", "eval/ppo_rm_score", "eval/gold_win_rate",
+                    "eval/kl_to_sft", "eval/rm_score_gain"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def ppo_args(runs_dir: Path, run_name: str, sft: Path, rm: Path, *overrides: str) -> list[str]:
+    return ["--config", str(MICRO / "ppo.yaml"), f"runs_dir={runs_dir}", f"run_name={run_name}",
+            f"init_from={sft}", f"reward_model={rm}", *overrides]
+
+
+def metrics(stage: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
+    """Garbage in padding and after EOS -- tokens, logits, values, old log-probs, advantages -- leaves the loss
+    and every gradient of a PPO step unchanged; the same garbage at one real position changes them."""
+    torch.manual_seed(0)
+    cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["minibatch_size=4", "grad_accum=1"])
+    tokenizer = load_tokenizer(str(micro_sft))
+    policy = AutoModelForCausalLM.from_pretrained(micro_sft).eval()
+    reference_model = AutoModelForCausalLM.from_pretrained(micro_sft).eval()
+    critic = TokenCritic(load_scalar_model(str(micro_rm), "test", tokenizer)).eval()
+    reference = lambda: contextlib.nullcontext(reference_model)  # noqa: E731
+    enc = encode_prompts(tokenizer, ["What is 12 plus 30?", "Write a short thank-you note to Bob.",
+                                     "Reverse the word cat.", "Hi"])
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    responses = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (4, 10))
+    responses[0, 3], responses[0, 4:] = eos, pad  # ended early, then padding
+    responses[1, 6], responses[1, 7:] = eos, pad
+    responses[3, 0], responses[3, 1:] = eos, pad  # an empty reply; row 2 hit the length cap without EOS
+    batch = score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg)
+    batch["score"] = torch.tensor([0.5, -1.0, 0.3, 2.0])
+    # the update sees a policy that has moved a little, so the ratio and value clipping are active
+    batch["logprobs"] = batch["logprobs"] + 0.3 * torch.randn(batch["logprobs"].shape)
+    mask = batch["mask"]
+    assert mask.sum(1).tolist() == [4, 7, 10, 1] and (enc["attention_mask"] == 0).any()
+
+    def grads_after_step(batch: dict, hide: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+        """Rewards, GAE, whitening, then the loss and gradients of one PPO micro-batch. `hide` marks the
+        response positions whose logits and values are replaced by noise inside the models' forward passes."""
+        # response token t is predicted at position n_prompt - 1 + t
+        n_prompt = batch["input_ids"].size(1) - batch["responses"].size(1)
+        hide_full = torch.nn.functional.pad(hide.float(), (n_prompt - 1, 1)).bool()[..., None]
+        noise = lambda module, args, out: torch.where(hide_full, out + 1e3 * torch.randn_like(out), out)  # noqa: E731
+        handles = [policy.lm_head.register_forward_hook(noise), critic.rm.score.register_forward_hook(noise)]
+        rewards, _ = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], batch["mask"], 0.05)
+        batch["advantages"], batch["returns"] = gae(rewards, batch["values"], batch["mask"], 1.0, 0.95)
+        batch["advantages"] = masked_whiten(batch["advantages"], batch["mask"])
+        policy.zero_grad()
+        critic.zero_grad()
+        loss, _ = ppo_loss(policy, critic, batch, cfg)
+        loss.backward()
+        for h in handles:
+            h.remove()
+        return loss.item(), [p.grad.clone() for p in [*policy.parameters(), *critic.parameters()]]
+
+    clean_loss, clean_grads = grads_after_step(dict(batch), torch.zeros_like(mask))
+    garbage = dict(batch)
+    post_eos = ~mask
+    garbage["responses"] = torch.where(post_eos, torch.randint_like(responses, len(tokenizer)), responses)
+    garbage["input_ids"] = torch.cat([torch.where(enc["attention_mask"].bool(), enc["input_ids"],
+                                                  torch.randint_like(enc["input_ids"], len(tokenizer))),
+                                      garbage["responses"]], dim=1)
+    for key in ("logprobs", "ref_logprobs", "values"):
+        garbage[key] = torch.where(post_eos, torch.full_like(batch[key], float("nan")), batch[key])
+    loss, grads = grads_after_step(garbage, post_eos)
+    assert loss == pytest.approx(clean_loss, abs=1e-6)
+    for clean, noisy in zip(clean_grads, grads, strict=True):
+        torch.testing.assert_close(noisy, clean, atol=1e-6, rtol=1e-5)
+
+    # the check can fail: noise at one real response position does change the step
+    one_real = torch.zeros_like(mask)
+    one_real[1, 2] = True
+    loss, _ = grads_after_step(dict(batch), one_real)
+    assert loss != pytest.approx(clean_loss, abs=1e-4)
+
+    # the update loop drops columns that are padding in every row of a micro-batch: same loss and gradients
+    rows = torch.tensor([0, 3])  # short replies, and a short prompt
+    sub = {k: v[rows] for k, v in batch.items()}
+    trimmed = trim_padding(sub)
+    assert trimmed["input_ids"].size(1) < sub["input_ids"].size(1) and trimmed["mask"].size(1) == 4
+    loss, grads = grads_after_step(sub, torch.zeros_like(sub["mask"]))
+    trimmed_loss, trimmed_grads = grads_after_step(trimmed, torch.zeros_like(trimmed["mask"]))
+    assert trimmed_loss == pytest.approx(loss, abs=1e-6)
+    for full, short in zip(grads, trimmed_grads, strict=True):
+        torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+
+
+def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path):
+    """LoRA policy (reference = adapter off), EMA, PPO-ptx and a critic warm-up step, in one short run."""
+    from stages.ppo.ppo import main
+
+    main(ppo_args(tmp_path, "options", micro_sft, micro_rm, "max_steps=3", "critic_warmup_steps=1", "lora_r=4",
+                  "ema_decay=0.5", "ptx_coef=0.1", "ptx_block_size=32", "eval_every=3", "eval_prompts=6"))
+    stage = tmp_path / "options" / "ppo"
+    records = [r for r in metrics(stage) if "table" not in r]
+    steps = {r["step"]: r for r in records if "objective/kl" in r}
+    assert sorted(steps) == [1, 2, 3]
+    assert "loss/policy" not in steps[1] and "loss/value" in steps[1]  # warm-up: critic only
+    assert steps[1]["objective/kl"] == 0.0  # the policy has not moved yet: identical to the reference
+    for step in (2, 3):
+        assert set(REQUIRED_EVERY_STEP + ["loss/ptx"]) <= set(steps[step]), set(REQUIRED_EVERY_STEP) - set(steps[step])
+    evals = [r for r in records if "eval/kl_to_sft" in r]
+    assert [r["step"] for r in evals] == [3] and set(REQUIRED_AT_EVAL) <= set(evals[0])
+    table = [r for r in metrics(stage) if r.get("table") == "eval/samples"]
+    assert len(table) == 1 and len(table[0]["rows"]) == 6 and "ppo_gold" in table[0]["columns"]
+
+    report = json.loads((stage / "eval.json").read_text())
+    assert {"sft_gold_score", "ppo_gold_score", "gold_win_rate", "kl_to_sft", "rm_score_gain",
+            "per_family_gold"} <= set(report)
+    assert set(report["per_family_gold"]["arithmetic"]) == {"sft", "ppo"}
+
+    final = stage / "final"
+    assert not (final / "adapter_config.json").exists()  # LoRA merged: a plain checkpoint
+    assert json.loads((final / "config.json").read_text())["pipeline_stage"] == "ppo"
+    model, sft = AutoModelForCausalLM.from_pretrained(final), AutoModelForCausalLM.from_pretrained(micro_sft)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), sft.state_dict().values()))
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert model.generate(**inputs, max_new_tokens=8, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+    assert (stage / "final_online" / "config.json").exists()  # EMA is final/; the online policy is beside it
+
+
+def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_path):
+    from pipeline.checkpoint import CheckpointError
+    from stages.ppo.ppo import main
+
+    with pytest.raises(CheckpointError, match=r"reward_model.*'sft' stage.*rm"):
+        main(ppo_args(tmp_path, "bad", micro_sft, micro_sft))
+
+
+def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(port), "-m", "stages.ppo",
+               *ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2", "eval_prompts=4",
+                         "debug_checksums=true")]
+    run = subprocess.run(command, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stage = tmp_path / "ddp" / "ppo"
+    ranks = [json.loads((stage / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["policy_sha256"] == ranks[1]["policy_sha256"]
+    assert [r["saved_final"] for r in ranks] == [True, False]
+    assert [r["step"] for r in metrics(stage) if "objective/kl" in r] == [1, 2]  # logged once, by the main process
+    assert (stage / "final" / "config.json").exists()
+    sft = AutoModelForCausalLM.from_pretrained(micro_sft).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(stage / "final").state_dict()
+    assert any(not torch.equal(trained[k], sft[k]) for k in sft)  # the ranks agree on a policy that moved
+
+
+def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_path):
+    stage = tmp_path / "resume" / "ppo"
+    args = ppo_args(tmp_path, "resume", micro_sft, micro_rm, "checkpoint_every=2", "eval_prompts=0",
+                     "anneal_lr=false")  # the schedule would depend on max_steps, which differs below
+    first = subprocess.Popen([sys.executable, "-m", "stages.ppo", *args, "max_steps=100"], cwd=REPO, env=ENV,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    try:  # kill once step 3 is logged: the newest checkpoint is then step 2 (step 4's comes after step 4)
+        while not (stage / "metrics.jsonl").exists() or 3 not in [r["step"] for r in metrics(stage)]:
+            assert first.poll() is None, f"the first run ended early:\n{first.stderr.read()[-2000:]}"
+            assert time.monotonic() < deadline, "step 3 not reached within 180 s"
+            time.sleep(0.1)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_00000002"]
+    killed = {r["step"]: r for r in metrics(stage) if "objective/kl" in r}
+    logged_before = len(metrics(stage))
+
+    second = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3"], cwd=REPO,
+                            env=ENV, capture_output=True, text=True, timeout=180)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from step 2" in second.stdout
+    resumed = [r for r in metrics(stage)[logged_before:] if "objective/kl" in r]
+    assert [r["step"] for r in resumed] == [3]  # continued at step 3, did not start over
+    # identical continuation: same prompts, samples, rewards and update as the run that was killed
+    for key, value in killed[3].items():
+        if not key.startswith("perf/"):
+            assert resumed[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert (stage / "final" / "config.json").exists()
