@@ -37,7 +37,8 @@ class RewardModelConfig(StageConfig):
     used to split `train_data` when no `eval_data` is given."""
     mix_static: bool = False
     """Also train on the world's static ranked set (prefs_static: the ideal response and K-1 flawed ones per
-    prompt), for the training prompts only. Gives the RM clean contrasts the SFT policy rarely samples."""
+    prompt), for the training prompts only: clean contrasts the SFT policy rarely samples. Off by default: it
+    is another distribution, and on tiny it lowered held-out accuracy on the SFT policy's own samples."""
 
     # ---- or a given preference dataset (collection is then skipped)
     train_data: DatasetSpec | None = None

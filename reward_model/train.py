@@ -11,7 +11,9 @@ not K-1 times, which is what InstructGPT found kept the RM from overfitting. Pla
 
 Reads top to bottom: config, ranked data (validated before any model is built), the backbone (fresh or
 resumed, optionally with LoRA), optimizer and schedule, held-out evaluation, the training loop, then the
-hand-off: final/ with the RM's mean and std over SFT samples in its config, and eval.json.
+hand-off: final/ with the RM's mean and std over the held-out responses in its config (the SFT policy's
+samples when collected; PPO normalises rewards with them), and eval.json with the held-out accuracy, the
+agreement with gold and the annotator's noise ceiling.
 """
 from __future__ import annotations
 
@@ -125,7 +127,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     accuracy: the RM orders the pair as the labeler did. With gold scores, over the pairs gold decides (the
     same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
-    A tie in RM scores counts as wrong.
+    accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
+    flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts as wrong.
     """
     all_pairs, decided = [], []
     for s, row in zip(scores, rows, strict=True):
@@ -141,6 +144,9 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
         metrics.update({"accuracy": _mean(rm_label), "gold_accuracy": _mean(rm_gold),
                         "noise_ceiling": _mean(label_gold), "decided_pairs": float(len(decided))})
         metrics["accuracy_over_ceiling"] = metrics["accuracy"] / max(metrics["noise_ceiling"], 1e-9)
+        # over all pairs the best any RM can expect: the ceiling on decided pairs, a coin flip on gold ties
+        ties = len(all_pairs) - len(decided)
+        metrics["noise_ceiling_all_pairs"] = (sum(label_gold) + 0.5 * ties) / len(all_pairs)
     else:
         metrics["accuracy"] = metrics["accuracy_all_pairs"]
     return metrics
@@ -305,11 +311,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---- the hand-off: a plain HF checkpoint whose config carries the RM's mean and std over SFT samples
     if metrics is None:  # resumed at max_steps: nothing was trained, but report the checkpoint
         metrics, scores = evaluate(max_steps)
-    # the held-out responses are the SFT policy's samples on prompts the RM never trained on: what PPO will show it
     tracker.table("eval/rankings", ["prompt", "rank", "response", "rm_score", "gold_score"],
                   [[row["prompt"], rank, response, score, (row.get("gold_scores") or [None] * len(s))[rank]]
                    for row, s in zip(eval_rows[:8], scores) for rank, (response, score)
                    in enumerate(zip(row["responses"], s))], step=max_steps)
+    # the held-out responses are the SFT policy's samples on prompts the RM never trained on: what PPO will show it
     reward_stats = score_stats("reward", [x for s in scores for x in s])
     reward_mean, reward_std = reward_stats["reward_mean"], reward_stats["reward_std"]
     accelerator.wait_for_everyone()
@@ -319,14 +325,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std)
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
-                                          "accuracy_all_pairs", "pairs", "decided_pairs") if k in metrics}
+                                          "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
+                  if k in metrics}
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         tmp = paths.root / "eval.json.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(paths.root / "eval.json")
         tracker.summary({f"eval/final_{k}": v for k, v in result.items()})
         ceiling = (f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
-                   f"({result['accuracy_over_ceiling']:.1%} of it)" if "noise_ceiling" in result else "")
+                   f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "
+                   f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
+                   if "noise_ceiling" in result else "")
         print(f"[rm] held-out pairwise accuracy {result['accuracy']:.3f}{ceiling}; reward mean {reward_mean:.3f} "
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
         tracker.finish(paths.final)

@@ -123,8 +123,9 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
     loss, grads = grads_after_step(sub, torch.zeros_like(sub["mask"]))
     trimmed_loss, trimmed_grads = grads_after_step(trimmed, torch.zeros_like(trimmed["mask"]))
     assert trimmed_loss == pytest.approx(loss, abs=1e-6)
+    # shorter sequences change matmul shapes, so only float round-off may differ
     for full, short in zip(grads, trimmed_grads, strict=True):
-        torch.testing.assert_close(short, full, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
 
 
 def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path):

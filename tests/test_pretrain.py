@@ -169,8 +169,16 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     run_stage(main, "pretrain.yaml", tmp_path, "max_steps=10", "eval_every=5", "log_every=5", run_name="wb")
+    import wandb
+
+    wandb.teardown()  # wandb-core writes the run file asynchronously; wait for it to finish
     (run_file,) = (tmp_path / "wb" / "pretrain" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
+    deadline = time.time() + 30
+    while True:
+        records = read_wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.time() > deadline:
+            break
+        time.sleep(0.5)
     logged = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history"
               for item in r.history.item}
     for key in ("train/loss", "eval/loss", "perf/tokens_per_sec", "perf/mfu"):

@@ -173,6 +173,7 @@ def _copy_prefs(micro_prefs: Path, runs_dir: Path, run_name: str) -> None:
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micro_prefs, tmp_path):
     _copy_prefs(micro_prefs, tmp_path, "resume")
+    assert len(read_jsonl(micro_prefs / "train.jsonl")) >= 3 * 8  # 3+ steps of batch_size 8: step 2 is mid-run
     args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=resume", f"init_from={micro_sft}",
             "epochs=1", "checkpoint_every=2", "eval_every=100"]
     train.main(args)

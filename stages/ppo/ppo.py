@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
+    if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
+        raise ConfigError(f"key 'reward_model': {rm_path} has a different tokenizer from the policy {sft_path}")
     policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora_r else sft_path, "ppo",
                             cfg.trust_remote_code)
     set_special_token_ids(policy, tokenizer)
