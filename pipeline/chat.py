@@ -21,7 +21,7 @@ import torch
 
 from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
                                load_policy_or_exit, load_run_config, resolve_checkpoint, sampling_from_args)
-from pipeline.generation import SamplingConfig, filter_logits
+from pipeline.generation import SamplingConfig, sample_steps
 
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=128, temperature=0.7, top_k=0, top_p=0.95)
 """Defaults for chatting: some variety, the unlikely tail cut off. --temperature 0 gives the greedy reply."""
@@ -29,32 +29,17 @@ CHAT_SAMPLING = SamplingConfig(max_new_tokens=128, temperature=0.7, top_k=0, top
 HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves."
 
 
-@torch.no_grad()
 def stream_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, eos_token_id: int,
                   generator: torch.Generator | None = None) -> Iterator[int]:
     """Sample one reply to a [1, T] prompt, yielding each token as soon as it is chosen (EOS included).
 
-    The computation of pipeline.generation.sample for a batch of one unpadded prompt, step for step.
+    The same loop as batched generation (pipeline.generation.sample_steps), so a greedy reply equals make eval's.
     """
-    attention_mask = torch.ones_like(input_ids)
-    position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
-    next_position = position_ids[:, -1:] + 1
-    for _ in range(sampling.max_new_tokens):
-        if sampling.temperature <= 0:
-            token = logits.argmax(-1)
-        else:
-            probs = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        yield int(token)
-        if int(token) == eos_token_id:
+    for token in sample_steps(model, input_ids, torch.ones_like(input_ids), sampling, eos_token_id, eos_token_id,
+                              generator):
+        yield int(token[0])
+        if int(token[0]) == eos_token_id:
             return
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(1, 1)], dim=-1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
-        next_position = next_position + 1
 
 
 class Conversation:

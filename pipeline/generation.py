@@ -6,6 +6,7 @@ end-of-turn token) per row, and the loop ends when every row has stopped or the 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -40,16 +41,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 @torch.no_grad()
-def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
-           eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample continuations of left-padded prompts. Returns [B, T_new] tokens; after EOS a row holds pad."""
+def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
+                 eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None
+                 ) -> Iterator[torch.Tensor]:
+    """Yield each row's next token ([B]), step by step, for left-padded prompts. After EOS a row yields pad.
+
+    One loop serves batched sampling (`sample`) and streaming chat (a batch of one).
+    """
     batch = input_ids.size(0)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_position = position_ids[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    tokens = []
     for _ in range(sampling.max_new_tokens):
         if sampling.temperature <= 0:
             token = logits.argmax(-1)
@@ -57,17 +61,25 @@ def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, samplin
             probs = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
+        yield token
         finished |= token == eos_token_id
         if finished.all():
-            break
+            return
         # finished rows keep decoding pad; their outputs are discarded, so their mask value does not matter
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
                     past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1)
+
+
+def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
+           eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Sample continuations of left-padded prompts. Returns [B, T_new] tokens; after EOS a row holds pad."""
+    steps = list(sample_steps(model, input_ids, attention_mask, sampling, eos_token_id, pad_token_id, generator))
+    if not steps:
+        return input_ids.new_empty(input_ids.size(0), 0)
+    return torch.stack(steps, dim=1)
 
 
 def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "cpu") -> dict:
