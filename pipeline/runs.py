@@ -102,3 +102,17 @@ def parse_stage_args(config_cls: type, argv: list[str] | None = None, descriptio
 def write_resolved_config(cfg: StageConfig, paths: StagePaths) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, paths.config_file)
+
+
+def end_stage(accelerator) -> None:
+    """Finish trackers and tear down the process group explicitly.
+
+    Left to the interpreter's exit, gloo's process-group destructor can block forever joining its worker threads
+    (seen under DDP on CPU), so a finished run would never return.
+    """
+    import torch.distributed as dist
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -32,7 +32,7 @@ from transformers import get_scheduler
 from data.loading import DatasetSpec, load_dataset_for
 from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint
 from pipeline.model import POLICY_STAGES, load_scalar_model
-from pipeline.runs import init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.runs import end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker
 from reward_model.collect import split_indices
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"[rm] held-out pairwise accuracy {result['accuracy']:.3f}{ceiling}; reward mean {reward_mean:.3f} "
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
         tracker.finish(paths.final)
-    accelerator.end_training()
+    end_stage(accelerator)
     return metrics
 
 

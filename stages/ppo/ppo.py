@@ -43,7 +43,7 @@ from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_
 from pipeline.generation import SamplingConfig, decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
-from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
+from pipeline.runs import StageConfig, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -487,7 +487,11 @@ def main(argv: list[str] | None = None) -> None:
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"[ppo] final policy in {paths.final}" + (f"; evaluation in {paths.root}/eval.json" if result else ""))
         tracker.finish(paths.final)
-    accelerator.end_training()
+    # drop the DDP wrappers while the process group exists: a Reducer freed after destroy_process_group takes
+    # the last reference to the gloo group, whose destructor can then hang joining its threads (torch 2.13)
+    policy = critic = None
+    accelerator.free_memory()
+    end_stage(accelerator)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, paramet
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
-from pipeline.runs import StageConfig, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.runs import StageConfig, end_stage, parse_stage_args, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker
 
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
               f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")
         tracker.finish(paths.final)
-    accelerator.end_training()
+    end_stage(accelerator)
 
 
 if __name__ == "__main__":
