@@ -48,6 +48,20 @@ def ppo_args(runs_dir: Path, run_name: str, sft: Path, rm: Path, *overrides: str
             f"init_from={sft}", f"reward_model={rm}", *overrides]
 
 
+def run_in_own_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; on timeout kill the whole group (launcher and every rank), so a
+    hung rank never outlives the test."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(command[:8])} ... did not finish within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def metrics(stage: Path) -> list[dict]:
     return [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
 
@@ -180,8 +194,7 @@ def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path
                "--main_process_port", str(port), "-m", "stages.ppo",
                *ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2", "eval_prompts=4",
                          "debug_checksums=true")]
-    run = subprocess.run(command, cwd=REPO, env={**ENV, "ACCELERATE_USE_CPU": "1"}, capture_output=True, text=True,
-                         timeout=300)
+    run = run_in_own_group(command, {**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "ppo"
     ranks = [json.loads((stage / "checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
