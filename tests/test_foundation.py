@@ -72,12 +72,18 @@ def test_cli_exits_with_a_message_not_a_traceback(capsys):
 
 def test_every_shipped_config_parses():
     from pipeline.runs import StageConfig
+    from reward_model.config import RewardModelConfig
+    from stages.ppo.ppo import PPOStageConfig
+    from stages.sft.sft import SFTStageConfig
 
-    stage_configs = {"pretrain": PretrainConfig}
-    for recipe in sorted(p for p in (MICRO.parent).iterdir() if p.is_dir() and p.name != "accelerate"):
-        for yaml_file in recipe.glob("pretrain.yaml"):
-            cfg = load_config(stage_configs[yaml_file.stem], yaml_file)
-            assert isinstance(cfg, StageConfig)
+    stage_configs = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig,
+                     "ppo": PPOStageConfig}
+    recipes = sorted(p for p in MICRO.parent.iterdir() if p.is_dir() and p.name != "accelerate")
+    assert {r.name for r in recipes} >= {"micro", "tiny", "gpu"}
+    for recipe in recipes:
+        for stage, config_cls in stage_configs.items():
+            cfg = load_config(config_cls, recipe / f"{stage}.yaml")
+            assert isinstance(cfg, StageConfig), (recipe.name, stage)
 
 
 def test_recipe_name_is_the_default_run_name():
