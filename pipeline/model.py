@@ -46,6 +46,23 @@ class ModelSpec:
     """Start pretraining from this causal-LM checkpoint (path or hub id) instead of random weights."""
 
 
+@dataclass
+class LoraSpec:
+    """Low-rank adapters (PEFT LoRA) instead of training every weight."""
+
+    enabled: bool = False
+    """On: train adapters only; final/ holds the merged plain checkpoint and adapter/ the adapter alone."""
+    rank: int = 16
+    """Adapter rank r: each adapted matrix gets r * (d_in + d_out) trainable parameters."""
+    alpha: int = 32
+    """The update is scaled by alpha / rank; alpha = 2 * rank is the usual choice."""
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
+    ["all-linear"]: every linear layer except the LM head."""
+
+
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
     if spec.pretrained:

@@ -2,23 +2,26 @@
 
     python -m reward_model.bench_rm [--quick]          (a row group of `make bench`)
 
-TRL, OpenRLHF and DeepSpeed-Chat expand a K-way ranking into C(K,2) independent (chosen, rejected) pairs and
-score each pair separately: K(K-1) forward passes per prompt, every response seen K-1 times per epoch
-(InstructGPT's "overfitting" baseline). The K-way loss scores each response once and compares all pairs of
-the group in the loss: K passes. Both arms run here, in one process, through the stage's own `collate` and
-`compute_loss` (a pair is a group of 2), from the same initial weights, with the same learning rate and the
-same number of conversations per step; the table reports one epoch's time for each, the speedup and the
-held-out accuracy of both (against the labels, and against gold where the data has gold scores).
+TRL, OpenRLHF and DeepSpeed-Chat expand a K-way ranking into C(K,2) independent (chosen, rejected) pairs,
+shuffle them, and score each pair separately: K(K-1) forward passes per prompt, every response seen K-1 times
+per epoch (InstructGPT's "overfitting" baseline). The K-way loss scores each response once and compares all
+pairs of the group in the loss: K passes. Both arms run here, in one process and interleaved (so a change in
+machine load hits both alike), through the stage's own `collate` and `compute_loss` (a pair is a group of 2),
+from the same initial weights, with the same learning rate, batching and number of comparisons per optimizer
+step (B prompts' worth: B groups, or B*C(K,2) shuffled pairs), so both take the same number of steps. The
+table reports one epoch's time for each, the speedup, and the held-out accuracy of both (against the labels,
+and against gold where the data has gold scores) with its standard error.
 
 Data: the tiny run's collected preferences (runs/tiny/prefs) when they exist, else the tiny world's static
-ranked set (the ideal response and K-1 flawed ones per prompt), each ranking cut to K=4 responses. Backbone: the tiny SFT model when it exists,
-else a fresh model of the tiny architecture: the throughput comparison holds either way.
+ranked set (the ideal response and K-1 flawed ones per prompt), each ranking cut to K=4 responses. Backbone:
+the tiny SFT model when it exists, else a fresh model of the tiny architecture.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import json
+import math
 import random
 import tempfile
 import time
@@ -74,7 +77,8 @@ def tiny_backbone(cfg: RewardModelConfig, scratch: Path) -> tuple[str, str]:
     sft = stage_paths(cfg, "sft").final
     if (sft / "config.json").exists():
         return str(sft), "tiny SFT backbone"
-    texts = [json.loads(line)["text"] for line, _ in zip((scratch / "world" / "pretrain.jsonl").open(), range(3000))]
+    world = write_world(scratch / "world", cfg.world)  # at once if tiny_data already wrote it
+    texts = [json.loads(line)["text"] for line, _ in zip((world / "pretrain.jsonl").open(), range(3000))]
     spec = load_config(ModelSpec, TINY / "model.yaml")
     tokenizer = train_tokenizer(texts, spec.vocab_size)
     build_causal_lm(spec, tokenizer).save_pretrained(scratch / "fresh")
@@ -126,17 +130,13 @@ def run_benchmark(quick: bool = False, k: int = 4) -> list[dict]:
         train = subsample(train, k, cfg.seed)
         backbone, model_note = tiny_backbone(cfg, scratch)
         pairs = expand_to_pairs(train)
-        # the stage's conversations per step in both arms: as groups of k, or as pairs
-        conversations = cfg.batch_size * cfg.responses_per_prompt
-        kway = Arm(cfg, backbone, train, conversations // k)
-        pair = Arm(cfg, backbone, pairs, conversations // 2)
-        # interleaved, so that a change in machine load hits both arms alike
-        done = 0
-        for i, indices in enumerate(kway.batches):
-            kway.step(indices)
-            while done < round((i + 1) * len(pair.batches) / len(kway.batches)):
-                pair.step(pair.batches[done])
-                done += 1
+        # the same comparisons per optimizer step: B prompts as groups of k, or their B*C(k,2) pairs, shuffled
+        prompts_per_step = cfg.batch_size * cfg.responses_per_prompt // k  # the stage's conversations per step
+        kway = Arm(cfg, backbone, train, prompts_per_step)
+        pair = Arm(cfg, backbone, pairs, prompts_per_step * math.comb(k, 2))
+        for kway_batch, pair_batch in zip(kway.batches, pair.batches, strict=True):  # interleaved
+            kway.step(kway_batch)
+            pair.step(pair_batch)
         kway_metrics, pair_metrics = kway.held_out_metrics(held_out), pair.held_out_metrics(held_out)
     name, note = f"rm (tiny, K={k})", f"{len(train)} rankings; {data_note}; {model_note}"
     rows = [
@@ -145,13 +145,14 @@ def run_benchmark(quick: bool = False, k: int = 4) -> list[dict]:
         {"benchmark": name, "metric": "epoch time, expanded pairs", "value": pair.seconds, "unit": "s",
          "note": f"{len(pairs)} pairs = {pair.conversations} conversations scored (as TRL/OpenRLHF)"},
         {"benchmark": name, "metric": "K-way speedup per epoch", "value": pair.seconds / kway.seconds, "unit": "x",
-         "note": f"target >= 2.5 at K=4 (ideal K-1 = {k - 1}); same batching, interleaved"},
+         "note": f"target >= 2.5 at K=4 (ideal K-1 = {k - 1}); {len(kway.batches)} optimizer steps each"},
     ]
     for arm, metrics in (("K-way", kway_metrics), ("pairs", pair_metrics)):
+        n, accuracy = int(metrics.get("decided_pairs", metrics["pairs"])), metrics["accuracy"]
         gold = f", gold agreement {metrics['gold_accuracy']:.3f} (ceiling {metrics['noise_ceiling']:.3f})" \
             if "gold_accuracy" in metrics else ""
-        rows.append({"benchmark": name, "metric": f"held-out accuracy, {arm}", "value": metrics["accuracy"],
-                     "unit": "", "note": f"{int(metrics.get('decided_pairs', metrics['pairs']))} held-out pairs{gold}"})
+        rows.append({"benchmark": name, "metric": f"held-out accuracy, {arm}", "value": accuracy, "unit": "",
+                     "note": f"+- {math.sqrt(accuracy * (1 - accuracy) / n):.3f} (binomial s.e.) on {n} pairs{gold}"})
     return rows
 
 

@@ -13,7 +13,7 @@ from data.loading import DatasetSpec
 from pipeline.config import ConfigError
 from pipeline.generation import SamplingConfig
 from pipeline.runs import StageConfig
-from stages.sft.sft import LoraSpec
+from pipeline.model import LoraSpec
 
 
 @dataclass

@@ -32,28 +32,11 @@ from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
 from pipeline.checkpoint import save_final
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.model import POLICY_STAGES, load_causal_lm, set_special_token_ids
+from pipeline.model import POLICY_STAGES, LoraSpec, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
-
-
-@dataclass
-class LoraSpec:
-    """Low-rank adapters (PEFT LoRA) instead of training every weight."""
-
-    enabled: bool = False
-    """On: train adapters only; final/ holds the merged plain checkpoint and adapter/ the adapter alone."""
-    rank: int = 16
-    """Adapter rank r: each adapted matrix gets r * (d_in + d_out) trainable parameters."""
-    alpha: int = 32
-    """The update is scaled by alpha / rank; alpha = 2 * rank is the usual choice."""
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
-    ["all-linear"]: every linear layer except the LM head."""
 
 
 @dataclass
