@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
@@ -34,10 +34,15 @@ CHAT_TEMPLATE = (
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers fast tokenizer."""
     core = Tokenizer(models.BPE())
+    # every text (a document, each chat message) starts with a space, so its first word is the same token as
+    # mid-sentence: a reply's "Nemfu is a frog." then starts with the very token the prompt "What is Nemfu?"
+    # ended with (without it the model must learn a second token per name). The decoder drops that one
+    # leading space again (the Llama/Mistral convention), so decode(encode(text)) == text.
+    core.normalizer = normalizers.Prepend(" ")
     # digits stay single tokens: arithmetic then works digit by digit and generalises to unseen numbers
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    core.decoder = decoders.ByteLevel()
+    core.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     core.train_from_iterator(texts, trainer=trainer)
