@@ -26,7 +26,6 @@ random draw of step s comes from generators seeded with (seed, step, rank), so a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -37,11 +36,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint, unwrap
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
+                                 save_training_checkpoint, unwrap)
 from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses, encode_prompts, sample
-from pipeline.model import load_causal_lm, load_scalar_model, set_special_token_ids
+from pipeline.model import LoraSpec, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
     write_resolved_config
@@ -106,19 +106,20 @@ class PPOStageConfig(StageConfig):
     """Clip normalised scores to [-reward_clip, reward_clip]."""
     critic_warmup_steps: int = 0
     """The first steps (counted in max_steps) train only the critic, so early advantages are not noise."""
-    ptx_coef: float = 0.0
-    """PPO-ptx (InstructGPT): weight of a pretraining LM loss added to the policy loss; 0: off."""
+    ptx: bool = False
+    """PPO-ptx (InstructGPT): add a pretraining LM loss to the policy loss, against forgetting."""
+    ptx_coef: float = 0.1
+    """Its weight (per-token mean LM loss). DeepSpeed-Chat's 27.8 collapses our tiny run within 15 steps (KL to
+    SFT 30 nats, EOS rate 0.6, gold win rate 24%); 0.1 keeps it within KL ~1 of a run without PPO-ptx."""
     ptx_data: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:pretrain"))
     ptx_batch_size: int = 4
     """Pretraining blocks of ptx_block_size tokens per micro-batch."""
     ptx_block_size: int = 128
     ema_decay: float = 0.0
     """Keep an EMA of the policy's weights (e.g. 0.99); final/ then holds the EMA. 0: off."""
-    lora_r: int = 0
-    """LoRA rank of the policy (0: full fine-tuning); `lora_target_modules`: 'all-linear' or comma-separated names."""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: str = "all-linear"
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA for the policy: the reference is then the policy with its adapter off (no second copy); final/ is
+    merged and adapter/ holds the adapter. Its dropout stays off: the policy runs in eval mode throughout."""
     eval_prompts: int = 200
     """Held-out world prompts (eval_prompts.jsonl) answered at each evaluation; 0: no evaluation."""
     eval_every: int = 20
@@ -128,8 +129,6 @@ class PPOStageConfig(StageConfig):
     keep_checkpoints: int = 2
     rm_max_length: int = 512
     """Token cap of a conversation as the RM reads it (cut on the left)."""
-    debug_checksums: bool = False
-    """Each rank writes checksums/rank<k>.json with a hash of its policy's weights (the DDP test)."""
 
     def __post_init__(self):
         if self.sampling.temperature <= 0:
@@ -197,7 +196,8 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
              "has_eos": has_eos}
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "kl_exact": [], "values": []}
     for rows in torch.arange(len(responses)).split(cfg.minibatch_size // cfg.grad_accum):
-        chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "responses")}
+        chunk = trim_padding({k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "responses",
+                                                          "mask")})
         logits = response_logits(policy, chunk, cfg.sampling.temperature)
         with reference() as ref_model:
             ref_logits = response_logits(ref_model, chunk, cfg.sampling.temperature)
@@ -208,7 +208,9 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
         parts["kl_exact"].append((logp.exp() * (logp - ref_logp)).sum(-1))
         if critic is not None:
             parts["values"].append(response_values(critic, chunk))
-    return {**batch, **{k: torch.cat(v) for k, v in parts.items() if v}}
+    width = responses.size(1)  # chunks were trimmed: pad back (masked positions hold 0)
+    return {**batch, **{k: torch.cat([torch.nn.functional.pad(x, (0, width - x.size(1))) for x in v])
+                        for k, v in parts.items() if v}}
 
 
 def trim_padding(mb: dict) -> dict:
@@ -264,18 +266,17 @@ def main(argv: list[str] | None = None) -> None:
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
         raise ConfigError(f"key 'reward_model': {rm_path} has a different tokenizer from the policy {sft_path}")
-    policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora_r else sft_path, "ppo",
+    policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora.enabled else sft_path, "ppo",
                             cfg.trust_remote_code)
     set_special_token_ids(policy, tokenizer)
     ref_model = None
-    if cfg.lora_r:
+    if cfg.lora.enabled:
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        targets = cfg.lora_target_modules
+        targets = "all-linear" if cfg.lora.target_modules == ["all-linear"] else cfg.lora.target_modules
         policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
-            get_peft_model(policy, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                              target_modules=targets if targets == "all-linear" else targets.split(","),
-                                              task_type="CAUSAL_LM"))
+            get_peft_model(policy, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                              target_modules=targets, task_type="CAUSAL_LM"))
     else:
         ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code).to(device).eval().requires_grad_(False)
     critic = TokenCritic(load_scalar_model(str(checkpoint / "critic") if checkpoint else rm_path, "ppo (critic)",
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     policy.eval()  # dropout off throughout: rollout and update log-probs come from the same function (N+)
     critic.eval()
     ptx_batches = None
-    if cfg.ptx_coef > 0:  # the batch stream resumes at the block the interrupted run reached
+    if cfg.ptx:  # the batch stream resumes at the block the interrupted run reached
         done_minibatches = max(0, start_step - cfg.critic_warmup_steps) * cfg.ppo_epochs * \
             (cfg.rollout_batch_size // cfg.minibatch_size)
         ptx_batches = PackedCorpus(load_dataset_for(cfg.ptx_data, "text", world_dir=world), tokenizer,
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
                 with accelerator.accumulate(policy, critic):
                     loss, stats = ppo_loss(policy, critic, mb, cfg, train_policy)
                     if ptx_batches is not None and train_policy:
-                        ptx = next(ptx_batches)
-                        stats["loss/ptx"] = policy(input_ids=ptx, labels=ptx).loss
+                        blocks = next(ptx_batches)
+                        stats["loss/ptx"] = policy(input_ids=blocks, labels=blocks).loss
                         loss = loss + cfg.ptx_coef * stats["loss/ptx"]
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -470,15 +471,11 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process and eval_rows and result is None:  # resumed at max_steps: evaluate anyway
         result = evaluate(cfg.max_steps)
     accelerator.wait_for_everyone()
-    if cfg.debug_checksums:
-        digest = hashlib.sha256()
-        for name, p in sorted(unwrap(policy).state_dict().items()):
-            digest.update(name.encode() + p.detach().cpu().contiguous().numpy().tobytes())
-        (paths.root / "checksums").mkdir(parents=True, exist_ok=True)
-        (paths.root / "checksums" / f"rank{rank}.json").write_text(json.dumps(
-            {"policy_sha256": digest.hexdigest(), "saved_final": accelerator.is_main_process}))
+    print(f"[ppo] rank {rank} policy fingerprint {parameter_fingerprint(policy)}")  # equal on all ranks under DDP
     if accelerator.is_main_process:
-        plain = lambda m: m.merge_and_unload() if cfg.lora_r else m  # noqa: E731
+        plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
+        if cfg.lora.enabled:
+            deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:
             save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo")
         save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None)
