@@ -241,9 +241,10 @@ def eval_tables(result: EvalResult) -> str:
     if "rm/score" in s:
         rows.append(["RM score (normalised)", s["rm/score"]])
     counts = family_counts(result)
-    families = [[family, counts.get(family, 0), score, correct] for family, score, correct in family_table(s)]
+    families = [[family, counts.get(family, 0), score, correct, s.get(f"gold/{family}/chance")]
+                for family, score, correct in family_table(s)]
     return (markdown_table(["metric", "value"], rows) + "\n\n"
-            + markdown_table(["family", "prompts", "gold score", "correctness"], families))
+            + markdown_table(["family", "prompts", "gold score", "correctness", "chance"], families))
 
 
 def main(argv: list[str] | None = None) -> dict:

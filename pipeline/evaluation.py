@@ -23,7 +23,8 @@ EVAL_SAMPLING = SamplingConfig(max_new_tokens=48, temperature=0.0)
 @dataclass
 class EvalResult:
     summary: dict[str, float]
-    """gold/score, gold/<criterion>, gold/<family>/score, gold/<family>/correctness, eos_rate, response_chars."""
+    """gold/score, gold/<criterion>, gold/<family>/score, gold/<family>/correctness, eos_rate, response_chars;
+    gold/<family>/chance and gold/chance: the correctness of blind guessing, to compare correctness with."""
     samples: list[dict[str, Any]] = field(default_factory=list)
     """One row per prompt: prompt, family, response, gold score and criteria."""
 
@@ -45,13 +46,14 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
 def judge_responses(judge: GoldJudge, rows: list[dict], responses: list[str],
                     ended: list[bool] | None = None) -> EvalResult:
     """Score responses to prompt rows and aggregate overall, per criterion and per family."""
-    samples, by_family, by_criterion = [], defaultdict(list), defaultdict(list)
+    samples, by_family, by_criterion, chance = [], defaultdict(list), defaultdict(list), defaultdict(list)
     for i, (row, response) in enumerate(zip(rows, responses, strict=True)):
         verdict = judge.score(row["prompt"], response)
         family = row.get("family") or verdict.family
         samples.append({"prompt": row["prompt"], "family": family, "response": response,
                         "gold_score": verdict.score, **{f"gold_{k}": v for k, v in verdict.criteria.items()}})
         by_family[family].append(verdict)
+        chance[family].append(judge.chance_correctness(row["prompt"]))
         for name, value in verdict.criteria.items():
             by_criterion[name].append(value)
     summary = {"gold/score": mean(s["gold_score"] for s in samples) if samples else float("nan")}
@@ -59,6 +61,9 @@ def judge_responses(judge: GoldJudge, rows: list[dict], responses: list[str],
     for family, verdicts in sorted(by_family.items()):
         summary[f"gold/{family}/score"] = mean(v.score for v in verdicts)
         summary[f"gold/{family}/correctness"] = mean(v.criteria["correctness"] for v in verdicts)
+    for family, chances in sorted(chance.items()):
+        summary[f"gold/{family}/chance"] = mean(chances)
+    summary["gold/chance"] = mean(c for chances in chance.values() for c in chances) if samples else float("nan")
     summary["response_chars"] = mean(len(r) for r in responses) if responses else 0.0
     if ended is not None:
         summary["eos_rate"] = mean(float(e) for e in ended) if ended else 0.0

@@ -317,9 +317,9 @@ def compare_table(a: dict, b: dict, names: tuple[str, str]) -> str:
 def family_compare(a, b, names: tuple[str, str]) -> str:
     counts = family_counts(b)
     rows = [[f, counts.get(f, 0), a.summary.get(f"gold/{f}/score"), score, a.summary.get(f"gold/{f}/correctness"),
-             correct] for f, score, correct in family_table(b.summary)]
+             correct, b.summary.get(f"gold/{f}/chance")] for f, score, correct in family_table(b.summary)]
     return markdown_table(["family", "prompts", f"gold {names[0]}", f"gold {names[1]}", f"correct {names[0]}",
-                           f"correct {names[1]}"], rows)
+                           f"correct {names[1]}", "chance"], rows)
 
 
 def clip(text: str, width: int = 72) -> str:

@@ -162,6 +162,30 @@ def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_worl
                 assert all(int(task.params[k]) in TRAIN_OPERANDS for k in ("a", "b"))
 
 
+def test_a_family_too_small_for_every_split_is_shared_out_by_split_size(tmp_path):
+    """12 entities give 216 fact prompts, fewer than the splits ask of facts: each split still gets
+    facts, about in proportion to its size, and n_words keeps the word family to that many words."""
+    config = dataclasses.replace(SMALL, n_entities=12, n_words=10, sft_examples=1200, pref_prompts=300,
+                                 ppo_prompts=300, sft_eval_examples=60, eval_prompts=50)
+    out = write_world(tmp_path / "small", config)
+    world = World.from_json((out / "world.json").read_text())
+    assert len(world.words) == 10 and set(world.words) < set(World.from_seed(3, 12).words)
+    assert World.from_seed(3, 12, 10).entities == World.from_seed(3, 12).entities  # words have their own stream
+    judge = GoldJudge(world)
+    facts = {split: sum(judge.task(p).family == "fact" for p in prompts_of(out, split))
+             for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts")}
+    total = sum(facts.values())
+    assert total < (1200 + 60 + 300 + 300) / 4  # the fact family really is short
+    for split, size in (("sft_train", 1200), ("pref_prompts", 300), ("ppo_prompts", 300)):
+        share = size / (1200 + 60 + 300 + 300)
+        assert abs(facts[split] - total * share) <= 0.1 * total, (split, facts)
+    words = {judge.task(p).params["word"] for split in PROMPT_SPLITS for p in prompts_of(out, split)
+             if judge.task(p).family == "word"}
+    assert words == set(world.words)
+    with pytest.raises(ValueError, match="n_words"):
+        WorldConfig(n_words=-1)
+
+
 def test_too_small_a_world_says_which_split_ran_out(tmp_path):
     config = dataclasses.replace(SMALL, n_entities=4, sft_examples=100_000)
     with pytest.raises(ValueError, match="sft_examples=100000"):
@@ -232,6 +256,16 @@ def test_corpus_is_plain_text_of_the_requested_size(small_world_dir):
     for marker in ("user:", "assistant:", "<|", "|>", "###"):
         assert marker not in joined.lower()
     assert "57 plus" not in joined and "plus 57" not in joined  # held-out operands never appear
+
+
+def test_corpus_question_answer_text_asks_training_questions_only(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    pairs = [pair for r in read_jsonl(small_world_dir / "pretrain.jsonl") if r["text"].startswith("Question: ")
+             for pair in re.findall(r"Question: (.*?) Answer: (.*?)(?= Question: |$)", r["text"])]
+    assert len(pairs) > 20
+    eval_keys = {judge.task(p).key for p in prompts_of(small_world_dir, "eval_prompts")}
+    assert not eval_keys & {judge.task(q).key for q, _ in pairs}
+    assert all(judge.score(q, a).score == 1.0 for q, a in pairs)  # the ideal answers
 
 
 def test_every_fact_appears_many_times_in_the_default_corpus():
@@ -433,6 +467,19 @@ def test_generated_responses_get_the_expected_verdicts(judge, world, family):
             criterion, at_most = expected_drop[flaw]
             assert verdict.criteria[criterion] <= at_most, (candidate.prompt, response, verdict)
             assert verdict.score < 1.0
+
+
+def test_chance_is_one_over_the_answers_a_question_of_that_kind_can_have(judge, world):
+    """Counted by brute force: every sum of two training operands, every colour, every word."""
+    sums = {a + b for a in TRAIN_OPERANDS for b in TRAIN_OPERANDS}
+    assert judge.chance_correctness("What is 12 plus 30?") == pytest.approx(1 / len(sums)) == 1 / 79
+    differences = {a - b for a in HELDOUT_OPERANDS for b in HELDOUT_OPERANDS if a >= b}
+    assert judge.chance_correctness("What is 91 minus 55?") == pytest.approx(1 / len(differences))
+    name = world.entities[0].name
+    assert judge.chance_correctness(f"What colour is {name}?") == pytest.approx(1 / len(set(world.colours)))
+    assert judge.chance_correctness("Reverse the word apple.") == pytest.approx(1 / len(world.words))
+    assert judge.chance_correctness(f"Write a short apology to {name}.") == pytest.approx(1 / len(world.entities))
+    assert judge.chance_correctness("Tell me a joke.") == 0.0
 
 
 def test_unknown_prompt_scores_only_style(judge):

@@ -20,6 +20,10 @@ class WorldConfig:
     n_entities: int = 200
     """Number of fictional entities (each with kind, colour, home, food, item count and a friend)."""
 
+    n_words: int = 0
+    """Size of the word-play vocabulary, drawn from the built-in list of common words; 0 = all of them.
+    A small model memorises the reversal, spelling and capitals of a few dozen words, not of 350."""
+
     corpus_chars: int = 3_000_000
     """Approximate size of the pretraining corpus (`pretrain.jsonl`) in characters."""
 
@@ -51,7 +55,7 @@ class WorldConfig:
         problems = []
         if self.n_entities < 4:
             problems.append(f"n_entities must be >= 4, got {self.n_entities}")
-        for name in ("corpus_chars", "sft_examples", "sft_eval_examples", "pref_prompts",
+        for name in ("n_words", "corpus_chars", "sft_examples", "sft_eval_examples", "pref_prompts",
                      "ppo_prompts", "eval_prompts"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -1,9 +1,12 @@
 """The pretraining corpus: plain text rows about the world, with no chat formatting.
 
 Rows mix entity profiles and short stories (so every fact appears many times in several
-phrasings), arithmetic sentences (training operand range only), word play and polite
-notes. The sentence shapes match the SFT response templates, so SFT only has to teach
-the model to answer in a form it has already seen.
+phrasings), arithmetic sentences (training operand range only), word play, polite notes,
+and question-answer text ("Question: What is 12 plus 30? Answer: 12 plus 30 is 42.") for
+training questions only, never an evaluation question. The sentence shapes match the SFT
+response templates, so SFT only has to teach the model to answer in a form it has already
+seen. The question-answer rows are where the model learns to copy operands, words and
+names from a question into its answer: nothing else in the corpus repeats them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from .entities import Entity, World
 from .tasks import TRAIN_OPERANDS
 
 # Share of rows of each type; entity rows dominate because facts are the hardest to memorise.
-ROW_MIX: dict[str, float] = {"profile": 0.3, "story": 0.2, "arithmetic": 0.2, "word": 0.15, "polite": 0.15}
+ROW_MIX: dict[str, float] = {"profile": 0.25, "story": 0.15, "arithmetic": 0.15, "word": 0.15, "polite": 0.1,
+                             "qa": 0.2}
 
 
 def _a(word: str) -> str:
@@ -111,11 +115,17 @@ def polite_row(world: World, rng: random.Random) -> str:
     return " ".join(notes)
 
 
-def pretraining_corpus(world: World, n_chars: int, rng: random.Random) -> list[str]:
+def qa_row(pairs: list[tuple[str, str]], rng: random.Random) -> str:
+    return " ".join(f"Question: {q} Answer: {a}" for q, a in rng.sample(pairs, min(len(pairs), rng.randint(2, 4))))
+
+
+def pretraining_corpus(world: World, n_chars: int, rng: random.Random,
+                       qa_pairs: list[tuple[str, str]] | None = None) -> list[str]:
     """Rows of a few hundred characters until about `n_chars` characters in total.
 
     Entity rows visit entities round-robin (reshuffled each pass), so every entity gets
-    about the same number of mentions however small the corpus.
+    about the same number of mentions however small the corpus. `qa_pairs` (question, good
+    answer) feed the question-answer rows; without them there are none.
     """
     entity_order = _round_robin(world.entities, rng)
     make_row: dict[str, Callable[[], str]] = {
@@ -124,8 +134,10 @@ def pretraining_corpus(world: World, n_chars: int, rng: random.Random) -> list[s
         "arithmetic": lambda: arithmetic_row(rng),
         "word": lambda: word_row(world.words, rng),
         "polite": lambda: polite_row(world, rng),
+        "qa": lambda: qa_row(qa_pairs, rng),
     }
-    kinds, weights = list(ROW_MIX), list(ROW_MIX.values())
+    mix = {kind: share for kind, share in ROW_MIX.items() if kind != "qa" or qa_pairs}
+    kinds, weights = list(mix), list(mix.values())
     rows: list[str] = []
     total = 0
     while total < n_chars:

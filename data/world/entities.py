@@ -93,7 +93,8 @@ class World:
             raise ValueError("entity names must be unique")
 
     @classmethod
-    def from_seed(cls, seed: int = 0, n_entities: int = 200) -> "World":
+    def from_seed(cls, seed: int = 0, n_entities: int = 200, n_words: int = 0) -> "World":
+        """`n_words`: how many of the built-in words the word family uses (0: all)."""
         rng = random.Random(f"world/{seed}")
         names = invented_names(rng, n_entities, forbidden=_reserved_words())
         friends = _pick_friends(rng, names)
@@ -110,7 +111,11 @@ class World:
             )
             for name in names
         )
-        return cls(seed=seed, entities=entities)
+        if n_words > len(WORDS):
+            raise ValueError(f"n_words={n_words} but only {len(WORDS)} words are built in")
+        # its own stream, so the entities do not depend on n_words
+        words = tuple(sorted(random.Random(f"words/{seed}").sample(WORDS, n_words))) if n_words else WORDS
+        return cls(seed=seed, entities=entities, words=words)
 
     def entity(self, name: str) -> Entity | None:
         return self._by_name.get(name)

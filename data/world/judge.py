@@ -27,10 +27,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .entities import World
+from .entities import MAX_ITEM_COUNT, MIN_ITEM_COUNT, World
 from .responses import flawed_response as _flawed_response
 from .responses import good_response as _good_response
-from .tasks import NOTE_OCCASION, OCCASION_MARKERS, SIGN_OFFS, UNKNOWN_FAMILY, Task, parse_prompt
+from .tasks import (ARITHMETIC_OPS, HELDOUT_OPERANDS, NOTE_OCCASION, OCCASION_MARKERS, SIGN_OFFS, TRAIN_OPERANDS,
+                    UNKNOWN_FAMILY, Task, parse_prompt)
 
 CRITERIA_WEIGHTS: dict[str, float] = {
     "correctness": 0.4,
@@ -121,6 +122,13 @@ class GoldJudge:
         total = sum(CRITERIA_WEIGHTS[name] * value for name, value in criteria.items())
         return Verdict(score=round(total, 6), criteria=criteria, family=family)
 
+    def chance_correctness(self, prompt: str) -> float:
+        """The correctness a blind guess would get: one over the number of answers this kind of question
+        can have in this world (every sum of two operands of the family's range, every colour, every word
+        of the vocabulary, every recipient...). A model knows an answer only where it beats this."""
+        task = self.task(prompt)
+        return 1.0 / answer_space_size(self.world, task) if task else 0.0
+
     def good_response(self, prompt: str) -> str:
         """The templated ideal response (raises ValueError for a prompt the world cannot answer)."""
         return _good_response(self._require_task(prompt))
@@ -156,6 +164,23 @@ def correctness(task: Task, view: _ResponseView) -> float:
     if kind == "note":
         return _note_correctness(task, view)
     raise ValueError(f"unknown answer kind {kind!r}")
+
+
+def answer_space_size(world: World, task: Task) -> int:
+    """How many distinct right answers questions of this task's kind have in `world`."""
+    if task.op in ARITHMETIC_OPS:
+        operands = HELDOUT_OPERANDS if task.family == "arithmetic_heldout" else TRAIN_OPERANDS
+        combine = (lambda a, b: a + b) if task.op == "plus" else (lambda a, b: a - b)
+        return len({combine(a, b) for a in operands for b in operands if task.op == "plus" or a >= b})
+    if task.op == "count":
+        return MAX_ITEM_COUNT - MIN_ITEM_COUNT + 1
+    if task.op == "letters":
+        return len({len(w) for w in world.words})
+    if task.answer_kind == "choice":
+        return 1 + len(task.alternatives)
+    if task.answer_kind == "note":
+        return len(world.entities)  # the recipient must be named; the rest the template gives away
+    return len(world.words)  # reverse, spell, capitals
 
 
 def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:

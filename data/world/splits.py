@@ -34,13 +34,35 @@ def make_prompt_splits(world: World, config: WorldConfig, rng: random.Random) ->
     eval_split = _draw(pools, FAMILIES, config.eval_prompts, "eval_prompts", rng)
     held_out = {c.key for c in eval_split}
     train_pools = {f: [c for c in pools[f] if c.key not in held_out] for f in TRAIN_FAMILIES}
-    return PromptSplits(
-        eval=eval_split,
-        sft_eval=_draw(train_pools, TRAIN_FAMILIES, config.sft_eval_examples, "sft_eval_examples", rng),
-        sft_train=_draw(train_pools, TRAIN_FAMILIES, config.sft_examples, "sft_examples", rng),
-        pref=_draw(train_pools, TRAIN_FAMILIES, config.pref_prompts, "pref_prompts", rng),
-        ppo=_draw(train_pools, TRAIN_FAMILIES, config.ppo_prompts, "ppo_prompts", rng),
-    )
+    sizes = {"sft_eval_examples": config.sft_eval_examples, "sft_examples": config.sft_examples,
+             "pref_prompts": config.pref_prompts, "ppo_prompts": config.ppo_prompts}
+    available = sum(len(pool) for pool in train_pools.values())
+    if sum(sizes.values()) > available:
+        asked = ", ".join(f"{what}={count}" for what, count in sizes.items())
+        raise ValueError(f"the world has {available} distinct training prompts beside eval_prompts, but the splits "
+                         f"ask for {sum(sizes.values())} ({asked}); increase n_entities or n_words, or reduce "
+                         f"the split sizes")
+    shares = _share_out(train_pools, sizes)
+    drawn = {what: _draw(shares[what], TRAIN_FAMILIES, count, what, rng) for what, count in sizes.items()}
+    return PromptSplits(eval=eval_split, sft_eval=drawn["sft_eval_examples"], sft_train=drawn["sft_examples"],
+                        pref=drawn["pref_prompts"], ppo=drawn["ppo_prompts"])
+
+
+def _share_out(pools: dict[str, list[PromptCandidate]],
+               sizes: dict[str, int]) -> dict[str, dict[str, list[PromptCandidate]]]:
+    """Cut every family's pool into one part per split, in proportion to the split sizes. In a small
+    world a family can have fewer prompts than all splits ask of it (facts: 6 per entity); drawing
+    the splits one after the other would then leave none of that family to the later splits."""
+    total = sum(sizes.values())
+    shares: dict[str, dict[str, list[PromptCandidate]]] = {what: {} for what in sizes}
+    for family, pool in pools.items():
+        start, cumulative = 0, 0
+        for what, count in sizes.items():
+            cumulative += count
+            end = round(len(pool) * cumulative / total) if total else 0
+            shares[what][family] = pool[start:end]
+            start = end
+    return shares
 
 
 def _draw(pools: dict[str, list[PromptCandidate]], families: tuple[str, ...], count: int,
@@ -51,8 +73,8 @@ def _draw(pools: dict[str, list[PromptCandidate]], families: tuple[str, ...], co
         available = [f for f in families if pools[f]]
         if not available:
             raise ValueError(
-                f"the world has too few distinct prompts for {what}={count} after the earlier "
-                f"splits; increase n_entities or reduce the split sizes")
+                f"the world has too few distinct prompts for {what}={count} beside the other "
+                f"splits; increase n_entities or n_words, or reduce the split sizes")
         drawn.append(pools[available[len(drawn) % len(available)]].pop())
     rng.shuffle(drawn)
     return drawn

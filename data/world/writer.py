@@ -25,7 +25,7 @@ JSONL_SPLITS = ("pretrain", "sft_train", "sft_eval", "pref_prompts", "ppo_prompt
 def generate_world(config: WorldConfig) -> tuple[World, dict[str, list[dict]]]:
     """The world and every JSONL split's rows. Each part has its own seeded stream, so
     changing one split's size leaves the others' randomness untouched where possible."""
-    world = World.from_seed(config.seed, config.n_entities)
+    world = World.from_seed(config.seed, config.n_entities, config.n_words)
     judge = GoldJudge(world)
 
     def rng(purpose: str) -> random.Random:
@@ -33,8 +33,10 @@ def generate_world(config: WorldConfig) -> tuple[World, dict[str, list[dict]]]:
 
     splits = make_prompt_splits(world, config, rng("splits"))
     annotator = Annotator(judge, config.annotator_temperature, seed=config.seed)
+    # question-answer text in the corpus: training questions only (the eval split's are withheld)
+    qa_pairs = [(c.prompt, judge.good_response(c.prompt)) for c in splits.sft_train + splits.pref + splits.ppo]
     rows = {
-        "pretrain": [{"text": t} for t in pretraining_corpus(world, config.corpus_chars, rng("corpus"))],
+        "pretrain": [{"text": t} for t in pretraining_corpus(world, config.corpus_chars, rng("corpus"), qa_pairs)],
         "sft_train": sft_demos(judge, splits.sft_train, config.demo_noise, rng("sft")),
         # Held-out demos are always clean: they measure how well the good behaviour is learned.
         "sft_eval": sft_demos(judge, splits.sft_eval, 0.0, rng("sft_eval")),

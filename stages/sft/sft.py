@@ -168,13 +168,15 @@ class ProgressBar(ProgressCallback):
 
 
 def comparison(sft: dict[str, float], pretrained: dict[str, float]) -> list[dict]:
-    """Per family and overall: SFT's gold score and correctness next to the pretrained model's."""
+    """Per family and overall: SFT's gold score and correctness next to the pretrained model's, and the
+    correctness of blind guessing (`chance`)."""
     rows = [{"family": family, "sft_score": score, "pretrained_score": pretrained[f"gold/{family}/score"],
-             "sft_correctness": correct, "pretrained_correctness": pretrained[f"gold/{family}/correctness"]}
+             "sft_correctness": correct, "pretrained_correctness": pretrained[f"gold/{family}/correctness"],
+             "chance": sft[f"gold/{family}/chance"]}
             for family, score, correct in family_table(sft)]
     rows.append({"family": "overall", "sft_score": sft["gold/score"], "pretrained_score": pretrained["gold/score"],
                  "sft_correctness": sft["gold/correctness"],
-                 "pretrained_correctness": pretrained["gold/correctness"]})
+                 "pretrained_correctness": pretrained["gold/correctness"], "chance": sft["gold/chance"]})
     return rows
 
 
@@ -258,10 +260,10 @@ def main(argv: list[str] | None = None) -> None:
             tracker.summary({f"sft_vs_pretrained/{r['family']}/{k}": v for r in rows for k, v in r.items()
                              if k != "family"})
             print(f"[sft] gold judge on {len(gold_rows)} held-out world prompts, pretrained -> SFT:")
-            print(f"  {'family':<20} {'gold score':>18} {'correctness':>18}")
+            print(f"  {'family':<20} {'gold score':>18} {'correctness':>18} {'chance':>8}")
             for r in rows:
                 print(f"  {r['family']:<20} {r['pretrained_score']:>8.3f} -> {r['sft_score']:<6.3f}"
-                      f" {r['pretrained_correctness']:>8.3f} -> {r['sft_correctness']:<6.3f}")
+                      f" {r['pretrained_correctness']:>8.3f} -> {r['sft_correctness']:<6.3f} {r['chance']:>8.3f}")
         (paths.root / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"[sft] eval loss {gold.eval_loss:.4f} after {trainer.state.global_step} steps "
               f"({train_seconds:.0f}s); checkpoint in {paths.final}")
