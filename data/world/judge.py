@@ -22,6 +22,7 @@ empty response scores 0 on everything. A prompt the judge cannot parse gets fami
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from collections import Counter
@@ -169,9 +170,7 @@ def correctness(task: Task, view: _ResponseView) -> float:
 def answer_space_size(world: World, task: Task) -> int:
     """How many distinct right answers questions of this task's kind have in `world`."""
     if task.op in ARITHMETIC_OPS:
-        operands = HELDOUT_OPERANDS if task.family == "arithmetic_heldout" else TRAIN_OPERANDS
-        combine = (lambda a, b: a + b) if task.op == "plus" else (lambda a, b: a - b)
-        return len({combine(a, b) for a in operands for b in operands if task.op == "plus" or a >= b})
+        return _arithmetic_answers(task.op, task.family == "arithmetic_heldout")
     if task.op == "count":
         return MAX_ITEM_COUNT - MIN_ITEM_COUNT + 1
     if task.op == "letters":
@@ -181,6 +180,14 @@ def answer_space_size(world: World, task: Task) -> int:
     if task.answer_kind == "note":
         return len(world.entities)  # the recipient must be named; the rest the template gives away
     return len(world.words)  # reverse, spell, capitals
+
+
+@functools.cache
+def _arithmetic_answers(op: str, heldout: bool) -> int:
+    operands = HELDOUT_OPERANDS if heldout else TRAIN_OPERANDS
+    if op == "plus":
+        return len({a + b for a in operands for b in operands})
+    return len({a - b for a in operands for b in operands if a >= b})
 
 
 def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:
