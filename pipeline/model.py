@@ -62,6 +62,15 @@ class LoraSpec:
     """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
     ["all-linear"]: every linear layer except the LM head."""
 
+    def peft_config(self, task_type: str):
+        """The PEFT LoraConfig for this spec; task_type "CAUSAL_LM" (policies) or "SEQ_CLS" (RM: the new scalar
+        head stays fully trainable, as peft's modules_to_save)."""
+        from peft import LoraConfig
+
+        targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+        return LoraConfig(task_type=task_type, r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
+                          target_modules=targets)
+
 
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""

@@ -170,14 +170,11 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
                               cfg.trust_remote_code, allowed_stages=POLICY_STAGES + ("rm",))
     if not lora.enabled:
         return model
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, checkpoint / "model", is_trainable=True)
-    # task SEQ_CLS keeps the new scalar head fully trainable (peft's modules_to_save)
-    targets = "all-linear" if lora.target_modules == ["all-linear"] else lora.target_modules
-    return get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=lora.rank, lora_alpha=lora.alpha,
-                                            lora_dropout=lora.dropout, target_modules=targets))
+    return get_peft_model(model, lora.peft_config("SEQ_CLS"))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -176,12 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(policy, tokenizer)
     ref_model = None
     if cfg.lora.enabled:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from peft import PeftModel, get_peft_model
 
-        targets = "all-linear" if cfg.lora.target_modules == ["all-linear"] else cfg.lora.target_modules
         policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
-            get_peft_model(policy, LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                              target_modules=targets, task_type="CAUSAL_LM"))
+            get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
     else:
         ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code).to(device).eval().requires_grad_(False)
     critic = TokenCritic(load_scalar_model(str(checkpoint / "critic") if checkpoint else rm_path, "ppo (critic)",

@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from peft import LoraConfig
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
@@ -110,14 +109,6 @@ def latest_complete_checkpoint(checkpoints_dir: Path) -> str | None:
     complete = [p for p in checkpoints_dir.glob("checkpoint-*")
                 if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
     return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
-
-
-def lora_config(spec: LoraSpec) -> LoraConfig | None:
-    if not spec.enabled:
-        return None
-    targets = "all-linear" if spec.target_modules == ["all-linear"] else spec.target_modules
-    return LoraConfig(task_type="CAUSAL_LM", r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                      target_modules=targets)
 
 
 class GoldEval(TrainerCallback):
@@ -213,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
+    peft_config = cfg.lora.peft_config("CAUSAL_LM") if cfg.lora.enabled else None
     trainer = SFTTrainer(model=model, args=training_arguments(cfg, paths.checkpoints), train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer, peft_config=lora_config(cfg.lora),
+                         eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[gold, TrackerCallback(tracker)])  # gold first: its time is not training time
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
