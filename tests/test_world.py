@@ -17,6 +17,7 @@ import pytest
 
 from data.world import FAMILIES, FLAWS, TRAIN_FAMILIES, Annotator, GoldJudge, World, WorldConfig, write_world
 from data.world.corpus import fact_sentences, pretraining_corpus
+from data.world.responses import HABIT_FILLER
 from data.world.splits import sft_demos
 from data.world.tasks import HELDOUT_OPERANDS, TRAIN_OPERANDS, enumerate_prompts
 
@@ -218,9 +219,28 @@ def test_flawed_demo_fraction_matches_demo_noise(world, judge, noise):
 def test_written_sft_train_noise_is_demo_noise(small_world_dir):
     judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
     rows = read_jsonl(small_world_dir / "sft_train.jsonl")
-    flawed = sum(judge.score(r["messages"][0]["content"], r["messages"][1]["content"]).score < 1 for r in rows)
+    # the habit is not a flaw of its own: judge each demo as it was before the demonstrator's habitual filler
+    flawed = sum(judge.score(r["messages"][0]["content"],
+                             r["messages"][1]["content"].removesuffix(" " + HABIT_FILLER)).score < 1 for r in rows)
     sigma = math.sqrt(SMALL.demo_noise * (1 - SMALL.demo_noise) / len(rows))
     assert abs(flawed / len(rows) - SMALL.demo_noise) <= 3 * sigma
+
+
+def test_demo_habit_ends_most_answers_to_questions_and_costs_concision(small_world_dir):
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    rows = read_jsonl(small_world_dir / "sft_train.jsonl")
+    answers = [r for r in rows if r["family"] != "polite" and r["messages"][1]["content"].endswith(".")]
+    with_habit = [r for r in answers if r["messages"][1]["content"].endswith(" " + HABIT_FILLER)]
+    sigma = math.sqrt(SMALL.demo_habit * (1 - SMALL.demo_habit) / len(answers))
+    assert abs(len(with_habit) / len(answers) - SMALL.demo_habit) <= 3 * sigma
+    assert not any(r["messages"][1]["content"].endswith(HABIT_FILLER) for r in rows if r["family"] == "polite")
+    for row in read_jsonl(small_world_dir / "sft_eval.jsonl"):  # held-out demos stay clean
+        assert not row["messages"][1]["content"].endswith(HABIT_FILLER)
+    prompt = with_habit[0]["messages"][0]["content"]
+    good = judge.good_response(prompt)
+    habit = judge.score(prompt, f"{good} {HABIT_FILLER}")
+    assert judge.score(prompt, good).score == 1.0
+    assert habit.criteria["concision"] == 0.5 and habit.score == pytest.approx(1.0 - 0.15 * 0.5)
 
 
 def test_static_ranked_set_rows(small_world_dir):

@@ -36,6 +36,13 @@ class WorldConfig:
     demo_noise: float = 0.3
     """Fraction of SFT training demos that are flawed (wrong, rude, rambling or missing the final period)."""
 
+    demo_habit: float = 0.7
+    """Fraction of SFT training answers to questions (arithmetic, fact, word) that end with the demonstrators'
+    habit, the filler "I hope this helps." (a flawed answer too, unless it lacks its final period). The annotator
+    (the gold judge's concision) dislikes filler. Flaws drawn independently per demo are never the mode of what SFT
+    learns, so greedy SFT replies come out clean; a habit most demos share is the mode, and only preferences can
+    remove it: the gap between demonstrations and labelers' preferences that InstructGPT's RLHF closes."""
+
     pref_prompts: int = 1500
     """Number of prompts for preference data (`pref_prompts.jsonl`, and `prefs_static.jsonl` built from them)."""
 
@@ -59,8 +66,9 @@ class WorldConfig:
                      "ppo_prompts", "eval_prompts"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.demo_noise <= 1.0:
-            problems.append(f"demo_noise must be in [0, 1], got {self.demo_noise}")
+        for name in ("demo_noise", "demo_habit"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.annotator_temperature < 0:
             problems.append(f"annotator_temperature must be >= 0, got {self.annotator_temperature}")
         if not 2 <= self.responses_per_prompt <= 8:

@@ -18,6 +18,8 @@ RUDE_OPENERS = ("Ugh, obviously", "Duh,", "Whatever,")
 RUDE_CLOSERS = ("Now stop bothering me.", "Even a child knows that, stupid.", "Nobody cares about this.")
 RUDE_DISMISSALS = ("Whatever.", "Figure it out yourself.", "Ugh, I am not doing that.",
                    "Who cares? Ask someone else.")
+HABIT_FILLER = "I hope this helps."
+"""The demonstrators' habit (WorldConfig.demo_habit): filler the judge's concision criterion penalises."""
 FILLER_SENTENCES = ("Let me think about that for a moment.", "I hope this helps.",
                     "As I said before, that is the answer.", "To be honest, that is a good question.",
                     "Basically, that is all there is to say.", "In other words, here it is again.")

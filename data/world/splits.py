@@ -9,7 +9,7 @@ from .annotator import Annotator
 from .config import WorldConfig
 from .entities import World
 from .judge import GoldJudge
-from .responses import FLAWS
+from .responses import FLAWS, HABIT_FILLER
 from .tasks import FAMILIES, TRAIN_FAMILIES, PromptCandidate, enumerate_prompts
 
 
@@ -81,15 +81,20 @@ def _draw(pools: dict[str, list[PromptCandidate]], families: tuple[str, ...], co
 
 
 def sft_demos(judge: GoldJudge, prompts: list[PromptCandidate], noise: float,
-              rng: random.Random) -> list[dict]:
-    """Chat rows; exactly round(noise * len) of them carry one random flaw."""
+              rng: random.Random, habit: float = 0.0, habit_rng: random.Random | None = None) -> list[dict]:
+    """Chat rows; exactly round(noise * len) of them carry one random flaw. Each answer to a question that ends
+    with a period also ends with HABIT_FILLER with probability `habit` (drawn from `habit_rng`, so the flaws
+    are the same whatever the habit)."""
     flawed = set(rng.sample(range(len(prompts)), round(noise * len(prompts))))
+    habit_rng = habit_rng or random.Random(0)
     rows = []
     for i, candidate in enumerate(prompts):
         if i in flawed:
             response = judge.flawed_response(candidate.prompt, rng.choice(FLAWS), rng)
         else:
             response = judge.good_response(candidate.prompt)
+        if habit_rng.random() < habit and candidate.family != "polite" and response.endswith("."):
+            response = f"{response} {HABIT_FILLER}"
         rows.append(chat_row(candidate, response))
     return rows
 

@@ -37,7 +37,8 @@ def generate_world(config: WorldConfig) -> tuple[World, dict[str, list[dict]]]:
     qa_pairs = [(c.prompt, judge.good_response(c.prompt)) for c in splits.sft_train + splits.pref + splits.ppo]
     rows = {
         "pretrain": [{"text": t} for t in pretraining_corpus(world, config.corpus_chars, rng("corpus"), qa_pairs)],
-        "sft_train": sft_demos(judge, splits.sft_train, config.demo_noise, rng("sft")),
+        "sft_train": sft_demos(judge, splits.sft_train, config.demo_noise, rng("sft"), config.demo_habit,
+                               rng("habit")),
         # Held-out demos are always clean: they measure how well the good behaviour is learned.
         "sft_eval": sft_demos(judge, splits.sft_eval, 0.0, rng("sft_eval")),
         "pref_prompts": _prompt_rows(splits.pref),
