@@ -170,8 +170,10 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
 
     report = json.loads((stage / "eval.json").read_text())
     assert {"sft_gold_score", "ppo_gold_score", "gold_win_rate", "kl_to_sft", "rm_score_gain",
-            "per_family_gold"} <= set(report)
+            "per_family_gold", "per_criterion_gold"} <= set(report)
     assert set(report["per_family_gold"]["arithmetic"]) == {"sft", "ppo"}
+    assert set(report["per_criterion_gold"]) == {"correctness", "on_task", "tone", "concision", "format"}
+    assert all(0.0 <= v[k] <= 1.0 for v in report["per_criterion_gold"].values() for k in ("sft", "ppo"))
 
     final = stage / "final"
     assert not (final / "adapter_config.json").exists()  # LoRA merged: a plain checkpoint

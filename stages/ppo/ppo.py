@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
+from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
                                  save_training_checkpoint, unwrap)
 from pipeline.config import ConfigError
@@ -259,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                   "ppo_rm_score": sum(ppo_rm) / len(ppo_rm), "ppo_eos_rate": ppo.summary["eos_rate"],
                   "per_family_gold": {f: {"sft": s, "ppo": p} for (f, s, _), (_, p, _) in
                                       zip(family_table(sft.summary), family_table(ppo.summary), strict=True)},
+                  "per_criterion_gold": {c: {"sft": sft.summary[f"gold/{c}"], "ppo": ppo.summary[f"gold/{c}"]}
+                                         for c in CRITERIA_WEIGHTS},
                   "eval_prompts": len(eval_rows)}
         result["rm_score_gain"] = result["ppo_rm_score"] - result["sft_rm_score"]
         tracker.log({**{f"eval/{k}": v for k, v in result.items() if isinstance(v, float)},
