@@ -116,11 +116,12 @@ def measure_rm(cfg, scorer) -> dict:
     (normalised) scores of the chosen and rejected response of every held-out pair."""
     from pipeline.config import load_config
     from reward_model.config import RewardModelConfig
-    from reward_model.train import load_rankings, ranking_metrics, score_rankings
+    from reward_model.train import add_gold_criteria, load_rankings, ranking_metrics, score_rankings
 
     rm_cfg = load_config(RewardModelConfig, stage_paths(cfg, "rm").config_file,
                          [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
     _, held_out, source = load_rankings(rm_cfg)
+    add_gold_criteria(rm_cfg, held_out)
     scores = score_rankings(scorer.model, scorer.tokenizer, held_out, rm_cfg.max_length, rm_cfg.eval_batch_size,
                             scorer.device)
     normalised = [[(x - scorer.mean) / scorer.std for x in s] for s in scores]
@@ -392,8 +393,14 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
     verdict = "above chance" if r["accuracy"] > 0.5 else "not above chance"
+    criteria = sorted((k.split("/")[1] for k in r if k.startswith("decided_pairs/")),
+                      key=lambda c: -r[f"decided_pairs/{c}"])
+    by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
+                    "", markdown_table(["deciding criterion", "pairs", "gold agreement"],
+                                       [[c, int(r[f"decided_pairs/{c}"]), r[f"gold_accuracy/{c}"]] for c in criteria],
+                                       align="lrr"), ""] if criteria else []
     return [f"Re-scored now on the held-out rankings ({relative(r['source'], run)}/), which the RM never trained on.",
-            "", table, "",
+            "", table, "", *by_criterion,
             image(plot, "RM scores of chosen and rejected responses", run)], \
         [["RM", f"held-out accuracy {r['accuracy']:.3f}{ceiling}", verdict]]
 

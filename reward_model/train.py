@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from data.loading import DatasetSpec, load_dataset_for
+from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint
+from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, load_scalar_model
 from pipeline.runs import end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
@@ -121,6 +123,22 @@ def score_rankings(model, tokenizer, rows: list[dict], max_length: int, batch_si
     return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
+def add_gold_criteria(cfg: RewardModelConfig, rows: list[dict]) -> None:
+    """Give world rankings (rows with `gold_scores` whose prompts the world's judge parses) each response's gold
+    criteria, so ranking_metrics can say which kinds of differences the RM sees."""
+    if not rows or not all("gold_scores" in row for row in rows):
+        return
+    judge = load_judge(world_dir(cfg))
+    if all(judge.task(row["prompt"]) is not None for row in rows):
+        for row in rows:
+            row["gold_criteria"] = [judge.score(row["prompt"], r).criteria for r in row["responses"]]
+
+
+def deciding_criterion(a: dict[str, float], b: dict[str, float]) -> str:
+    """The gold criterion that contributes most to the score difference of two responses."""
+    return max(CRITERIA_WEIGHTS, key=lambda c: CRITERIA_WEIGHTS[c] * abs(a[c] - b[c]))
+
+
 def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, float]:
     """Agreement over the held-out pairs i < j of each ranking (i ranked above j by the labeler).
 
@@ -129,15 +147,19 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts as wrong.
+    gold_accuracy/<criterion>, decided_pairs/<criterion> (rows with `gold_criteria`): gold agreement on the
+    decided pairs grouped by the criterion that contributes most to their gold difference.
     """
-    all_pairs, decided = [], []
+    all_pairs, decided, by_criterion = [], [], {}
     for s, row in zip(scores, rows, strict=True):
-        gold = row.get("gold_scores")
+        gold, criteria = row.get("gold_scores"), row.get("gold_criteria")
         for i, j in itertools.combinations(range(len(s)), 2):
             all_pairs.append(s[i] > s[j])
             if gold is not None and gold[i] != gold[j]:
                 gold_first = gold[i] > gold[j]
                 decided.append((s[i] > s[j], s[i] > s[j] if gold_first else s[j] > s[i], gold_first))
+                if criteria is not None:
+                    by_criterion.setdefault(deciding_criterion(criteria[i], criteria[j]), []).append(decided[-1][1])
     metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs))}
     if decided:
         rm_label, rm_gold, label_gold = zip(*decided)
@@ -147,6 +169,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
         # over all pairs the best any RM can expect: the ceiling on decided pairs, a coin flip on gold ties
         ties = len(all_pairs) - len(decided)
         metrics["noise_ceiling_all_pairs"] = (sum(label_gold) + 0.5 * ties) / len(all_pairs)
+        for name, agreed in sorted(by_criterion.items()):
+            metrics[f"gold_accuracy/{name}"], metrics[f"decided_pairs/{name}"] = _mean(agreed), float(len(agreed))
     else:
         metrics["accuracy"] = metrics["accuracy_all_pairs"]
     return metrics
@@ -187,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---- ranked data: validated before any model is built, so bad input fails fast
     with accelerator.main_process_first():
         train_rows, eval_rows, source = load_rankings(cfg)
+        add_gold_criteria(cfg, eval_rows)
     micro_batch = cfg.batch_size * n_procs
     steps_per_epoch = len(train_rows) // (micro_batch * cfg.grad_accum)
     if steps_per_epoch == 0:
@@ -324,17 +349,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}
+        by_criterion = {k.split("/")[1]: (v, int(metrics[f"decided_pairs/{k.split('/')[1]}"]))
+                        for k, v in metrics.items() if k.startswith("gold_accuracy/")}
+        if by_criterion:
+            result["gold_accuracy_by_deciding_criterion"] = {c: {"gold_accuracy": a, "pairs": n}
+                                                             for c, (a, n) in by_criterion.items()}
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         tmp = paths.root / "eval.json.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         tmp.replace(paths.root / "eval.json")
-        tracker.summary({f"eval/final_{k}": v for k, v in result.items()})
+        tracker.summary({f"eval/final_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         ceiling = (f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
                    f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "
                    f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
                    if "noise_ceiling" in result else "")
         print(f"[rm] held-out pairwise accuracy {result['accuracy']:.3f}{ceiling}; reward mean {reward_mean:.3f} "
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
+        if by_criterion:
+            print("[rm] gold agreement by the criterion that decides the pair: " +
+                  ", ".join(f"{c} {a:.2f} ({n} pairs)" for c, (a, n) in sorted(by_criterion.items(),
+                                                                               key=lambda x: -x[1][1])))
         tracker.finish(paths.final)
     end_stage(accelerator)
     return metrics

@@ -148,6 +148,23 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
     assert normalized.std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
     result = json.loads((micro_rm.parent / "eval.json").read_text())
     assert all(0.0 <= result[k] <= 1.0 for k in ("accuracy", "gold_accuracy", "noise_ceiling"))
+    by_criterion = result["gold_accuracy_by_deciding_criterion"]  # world prefs: every decided pair is attributed
+    assert sum(v["pairs"] for v in by_criterion.values()) == result["decided_pairs"]
+    assert set(by_criterion) <= {"correctness", "on_task", "tone", "concision", "format"}
+
+
+def test_ranking_metrics_by_deciding_criterion_by_hand():
+    clean = {"correctness": 1.0, "on_task": 1.0, "tone": 1.0, "concision": 1.0, "format": 1.0}
+    wrong, filler = {**clean, "correctness": 0.0}, {**clean, "concision": 0.5}
+    # labeler order: clean, filler, wrong (gold 1.0, 0.925, 0.6); the RM puts wrong above filler
+    row = {"prompt": "p", "responses": ["a", "b", "c"], "gold_scores": [1.0, 0.925, 0.6],
+           "gold_criteria": [clean, filler, wrong]}
+    metrics = train.ranking_metrics([[2.0, 0.0, 1.0]], [row])
+    # pairs: (clean, filler) decided by concision, RM right; (clean, wrong) by correctness, right;
+    # (filler, wrong) by correctness (0.4 vs 0.075 of weight), RM wrong
+    assert metrics["gold_accuracy/concision"] == 1.0 and metrics["decided_pairs/concision"] == 1
+    assert metrics["gold_accuracy/correctness"] == 0.5 and metrics["decided_pairs/correctness"] == 2
+    assert metrics["gold_accuracy"] == pytest.approx(2 / 3)
 
 
 def test_training_lowers_the_ranking_loss_on_its_data(micro_rm, micro_sft, micro_prefs):
