@@ -393,12 +393,13 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
     verdict = "above chance" if r["accuracy"] > 0.5 else "not above chance"
-    criteria = sorted((k.split("/")[1] for k in r if k.startswith("decided_pairs/")),
-                      key=lambda c: -r[f"decided_pairs/{c}"])
+    from reward_model.train import by_deciding_criterion
+
+    criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement"],
-                                       [[c, int(r[f"decided_pairs/{c}"]), r[f"gold_accuracy/{c}"]] for c in criteria],
-                                       align="lrr"), ""] if criteria else []
+                                       [[c, n, a] for c, (a, n) in criteria.items()], align="lrr"), ""] \
+        if criteria else []
     return [f"Re-scored now on the held-out rankings ({relative(r['source'], run)}/), which the RM never trained on.",
             "", table, "", *by_criterion,
             image(plot, "RM scores of chosen and rejected responses", run)], \

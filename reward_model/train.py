@@ -176,6 +176,13 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     return metrics
 
 
+def by_deciding_criterion(metrics: dict[str, float]) -> dict[str, tuple[float, int]]:
+    """{criterion: (gold agreement, pairs)} from ranking_metrics' per-criterion keys, most pairs first."""
+    found = {k.split("/", 1)[1]: (v, int(metrics[f"decided_pairs/{k.split('/', 1)[1]}"]))
+             for k, v in metrics.items() if k.startswith("gold_accuracy/")}
+    return dict(sorted(found.items(), key=lambda item: -item[1][1]))
+
+
 def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -349,8 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}
-        by_criterion = {k.split("/")[1]: (v, int(metrics[f"decided_pairs/{k.split('/')[1]}"]))
-                        for k, v in metrics.items() if k.startswith("gold_accuracy/")}
+        by_criterion = by_deciding_criterion(metrics)
         if by_criterion:
             result["gold_accuracy_by_deciding_criterion"] = {c: {"gold_accuracy": a, "pairs": n}
                                                              for c, (a, n) in by_criterion.items()}
@@ -367,8 +373,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
         if by_criterion:
             print("[rm] gold agreement by the criterion that decides the pair: " +
-                  ", ".join(f"{c} {a:.2f} ({n} pairs)" for c, (a, n) in sorted(by_criterion.items(),
-                                                                               key=lambda x: -x[1][1])))
+                  ", ".join(f"{c} {a:.2f} ({n} pairs)" for c, (a, n) in by_criterion.items()))
         tracker.finish(paths.final)
     end_stage(accelerator)
     return metrics
