@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import yaml
 
+from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
@@ -46,8 +47,8 @@ STAGE_CONFIGS = {
 read as a bare StageConfig, so they may hold only the shared keys."""
 
 POLICY_STAGE_NAMES = ("pretrain", "sft", "ppo")
-CRITERIA = ("correctness", "on_task", "tone", "concision", "format")
-"""The gold judge's criteria, in the order tables show them."""
+CRITERIA = tuple(CRITERIA_WEIGHTS)
+"""The gold judge's criteria, in the order tables show them (the judge's own order)."""
 
 
 # ---- the run's config and the command line, shared by evaluate, report and chat ----------------------------
