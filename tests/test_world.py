@@ -363,6 +363,7 @@ def fact_cases(world):
         (f"Who is {n}'s friend?", f"{n}'s friend is {e.friend}."),
         (f"What does {n} like to eat?", f"{n} likes to eat {e.food}."),
         (f"What kind of creature is {n}?", f"{n} is a {e.kind}."),
+        (f"What colour is {n}?", f"{n} is {e.colour}, like its friend {e.friend}."),
     ]
     flawed = [
         (f"What colour is {n}?", f"{n} is {other_colour}.", "correctness", 0.0),
@@ -370,6 +371,9 @@ def fact_cases(world):
         (f"Where does {n} live?", f"{n} lives in {other_place}.", "correctness", 0.0),
         (f"How many {e.item} does {n} have?", f"{n} has {e.count + 3} {e.item}.", "correctness", 0.0),
         (f"Who is {n}'s friend?", f"{n}'s friend is {other_name}.", "correctness", 0.0),
+        # the right value about another entity answers another question
+        (f"What colour is {n}?", f"{other_name} is {e.colour}.", "correctness", 0.0),
+        (f"What colour is {n}?", f"{other_name} is {e.colour}.", "on_task", 0.0),
         (f"Where does {n} live?", f"Ugh, obviously {n} lives in {e.place}.", "tone", 0.0),
         (f"What colour is {n}?", "Whatever. Ask someone else.", "on_task", 0.0),
         (f"What does {n} like to eat?",
@@ -382,6 +386,7 @@ def fact_cases(world):
 
 
 def word_cases(world):
+    other_word = next(w for w in world.words if w != "garden")
     good = [
         ("Reverse the word apple.", "The word apple reversed is elppa."),
         ("Write the word lantern backwards.", "Nretnal."),
@@ -395,6 +400,9 @@ def word_cases(world):
         ("Reverse the word apple.", "The word apple reversed is apple.", "correctness", 0.0),
         ("Reverse the word apple.", "It is elppa or eplpa.", "correctness", 0.0),
         ("How many letters are in the word garden?", "The word garden has 7 letters.", "correctness", 0.0),
+        # the right count for another word answers another question
+        ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "correctness", 0.0),
+        ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "on_task", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
         ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),
         ("How many letters are in the word garden?", "Duh, the word garden has 6 letters.", "tone", 0.0),

@@ -3,11 +3,14 @@
 It re-derives the task from the prompt text (same templates, same world lookup), then
 scores a response on five criteria in [0, 1]:
 
-- correctness (weight 0.4): the right answer is stated and no conflicting answer is.
-  Checked by program per answer kind (number, colour/place/..., reversed word, ...).
+- correctness (weight 0.4): the right answer is stated and no conflicting answer is, nor
+  another entity or word than the one asked about ("The word folder has 6 letters." does not
+  answer "How many letters are in the word kitten?"). Checked by program per answer kind
+  (number, colour/place/..., reversed word, ...).
   Weighted most because being right is the point; the other criteria are about how.
-- on_task (0.15): the response addresses this prompt -- it states the right answer or
-  mentions the operands / entity / word asked about. A dismissive non-answer scores 0.
+- on_task (0.15): the response addresses this prompt -- it states the right answer (about
+  the right subject) or mentions the operands / entity / word asked about. A dismissive
+  non-answer scores 0.
 - tone (0.15): no rude or dismissive words ("ugh", "whatever", "stupid", ...). Binary:
   one insult is enough to make a reply unacceptable.
 - concision (0.15): within the family's word budget, no repeated sentence or phrase, no
@@ -149,7 +152,10 @@ class GoldJudge:
 
 
 def correctness(task: Task, view: _ResponseView) -> float:
-    """1 if the right answer is stated and nothing contradicts it, else 0 (notes: partial credit)."""
+    """1 if the right answer is stated and nothing contradicts it, else 0 (notes: partial credit).
+    Naming another entity or word than the one asked about contradicts it: that answers another question."""
+    if _names_other_subject(task, view):
+        return 0.0
     kind = task.answer_kind
     if kind == "number":
         return float(_stated_numbers(task, view) == {int(task.answer)})
@@ -246,9 +252,14 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
 # ---------------------------------------------------------------- style criteria
 
 
+def _names_other_subject(task: Task, view: _ResponseView) -> bool:
+    return any(subject.lower() in view.words for subject in task.other_subjects)
+
+
 def on_task(task: Task, view: _ResponseView) -> float:
-    """1 if the right answer is stated, else the share of subject terms mentioned."""
-    if _answer_stated(task, view):
+    """1 if the right answer is stated (and no other entity or word is named), else the share of subject terms
+    mentioned."""
+    if _answer_stated(task, view) and not _names_other_subject(task, view):
         return 1.0
     terms = task.subject_terms
     if task.op in ("plus", "minus"):

@@ -115,6 +115,9 @@ class Task:
     notes it is the recipient's name. `alternatives` are the values a wrong answer to a
     choice question would use (every other colour, place, ...); for notes, other names.
     `detail_alternatives` (notes only): the foods or places other than the one asked about.
+    `other_subjects` (facts and word play): the entities or words the question is *not* about. A reply that
+    names one answers another question ("The word folder has 6 letters." to "How many letters are in the word
+    kitten?"), even if the value it states happens to be right.
     """
 
     family: str
@@ -123,6 +126,7 @@ class Task:
     answer: str
     alternatives: tuple[str, ...] = ()
     detail_alternatives: tuple[str, ...] = ()
+    other_subjects: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -199,7 +203,9 @@ def build_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     if op in FACT_OPS:
         return _fact_task(world, op, params)
     if op in WORD_OPS:
-        return Task("word", op, params, _word_answer(op, params["word"]))
+        word, answer = params["word"], _word_answer(op, params["word"])
+        others = tuple(w for w in world.words if w not in (word, answer.lower()))
+        return Task("word", op, params, answer, other_subjects=others)
     if op in NOTE_OPS:
         others = tuple(n for n in world.names if n != params["name"])
         if "food" in params:
@@ -216,20 +222,21 @@ def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     entity = world.entity(params["name"])
     if entity is None:
         return None
+    # the friend may be mentioned in passing ("..., like its friend Vusko"); any other entity is a wrong subject
+    other_subjects = tuple(n for n in world.names if n not in (entity.name, entity.friend))
     if op == "count":
         if params["item"] != entity.item:
             return None  # the world does not say how many of other things it has
-        return Task("fact", op, params, str(entity.count))
+        return Task("fact", op, params, str(entity.count), other_subjects=other_subjects)
     if op == "friend":
-        others = tuple(n for n in world.names if n not in (entity.name, entity.friend))
-        return Task("fact", op, params, entity.friend, others)
+        return Task("fact", op, params, entity.friend, other_subjects, other_subjects=other_subjects)
     answer, category = {
         "colour": (entity.colour, world.colours),
         "place": (entity.place, world.places),
         "food": (entity.food, world.foods),
         "kind": (entity.kind, world.kinds),
     }[op]
-    return Task("fact", op, params, answer, tuple(c for c in category if c != answer))
+    return Task("fact", op, params, answer, tuple(c for c in category if c != answer), other_subjects=other_subjects)
 
 
 def _word_answer(op: str, word: str) -> str:
