@@ -43,10 +43,12 @@ def plain_torch_loop(steps: int) -> None:
 
     from pipeline.config import load_config
     from pipeline.model import build_causal_lm
+    from pipeline.runs import resolve_precision
     from pipeline.tokenizer import train_tokenizer
     from stages.pretrain.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, TINY / "pretrain.yaml")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(cfg))  # as the stage decides
     tokenizer = train_tokenizer(["warm up the vocabulary with some text"] * 10, cfg.model.vocab_size)
     model = build_causal_lm(cfg.model, tokenizer)
     # same vocabulary size as the stage's trained tokenizer, so the model is identical in shape
@@ -57,7 +59,8 @@ def plain_torch_loop(steps: int) -> None:
     for step in range(steps + warmup):
         if step == warmup:
             start = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast("cpu", dtype=half or torch.float32, enabled=half is not None):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -67,6 +70,11 @@ def plain_torch_loop(steps: int) -> None:
 
 
 def bench_pretrain(quick: bool) -> list[dict]:
+    from pipeline.config import load_config
+    from pipeline.runs import resolve_precision
+    from stages.pretrain.pretrain import PretrainConfig
+
+    precision = resolve_precision(load_config(PretrainConfig, TINY / "pretrain.yaml"))
     steps = 10 if quick else 40
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -80,9 +88,9 @@ def bench_pretrain(quick: bool) -> list[dict]:
     plain_out, plain_rss = _run_child(["-m", "pipeline.bench", "--plain-loop", str(steps)])
     plain_rate = json.loads(plain_out.strip().splitlines()[-1])["tokens_per_sec"]
     rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, pipeline stage",
-                 "value": stage_rate, "unit": "tok/s", "note": f"{steps} steps, incl. data + logging"})
+                 "value": stage_rate, "unit": "tok/s", "note": f"{steps} steps, incl. data + logging, {precision}"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, plain torch loop",
-                 "value": plain_rate, "unit": "tok/s", "note": "same model, batch, AdamW"})
+                 "value": plain_rate, "unit": "tok/s", "note": f"same model, batch, AdamW, {precision}"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "stage / plain loop", "value": stage_rate / plain_rate,
                  "unit": "x", "note": "target >= 1.0 (within noise)"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "peak memory (max RSS)", "value": stage_rss,

@@ -6,6 +6,7 @@ at its last non-pad token. Checkpoints load with plain `from_pretrained`: no pro
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 def non_embedding_parameters(model: torch.nn.Module) -> int:
     """Parameters that cost FLOPs per token (for MFU): all but the input embedding table."""
     return count_parameters(model) - model.get_input_embeddings().weight.numel()
+
+
+@contextlib.contextmanager
+def fp32_forward(model: torch.nn.Module):
+    """Run `model` with its own fp32 forward inside this block, even while accelerate's mixed-precision autocast
+    wrapper is on it (prepare() keeps the original as `_original_forward`). Evaluations use it so that the
+    figures a stage reports are the ones a plain `from_pretrained` load reproduces."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:  # not wrapped: nothing to undo
+        yield model
+        return
+    patched = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = patched

@@ -11,9 +11,13 @@ This module is the one place that knows the layout; stages and the Makefile go t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+import torch
 
 from data.world import WorldConfig, write_world
 from pipeline.config import ConfigError, load_config, save_config
@@ -40,6 +44,30 @@ class StageConfig:
     trust_remote_code: bool = False
     """Allow model code shipped with a hub checkpoint. Off: only architectures transformers ships are loaded."""
     wandb_project: str = "rlhf-pipeline"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Mixed precision of the training passes (weights and optimizer stay fp32). auto: what `accelerate launch`
+    asks for (--mixed_precision or its config file), else bf16 where the hardware runs it natively (a CUDA GPU
+    with bf16, or a CPU with AVX512-BF16 or AMX: ~1.3x faster steps on a 2-core EPYC), else fp32."""
+
+
+def resolve_precision(cfg: StageConfig) -> str:
+    """cfg.precision made concrete: "bf16", "fp16" or "fp32"."""
+    if cfg.precision != "auto":
+        return cfg.precision
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher in ("bf16", "fp16"):
+        return launcher
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    native_cpu_bf16 = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                       or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return "bf16" if native_cpu_bf16 else "fp32"
+
+
+def accelerate_precision(cfg: StageConfig) -> str:
+    """resolve_precision as accelerate's `mixed_precision` names it ("no" for fp32)."""
+    precision = resolve_precision(cfg)
+    return "no" if precision == "fp32" else precision
 
 
 @dataclass

@@ -33,8 +33,9 @@ from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint
 from pipeline.evaluation import load_judge
-from pipeline.model import POLICY_STAGES, load_scalar_model
-from pipeline.runs import end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
+from pipeline.runs import accelerate_precision, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker
 from reward_model.collect import split_indices
@@ -211,7 +212,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
     paths = stage_paths(cfg, "rm")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
     n_procs, rank = accelerator.num_processes, accelerator.process_index
 
@@ -263,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(step: int) -> tuple[dict[str, float], list[list[float]]]:
         """Score the held-out rankings (sharded over processes) and compare them with labels and gold."""
         model.eval()
-        with accelerator.split_between_processes(eval_rows) as shard:
-            scores = score_rankings(model, tokenizer, shard, cfg.max_length, cfg.eval_batch_size, accelerator.device)
+        with accelerator.split_between_processes(eval_rows) as shard, \
+                fp32_forward(accelerator.unwrap_model(model)) as plain:  # scored as RewardScorer and PPO will
+            scores = score_rankings(plain, tokenizer, shard, cfg.max_length, cfg.eval_batch_size, accelerator.device)
         model.train()
         scores = gather_object([scores])
         scores = [group for shard_scores in scores for group in shard_scores]

@@ -150,3 +150,49 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     tracker = Tracker(PretrainConfig(run_name="nan"), "pretrain", tmp_path / "metrics.jsonl")
     with pytest.raises(FloatingPointError, match=r"train/loss is NaN at step 7"):
         tracker.log({"train/loss": torch.tensor(float("nan"))}, step=7)
+
+
+@pytest.mark.parametrize("setting, launcher, cpu_bf16, expected", [
+    ("fp32", "bf16", True, "fp32"),    # the config's explicit choice wins over everything
+    ("bf16", "no", False, "bf16"),
+    ("auto", "fp16", True, "fp16"),    # accelerate launch --mixed_precision fp16
+    ("auto", "no", True, "bf16"),      # a CPU with native bf16 (AVX512-BF16 / AMX)
+    ("auto", "no", False, "fp32"),     # an older CPU: bf16 would be emulated and slow
+])
+def test_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch, setting, launcher, cpu_bf16, expected):
+    from pipeline.runs import StageConfig, accelerate_precision, resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cfg = StageConfig(precision=setting)
+    assert resolve_precision(cfg) == expected
+    assert accelerate_precision(cfg) == {"fp32": "no"}.get(expected, expected)
+
+
+def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from pipeline.model import fp32_forward
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=300), tokenizer).eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    AcceleratorState._reset_state(reset_partial_state=True)  # other tests' Accelerators fixed another precision
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+        with torch.no_grad():
+            autocast_logits = prepared(input_ids=ids).logits
+            with fp32_forward(prepared) as plain:
+                plain_logits = plain(input_ids=ids).logits
+            after = prepared(input_ids=ids).logits
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not torch.allclose(autocast_logits, reference, atol=1e-4)  # bf16 matmuls round differently
+    assert torch.equal(plain_logits, reference)
+    assert torch.equal(after, autocast_logits)  # training keeps its mixed precision after the block

@@ -42,10 +42,10 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, paramet
 from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses
-from pipeline.model import LoraSpec, load_causal_lm, load_scalar_model, set_special_token_ids
+from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
-from pipeline.runs import StageConfig, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
-    write_resolved_config
+from pipeline.runs import StageConfig, accelerate_precision, end_stage, init_checkpoint, parse_stage_args, \
+    stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
 from reward_model.scoring import RewardScorer
@@ -152,7 +152,7 @@ def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, se
 def main(argv: list[str] | None = None) -> None:
     cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
     paths = stage_paths(cfg, "ppo")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     device, rank, n_ranks = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     all_reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731 (ppo_math's cross-rank sum)
@@ -238,16 +238,19 @@ def main(argv: list[str] | None = None) -> None:
     eval_prompts = [r["prompt"] for r in eval_rows]
 
     def answer(model) -> tuple:
-        result = evaluate_policy(model, tokenizer, eval_rows, judge, eval_sampling, cfg.eval_batch_size, cfg.seed)
+        with fp32_forward(model) as fp32_model:  # as a plain from_pretrained load answers
+            result = evaluate_policy(fp32_model, tokenizer, eval_rows, judge, eval_sampling, cfg.eval_batch_size,
+                                     cfg.seed)
         replies = [s["response"] for s in result.samples]
         return result, rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length).tolist()
 
     def eval_kl(model) -> float:
         """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies."""
         g = torch.Generator(device=device).manual_seed(cfg.seed)
-        return torch.cat([masked_sum(r["kl_exact"], r["mask"], dim=1) for r in (
-            rollout(model, reference, None, tokenizer, eval_prompts[i:i + cfg.eval_batch_size], cfg, g)
-            for i in range(0, len(eval_prompts), cfg.eval_batch_size))]).mean().item()
+        with fp32_forward(model) as fp32_model:
+            return torch.cat([masked_sum(r["kl_exact"], r["mask"], dim=1) for r in (
+                rollout(fp32_model, reference, None, tokenizer, eval_prompts[i:i + cfg.eval_batch_size], cfg, g)
+                for i in range(0, len(eval_prompts), cfg.eval_batch_size))]).mean().item()
 
     with reference() as ref:
         sft_eval = answer(ref) if accelerator.is_main_process and eval_rows else None

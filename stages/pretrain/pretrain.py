@@ -23,7 +23,8 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, paramet
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
-from pipeline.runs import StageConfig, end_stage, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker
 
@@ -77,7 +78,7 @@ def get_lr(step: int, cfg: PretrainConfig) -> float:
 def main(argv: list[str] | None = None) -> None:
     cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
     paths = stage_paths(cfg, "pretrain")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 
     # ---- data: validated before any model is built, so bad input fails fast
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         tracker.summary({"model/parameters": n_params, "data/train_tokens": corpus.train_tokens,
                          "data/unigram_entropy": corpus.unigram_entropy})
         print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {corpus.train_tokens:,} training tokens, "
-              f"unigram entropy {corpus.unigram_entropy:.3f} nats/token"
+              f"unigram entropy {corpus.unigram_entropy:.3f} nats/token, {accelerator.mixed_precision} mixed precision"
               + (f", resuming from step {start_step}" if start_step else ""))
     sample_prompts = cfg.sample_prompts or corpus.sample_prompts(3)
 

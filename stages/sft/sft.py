@@ -17,7 +17,6 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from accelerate import PartialState
@@ -31,9 +30,9 @@ from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
 from pipeline.checkpoint import save_final
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.model import POLICY_STAGES, LoraSpec, load_causal_lm, set_special_token_ids
+from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import write_resolved_config
+from pipeline.runs import resolve_precision, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -65,8 +64,6 @@ class SFTStageConfig(StageConfig):
     """Fraction of the steps (below 1) spent warming the learning rate up linearly."""
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """auto: bf16 mixed precision on GPUs that support it, else fp32 (CPUs)."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower. For big models or max_length."""
     lora: LoraSpec = field(default_factory=LoraSpec)
@@ -86,8 +83,7 @@ class SFTStageConfig(StageConfig):
 
 def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
     """Our config as TRL's: assistant-only loss, checkpoints under runs/<run>/sft/, our tracking only."""
-    bf16_gpu = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    precision = ("bf16" if bf16_gpu else "fp32") if cfg.precision == "auto" else cfg.precision
+    precision = resolve_precision(cfg)
     return SFTConfig(
         output_dir=str(checkpoints_dir), seed=cfg.seed, assistant_only_loss=True,
         max_length=cfg.max_length, packing=cfg.packing,
@@ -96,6 +92,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.activation_checkpointing,
+        use_cpu=precision == "bf16" and not torch.cuda.is_available(),  # transformers wants CPU bf16 said aloud
         eval_strategy="steps", eval_steps=cfg.eval_every, logging_steps=cfg.log_every, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
@@ -127,8 +124,9 @@ class GoldEval(TrainerCallback):
         self.last_eval_step, self.eval_loss = -1, float("nan")
 
     def run(self, model, step: int, prefix: str) -> EvalResult:
-        result = evaluate_policy(model, self.tokenizer, self.rows, self.judge, self.cfg.gold_sampling,
-                                 self.cfg.gold_batch_size, seed=self.cfg.seed)
+        with fp32_forward(model) as plain:  # as a plain from_pretrained load answers
+            result = evaluate_policy(plain, self.tokenizer, self.rows, self.judge, self.cfg.gold_sampling,
+                                     self.cfg.gold_batch_size, seed=self.cfg.seed)
         self.tracker.log(renamed(result.summary, prefix), step=step, console=False)
         self.tracker.table(f"{prefix}/samples", ["prompt", "family", "response", "gold_score"],
                            [[s["prompt"], s["family"], s["response"], s["gold_score"]] for s in result.samples],
