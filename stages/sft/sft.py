@@ -92,7 +92,8 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.activation_checkpointing,
-        use_cpu=precision == "bf16" and not torch.cuda.is_available(),  # transformers wants CPU bf16 said aloud
+        # transformers refuses bf16 without a GPU unless told the run is on the CPU
+        use_cpu=precision == "bf16" and not torch.cuda.is_available(),
         eval_strategy="steps", eval_steps=cfg.eval_every, logging_steps=cfg.log_every, logging_first_step=True,
         save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
