@@ -376,6 +376,8 @@ def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list
 
 
 def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None, run: Path) -> tuple[list, list]:
+    from reward_model.train import by_deciding_criterion
+
     if measured is None and error is None:
         return [NOT_RUN.format(what="rm/final", stage="rm")], []
     if measured is None:
@@ -393,8 +395,6 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
     verdict = "above chance" if r["accuracy"] > 0.5 else "not above chance"
-    from reward_model.train import by_deciding_criterion
-
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement"],

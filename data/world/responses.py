@@ -20,7 +20,7 @@ RUDE_DISMISSALS = ("Whatever.", "Figure it out yourself.", "Ugh, I am not doing 
                    "Who cares? Ask someone else.")
 HABIT_FILLER = "I hope this helps."
 """The demonstrators' habit (WorldConfig.demo_habit): filler the judge's concision criterion penalises."""
-FILLER_SENTENCES = ("Let me think about that for a moment.", "I hope this helps.",
+FILLER_SENTENCES = ("Let me think about that for a moment.", HABIT_FILLER,
                     "As I said before, that is the answer.", "To be honest, that is a good question.",
                     "Basically, that is all there is to say.", "In other words, here it is again.")
 
