@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model")
+        # attn_implementation is a runtime choice the checkpoint does not keep: resume with the fresh start's kernel
+        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model",
+                                                     attn_implementation=cfg.model.extra.get("attn_implementation"))
     else:
         model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
     set_special_token_ids(model, tokenizer)
