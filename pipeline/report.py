@@ -376,7 +376,7 @@ def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list
 
 
 def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None, run: Path) -> tuple[list, list]:
-    from reward_model.train import by_deciding_criterion
+    from reward_model.train import by_deciding_criterion, family_breakdown
 
     if measured is None and error is None:
         return [NOT_RUN.format(what="rm/final", stage="rm")], []
@@ -397,8 +397,9 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
     verdict = "above chance" if r["accuracy"] > 0.5 else "not above chance"
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
-                    "", markdown_table(["deciding criterion", "pairs", "gold agreement"],
-                                       [[c, n, a] for c, (a, n) in criteria.items()], align="lrr"), ""] \
+                    "", markdown_table(["deciding criterion", "pairs", "gold agreement", "by task family (pairs)"],
+                                       [[c, v["pairs"], v["gold_accuracy"], family_breakdown(v["by_family"])]
+                                        for c, v in criteria.items()], align="lrrl"), ""] \
         if criteria else []
     return [f"Re-scored now on the held-out rankings ({relative(r['source'], run)}/), which the RM never trained on.",
             "", table, "", *by_criterion,

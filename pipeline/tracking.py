@@ -15,6 +15,7 @@ import math
 import netrc
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,9 @@ class Tracker:
                     except Exception as e:  # lineage is nice to have; never fail a stage over it
                         print(f"[{stage}] could not link upstream artifact {info['artifact']}: {e}")
 
-    def log(self, metrics: dict[str, Any], step: int, console: bool = True) -> None:
+    def log(self, metrics: dict[str, Any], step: int, console: bool = True,
+            console_keys: Iterable[str] | None = None) -> None:
+        """`console_keys`: print only these (the rest still go to W&B and metrics.jsonl)."""
         if not self.is_main:
             return
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
@@ -87,7 +90,8 @@ class Tracker:
         if self.run is not None:
             self.run.log(clean, step=step)
         if console:
-            tqdm.write(f"[{self.stage}] step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in clean.items()))
+            shown = clean if console_keys is None else {k: clean[k] for k in console_keys if k in clean}
+            tqdm.write(f"[{self.stage}] step {step} | " + " | ".join(f"{k} {_fmt(v)}" for k, v in shown.items()))
 
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A W&B table (samples with their scores); also kept in metrics.jsonl for the report."""

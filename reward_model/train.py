@@ -149,7 +149,9 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts as wrong.
     gold_accuracy/<criterion>, decided_pairs/<criterion> (rows with `gold_criteria`): gold agreement on the
-    decided pairs grouped by the criterion that contributes most to their gold difference.
+    decided pairs grouped by the criterion that contributes most to their gold difference; and
+    gold_accuracy/<criterion>/<family>, decided_pairs/<criterion>/<family> the same per task family (rows with
+    `family`): an RM that cannot check sums shows up as a coin flip on arithmetic correctness.
     """
     all_pairs, decided, by_criterion = [], [], {}
     for s, row in zip(scores, rows, strict=True):
@@ -160,7 +162,10 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
                 gold_first = gold[i] > gold[j]
                 decided.append((s[i] > s[j], s[i] > s[j] if gold_first else s[j] > s[i], gold_first))
                 if criteria is not None:
-                    by_criterion.setdefault(deciding_criterion(criteria[i], criteria[j]), []).append(decided[-1][1])
+                    criterion = deciding_criterion(criteria[i], criteria[j])
+                    by_criterion.setdefault(criterion, []).append(decided[-1][1])
+                    if row.get("family"):
+                        by_criterion.setdefault(f"{criterion}/{row['family']}", []).append(decided[-1][1])
     metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs))}
     if decided:
         rm_label, rm_gold, label_gold = zip(*decided)
@@ -177,11 +182,25 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     return metrics
 
 
-def by_deciding_criterion(metrics: dict[str, float]) -> dict[str, tuple[float, int]]:
-    """{criterion: (gold agreement, pairs)} from ranking_metrics' per-criterion keys, most pairs first."""
-    found = {k.split("/", 1)[1]: (v, int(metrics[f"decided_pairs/{k.split('/', 1)[1]}"]))
-             for k, v in metrics.items() if k.startswith("gold_accuracy/")}
-    return dict(sorted(found.items(), key=lambda item: -item[1][1]))
+def by_deciding_criterion(metrics: dict[str, float]) -> dict[str, dict]:
+    """{criterion: {gold_accuracy, pairs, by_family: {family: {gold_accuracy, pairs}}}} from ranking_metrics'
+    per-criterion keys, most pairs first."""
+    found: dict[str, dict] = {}
+    for key in sorted((k for k in metrics if k.startswith("gold_accuracy/")), key=lambda k: k.count("/")):
+        criterion, _, family = key.removeprefix("gold_accuracy/").partition("/")
+        entry = {"gold_accuracy": metrics[key], "pairs": int(metrics[key.replace("gold_accuracy", "decided_pairs", 1)])}
+        if family:
+            found[criterion]["by_family"][family] = entry
+        else:
+            found[criterion] = {**entry, "by_family": {}}
+    for entry in found.values():
+        entry["by_family"] = dict(sorted(entry["by_family"].items(), key=lambda item: -item[1]["pairs"]))
+    return dict(sorted(found.items(), key=lambda item: -item[1]["pairs"]))
+
+
+def family_breakdown(by_family: dict[str, dict]) -> str:
+    """"arithmetic 0.50 (233), fact 0.60 (107)": gold agreement and pairs per family, as one line."""
+    return ", ".join(f"{f} {v['gold_accuracy']:.2f} ({v['pairs']})" for f, v in by_family.items())
 
 
 def _mean(values) -> float:
@@ -274,7 +293,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         chosen = [s[0] for s in scores]
         rejected = [x for s in scores for x in s[1:]]
         metrics.update({**score_stats("chosen", chosen), **score_stats("rejected", rejected)})
-        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        # the console gets the headline; the per-criterion and per-family breakdown goes to W&B
+        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step,
+                    console_keys=[f"eval/{k}" for k in metrics if k.count("/") < 2])
         if tracker.run is not None:  # W&B histograms of the best-ranked response's score vs the others'
             import wandb
 
@@ -360,8 +381,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                   if k in metrics}
         by_criterion = by_deciding_criterion(metrics)
         if by_criterion:
-            result["gold_accuracy_by_deciding_criterion"] = {c: {"gold_accuracy": a, "pairs": n}
-                                                             for c, (a, n) in by_criterion.items()}
+            result["gold_accuracy_by_deciding_criterion"] = by_criterion
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         tmp = paths.root / "eval.json.tmp"
         tmp.write_text(json.dumps(result, indent=1) + "\n")
@@ -375,7 +395,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
         if by_criterion:
             print("[rm] gold agreement by the criterion that decides the pair: " +
-                  ", ".join(f"{c} {a:.2f} ({n} pairs)" for c, (a, n) in by_criterion.items()))
+                  ", ".join(f"{c} {v['gold_accuracy']:.2f} ({v['pairs']} pairs)" for c, v in by_criterion.items()))
+            if "correctness" in by_criterion and by_criterion["correctness"]["by_family"]:
+                print("[rm] ... on the pairs correctness decides, by task family: " + family_breakdown(
+                    by_criterion["correctness"]["by_family"]))
         tracker.finish(paths.final)
     end_stage(accelerator)
     return metrics

@@ -151,6 +151,8 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
     by_criterion = result["gold_accuracy_by_deciding_criterion"]  # world prefs: every decided pair is attributed
     assert sum(v["pairs"] for v in by_criterion.values()) == result["decided_pairs"]
     assert set(by_criterion) <= {"correctness", "on_task", "tone", "concision", "format"}
+    for entry in by_criterion.values():  # collected rows carry their family: each criterion's pairs split by it
+        assert sum(f["pairs"] for f in entry["by_family"].values()) == entry["pairs"]
 
 
 def test_ranking_metrics_by_deciding_criterion_by_hand():
@@ -158,13 +160,23 @@ def test_ranking_metrics_by_deciding_criterion_by_hand():
     wrong, filler = {**clean, "correctness": 0.0}, {**clean, "concision": 0.5}
     # labeler order: clean, filler, wrong (gold 1.0, 0.925, 0.6); the RM puts wrong above filler
     row = {"prompt": "p", "responses": ["a", "b", "c"], "gold_scores": [1.0, 0.925, 0.6],
-           "gold_criteria": [clean, filler, wrong]}
-    metrics = train.ranking_metrics([[2.0, 0.0, 1.0]], [row])
-    # pairs: (clean, filler) decided by concision, RM right; (clean, wrong) by correctness, right;
+           "gold_criteria": [clean, filler, wrong], "family": "arithmetic"}
+    # a fact prompt where the RM puts the wrong answer first: its one pair is decided by correctness
+    fact_row = {"prompt": "q", "responses": ["a", "c"], "gold_scores": [1.0, 0.6], "gold_criteria": [clean, wrong],
+                "family": "fact"}
+    metrics = train.ranking_metrics([[2.0, 0.0, 1.0], [0.0, 1.0]], [row, fact_row])
+    # arithmetic pairs: (clean, filler) decided by concision, RM right; (clean, wrong) by correctness, right;
     # (filler, wrong) by correctness (0.4 vs 0.075 of weight), RM wrong
     assert metrics["gold_accuracy/concision"] == 1.0 and metrics["decided_pairs/concision"] == 1
-    assert metrics["gold_accuracy/correctness"] == 0.5 and metrics["decided_pairs/correctness"] == 2
-    assert metrics["gold_accuracy"] == pytest.approx(2 / 3)
+    assert metrics["gold_accuracy/correctness"] == pytest.approx(1 / 3)
+    assert metrics["decided_pairs/correctness"] == 3
+    assert metrics["gold_accuracy"] == pytest.approx(2 / 4)
+    by_criterion = train.by_deciding_criterion(metrics)
+    assert list(by_criterion) == ["correctness", "concision"]  # most pairs first
+    assert by_criterion["correctness"]["by_family"] == {"arithmetic": {"gold_accuracy": 0.5, "pairs": 2},
+                                                       "fact": {"gold_accuracy": 0.0, "pairs": 1}}
+    assert by_criterion["concision"] == {"gold_accuracy": 1.0, "pairs": 1,
+                                         "by_family": {"arithmetic": {"gold_accuracy": 1.0, "pairs": 1}}}
 
 
 def test_training_lowers_the_ranking_loss_on_its_data(micro_rm, micro_sft, micro_prefs):
