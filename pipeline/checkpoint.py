@@ -30,6 +30,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or was made by a stage that cannot be used here."""
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success rename it to `target`.
@@ -133,7 +141,8 @@ def _as_python_state(state: Any) -> tuple:
 
 def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any, tokenizer: Any, state: dict,
                              keep_last: int = 2, extra_models: dict[str, Any] | None = None) -> Path:
-    """Save weights (safetensors), tokenizer and training state for `step`; prune to the newest `keep_last`.
+    """Save weights (safetensors), tokenizer and training state for `step`; prune to the newest `keep_last`
+    (at least this one: resume needs it).
 
     `extra_models` ({name: model}) are saved beside `model/` as `<name>/` (e.g. PPO's critic).
     """
@@ -145,7 +154,7 @@ def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any,
         for name, extra in (extra_models or {}).items():
             unwrap(extra).save_pretrained(tmp / name, safe_serialization=True)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "training_state.pt")
-    for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+    for old in list_checkpoints(checkpoints_dir)[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 

@@ -95,7 +95,14 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "
 
 
 def decode_responses(tokenizer, response_tokens: torch.Tensor) -> list[str]:
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in response_tokens]
+    """Each sampled reply's text up to its end-of-turn token. Any other special token the policy emitted (a
+    stray `<|user|>`) stays in the text: the RM and the gold judge must see a broken turn to penalise it."""
+    texts = []
+    for row in response_tokens.tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[:row.index(tokenizer.eos_token_id)]
+        texts.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id]).strip())
+    return texts
 
 
 def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int = 32,

@@ -19,9 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from pipeline.checkpoint import write_text_atomic
 from pipeline.config import to_dict
 
 
@@ -49,12 +51,18 @@ class Tracker:
     """Log metrics to W&B, metrics.jsonl and the console. A no-op on non-main processes."""
 
     def __init__(self, cfg: Any, stage: str, metrics_file: Path, is_main: bool = True,
-                 upstream: dict[str, Path] | None = None):
+                 upstream: dict[str, Path] | None = None, start_step: int = 0):
+        """`start_step`: where the run (re)starts. metrics.jsonl keeps only the rows up to it: a resumed run
+        logs the steps after its checkpoint again, and a fresh run starts the file over."""
         self.stage, self.is_main, self.metrics_file = stage, is_main, Path(metrics_file)
         self.run = None
         if not is_main:
             return
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        if self.metrics_file.exists():
+            kept = [line for line in self.metrics_file.read_text().splitlines()
+                    if start_step and line.strip() and json.loads(line).get("step", 0) <= start_step]
+            write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
         self.mode = wandb_mode()
         if self.mode == "disabled":
             return
@@ -77,14 +85,17 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any], step: int, console: bool = True,
             console_keys: Iterable[str] | None = None) -> None:
-        """`console_keys`: print only these (the rest still go to W&B and metrics.jsonl)."""
-        if not self.is_main:
-            return
+        """`console_keys`: print only these (the rest still go to W&B and metrics.jsonl).
+
+        Every rank calls this with the same (reduced) values, so a NaN stops all ranks together rather than
+        leaving the others waiting in the next collective."""
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
         for key, value in clean.items():
             if isinstance(value, float) and math.isnan(value):
                 raise FloatingPointError(f"[{self.stage}] {key} is NaN at step {step}; stopping the run. "
                                          "Lower the learning rate or check the data.")
+        if not self.is_main:
+            return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
         if self.run is not None:
@@ -138,6 +149,22 @@ def _upstream_record(path: Path) -> dict:
     record_file = Path(path) / "pipeline_run.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     return {"path": str(Path(path).resolve()) if Path(path).exists() else str(path), **record}
+
+
+def stop_if_not_finite(loss: Any, accelerator: Any, stage: str, step: int, hint: str) -> None:
+    """Raise on every rank, before the optimizer step, if the loss is NaN or inf on any rank.
+
+    Before the step, so the weights (and the last checkpoint) stay clean; on every rank, because a rank that
+    raised alone would leave the others waiting forever in the next all-reduce."""
+    bad = (~torch.isfinite(loss.detach().float())).float().reshape(1)
+    if accelerator.num_processes == 1:
+        if bad.item():
+            raise FloatingPointError(f"[{stage}] loss is {loss.item()} at step {step}; stopping. {hint}")
+        return
+    n_bad = int(accelerator.reduce(bad, reduction="sum").item())
+    if n_bad:
+        raise FloatingPointError(f"[{stage}] loss is not finite on {n_bad} of {accelerator.num_processes} ranks at "
+                                 f"step {step} (here: {loss.item()}); stopping. {hint}")
 
 
 class Throughput:

@@ -12,7 +12,6 @@ RM trains on that dataset and there is nothing to collect.
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world import Annotator
+from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm
@@ -53,12 +53,7 @@ def distinct_responses(responses: list[str]) -> tuple[list[str], int, int]:
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    """Write rows to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,18 +106,16 @@ def main(argv: list[str] | None = None) -> None:
     tokens_per_sec = accelerator.reduce(torch.tensor(new_tokens / sample_seconds, device=accelerator.device),
                                         reduction="sum").item()
     sampled = gather_object(sampled)
-    if not accelerator.is_main_process:
-        accelerator.wait_for_everyone()
-        return
 
-    # ---- ranking: the annotator orders each prompt's distinct responses, best first
+    # ---- ranking: the annotator orders each prompt's distinct responses, best first. Every rank ranks (the
+    # same seeded annotator, the same gathered samples), so a bad outcome stops all of them, not rank 0 alone
     judge = load_judge(world)
     annotator = Annotator(judge, cfg.world.annotator_temperature, seed=cfg.seed)
     by_prompt: list[list[str]] = [[] for _ in rows]
     for i, text in sampled:
         by_prompt[i].append(text)
     ranked, skipped, duplicates, empty = {}, 0, 0, 0
-    for i, row in enumerate(tqdm(rows, desc="prefs: ranking")):
+    for i, row in enumerate(tqdm(rows, desc="prefs: ranking", disable=not accelerator.is_main_process)):
         responses, n_duplicates, n_empty = distinct_responses(by_prompt[i])
         duplicates, empty = duplicates + n_duplicates, empty + n_empty
         if len(responses) < 2:
@@ -139,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"[prefs] after dropping duplicates, {len(train_out)} training and {len(eval_out)} "
                          f"held-out prompts have 2+ distinct responses; sample with a higher "
                          f"sampling.temperature or a larger responses_per_prompt")
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
 
     # ---- optional: the world's static ranked set, for the training prompts only (eval stays held out)
     n_static = 0
@@ -168,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
                "prefs/skipped_prompts": skipped, "prefs/duplicates_dropped": duplicates,
                "prefs/empty_dropped": empty, "prefs/responses_per_prompt": len(gold) / len(collected),
                "prefs/gold_score_mean": sum(gold) / len(gold),
-               "prefs/annotator_gold_agreement": agree / decided if decided else float("nan"),
+               **({"prefs/annotator_gold_agreement": agree / decided} if decided else {}),
                "perf/tokens_per_sec": tokens_per_sec, "time/sampling_seconds": sample_seconds}
     tracker.log(summary, step=0, console=False)
     tracker.table("prefs/samples", ["prompt", "rank", "response", "gold_score"],
@@ -180,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[prefs] {summary['prefs/responses_per_prompt']:.2f} distinct responses per prompt "
           f"({duplicates} duplicates and {empty} empty dropped, {skipped} prompts skipped with < 2 left); "
           f"mean gold score {summary['prefs/gold_score_mean']:.3f}; annotator agrees with gold on "
-          f"{summary['prefs/annotator_gold_agreement']:.1%} of decided pairs; {tokens_per_sec:,.0f} tokens/s")
+          f"{agree / max(decided, 1):.1%} of {decided} decided pairs; {tokens_per_sec:,.0f} tokens/s")
     tracker.finish()
     accelerator.wait_for_everyone()
 

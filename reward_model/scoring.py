@@ -3,7 +3,8 @@
 A response is scored as the whole chat turn (the user prompt, then the assistant's reply ending with the
 end-of-turn token) by a scalar-head model, read at the last non-pad token. The RM stage stores the mean and
 std of its scores over SFT samples in the checkpoint's config (`reward_mean`, `reward_std`), so PPO can
-normalise rewards; a checkpoint without them normalises with (0, 1).
+normalise rewards; a checkpoint without them normalises with (0, 1). It also stores the token length it was
+trained at (`rm_max_length`), which scoring uses unless told otherwise (else 512).
 """
 from __future__ import annotations
 
@@ -56,10 +57,13 @@ class RewardScorer:
         self.device = device
         self.mean = float(getattr(self.model.config, "reward_mean", 0.0))
         self.std = float(getattr(self.model.config, "reward_std", 1.0)) or 1.0
+        self.max_length = int(getattr(self.model.config, "rm_max_length", 0) or 512)
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = False,
-              max_length: int = 512) -> torch.Tensor:
+              max_length: int = 0) -> torch.Tensor:
+        """`max_length` 0: the length the RM was trained at (cut on the left beyond it)."""
+        max_length = max_length or self.max_length
         scores = []
         for start in range(0, len(prompts), batch_size):
             batch = encode_conversations(self.tokenizer, prompts[start:start + batch_size],

@@ -29,15 +29,16 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import latest_checkpoint, load_training_state, save_final, save_training_checkpoint
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_final, save_training_checkpoint,
+                                 write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer
-from pipeline.tracking import Throughput, Tracker
+from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
 from reward_model.config import RewardModelConfig
 from reward_model.losses import pack_groups, ranked_pairs_loss
@@ -62,8 +63,14 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
     train = load(cfg.train_data)
     if cfg.eval_data is not None:
         return train, load(cfg.eval_data), cfg.train_data.path
-    train_idx, eval_idx = split_indices(len(train), cfg.eval_fraction, cfg.seed)
-    return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
+    # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows
+    prompts = list(dict.fromkeys(row["prompt"] for row in train))
+    if len(prompts) < 2:
+        raise DataError(cfg.train_data.path, f"only {len(prompts)} distinct prompt, column 'prompt'; a held-out "
+                        "split needs two or more (or set eval_data)")
+    held_out_prompts = {prompts[i] for i in split_indices(len(prompts), cfg.eval_fraction, cfg.seed)[1]}
+    return ([row for row in train if row["prompt"] not in held_out_prompts],
+            [row for row in train if row["prompt"] in held_out_prompts], cfg.train_data.path)
 
 
 def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device | str = "cpu",
@@ -119,6 +126,8 @@ def epoch_batches(rows: list[dict], batch_size: int, n_batches: int, seed: int,
 def score_rankings(model, tokenizer, rows: list[dict], max_length: int, batch_size: int,
                    device: torch.device | str = "cpu") -> list[list[float]]:
     """The model's score of every response of every row, grouped like the rows."""
+    if not rows:  # a rank's shard of a held-out set smaller than the number of processes
+        return []
     scores = batch_scores(model, collate(tokenizer, rows, max_length, device, chunk_size=batch_size)).tolist()
     bounds = list(itertools.accumulate([0] + [len(row["responses"]) for row in rows]))
     return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
@@ -268,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         start_step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    tracker = Tracker(cfg, "rm", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
+    tracker = Tracker(cfg, "rm", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)},
+                      start_step=start_step)
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
         n_train = sum(p.numel() for p in trainable)
@@ -325,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             batch = collate(tokenizer, next(batches), cfg.max_length, accelerator.device, cfg.forward_chunk)
             with accelerator.accumulate(model):
                 loss, stats = compute_loss(model, batch, cfg.margin, cfg.center_coef)
+                stop_if_not_finite(loss, accelerator, "rm", step, "Lower learning_rate.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -336,8 +347,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             window["margin"] += stats["margin_mean"].item()
             window["n"] += 1
         scheduler.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"[rm] loss is {loss.item()} at step {step}; stopping. Lower learning_rate.")
 
         done = step + 1
         if done % cfg.log_every == 0 or done == max_steps:
@@ -375,7 +384,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         final_model = accelerator.unwrap_model(model)
         if cfg.lora.enabled:
             final_model = final_model.merge_and_unload()
-        save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std)
+        save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
+                   rm_max_length=cfg.max_length)
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}
@@ -383,9 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if by_criterion:
             result["gold_accuracy_by_deciding_criterion"] = by_criterion
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
-        tmp = paths.root / "eval.json.tmp"
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(paths.root / "eval.json")
+        write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
         tracker.summary({f"eval/final_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         ceiling = (f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
                    f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "

@@ -6,6 +6,9 @@ Stages run in-process through their `main(argv)`, exactly as `python -m stages.X
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,26 @@ MICRO = REPO / "configs" / "micro"
 # tests never talk to W&B unless a test opts in (the W&B test sets WANDB_MODE=offline itself)
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_in_own_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` from the repo root in its own process group; on timeout kill the whole group (launcher and
+    every rank), so a hung rank never outlives the test."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(command[:8])} ... did not finish within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "micro") -> None:

@@ -1,12 +1,15 @@
 """Configs, run hand-off, checkpoints and the tokenizer: the shared core every stage stands on."""
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO
 from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm
@@ -122,6 +125,22 @@ def test_outside_tokenizer_gets_chat_tokens_and_template(tmp_path, tokenizer):
     assert loaded.chat_template == CHAT_TEMPLATE and loaded.pad_token is not None
 
 
+def test_decoded_replies_stop_at_end_of_turn_and_keep_stray_role_tokens(tokenizer):
+    """A policy that opens a fake user turn must not have it erased before the RM and the judge read it."""
+    from pipeline.generation import decode_responses
+
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos, pad, user = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|user|>")
+    clean = ids("Zorbi is teal.") + [eos, pad, pad, pad, pad, pad]
+    broken = ids("Zorbi is teal.") + [user] + ids(" Hi")
+    after_eos = ids("Zorbi is teal.") + [eos] + ids(" more")
+    width = max(map(len, (clean, broken, after_eos)))
+    rows = torch.tensor([r + [pad] * (width - len(r)) for r in (clean, broken, after_eos)])
+    clean_text, broken_text, cut_text = decode_responses(tokenizer, rows)
+    assert clean_text == cut_text == "Zorbi is teal."
+    assert broken_text.startswith("Zorbi is teal.<|user|>") and broken_text.endswith("Hi")
+
+
 def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
     model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=2, intermediate_size=64), tokenizer)
@@ -130,6 +149,30 @@ def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
         require_checkpoint(tmp_path / "rm_final", ("pretrain",), "sft")
     with pytest.raises(CheckpointError, match="does not exist"):
         require_checkpoint(tmp_path / "missing", ("pretrain",), "sft")
+
+
+@pytest.mark.parametrize("keep_last, kept", [(2, ["00000002", "00000003"]), (0, ["00000003"])])
+def test_checkpoint_pruning_always_keeps_the_newest(tmp_path, tokenizer, keep_last, kept):
+    from pipeline.checkpoint import list_checkpoints, save_training_checkpoint
+
+    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64), tokenizer)
+    for step in (1, 2, 3):
+        save_training_checkpoint(tmp_path, step, model, tokenizer, {}, keep_last=keep_last)
+    assert [p.name[-8:] for p in list_checkpoints(tmp_path)] == kept
+
+
+def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_steps(tmp_path):
+    from pipeline.tracking import Tracker
+
+    metrics = tmp_path / "metrics.jsonl"
+    first = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)
+    for step in (10, 20, 30):
+        first.log({"train/loss": 1.0 / step}, step=step, console=False)
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)  # resumed from the step-20 checkpoint
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [10, 20]
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # started over
+    assert metrics.read_text() == ""
 
 
 def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
@@ -150,6 +193,50 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     tracker = Tracker(PretrainConfig(run_name="nan"), "pretrain", tmp_path / "metrics.jsonl")
     with pytest.raises(FloatingPointError, match=r"train/loss is NaN at step 7"):
         tracker.log({"train/loss": torch.tensor(float("nan"))}, step=7)
+
+
+NAN_ON_RANK_1 = """
+import torch
+from accelerate import Accelerator
+from pipeline.tracking import stop_if_not_finite
+
+accelerator = Accelerator(cpu=True)
+loss = torch.tensor(float("nan") if accelerator.process_index == 1 else 0.5)
+try:
+    stop_if_not_finite(loss, accelerator, "test", 3, "hint")
+except FloatingPointError as e:
+    print(f"rank {accelerator.process_index} stopped: {e}", flush=True)
+accelerator.wait_for_everyone()
+"""
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A rank that raised alone would leave the other waiting forever in its next collective."""
+    import re
+    import sys
+
+    from conftest import free_port, run_in_own_group
+
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    run = run_in_own_group([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                            "2", "--main_process_port", str(free_port()), str(script)], env, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stopped = re.findall(r"rank (\d) stopped: \[test\] loss is not finite on 1 of 2 ranks at step 3 \(here: (?:nan|0\.5)\); "
+                         r"stopping\. hint", run.stdout)
+    assert sorted(stopped) == ["0", "1"], run.stdout
+
+
+def test_an_infinite_loss_stops_a_single_process_run():
+    from accelerate import Accelerator
+
+    from pipeline.tracking import stop_if_not_finite
+
+    accelerator = Accelerator(cpu=True)
+    stop_if_not_finite(torch.tensor(2.0), accelerator, "rm", 4, "Lower learning_rate.")  # finite: carries on
+    with pytest.raises(FloatingPointError, match=r"\[rm\] loss is inf at step 4; stopping\. Lower learning_rate\."):
+        stop_if_not_finite(torch.tensor(float("inf")), accelerator, "rm", 4, "Lower learning_rate.")
 
 
 @pytest.mark.parametrize("setting, launcher, cpu_bf16, expected", [

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MICRO, REPO
+from conftest import MICRO, REPO, free_port, run_in_own_group
 from pipeline.config import load_config
 from pipeline.generation import encode_prompts
 from pipeline.model import load_scalar_model
@@ -48,20 +47,6 @@ def one_thread():
 def ppo_args(runs_dir: Path, run_name: str, sft: Path, rm: Path, *overrides: str) -> list[str]:
     return ["--config", str(MICRO / "ppo.yaml"), f"runs_dir={runs_dir}", f"run_name={run_name}",
             f"init_from={sft}", f"reward_model={rm}", *overrides]
-
-
-def run_in_own_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Run `command` in its own process group; on timeout kill the whole group (launcher and every rank), so a
-    hung rank never outlives the test."""
-    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(command[:8])} ... did not finish within {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def metrics(stage: Path) -> list[dict]:
@@ -196,12 +181,20 @@ def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_p
         main(ppo_args(tmp_path, "bad", micro_sft, micro_sft))
 
 
+@pytest.mark.parametrize("override, key", [("sampling.top_k=20", "sampling.top_k"),
+                                           ("sampling.top_p=0.9", "sampling.top_p"),
+                                           ("precision=fp16", "precision")])
+def test_settings_ppo_cannot_honour_are_refused_by_key(micro_sft, micro_rm, tmp_path, override, key):
+    from stages.ppo.ppo import main
+
+    with pytest.raises(SystemExit, match=rf"^config error: .*'{re.escape(key)}'"):  # how a stage reports bad config
+        main(ppo_args(tmp_path, "refused", micro_sft, micro_rm, override))
+    assert not (tmp_path / "refused" / "ppo" / "final").exists()
+
+
 def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(port), "-m", "stages.ppo",
+               "--main_process_port", str(free_port()), "-m", "stages.ppo",
                *ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2", "eval_prompts=4")]
     run = run_in_own_group(command, {**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -233,14 +226,15 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
         first.wait()
     assert sorted(p.name for p in (stage / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_00000002"]
     killed = {r["step"]: r for r in metrics(stage) if "objective/kl" in r}
-    logged_before = len(metrics(stage))
 
     second = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3"], cwd=REPO,
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming from step 2" in second.stdout
-    resumed = [r for r in metrics(stage)[logged_before:] if "objective/kl" in r]
-    assert [r["step"] for r in resumed] == [3]  # continued at step 3, did not start over
+    # metrics.jsonl: the killed run's steps up to its checkpoint, then the resumed run's step 3, each once
+    logged = [r for r in metrics(stage) if "objective/kl" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    resumed = logged[2:]
     # identical continuation: same prompts, samples, rewards and update as the run that was killed
     for key, value in killed[3].items():
         if not key.startswith("perf/"):

@@ -125,6 +125,27 @@ def test_bad_preference_data_is_a_clear_error_before_training(tmp_path, rows, ro
     assert not (tmp_path / "micro" / "rm").exists()
 
 
+def test_a_pairs_dataset_is_held_out_by_prompt_not_by_row(tmp_path):
+    """hh-rlhf-style data repeats a prompt over several pair rows; a row split would test on trained prompts."""
+    from pipeline.runs import parse_stage_args
+    from reward_model.config import RewardModelConfig
+
+    rows = [{"prompt": f"Question {p}?", "chosen": f"Good {p}.{k}", "rejected": f"Bad {p}.{k}"}
+            for p in range(12) for k in range(3)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = parse_stage_args(RewardModelConfig, ["--config", str(MICRO_RM), f"runs_dir={tmp_path}",
+                                               f"train_data.path={data}", "eval_fraction=0.25"])
+    trained, held_out, _ = train.load_rankings(cfg)
+    trained_prompts, held_out_prompts = {r["prompt"] for r in trained}, {r["prompt"] for r in held_out}
+    assert len(held_out_prompts) == 3 and not trained_prompts & held_out_prompts
+    assert len(trained) + len(held_out) == len(rows) and len(held_out) == 9  # every row of a held-out prompt
+
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))  # one prompt: nothing to hold out
+    with pytest.raises(DataError, match=rf"data error in {data}: only 1 distinct prompt"):
+        train.load_rankings(cfg)
+
+
 # ---- the trained reward model ----------------------------------------------------------------------------
 
 def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, micro_prefs):
@@ -140,6 +161,11 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
         plain = model(**ids).logits.item()
     scorer = RewardScorer(str(micro_rm))
     assert plain == pytest.approx(scorer.score(["What is 12 plus 30?"], ["42."]).item(), abs=1e-5)
+    # scoring reads conversations at the length the RM was trained at, not at a length it never saw
+    rm_cfg = train.parse_stage_args(train.RewardModelConfig, ["--config", str(MICRO_RM)])
+    assert model.config.rm_max_length == rm_cfg.max_length == scorer.max_length
+    # a rank whose share of a small held-out set is empty scores nothing instead of failing
+    assert train.score_rankings(scorer.model, scorer.tokenizer, [], rm_cfg.max_length, 8) == []
     # the stats are over the held-out SFT samples: normalised, those have mean 0 and std 1
     rows = read_jsonl(micro_prefs / "eval.jsonl")
     normalized = scorer.score([r["prompt"] for r in rows for _ in r["responses"]],

@@ -15,11 +15,10 @@ second copy); the RM is frozen; the critic starts from the RM (see TokenCritic).
 holds the EMA of the policy's weights (what is evaluated) and final_online/ the last policy itself.
 
 Distributed: under DDP each rank samples its own prompts, statistics (whitening, KL, metrics) are reduced
-across ranks, and only the main process logs and saves. DeepSpeed ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)
-shards optimizer state and gradients and runs this loop as is. ZeRO-3 (deepspeed_zero3.yaml) also shards the
-parameters, so generation must gather the policy first (`deepspeed.zero.GatheredParameters`, the pattern of
-TRL's `unwrap_model_for_generation`), with the frozen reference and RM as ZeRO-3 inference engines: that is the
-multi-GPU path for policies that do not fit one device.
+across ranks, and only the main process logs and saves. The policy and the critic each have their own optimizer,
+so two launch modes are refused with a message at start: DeepSpeed (accelerate allows one model per Accelerator
+there) and fp16 (the shared GradScaler would unscale and update twice per step; bf16 needs no scaler). For a
+policy too large for one device, train it with LoRA: the reference is then the same weights with the adapter off.
 Resume restores policy, critic, both optimizers, the KL controller, the EMA, RNG and the data position; every
 random draw of step s comes from generators seeded with (seed, step, rank), so a resumed run replays exactly.
 """
@@ -27,18 +26,19 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
-                                 save_training_checkpoint, unwrap)
+                                 save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses
@@ -47,11 +47,15 @@ from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, init_checkpoint, parse_stage_args, \
     stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.passes import TokenCritic, ppo_loss, rollout, trim_padding
 from stages.ppo.ppo_math import compute_rewards, explained_variance, gae, kl_controller, masked_mean, masked_sum, \
     masked_whiten, shape_scores
+
+
+FP16_UNSUPPORTED = ("key 'precision': PPO cannot run in fp16 (the policy and the critic have two optimizers, and "
+                    "accelerate's one GradScaler would unscale and update twice per step); use bf16 or fp32")
 
 
 @dataclass
@@ -129,12 +133,20 @@ class PPOStageConfig(StageConfig):
     eval_batch_size: int = 64
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
-    rm_max_length: int = 512
-    """Token cap of a conversation as the RM reads it (cut on the left)."""
+    rm_max_length: int = 0
+    """Token cap of a conversation as the RM reads it (cut on the left). 0: the length the RM was trained at
+    (`rm_max_length` in its config; 512 for an RM from elsewhere)."""
 
     def __post_init__(self):
         if self.sampling.temperature <= 0:
             raise ConfigError("key 'sampling.temperature': PPO samples its rollouts; expected > 0")
+        if self.sampling.top_k or self.sampling.top_p < 1.0:
+            # the ratio and the KL are computed from the full softmax; a truncated sampler is another policy
+            raise ConfigError(f"keys 'sampling.top_k' ({self.sampling.top_k}) / 'sampling.top_p' "
+                              f"({self.sampling.top_p}): PPO's log-probabilities must be those of the sampler; "
+                              "set top_k: 0 and top_p: 1.0 (use temperature to sharpen)")
+        if self.precision == "fp16":
+            raise ConfigError(FP16_UNSUPPORTED)
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
             raise ConfigError(f"keys 'rollout_batch_size' ({self.rollout_batch_size}), 'minibatch_size' "
                               f"({self.minibatch_size}), 'grad_accum' ({self.grad_accum}): each must divide "
@@ -152,7 +164,13 @@ def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, se
 def main(argv: list[str] | None = None) -> None:
     cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
     paths = stage_paths(cfg, "ppo")
+    if accelerate_precision(cfg) == "fp16":  # precision: auto under `accelerate launch --mixed_precision fp16`
+        raise ConfigError(FP16_UNSUPPORTED)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("PPO trains two models (policy and critic) with their own optimizers in one Accelerator, "
+                          "which accelerate does not allow under DeepSpeed; launch PPO with DDP "
+                          "(configs/accelerate/ddp.yaml), with LoRA if the policy is large")
     device, rank, n_ranks = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     all_reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731 (ppo_math's cross-rank sum)
@@ -226,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg.ptx_batch_size, cfg.grad_accum, done_minibatches, accelerator)
 
     tracker = Tracker(cfg, "ppo", paths.metrics_file, accelerator.is_main_process,
-                      upstream={"sft": sft_path, "rm": rm_path})
+                      upstream={"sft": sft_path, "rm": rm_path}, start_step=start_step)
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
         print(f"[ppo] policy {sft_path}, reward model {rm_path}, {len(rows)} prompts, {n_ranks} process(es)"
@@ -322,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
                         blocks = next(ptx_batches)
                         stats["loss/ptx"] = policy(input_ids=blocks, labels=blocks).loss
                         loss = loss + cfg.ptx_coef * stats["loss/ptx"]
+                    stop_if_not_finite(loss, accelerator, "ppo", done, "Lower the learning rates or raise kl_coef.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
@@ -350,12 +369,14 @@ def main(argv: list[str] | None = None) -> None:
         metrics = dict(zip(local, accelerator.reduce(torch.stack(list(local.values())).float(), "mean").tolist()))
         tokens = accelerator.reduce(mask.sum().float(), "sum").item()
         metrics.update({"objective/entropy": masked_mean(data["entropy"], mask, all_reduce=all_reduce).item(),
-                        "val/explained_variance": explained_variance(data["values"], data["returns"], mask, all_reduce),
                         "objective/kl_coef": beta, "train/policy_lr": policy_opt.param_groups[0]["lr"],
                         "perf/generation_tokens_per_sec": tokens / data["generation_seconds"],
                         "perf/tokens_per_sec": tokens / (time.perf_counter() - started),
                         "perf/generation_seconds": data["generation_seconds"], "perf/rollout_seconds": rollout_seconds,
                         "perf/update_seconds": update_seconds})
+        variance_explained = explained_variance(data["values"], data["returns"], mask, all_reduce)
+        if not math.isnan(variance_explained):  # NaN when the returns do not vary: a diagnostic, not a failure
+            metrics["val/explained_variance"] = variance_explained
         tracker.log(metrics, step=done, console=False)
         if accelerator.is_main_process:
             tqdm.write(f"[ppo] step {done} | rm {metrics['objective/rm_score']:+.3f} | gold "
@@ -389,7 +410,7 @@ def main(argv: list[str] | None = None) -> None:
             save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo")
         save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None)
         if result is not None:
-            (paths.root / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+            write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"[ppo] final policy in {paths.final}" + (f"; evaluation in {paths.root}/eval.json" if result else ""))
         tracker.finish(paths.final)

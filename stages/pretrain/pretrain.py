@@ -26,7 +26,7 @@ from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters,
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
-from pipeline.tracking import Throughput, Tracker
+from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
 
 @dataclass
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         start_step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process)
+    tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process, start_step=start_step)
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
         n_params = sum(p.numel() for p in model.parameters())
@@ -167,15 +167,13 @@ def main(argv: list[str] | None = None) -> None:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch, labels=batch).loss
+                stop_if_not_finite(loss, accelerator, "pretrain", step, "Lower learning_rate or check the corpus.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(batch.numel() * accelerator.num_processes)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"[pretrain] loss is {loss.item()} at step {step}; stopping. "
-                                     "Lower learning_rate or check the corpus.")
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:

@@ -27,7 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
 from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
-from pipeline.checkpoint import save_final
+from pipeline.checkpoint import save_final, write_text_atomic
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
@@ -95,7 +95,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         # transformers refuses bf16 without a GPU unless told the run is on the CPU
         use_cpu=precision == "bf16" and not torch.cuda.is_available(),
         eval_strategy="steps", eval_steps=cfg.eval_every, logging_steps=cfg.log_every, logging_first_step=True,
-        save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_checkpoints,
+        save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=max(1, cfg.keep_checkpoints),
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
         report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
         dataloader_pin_memory=torch.cuda.is_available())
@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(model, tokenizer)
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
-    tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream)
+    checkpoint = latest_complete_checkpoint(paths.checkpoints) if cfg.resume else None
+    tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
+                      start_step=int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
     if state.is_main_process:
         write_resolved_config(cfg, paths)
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
@@ -209,7 +211,6 @@ def main(argv: list[str] | None = None) -> None:
                          callbacks=[gold, TrackerCallback(tracker)])  # gold first: its time is not training time
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
-    checkpoint = latest_complete_checkpoint(paths.checkpoints) if cfg.resume else None
 
     if state.is_main_process:
         n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in rows:
                 print(f"  {r['family']:<20} {r['pretrained_score']:>8.3f} -> {r['sft_score']:<6.3f}"
                       f" {r['pretrained_correctness']:>8.3f} -> {r['sft_correctness']:<6.3f} {r['chance']:>8.3f}")
-        (paths.root / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+        write_text_atomic(paths.root / "eval.json", json.dumps(report, indent=1) + "\n")
         print(f"[sft] eval loss {gold.eval_loss:.4f} after {trainer.state.global_step} steps "
               f"({train_seconds:.0f}s); checkpoint in {paths.final}")
         tracker.finish(paths.final)
