@@ -157,12 +157,7 @@ def load_policy(path: str, trust_remote_code: bool = False, device: torch.device
     from pipeline.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(path, trust_remote_code)
-    model = load_causal_lm(path, needed_by, trust_remote_code)
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        # an outside model given our chat tokens: their embeddings start untrained
-        print(f"[{needed_by}] {path}: {len(tokenizer) - model.get_input_embeddings().num_embeddings} chat tokens "
-              "added to the vocabulary (untrained embeddings)", file=sys.stderr)
-        model.resize_token_embeddings(len(tokenizer))
+    model = load_causal_lm(path, needed_by, trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
     return model.to(device).eval(), tokenizer
 

@@ -7,6 +7,7 @@ at its last non-pad token. Checkpoints load with plain `from_pretrained`: no pro
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,16 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
     return model
 
 
+def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:
+    """Grow the embeddings of an outside model whose tokenizer was given our chat or pad tokens (load_tokenizer),
+    so those ids do not index past the table. The new rows start untrained."""
+    n_embeddings = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embeddings:
+        print(f"[{needed_by or 'model'}] {len(tokenizer) - n_embeddings} chat/pad token(s) added to the vocabulary "
+              "(untrained embeddings)", file=sys.stderr)
+        model.resize_token_embeddings(len(tokenizer))
+
+
 def set_special_token_ids(model: Any, tokenizer: Any) -> None:
     """Record BOS/EOS/PAD in the model and generation configs, so plain `generate` stops at end of turn."""
     for cfg in (model.config, getattr(model, "generation_config", None)):
@@ -100,11 +111,15 @@ def set_special_token_ids(model: Any, tokenizer: Any) -> None:
 
 
 def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
-                   allowed_stages: tuple[str, ...] = POLICY_STAGES) -> torch.nn.Module:
-    """A policy checkpoint: a local stage output (checked for its stage) or any HF causal LM (path or hub id)."""
+                   allowed_stages: tuple[str, ...] = POLICY_STAGES, tokenizer: Any = None) -> torch.nn.Module:
+    """A policy checkpoint: a local stage output (checked for its stage) or any HF causal LM (path or hub id).
+    With `tokenizer`, the embeddings are grown to fit it (fit_embeddings)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer is not None:
+        fit_embeddings(model, tokenizer, needed_by)
+    return model
 
 
 def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_code: bool = False,
@@ -114,6 +129,7 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
         require_checkpoint(path, allowed_stages, needed_by)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
                                                                trust_remote_code=trust_remote_code)
+    fit_embeddings(model, tokenizer, needed_by)
     # the score is read at the last non-pad token, which needs the pad id
     model.config.pad_token_id = tokenizer.pad_token_id
     return model

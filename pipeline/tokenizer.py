@@ -64,9 +64,28 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         if tokenizer.eos_token is None:
             tokenizer.add_special_tokens({"eos_token": EOS})
         tokenizer.chat_template = CHAT_TEMPLATE
+    else:
+        # a hub template may close the assistant's turn with a token other than EOS (ChatML's <|im_end|> with a
+        # base model's <|endoftext|>): sampling stops, and SFT trains the turn's end, on EOS, so make them one
+        end_of_turn = _end_of_turn_token(tokenizer)
+        if end_of_turn is not None and end_of_turn != tokenizer.eos_token:
+            tokenizer.eos_token = end_of_turn
     if tokenizer.pad_token is None:  # many causal-LM tokenizers ship without one
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def _end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant message, if any."""
+    marker = "\u2063end-of-turn-probe\u2063"
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"},
+                                                  {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception:  # a template that insists on other roles or a system prompt: leave EOS as it is
+        return None
+    tail = rendered.split(marker, 1)[-1] if marker in rendered else ""
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    return next((token for token in specials if tail.startswith(token)), None)
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

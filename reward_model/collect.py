@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the SFT policy
     init = init_checkpoint(cfg, "prefs")
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
-    policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code).to(accelerator.device).eval()
+    policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,
+                            tokenizer=tokenizer).to(accelerator.device).eval()
     tracker = Tracker(cfg, "prefs", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)

@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         done = step + 1
         if done % cfg.log_every == 0 or done == max_steps:
             n, tokens_per_sec = window.pop("n"), throughput.rate()
-            logged = {f"train/{k}": v / n for k, v in window.items()}
+            means = accelerator.reduce(torch.tensor([v / n for v in window.values()], device=accelerator.device),
+                                       reduction="mean").tolist()  # every rank's batches, not rank 0's alone
+            logged = {f"train/{k}": v for k, v in zip(window, means)}
             progress.set_postfix(loss=f"{logged['train/loss']:.3f}", acc=f"{logged['train/accuracy']:.2f}",
                                  tok_s=f"{tokens_per_sec:,.0f}")
             tracker.log({**logged, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),

@@ -125,6 +125,23 @@ def test_outside_tokenizer_gets_chat_tokens_and_template(tmp_path, tokenizer):
     assert loaded.chat_template == CHAT_TEMPLATE and loaded.pad_token is not None
 
 
+def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp_path, tokenizer):
+    """A base model's tokenizer with a ChatML template: turns end in <|im_end|>, its EOS is another token.
+    Sampling stops and SFT trains on EOS, so the turn's closing token must be EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "ours")
+    outside = AutoTokenizer.from_pretrained(tmp_path / "ours")
+    outside.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    outside.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    outside.save_pretrained(tmp_path / "chatml")
+    assert AutoTokenizer.from_pretrained(tmp_path / "chatml").eos_token == EOS  # as shipped: not the turn's end
+    loaded = load_tokenizer(str(tmp_path / "chatml"))
+    assert loaded.eos_token == "<|im_end|>" and loaded.eos_token_id == loaded.convert_tokens_to_ids("<|im_end|>")
+    assert load_tokenizer(str(tmp_path / "ours")).eos_token == EOS  # our own template already ends turns with EOS
+
+
 def test_decoded_replies_stop_at_end_of_turn_and_keep_stray_role_tokens(tokenizer):
     """A policy that opens a fake user turn must not have it erased before the RM and the judge read it."""
     from pipeline.generation import decode_responses

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
         raise ConfigError(f"key 'reward_model': {rm_path} has a different tokenizer from the policy {sft_path}")
     policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora.enabled else sft_path, "ppo",
-                            cfg.trust_remote_code)
+                            cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(policy, tokenizer)
     ref_model = None
     if cfg.lora.enabled:
@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
         policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
             get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
     else:
-        ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code).to(device).eval().requires_grad_(False)
+        ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code,
+                                   tokenizer=tokenizer).to(device).eval().requires_grad_(False)
     critic = TokenCritic(load_scalar_model(str(checkpoint / "critic") if checkpoint else rm_path, "ppo (critic)",
                                            tokenizer, cfg.trust_remote_code, allowed_stages=("rm",)))
 

@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_sec = throughput.rate()
-            progress.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_per_sec:,.0f}")
-            tracker.log({"train/loss": loss.item(), "train/lr": lr, "train/grad_norm": float(grad_norm),
+            train_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over ranks, not rank 0's
+            progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
+            tracker.log({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                          "perf/tokens_per_sec": tokens_per_sec,
                          "perf/mfu": flops_per_token * tokens_per_sec / cfg.peak_flops,
                          "train/tokens_seen": done * cfg.batch_size * cfg.grad_accum * cfg.block_size
