@@ -122,8 +122,11 @@ def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed
 def rng_state() -> dict:
     # numpy's state is stored as a tensor so that `weights_only=True` can read it back
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   cached], "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                    cached], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():  # dropout (e.g. LoRA's) on a GPU draws from the CUDA generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -131,6 +134,8 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _as_python_state(state: Any) -> tuple:
