@@ -70,6 +70,7 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
     responses[0, 3], responses[0, 4:] = eos, pad  # ended early, then padding
     responses[1, 6], responses[1, 7:] = eos, pad
     responses[3, 0], responses[3, 1:] = eos, pad  # an empty reply; row 2 hit the length cap without EOS
+    responses[2, 8:] = pad  # ... after sampling pad twice: our sampler pads only after EOS, so these are actions
     batch = score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg)
     # scored one row at a time, every chunk is trimmed to its own width: the same numbers at the real tokens
     one_by_one = score_rollout(policy, reference, critic, tokenizer, enc, responses,

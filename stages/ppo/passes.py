@@ -64,7 +64,9 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
 
     `reference()` is a context manager yielding the SFT model. Tokens after a reply's first EOS are masked out.
     """
-    mask, has_eos = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    # our sampler writes pad only after EOS, so a pad in a reply without EOS was sampled: an action like any other
+    # (no trailing-pad rule, which would hide it from the loss and, in an all-pad reply, from the RM score too)
+    mask, has_eos = response_mask(responses, tokenizer.eos_token_id, None)
     attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
     batch = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention_mask,
              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses, "mask": mask,
