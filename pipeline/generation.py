@@ -101,7 +101,7 @@ def decode_responses(tokenizer, response_tokens: torch.Tensor) -> list[str]:
     for row in response_tokens.tolist():
         if tokenizer.eos_token_id in row:
             row = row[:row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode([t for t in row if t != tokenizer.pad_token_id]).strip())
+        texts.append(tokenizer.decode(row).strip())  # the sampler pads only after EOS: no pad is left here
     return texts
 
 

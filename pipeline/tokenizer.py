@@ -52,8 +52,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerFast:
-    """Load an existing tokenizer (local path or hub id); give it our chat tokens and template if it lacks them."""
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
+                   turn_end_is_eos: bool = True) -> PreTrainedTokenizerFast:
+    """Load an existing tokenizer (local path or hub id); give it our chat tokens and template if it lacks them.
+
+    `turn_end_is_eos` (chat stages): make the token the template closes an assistant turn with EOS. Pretraining
+    passes False: it separates documents with EOS, which must stay the model's own end-of-text token."""
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
@@ -64,7 +68,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTra
         if tokenizer.eos_token is None:
             tokenizer.add_special_tokens({"eos_token": EOS})
         tokenizer.chat_template = CHAT_TEMPLATE
-    else:
+    elif turn_end_is_eos:
         # a hub template may close the assistant's turn with a token other than EOS (ChatML's <|im_end|> with a
         # base model's <|endoftext|>): sampling stops, and SFT trains the turn's end, on EOS, so make them one
         end_of_turn = _end_of_turn_token(tokenizer)

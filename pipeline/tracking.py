@@ -61,7 +61,7 @@ class Tracker:
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
         if self.metrics_file.exists():
             kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if start_step and line.strip() and json.loads(line).get("step", 0) <= start_step]
+                    if start_step and _step_of(line) is not None and _step_of(line) <= start_step]
             write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
         self.mode = wandb_mode()
         if self.mode == "disabled":
@@ -87,8 +87,9 @@ class Tracker:
             console_keys: Iterable[str] | None = None) -> None:
         """`console_keys`: print only these (the rest still go to W&B and metrics.jsonl).
 
-        Every rank calls this with the same (reduced) values, so a NaN stops all ranks together rather than
-        leaving the others waiting in the next collective."""
+        The NaN check runs before the main-process-only part: training metrics, which every rank logs with the
+        same reduced values, then stop all ranks together instead of leaving the others waiting in the next
+        collective. (Evaluations log from the main process alone.)"""
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
         for key, value in clean.items():
             if isinstance(value, float) and math.isnan(value):
@@ -149,6 +150,14 @@ def _upstream_record(path: Path) -> dict:
     record_file = Path(path) / "pipeline_run.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     return {"path": str(Path(path).resolve()) if Path(path).exists() else str(path), **record}
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return None
 
 
 def stop_if_not_finite(loss: Any, accelerator: Any, stage: str, step: int, hint: str) -> None:

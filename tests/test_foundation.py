@@ -140,6 +140,12 @@ def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp
     loaded = load_tokenizer(str(tmp_path / "chatml"))
     assert loaded.eos_token == "<|im_end|>" and loaded.eos_token_id == loaded.convert_tokens_to_ids("<|im_end|>")
     assert load_tokenizer(str(tmp_path / "ours")).eos_token == EOS  # our own template already ends turns with EOS
+    # pretraining keeps the model's own EOS: it separates documents, it does not end chat turns
+    assert load_tokenizer(str(tmp_path / "chatml"), turn_end_is_eos=False).eos_token == EOS
+    # a template with text between the reply and its closing token names no end-of-turn token: EOS stays
+    outside.chat_template = outside.chat_template.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }} <|im_end|>")
+    outside.save_pretrained(tmp_path / "spaced")
+    assert load_tokenizer(str(tmp_path / "spaced")).eos_token == EOS
 
 
 def test_decoded_replies_stop_at_end_of_turn_and_keep_stray_role_tokens(tokenizer):
@@ -148,14 +154,14 @@ def test_decoded_replies_stop_at_end_of_turn_and_keep_stray_role_tokens(tokenize
 
     ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     eos, pad, user = tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|user|>")
-    clean = ids("Zorbi is teal.") + [eos, pad, pad, pad, pad, pad]
-    broken = ids("Zorbi is teal.") + [user] + ids(" Hi")
-    after_eos = ids("Zorbi is teal.") + [eos] + ids(" more")
-    width = max(map(len, (clean, broken, after_eos)))
-    rows = torch.tensor([r + [pad] * (width - len(r)) for r in (clean, broken, after_eos)])
+    broken = ids("Zorbi is teal.") + [user] + ids("Hi there, my friend")  # hit the length cap without EOS
+    clean = ids("Zorbi is teal.") + [eos]
+    after_eos = ids("Zorbi is teal.") + [eos] + ids("more")
+    # as the sampler leaves them: every row as wide as the longest, pad only after EOS
+    rows = torch.tensor([r + [pad] * (len(broken) - len(r)) for r in (clean, broken, after_eos)])
     clean_text, broken_text, cut_text = decode_responses(tokenizer, rows)
     assert clean_text == cut_text == "Zorbi is teal."
-    assert broken_text.startswith("Zorbi is teal.<|user|>") and broken_text.endswith("Hi")
+    assert broken_text.startswith("Zorbi is teal.<|user|>") and broken_text.endswith("friend")
 
 
 def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
@@ -186,6 +192,8 @@ def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_st
     first = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)
     for step in (10, 20, 30):
         first.log({"train/loss": 1.0 / step}, step=step, console=False)
+    with metrics.open("a") as f:
+        f.write('{"step": 31, "table": "samp')  # the kill came mid-write
     Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)  # resumed from the step-20 checkpoint
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [10, 20]
     Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # started over

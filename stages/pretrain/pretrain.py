@@ -89,9 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     if checkpoint is not None:
-        tokenizer = load_tokenizer(str(checkpoint / "model"))
+        tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
     elif cfg.model.tokenizer:
-        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.trust_remote_code, turn_end_is_eos=False)
     else:
         tokenizer = train_tokenizer(PackedCorpus.tokenizer_sample(texts), cfg.model.vocab_size)
     corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed)

@@ -125,14 +125,16 @@ class GoldEval(TrainerCallback):
         self.result: EvalResult | None = None
         self.last_eval_step, self.eval_loss = -1, float("nan")
 
-    def run(self, model, step: int, prefix: str) -> EvalResult:
+    def run(self, model, step: int, prefix: str, log: bool = True) -> EvalResult:
+        """`log`: False when a resumed run recomputes what its first launch already logged (the baseline)."""
         with fp32_forward(model) as plain:  # as a plain from_pretrained load answers
             result = evaluate_policy(plain, self.tokenizer, self.rows, self.judge, self.cfg.gold_sampling,
                                      self.cfg.gold_batch_size, seed=self.cfg.seed)
-        self.tracker.log(renamed(result.summary, prefix), step=step, console=False)
-        self.tracker.table(f"{prefix}/samples", ["prompt", "family", "response", "gold_score"],
-                           [[s["prompt"], s["family"], s["response"], s["gold_score"]] for s in result.samples],
-                           step=step)
+        if log:
+            self.tracker.log(renamed(result.summary, prefix), step=step, console=False)
+            self.tracker.table(f"{prefix}/samples", ["prompt", "family", "response", "gold_score"],
+                               [[s["prompt"], s["family"], s["response"], s["gold_score"]] for s in result.samples],
+                               step=step)
         s = result.summary
         tqdm.write(f"[sft] step {step} | {prefix} score {s['gold/score']:.3f} | correctness "
                    f"{s['gold/correctness']:.3f} | eos_rate {s['eos_rate']:.2f} on {len(self.rows)} held-out prompts"
@@ -224,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[sft] resume=true but no checkpoint in {paths.checkpoints}: starting from {init}")
 
     # ---- the baseline: the pretrained model, prompted exactly as the SFT model will be
-    baseline = gold.run(trainer.model, 0, "baseline") if state.is_main_process and gold_rows else None
+    baseline = gold.run(trainer.model, 0, "baseline", log=checkpoint is None) \
+        if state.is_main_process and gold_rows else None
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
     started = time.perf_counter()
