@@ -143,7 +143,8 @@ def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp
     # pretraining keeps the model's own EOS: it separates documents, it does not end chat turns
     assert load_tokenizer(str(tmp_path / "chatml"), turn_end_is_eos=False).eos_token == EOS
     # a template with text between the reply and its closing token names no end-of-turn token: EOS stays
-    outside.chat_template = outside.chat_template.replace("{{ m['content'] }}<|im_end|>", "{{ m['content'] }} <|im_end|>")
+    outside.chat_template = outside.chat_template.replace("{{ m['content'] }}<|im_end|>",
+                                                          "{{ m['content'] }} <|im_end|>")
     outside.save_pretrained(tmp_path / "spaced")
     assert load_tokenizer(str(tmp_path / "spaced")).eos_token == EOS
 
@@ -248,8 +249,8 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     run = run_in_own_group([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                             "2", "--main_process_port", str(free_port()), str(script)], env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
-    stopped = re.findall(r"rank (\d) stopped: \[test\] loss is not finite on 1 of 2 ranks at step 3 \(here: (?:nan|0\.5)\); "
-                         r"stopping\. hint", run.stdout)
+    stopped = re.findall(r"rank (\d) stopped: \[test\] loss is not finite on 1 of 2 ranks at step 3 "
+                         r"\(here: (?:nan|0\.5)\); stopping\. hint", run.stdout)
     assert sorted(stopped) == ["0", "1"], run.stdout
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MICRO, REPO, run_stage
+from tests.conftest import MICRO, REPO, free_port, run_stage
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -129,7 +129,8 @@ def test_resume_after_sigkill_continues_and_matches(micro_pretrain: Path, tmp_pa
 def test_ddp_two_ranks_identical_parameters(tmp_path: Path):
     env = {**stage_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", "29631", "-m", "stages.pretrain", "--config", str(MICRO / "pretrain.yaml"),
+               "--main_process_port", str(free_port()), "-m", "stages.pretrain",
+               "--config", str(MICRO / "pretrain.yaml"),
                f"runs_dir={tmp_path}", "run_name=ddp", "max_steps=12", "checkpoint_every=6", "eval_every=6"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -127,7 +127,8 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert f"resuming from {stage / 'checkpoints'}" in second.stdout
     lines = [json.loads(line) for line in stage.joinpath("metrics.jsonl").read_text().splitlines()]
-    train_steps = [r["step"] for r in lines if "train/loss" in r and "train/samples_per_second" not in r]  # not the summary
+    # every step's row, not the end-of-training summary row
+    train_steps = [r["step"] for r in lines if "train/loss" in r and "train/samples_per_second" not in r]
     # the killed run's steps up to its checkpoint, then the resumed run's, each once
     assert train_steps == list(range(1, resumed_from + 4)), (train_steps, resumed_from)
     assert (stage / "final" / "config.json").exists()
