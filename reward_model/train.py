@@ -335,10 +335,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             batch = collate(tokenizer, next(batches), cfg.max_length, accelerator.device, cfg.forward_chunk)
             with accelerator.accumulate(model):
                 loss, stats = compute_loss(model, batch, cfg.margin, cfg.center_coef)
-                stop_if_not_finite(loss, accelerator, "rm", step, "Lower learning_rate.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    stop_if_not_finite(grad_norm, "rm", step, "Lower learning_rate.")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]) * n_procs)

@@ -341,12 +341,14 @@ def main(argv: list[str] | None = None) -> None:
                         blocks = next(ptx_batches)
                         stats["loss/ptx"] = policy(input_ids=blocks, labels=blocks).loss
                         loss = loss + cfg.ptx_coef * stats["loss/ptx"]
-                    stop_if_not_finite(loss, accelerator, "ppo", done, "Lower the learning rates or raise kl_coef.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
                         if train_policy:
                             stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                        for key in ("val/grad_norm", "policy/grad_norm"):
+                            if key in stats:
+                                stop_if_not_finite(stats[key], "ppo", done, "Lower the learning rates.")
                     critic_opt.step()
                     critic_opt.zero_grad(set_to_none=True)
                     if train_policy:

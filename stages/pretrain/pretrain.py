@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
             batch = next(batches)
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch, labels=batch).loss
-                stop_if_not_finite(loss, accelerator, "pretrain", step, "Lower learning_rate or check the corpus.")
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    stop_if_not_finite(grad_norm, "pretrain", step, "Lower learning_rate or check the corpus.")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(batch.numel() * accelerator.num_processes)
