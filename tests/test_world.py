@@ -19,7 +19,7 @@ from data.world import FAMILIES, FLAWS, TRAIN_FAMILIES, Annotator, GoldJudge, Wo
 from data.world.corpus import fact_sentences, pretraining_corpus
 from data.world.responses import HABIT_FILLER
 from data.world.splits import sft_demos
-from data.world.tasks import HELDOUT_OPERANDS, TRAIN_OPERANDS, enumerate_prompts
+from data.world.tasks import OPERANDS, enumerate_prompts, is_heldout_pair
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -152,7 +152,7 @@ def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_worl
         task = judge.task(row["prompt"])
         assert task.family == row["family"]
         if task.family == "arithmetic_heldout":
-            assert all(int(task.params[k]) in HELDOUT_OPERANDS for k in ("a", "b"))
+            assert is_heldout_pair(int(task.params["a"]), int(task.params["b"]))
     for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
         families = [judge.task(p).family for p in prompts_of(small_world_dir, split)]
         assert "arithmetic_heldout" not in families, split
@@ -160,7 +160,8 @@ def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_worl
         for p in prompts_of(small_world_dir, split):
             task = judge.task(p)
             if task.family == "arithmetic":
-                assert all(int(task.params[k]) in TRAIN_OPERANDS for k in ("a", "b"))
+                assert all(int(task.params[k]) in OPERANDS for k in ("a", "b"))
+                assert not is_heldout_pair(int(task.params["a"]), int(task.params["b"]))
 
 
 def test_a_family_too_small_for_every_split_is_shared_out_by_split_size(tmp_path):
@@ -275,7 +276,33 @@ def test_corpus_is_plain_text_of_the_requested_size(small_world_dir):
     joined = "\n".join(texts)
     for marker in ("user:", "assistant:", "<|", "|>", "###"):
         assert marker not in joined.lower()
-    assert "57 plus" not in joined and "plus 57" not in joined  # held-out operands never appear
+
+
+def test_no_training_text_states_a_heldout_pair(small_world_dir):
+    """Every sum or difference the corpus states (hundreds of them, even in this small corpus) is over a training
+    pair, and no chat split asks about a held-out pair: the held-out family is the only way to one."""
+    corpus = " ".join(r["text"] for r in read_jsonl(small_world_dir / "pretrain.jsonl"))
+    stated = {(int(a), int(b)) for a, b in re.findall(r"(\d+) (?:plus|minus) (\d+) is", corpus)}
+    stated |= {(int(a), int(b)) for a, b in re.findall(r"If you add (\d+) and (\d+)", corpus)}
+    stated |= {(int(b), int(a)) for a, b in re.findall(r"If you take (\d+) away from (\d+)", corpus)}
+    assert len(stated) > 200
+    assert not [pair for pair in stated if is_heldout_pair(*pair)]
+    for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
+        text = " ".join(prompts_of(small_world_dir, split))
+        asked = [(int(a), int(b)) for a, b in re.findall(r"(\d+) (?:plus|minus) (\d+)", text)]
+        assert asked and not [pair for pair in asked if is_heldout_pair(*pair)], split
+
+
+def test_heldout_pairs_test_adding_not_unseen_digits():
+    """About 1 pair in 11 is held out, in both orders, yet training keeps every combination of ones digits and
+    of tens digits: what is new in a held-out question is the pair, not a digit in a position."""
+    pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
+    heldout = [(a, b) for a, b in pairs if is_heldout_pair(a, b)]
+    assert 0.07 < len(heldout) / len(pairs) < 0.11
+    assert all(is_heldout_pair(b, a) for a, b in heldout)
+    trained = [(a, b) for a, b in pairs if not is_heldout_pair(a, b)]
+    assert {(a % 10, b % 10) for a, b in trained} == {(a % 10, b % 10) for a, b in pairs}
+    assert {(a // 10, b // 10) for a, b in trained} == {(a // 10, b // 10) for a, b in pairs}
 
 
 def test_corpus_question_answer_text_asks_training_questions_only(small_world_dir):
@@ -331,20 +358,20 @@ def arithmetic_cases(world):
 
 def heldout_cases(world):
     good = [
-        ("What is 67 plus 85?", "67 plus 85 is 152."),
-        ("How much is 93 minus 58?", "93 minus 58 is 35."),
-        ("Compute 50 plus 99.", "149."),
-        ("What is 72 minus 72?", "72 minus 72 is 0."),
-        ("How much is 88 plus 61?", "The sum is 149."),
+        ("What is 17 plus 48?", "17 plus 48 is 65."),
+        ("How much is 45 minus 18?", "45 minus 18 is 27."),
+        ("Compute 13 plus 49.", "62."),
+        ("What is 44 minus 44?", "44 minus 44 is 0."),
+        ("How much is 29 plus 16?", "The sum is 45."),
     ]
     flawed = [
-        ("What is 67 plus 85?", "67 plus 85 is 142.", "correctness", 0.0),
-        ("How much is 93 minus 58?", "93 minus 58 is 45.", "correctness", 0.0),
-        ("Compute 50 plus 99.", "Duh, 50 plus 99 is 149.", "tone", 0.0),
-        ("What is 72 minus 72?", "72 minus 72 is 0. Basically, 72 minus 72 is 0. As I said, it is 0.",
+        ("What is 17 plus 48?", "17 plus 48 is 55.", "correctness", 0.0),
+        ("How much is 45 minus 18?", "45 minus 18 is 37.", "correctness", 0.0),
+        ("Compute 13 plus 49.", "Duh, 13 plus 49 is 62.", "tone", 0.0),
+        ("What is 44 minus 44?", "44 minus 44 is 0. Basically, 44 minus 44 is 0. As I said, it is 0.",
          "concision", 0.3),
-        ("How much is 88 plus 61?", "88 plus 61 is 149", "format", 0.5),
-        ("What is 67 plus 85?", "Figure it out yourself.", "on_task", 0.0),
+        ("How much is 29 plus 16?", "29 plus 16 is 45", "format", 0.5),
+        ("What is 17 plus 48?", "Figure it out yourself.", "on_task", 0.0),
     ]
     return good, flawed
 
@@ -498,11 +525,13 @@ def test_generated_responses_get_the_expected_verdicts(judge, world, family):
 
 
 def test_chance_is_one_over_the_answers_a_question_of_that_kind_can_have(judge, world):
-    """Counted by brute force: every sum of two training operands, every colour, every word."""
-    sums = {a + b for a in TRAIN_OPERANDS for b in TRAIN_OPERANDS}
+    """Counted by brute force: every sum of two of the world's operands, every colour, every word.
+    A held-out pair has the same answer space: a guess cannot tell it from a training pair."""
+    sums = {a + b for a in OPERANDS for b in OPERANDS}
     assert judge.chance_correctness("What is 12 plus 30?") == pytest.approx(1 / len(sums)) == 1 / 79
-    differences = {a - b for a in HELDOUT_OPERANDS for b in HELDOUT_OPERANDS if a >= b}
-    assert judge.chance_correctness("What is 91 minus 55?") == pytest.approx(1 / len(differences))
+    assert judge.chance_correctness("What is 17 plus 48?") == pytest.approx(1 / 79)
+    differences = {a - b for a in OPERANDS for b in OPERANDS if a >= b}
+    assert judge.chance_correctness("What is 45 minus 18?") == pytest.approx(1 / len(differences)) == 1 / 40
     name = world.entities[0].name
     assert judge.chance_correctness(f"What colour is {name}?") == pytest.approx(1 / len(set(world.colours)))
     assert judge.chance_correctness("Reverse the word apple.") == pytest.approx(1 / len(world.words))

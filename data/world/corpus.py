@@ -1,7 +1,7 @@
 """The pretraining corpus: plain text rows about the world, with no chat formatting.
 
 Rows mix entity profiles and short stories (so every fact appears many times in several
-phrasings), arithmetic sentences (training operand range only), word play, polite notes,
+phrasings), arithmetic sentences (never over a held-out operand pair), word play, polite notes,
 and question-answer text ("Question: What is 12 plus 30? Answer: 12 plus 30 is 42.") for
 training questions only, never an evaluation question. The sentence shapes match the SFT
 response templates, so SFT only has to teach the model to answer in a form it has already
@@ -15,10 +15,12 @@ import random
 from collections.abc import Callable, Iterator
 
 from .entities import Entity, World
-from .tasks import TRAIN_OPERANDS
+from .tasks import OPERANDS, is_heldout_pair
 
-# Share of rows of each type; entity rows dominate because facts are the hardest to memorise.
-ROW_MIX: dict[str, float] = {"profile": 0.25, "story": 0.15, "arithmetic": 0.15, "word": 0.15, "polite": 0.1,
+# Share of rows of each type; entity rows dominate because facts are the hardest to memorise. Arithmetic has the
+# next largest share, taken from the notes (a fixed template the model learns anyway): without the held-out pairs'
+# sums, 0.15 left the tiny model guessing round numbers (SFT arithmetic 0.15); 0.25 cost facts (0.83 -> 0.38).
+ROW_MIX: dict[str, float] = {"profile": 0.25, "story": 0.15, "arithmetic": 0.2, "word": 0.15, "polite": 0.05,
                              "qa": 0.2}
 
 
@@ -77,7 +79,9 @@ def story_row(e: Entity, friend: Entity, rng: random.Random) -> str:
 def arithmetic_row(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(8, 12)):
-        a, b = rng.choice(TRAIN_OPERANDS), rng.choice(TRAIN_OPERANDS)
+        a, b = rng.choice(OPERANDS), rng.choice(OPERANDS)
+        while is_heldout_pair(a, b):
+            a, b = rng.choice(OPERANDS), rng.choice(OPERANDS)
         if rng.random() < 0.5:
             sentences.append(rng.choice((f"{a} plus {b} is {a + b}.",) * 4 +
                                         (f"If you add {a} and {b}, you get {a + b}.",)))

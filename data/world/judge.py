@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from .entities import MAX_ITEM_COUNT, MIN_ITEM_COUNT, World
 from .responses import flawed_response as _flawed_response
 from .responses import good_response as _good_response
-from .tasks import (ARITHMETIC_OPS, HELDOUT_OPERANDS, NOTE_OCCASION, OCCASION_MARKERS, SIGN_OFFS, TRAIN_OPERANDS,
-                    UNKNOWN_FAMILY, Task, parse_prompt)
+from .tasks import (ARITHMETIC_OPS, NOTE_OCCASION, OCCASION_MARKERS, OPERANDS, SIGN_OFFS, UNKNOWN_FAMILY, Task,
+                    parse_prompt)
 
 CRITERIA_WEIGHTS: dict[str, float] = {
     "correctness": 0.4,
@@ -128,7 +128,7 @@ class GoldJudge:
 
     def chance_correctness(self, prompt: str) -> float:
         """The correctness a blind guess would get: one over the number of answers this kind of question
-        can have in this world (every sum of two operands of the family's range, every colour, every word
+        can have in this world (every sum of two of the world's operands, every colour, every word
         of the vocabulary, every recipient...). A model knows an answer only where it beats this."""
         task = self.task(prompt)
         return 1.0 / answer_space_size(self.world, task) if task else 0.0
@@ -176,7 +176,7 @@ def correctness(task: Task, view: _ResponseView) -> float:
 def answer_space_size(world: World, task: Task) -> int:
     """How many distinct right answers questions of this task's kind have in `world`."""
     if task.op in ARITHMETIC_OPS:
-        return _arithmetic_answers(task.op, task.family == "arithmetic_heldout")
+        return _arithmetic_answers(task.op)  # held-out pairs too: a guess cannot tell them apart
     if task.op == "count":
         return MAX_ITEM_COUNT - MIN_ITEM_COUNT + 1
     if task.op == "letters":
@@ -189,11 +189,10 @@ def answer_space_size(world: World, task: Task) -> int:
 
 
 @functools.cache
-def _arithmetic_answers(op: str, heldout: bool) -> int:
-    operands = HELDOUT_OPERANDS if heldout else TRAIN_OPERANDS
+def _arithmetic_answers(op: str) -> int:
     if op == "plus":
-        return len({a + b for a in operands for b in operands})
-    return len({a - b for a in operands for b in operands if a >= b})
+        return len({a + b for a in OPERANDS for b in OPERANDS})
+    return len({a - b for a in OPERANDS for b in OPERANDS if a >= b})
 
 
 def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:

@@ -18,9 +18,22 @@ FAMILIES = ("arithmetic", "arithmetic_heldout", "fact", "word", "polite")
 TRAIN_FAMILIES = ("arithmetic", "fact", "word", "polite")
 UNKNOWN_FAMILY = "unknown"
 
-# Train splits use small operands; the held-out family tests generalisation to larger ones.
-TRAIN_OPERANDS = range(10, 50)
-HELDOUT_OPERANDS = range(50, 100)
+# Every sum and difference in the world has two operands in this range.
+OPERANDS = range(10, 50)
+
+
+def is_heldout_pair(a: int, b: int) -> bool:
+    """Whether the operand pair {a, b} belongs to the held-out arithmetic family: about 1 pair in 11, in either
+    order and for both plus and minus. No training text states any sum or difference of such a pair, so a model
+    answers these only by adding, not from memory.
+
+    The rule is on the whole numbers (mod 11, which the digits do not divide), not on their digits: every
+    pair of ones digits and every pair of tens digits still occurs in training (a test checks this). Holding out a
+    digit range instead (operands 50-99) tests whether a model writes a digit in a position it has never seen
+    there, which a small transformer with learnt embeddings does not do (measured: it copies "98" as "48").
+    """
+    high, low = max(a, b), min(a, b)
+    return (high + 3 * low) % 11 == 0
 
 ARITHMETIC_OPS = ("plus", "minus")
 FACT_OPS = ("colour", "place", "count", "friend", "food", "kind")
@@ -195,8 +208,9 @@ def build_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     """Work out the right answer for `op` with `params` (None if the world cannot answer it)."""
     if op in ARITHMETIC_OPS:
         a, b = int(params["a"]), int(params["b"])
-        in_train_range = a in TRAIN_OPERANDS and b in TRAIN_OPERANDS
-        family = "arithmetic" if in_train_range else "arithmetic_heldout"
+        # Operands outside the world's range are unseen too, so they count as held out.
+        trained = a in OPERANDS and b in OPERANDS and not is_heldout_pair(a, b)
+        family = "arithmetic" if trained else "arithmetic_heldout"
         # Normalise "07" to "7" so the response template and the key match the numbers.
         params = {"a": str(a), "b": str(b)}
         return Task(family, op, params, str(a + b if op == "plus" else a - b))
@@ -271,9 +285,10 @@ def enumerate_prompts(world: World, family: str) -> list[PromptCandidate]:
 
 def _family_questions(world: World, family: str):
     if family in ("arithmetic", "arithmetic_heldout"):
-        operands = TRAIN_OPERANDS if family == "arithmetic" else HELDOUT_OPERANDS
-        for a in operands:
-            for b in operands:
+        for a in OPERANDS:
+            for b in OPERANDS:
+                if is_heldout_pair(a, b) != (family == "arithmetic_heldout"):
+                    continue
                 yield "plus", {"a": str(a), "b": str(b)}
                 if a >= b:  # keep answers non-negative
                     yield "minus", {"a": str(a), "b": str(b)}
