@@ -27,8 +27,8 @@ def is_heldout_pair(a: int, b: int) -> bool:
     order and for both plus and minus. No training text states any sum or difference of such a pair, so a model
     answers these only by adding, not from memory.
 
-    The rule is on the whole numbers (mod 11, which the digits do not divide), not on their digits: every
-    pair of ones digits and every pair of tens digits still occurs in training (a test checks this). Holding out a
+    The rule is on the whole numbers modulo 11, not on their digits, so every pair of ones digits and every pair
+    of tens digits still occurs in training (a test checks this). Holding out a
     digit range instead (operands 50-99) tests whether a model writes a digit in a position it has never seen
     there, which a small transformer with learnt embeddings does not do (measured: it copies "98" as "48").
     """
