@@ -28,9 +28,9 @@ def is_heldout_pair(a: int, b: int) -> bool:
     answers these only by adding, not from memory.
 
     The rule is on the whole numbers modulo 11, not on their digits, so every pair of ones digits and every pair
-    of tens digits still occurs in training (a test checks this). Holding out a
-    digit range instead (operands 50-99) tests whether a model writes a digit in a position it has never seen
-    there, which a small transformer with learnt embeddings does not do (measured: it copies "98" as "48").
+    of tens digits still occurs in training (a test checks this). Holding out a digit range instead (operands
+    50-99) tests whether a model writes a digit in a position it has never seen there, which a small transformer
+    with learnt embeddings does not do (measured: it copies "98" as "48").
     """
     high, low = max(a, b), min(a, b)
     return (high + 3 * low) % 11 == 0
