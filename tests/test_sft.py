@@ -64,6 +64,30 @@ def test_labels_mask_every_non_assistant_token(micro_pretrain, tmp_path):
         assert spans == [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
 
 
+def test_group_by_length_batches_carry_less_padding(micro_pretrain, tmp_path):
+    """The world's demos range from a few words to a rambling note: random batches are mostly padding, batches
+    grouped by length much less. Both see every demonstration once per epoch."""
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain)
+    world = micro_pretrain.parent.parent / "world"
+    data = load_dataset_for(DatasetSpec(path="world:sft_train"), "sft", world_dir=world)
+    padding, seen = {}, {}
+    for grouped in (False, True):
+        cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}", "batch_size=8",
+                                                                 f"group_by_length={str(grouped).lower()}"])
+        trainer = SFTTrainer(model=model, args=training_arguments(cfg, tmp_path / "checkpoints"),
+                             train_dataset=data, eval_dataset=data, processing_class=tokenizer)
+        batches = list(trainer.get_train_dataloader())
+        padding[grouped] = sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(
+            b["attention_mask"].numel() for b in batches)
+        seen[grouped] = sorted(tuple(row[m.bool()].tolist()) for b in batches
+                               for row, m in zip(b["input_ids"], b["attention_mask"]))
+    assert seen[True] == seen[False] and len(seen[True]) == len(data)
+    assert padding[False] > 0.25 and padding[True] < padding[False] / 2, padding
+
+
 def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
     tokenizer = AutoTokenizer.from_pretrained(micro_sft)
     model = AutoModelForCausalLM.from_pretrained(micro_sft)

@@ -50,6 +50,11 @@ class SFTStageConfig(StageConfig):
     packing: bool = False
     """Pack whole examples into max_length blocks (best-fit decreasing; attention stays within an example):
     no pad tokens, so faster on GPUs. Off is simpler to inspect and as fast for short examples on CPU."""
+    group_by_length: bool = False
+    """Batch demonstrations of similar length together (transformers' length-grouped sampler: sorted within
+    random windows of 50 batches), so batches carry little padding. Random batches of the world's demos are
+    about half padding: on tiny, grouping runs the same 752 steps in 103 s instead of 266 s, but gold falls from
+    0.740 to 0.724 (facts 0.825 -> 0.70), since each batch then holds mostly one task family. Off by default."""
     batch_size: int = 32
     """Examples (or packed blocks) per process per micro-step; also the eval batch size."""
     grad_accum: int = 1
@@ -88,6 +93,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
     return SFTConfig(
         output_dir=str(checkpoints_dir), seed=cfg.seed, assistant_only_loss=True,
         max_length=cfg.max_length, packing=cfg.packing,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
