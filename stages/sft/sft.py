@@ -48,8 +48,9 @@ class SFTStageConfig(StageConfig):
     max_length: int = 256
     """Tokens per example; longer conversations are cut at the end. The block length when packing."""
     packing: bool = False
-    """Pack whole examples into max_length blocks (best-fit decreasing; attention stays within an example):
-    no pad tokens, so faster on GPUs. Off is simpler to inspect and as fast for short examples on CPU."""
+    """Pack whole examples into max_length blocks (best-fit decreasing). TRL flattens a batch into one sequence
+    whose position ids restart at each example, and attention stays within an example (a test checks). No pad
+    tokens: on tiny, 1.65x faster on the CPU at the same gold. With packing, batch_size counts blocks."""
     group_by_length: bool = False
     """Batch demonstrations of similar length together (transformers' length-grouped sampler: sorted within
     random windows of 50 batches), so batches carry little padding. Random batches of the world's demos are
