@@ -88,6 +88,42 @@ def test_group_by_length_batches_carry_less_padding(micro_pretrain, tmp_path):
     assert padding[False] > 0.25 and padding[True] < padding[False] / 2, padding
 
 
+def test_packed_batch_keeps_each_demonstration_to_itself(micro_pretrain, tmp_path):
+    """With packing, TRL flattens several demonstrations into one sequence. Each must still be trained as if alone:
+    the same logits as its own forward pass (attention never crosses into a neighbour) and labels on its
+    assistant tokens only."""
+    from trl import SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain).eval()
+    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in (
+        ("What is 12 plus 30?", "12 plus 30 is 42."), ("Reverse the word cat.", "The word cat reversed is tac."),
+        ("Write a short apology to Buto.", "Dear Buto, I am sorry for the trouble. Best wishes."))]
+    data = Dataset.from_list([{"messages": m} for m in conversations])
+    cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}", "packing=true", "batch_size=1",
+                                                             "max_length=256"])
+    trainer = SFTTrainer(model=model, args=training_arguments(cfg, tmp_path / "checkpoints"), train_dataset=data,
+                         eval_dataset=data, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels, positions = batch["input_ids"][0], batch["labels"][0], batch["position_ids"][0]
+    starts = (positions == 0).nonzero().flatten().tolist() + [len(ids)]
+    assert len(starts) - 1 == len(conversations)  # all three share one block
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]  # as the Trainer calls it
+    expected = {}
+    for messages in conversations:
+        encoded = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+        expected[tuple(encoded["input_ids"])] = [t if m else -100 for t, m in zip(encoded["input_ids"],
+                                                                                 encoded["assistant_masks"])]
+    for start, end in zip(starts, starts[1:]):
+        segment = tuple(ids[start:end].tolist())
+        assert labels[start:end].tolist() == expected.pop(segment)
+        with torch.no_grad():
+            alone = model(input_ids=ids[start:end][None]).logits[0]
+        torch.testing.assert_close(packed[start:end], alone, atol=1e-4, rtol=1e-4)
+    assert not expected
+
+
 def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
     tokenizer = AutoTokenizer.from_pretrained(micro_sft)
     model = AutoModelForCausalLM.from_pretrained(micro_sft)
