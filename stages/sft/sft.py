@@ -30,8 +30,7 @@ from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
 from pipeline.checkpoint import save_final, write_text_atomic
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.model import (POLICY_STAGES, LoraSpec, fit_embeddings, fp32_forward, load_causal_lm,
-                            set_special_token_ids)
+from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import resolve_precision, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
@@ -201,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
-    model = load_causal_lm(init, "sft", cfg.trust_remote_code)
-    fit_embeddings(model, tokenizer, "sft")
+    model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
