@@ -53,8 +53,8 @@ $(SETUP_STAMP): pyproject.toml
 	elif ! $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "setup: no GPU, installing the CPU build of torch"; \
 	  $(PY) -m pip install -q "torch==2.13.0+cpu" 2>$(VENV)/torch-local.log || { \
-	    echo "setup: torch 2.13.0+cpu is not in pip's local indexes ($(VENV)/torch-local.log says why);" \
-	      "fetching it from download.pytorch.org"; \
+	    echo "setup: pip's configured indexes gave no torch 2.13.0+cpu (why: $(VENV)/torch-local.log);" \
+	      "trying download.pytorch.org"; \
 	    $(PY) -m pip install -q "torch==2.13.0+cpu" --index-url https://download.pytorch.org/whl/cpu \
 	      --extra-index-url https://pypi.org/simple; }; \
 	fi
