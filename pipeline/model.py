@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers.utils import logging as hf_logging
 
 from pipeline.checkpoint import require_checkpoint
 
@@ -127,8 +128,22 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
     """The backbone at `path` with a scalar head: a trained RM, or a policy checkpoint whose new head starts random."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1,
-                                                               trust_remote_code=trust_remote_code)
+    # transformers prints a table for every key a load misses; from a policy checkpoint the scalar head is the one
+    # expected miss, so check the keys here and say in one line what was new
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    head = {name for name, _ in model.named_parameters() if name.split(".")[0] in ("score", "classifier")}
+    if loading["missing_keys"] - head:
+        print(f"[{needed_by}] warning: {path} lacks weights for {sorted(loading['missing_keys'] - head)}; "
+              f"they start random", file=sys.stderr)
+    elif loading["missing_keys"]:
+        print(f"[{needed_by}] {path}: backbone loaded, new scalar head ({', '.join(sorted(loading['missing_keys']))})"
+              f" starts random")
     fit_embeddings(model, tokenizer, needed_by)
     # the score is read at the last non-pad token, which needs the pad id
     model.config.pad_token_id = tokenizer.pad_token_id

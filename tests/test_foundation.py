@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final
 from pipeline.config import ConfigError, load_config
-from pipeline.model import ModelSpec, build_causal_lm
+from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
 from pipeline.runs import parse_stage_args
 from pipeline.tokenizer import CHAT_TEMPLATE, EOS, load_tokenizer, train_tokenizer
 from stages.pretrain.pretrain import PretrainConfig, get_lr
@@ -173,6 +173,26 @@ def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
         require_checkpoint(tmp_path / "rm_final", ("pretrain",), "sft")
     with pytest.raises(CheckpointError, match="does not exist"):
         require_checkpoint(tmp_path / "missing", ("pretrain",), "sft")
+
+
+def test_a_scalar_model_from_a_policy_checkpoint_says_its_head_is_new_and_names_any_other_missing_weight(
+        tmp_path, tokenizer, capfd):
+    from safetensors.torch import load_file, save_file
+
+    policy = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=2, intermediate_size=64), tokenizer)
+    save_final(policy, tokenizer, tmp_path / "sft", "sft")
+    scalar = load_scalar_model(str(tmp_path / "sft"), "rm", tokenizer)
+    out, err = capfd.readouterr()
+    assert "new scalar head (score.weight) starts random" in out and "LOAD REPORT" not in out + err
+    assert torch.equal(scalar.model.layers[0].mlp.up_proj.weight, policy.model.layers[0].mlp.up_proj.weight)
+
+    weights = load_file(tmp_path / "sft" / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, tmp_path / "sft" / "model.safetensors", metadata={"format": "pt"})
+    load_scalar_model(str(tmp_path / "sft"), "rm", tokenizer)
+    out, err = capfd.readouterr()
+    assert "lacks weights for ['model.layers.0.mlp.up_proj.weight']" in err and "LOAD REPORT" not in out + err
 
 
 @pytest.mark.parametrize("keep_last, kept", [(2, ["00000002", "00000003"]), (0, ["00000003"])])
