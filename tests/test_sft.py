@@ -19,7 +19,7 @@ from conftest import MICRO, REPO
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from stages.sft.sft import SFTStageConfig, main, training_arguments
+from stages.sft.sft import SFTStageConfig, latest_complete_checkpoint, main, training_arguments
 
 QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
 
@@ -161,6 +161,18 @@ def test_lora_gives_merged_plain_checkpoint_and_adapter(micro_pretrain, tmp_path
     torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)  # merged == base + adapter
 
 
+def saved_steps(stage: Path) -> list[int]:
+    """Steps of the stage's finished Trainer checkpoints: the Trainer writes trainer_state.json last, and not
+    atomically, so an empty or cut-short one means the save was still going (or was killed)."""
+    steps = []
+    for path in stage.glob("checkpoints/checkpoint-*/trainer_state.json"):
+        try:
+            steps.append(json.loads(path.read_text())["global_step"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return steps
+
+
 def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     stage = tmp_path / "resume" / "sft"
     command = [sys.executable, "-m", "stages.sft",
@@ -171,15 +183,14 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     try:
-        while not list(stage.glob("checkpoints/checkpoint-*/trainer_state.json")):
+        while not saved_steps(stage):
             assert first.poll() is None, f"the first run ended early:\n{first.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    states = [json.loads(p.read_text()) for p in stage.glob("checkpoints/checkpoint-*/trainer_state.json")]
-    resumed_from = max(s["global_step"] for s in states)
+    resumed_from = max(saved_steps(stage))  # a checkpoint the kill cut short is skipped on resume
     assert 0 < resumed_from < 500
 
     second = subprocess.run([*command, "resume=true", f"max_steps={resumed_from + 3}"], cwd=REPO, env=env,
@@ -192,6 +203,23 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     # the killed run's steps up to its checkpoint, then the resumed run's, each once
     assert train_steps == list(range(1, resumed_from + 4)), (train_steps, resumed_from)
     assert (stage / "final" / "config.json").exists()
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
+    def checkpoint(step: int, state: str | None) -> None:
+        path = tmp_path / f"checkpoint-{step}"
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"")
+        if state is not None:
+            (path / "trainer_state.json").write_text(state)
+
+    checkpoint(3, json.dumps({"global_step": 3}))
+    checkpoint(6, "")                        # killed between open() and write()
+    checkpoint(9, '{"global_step": 9, "lo')  # killed mid-write
+    checkpoint(12, None)                     # killed before the state was written
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()
+    assert latest_complete_checkpoint(tmp_path) is None
 
 
 def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):

@@ -109,11 +109,17 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
 
 
 def latest_complete_checkpoint(checkpoints_dir: Path) -> str | None:
-    """The newest Trainer checkpoint with its trainer_state.json, which is written last: a run killed while
-    saving leaves an incomplete newest checkpoint, and resuming skips it."""
-    complete = [p for p in checkpoints_dir.glob("checkpoint-*")
-                if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
-    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+    """The newest Trainer checkpoint whose trainer_state.json parses. The Trainer writes that file last, but
+    not atomically: a run killed while saving leaves a newest checkpoint without it, or with it empty or cut
+    short, and resuming skips that checkpoint."""
+    def complete(path: Path) -> bool:
+        try:
+            return isinstance(json.loads((path / "trainer_state.json").read_text()).get("global_step"), int)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and complete(p)]
+    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
 
 
 class GoldEval(TrainerCallback):
