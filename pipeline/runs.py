@@ -11,6 +11,8 @@ This module is the one place that knows the layout; stages and the Makefile go t
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,7 +22,11 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config, save_config
+
+# config.json key of a stage's final/: content hashes of the world files the stage learned from
+WORLD_DATA_KEY = "pipeline_world_data"
 
 # which stage's final/ each stage starts from by default
 UPSTREAM = {"pretrain": None, "sft": "pretrain", "prefs": "sft", "rm": "sft", "ppo": "sft"}
@@ -110,6 +116,52 @@ def init_checkpoint(cfg: StageConfig, stage: str) -> str:
 def world_dir(cfg: StageConfig) -> Path:
     """The run's synthetic world, written on first use (deterministic from the world config)."""
     return write_world(run_dir(cfg) / "world", cfg.world)
+
+
+def world_lineage(world: Path | None, *specs) -> dict[str, dict[str, str] | None]:
+    """What a stage's final/ records about the world it learned from (save_final puts it in config.json):
+    content hashes of world.json (entities and facts) and of each split a `world:<split>` dataset spec names.
+    None without a world, so that a record inherited from the upstream checkpoint's config does not carry over."""
+    if world is None:
+        return {WORLD_DATA_KEY: None}
+    splits = [spec.path.strip()[len("world:"):] for spec in specs if spec.path.strip().startswith("world:")]
+    return {WORLD_DATA_KEY: world_data_hashes(world, splits)}
+
+
+def world_data_hashes(world: Path, splits: list[str]) -> dict[str, str]:
+    """Content hashes of world.json and the named splits' files; a missing file hashes to "missing"."""
+    files = {"world": world / "world.json", **{split: world / f"{split}.jsonl" for split in splits}}
+    return {name: hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
+            for name, file in files.items()}
+
+
+def check_world_lineage(cfg: StageConfig, checkpoint: str | Path, world: Path | None, needed_by: str,
+                        config_key: str = "init_from") -> None:
+    """Refuse an upstream checkpoint that learned from other world files than the run holds now.
+
+    The run's world is rewritten when its config (or the generator) changes, but a finished stage is not: the
+    Makefile reruns nothing whose final/ exists. Without this check the next stage would quietly build on a
+    model of the old world. A checkpoint named in the config (`config_key` is set) only gets a warning: naming
+    it is taken as meaning it. Checkpoints without the record (outside models) pass.
+    """
+    config_file = Path(checkpoint) / "config.json"
+    if world is None or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text())
+    recorded = config.get(WORLD_DATA_KEY) or {}
+    current = world_data_hashes(world, [name for name in recorded if name != "world"])
+    changed = [name for name, digest in recorded.items() if current.get(name) != digest]
+    if not changed:
+        return
+    files = ", ".join("world.json" if name == "world" else f"{name}.jsonl" for name in changed)
+    problem = (f"{needed_by}: {checkpoint} learned from world files that have changed since it was made ({files} "
+               f"in {world}): the world config or the world generator differs")
+    if getattr(cfg, config_key):
+        print(f"warning: {problem}. Using it, since the config names it.", file=sys.stderr)
+        return
+    made_by = config.get("pipeline_stage", "<stage>")
+    raise CheckpointError(f"{problem}. Rebuild it: `make {made_by} RUN={cfg.run_name}` (the later stages "
+                          f"follow), or start a new run with RUN=<name>, or set {config_key}={checkpoint} to use it anyway.")
 
 
 def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = ""):

@@ -27,7 +27,8 @@ from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm
-from pipeline.runs import init_checkpoint, parse_stage_args, stage_paths, world_dir, write_resolved_config
+from pipeline.runs import check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
 from reward_model.config import RewardModelConfig
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the SFT policy
     init = init_checkpoint(cfg, "prefs")
+    check_world_lineage(cfg, init, world, "prefs")
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,
                             tokenizer=tokenizer).to(accelerator.device).eval()

@@ -35,8 +35,8 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
-from pipeline.runs import accelerate_precision, end_stage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
-    write_resolved_config
+from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
+    stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -258,6 +258,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # ---- backbone: the SFT model with a scalar head, or the newest checkpoint on resume
     init = init_checkpoint(cfg, "rm")
+    world = world_dir(cfg) if cfg.train_data is None else None  # collected preferences come from the run's world
+    check_world_lineage(cfg, init, world, "rm")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
@@ -387,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.lora.enabled:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
-                   rm_max_length=cfg.max_length)
+                   rm_max_length=cfg.max_length, **world_lineage(world, cfg.prompts))
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}

@@ -44,8 +44,8 @@ from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_
 from pipeline.generation import SamplingConfig, decode_responses
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
-from pipeline.runs import StageConfig, accelerate_precision, end_stage, init_checkpoint, parse_stage_args, \
-    stage_paths, world_dir, write_resolved_config
+from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
+    parse_stage_args, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- models: policy (SFT, or the checkpoint on resume), reference, frozen RM, critic (from the RM)
     sft_path = init_checkpoint(cfg, "ppo")
     rm_path = cfg.reward_model or str(stage_paths(cfg, "rm").final)
+    check_world_lineage(cfg, sft_path, world, "ppo")
+    check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
@@ -407,11 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[ppo] rank {rank} policy fingerprint {parameter_fingerprint(policy)}")  # equal on all ranks under DDP
     if accelerator.is_main_process:
         plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
+        lineage = world_lineage(world, cfg.prompts)
         if cfg.lora.enabled:
             deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:
-            save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo")
-        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None)
+            save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", **lineage)
+        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None, **lineage)
         if result is not None:
             write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})

@@ -31,8 +31,8 @@ from pipeline.checkpoint import save_final, write_text_atomic
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
-from pipeline.runs import StageConfig, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import resolve_precision, write_resolved_config
+from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
+from pipeline.runs import resolve_precision, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     train_data = load_dataset_for(cfg.data, "sft", world_dir=world)
     eval_data = load_dataset_for(cfg.eval_data, "sft", world_dir=world)
     gold_rows = load_prompts(world / "eval_prompts.jsonl", cfg.gold_eval_prompts) if cfg.gold_eval_prompts else []
+    check_world_lineage(cfg, init, world, "sft")
 
     # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
-        save_final(model, tokenizer, paths.final, "sft")
+        save_final(model, tokenizer, paths.final, "sft", **world_lineage(world, cfg.data))
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
         if gold.result is not None:
