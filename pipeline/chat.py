@@ -20,8 +20,9 @@ from typing import Iterator
 import torch
 
 from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
-                               load_policy_or_exit, load_run_config, resolve_checkpoint, sampling_from_args)
+                               load_policy, load_run_config, resolve_checkpoint, sampling_from_args)
 from pipeline.generation import SamplingConfig, sample_steps
+from pipeline.runs import run_main
 
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=128, temperature=0.7, top_k=0, top_p=0.95)
 """Defaults for chatting: some variety, the unlikely tail cut off. --temperature 0 gives the greedy reply."""
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = sampling_from_args(args)
     path, label = resolve_checkpoint(cfg, args.stage)
     device = default_device()
-    model, tokenizer = load_policy_or_exit(path, cfg.trust_remote_code, device, "chat")
+    model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "chat")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
     chat = Conversation(model, tokenizer, sampling, args.system, torch.Generator(device=device).manual_seed(seed))
 
@@ -157,4 +158,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

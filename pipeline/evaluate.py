@@ -35,7 +35,7 @@ from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.runs import StageConfig, run_dir, stage_paths, world_dir
+from pipeline.runs import StageConfig, run_dir, run_main, stage_paths, world_dir
 
 STAGE_CONFIGS = {
     "pretrain": "stages.pretrain.pretrain:PretrainConfig",
@@ -162,16 +162,6 @@ def load_policy(path: str, trust_remote_code: bool = False, device: torch.device
     return model.to(device).eval(), tokenizer
 
 
-def load_policy_or_exit(path: str, trust_remote_code: bool, device, needed_by: str):
-    """load_policy for a command line: a checkpoint that is no policy (e.g. a reward model) ends with a message."""
-    from pipeline.checkpoint import CheckpointError
-
-    try:
-        return load_policy(path, trust_remote_code, device, needed_by)
-    except CheckpointError as e:
-        sys.exit(str(e))
-
-
 # ---- the evaluation ------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: SamplingConfig = EVAL_SAMPLING,
@@ -267,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         rm_path = args.reward_model or run_reward_model(cfg)
         scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
-    model, tokenizer = load_policy_or_exit(path, cfg.trust_remote_code, device, "evaluate")
+    model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
           flush=True)
     result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer)
@@ -285,4 +275,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

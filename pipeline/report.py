@@ -37,7 +37,7 @@ from pipeline.evaluate import (CRITERIA, add_sampling_arguments, default_device,
                                shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
-from pipeline.runs import run_dir, stage_paths  # noqa: E402
+from pipeline.runs import run_dir, run_main, stage_paths  # noqa: E402
 
 STAGES = ("pretrain", "sft", "prefs", "rm", "ppo")
 POLICIES = ("pretrain", "sft", "ppo")
@@ -599,4 +599,4 @@ def log_to_wandb(cfg, out_dir: Path, report_file: Path, plots: dict, facts: dict
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -164,6 +164,17 @@ def check_world_lineage(cfg: StageConfig, checkpoint: str | Path, world: Path | 
                           f"follow), or start a new run with RUN=<name>, or set {config_key}={checkpoint} to use it anyway.")
 
 
+def run_main(main) -> None:
+    """A command's entry point: bad input (a config key, a data file, a checkpoint) ends the process with its
+    message instead of a traceback. Tests call main() itself and see the exception."""
+    from data.loading import DataError
+
+    try:
+        main()
+    except (ConfigError, CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+
+
 def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = ""):
     """`--config FILE key=value ...` -> a config dataclass. Bad keys exit with a message, not a traceback."""
     parser = argparse.ArgumentParser(description=description)

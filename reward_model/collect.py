@@ -27,7 +27,7 @@ from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm
-from pipeline.runs import check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir, \
+from pipeline.runs import check_world_lineage, init_checkpoint, parse_stage_args, run_main, stage_paths, world_dir, \
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -185,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

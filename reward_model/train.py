@@ -36,7 +36,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    stage_paths, world_dir, world_lineage, write_resolved_config
+    run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -417,4 +417,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -329,3 +329,23 @@ def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer
     assert not torch.allclose(autocast_logits, reference, atol=1e-4)  # bf16 matmuls round differently
     assert torch.equal(plain_logits, reference)
     assert torch.equal(after, autocast_logits)  # training keeps its mixed precision after the block
+
+
+@pytest.mark.parametrize("module", ["stages.sft", "reward_model.train", "pipeline.evaluate"])
+def test_a_command_stops_on_bad_input_with_its_message_and_no_traceback(module, micro_rm, tmp_path):
+    import subprocess
+    import sys
+
+    missing = tmp_path / "missing.jsonl"
+    argv, expected = {
+        "stages.sft": (["--config", str(MICRO / "sft.yaml"), f"init_from={micro_rm}"], "made by the 'rm' stage"),
+        "reward_model.train": (["--config", str(MICRO / "rm.yaml"), f"train_data.path={missing}"],
+                               f"{missing}: file not found"),
+        "pipeline.evaluate": (["--config", str(MICRO / "ppo.yaml"), "--stage", str(micro_rm)], "made by the 'rm' stage"),
+    }[module]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", module, *argv, f"runs_dir={tmp_path / 'runs'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "error: " in done.stderr and expected in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -1,3 +1,4 @@
+from pipeline.runs import run_main
 from stages.ppo.ppo import main
 
-main()
+run_main(main)

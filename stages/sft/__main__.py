@@ -1,3 +1,4 @@
+from pipeline.runs import run_main
 from stages.sft.sft import main
 
-main()
+run_main(main)
