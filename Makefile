@@ -19,11 +19,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ACCELERATE_CONFIG ?= configs/accelerate/$(if $(HAS_GPU),single_gpu,cpu).yaml
-# --quiet: a stage that stops on bad input prints its one-line error, not also the launcher's traceback
-LAUNCH := $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
+LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG)
 RUNDIR := runs/$(RUN)
 SETUP_STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
+export RECIPE  # a stage that refuses a stale upstream names the make command that rebuilds it
 
 # stage outputs: a stage is done when its final/ checkpoint exists
 PRETRAIN_OUT := $(RUNDIR)/pretrain/final/config.json

@@ -77,10 +77,15 @@ def unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
-def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, **config_extra: Any) -> Path:
-    """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats)."""
+def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, world_data: dict | None = None,
+               **config_extra: Any) -> Path:
+    """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats).
+
+    `world_data`: what the stage learned from in the run's world (pipeline.runs.learned_world_data), so a later
+    stage can tell whether the world changed since. None also clears a record inherited from the upstream."""
     model = unwrap(model)
     model.config.pipeline_stage = stage
+    model.config.pipeline_world_data = world_data
     for key, value in config_extra.items():
         setattr(model.config, key, value)
     with atomic_dir(final_dir) as tmp:
@@ -93,11 +98,16 @@ def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, **
 
 def checkpoint_stage(path: str | Path) -> str | None:
     """The pipeline stage recorded in a checkpoint's config.json, or None for outside checkpoints."""
+    return (checkpoint_config(path) or {}).get("pipeline_stage")
+
+
+def checkpoint_config(path: str | Path) -> dict | None:
+    """A local checkpoint's config.json, or None where there is none (a hub id, a directory without one)."""
     config_file = Path(path) / "config.json"
-    if not config_file.exists():
+    if not config_file.is_file():
         return None
     try:
-        return json.loads(config_file.read_text()).get("pipeline_stage")
+        return json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
 

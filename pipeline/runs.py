@@ -5,6 +5,10 @@
     runs/<run>/<stage>/checkpoints/   resumable training state
     runs/<run>/<stage>/config.yaml    the resolved config of the last launch
     runs/<run>/<stage>/metrics.jsonl  every logged metric, one JSON object per line
+    runs/<run>/prefs/                 collected rankings (train.jsonl, eval.jsonl) and world_data.json
+
+A final/ records what it learned from the world (`pipeline_world_data` in config.json), collected preferences
+do so in world_data.json, and the next stage checks that against the run's world (check_world_lineage).
 
 This module is the one place that knows the layout; stages and the Makefile go through it.
 """
@@ -22,11 +26,11 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError
+from pipeline.checkpoint import CheckpointError, checkpoint_config
 from pipeline.config import ConfigError, load_config, save_config
 
-# config.json key of a stage's final/: content hashes of the world files the stage learned from
-WORLD_DATA_KEY = "pipeline_world_data"
+# beside collected preferences (prefs/): what they were made from in the run's world
+PREFS_WORLD_DATA = "world_data.json"
 
 # which stage's final/ each stage starts from by default
 UPSTREAM = {"pretrain": None, "sft": "pretrain", "prefs": "sft", "rm": "sft", "ppo": "sft"}
@@ -118,50 +122,68 @@ def world_dir(cfg: StageConfig) -> Path:
     return write_world(run_dir(cfg) / "world", cfg.world)
 
 
-def world_lineage(world: Path | None, *specs) -> dict[str, dict[str, str] | None]:
-    """What a stage's final/ records about the world it learned from (save_final puts it in config.json):
-    content hashes of world.json (entities and facts) and of each split a `world:<split>` dataset spec names.
-    None without a world, so that a record inherited from the upstream checkpoint's config does not carry over."""
-    if world is None:
-        return {WORLD_DATA_KEY: None}
+def learned_world_data(world: Path | None, *specs, annotator: bool = False) -> dict[str, str] | None:
+    """What a stage learns from in the run's world, for save_final to record: fingerprints of world.json (the
+    entities and facts), of each split a `world:<split>` dataset spec names and, for rankings, of the
+    annotator's noise. None when no spec is the world's: a stage that only evaluates on it learns nothing."""
     splits = [spec.path.strip()[len("world:"):] for spec in specs if spec.path.strip().startswith("world:")]
-    return {WORLD_DATA_KEY: world_data_hashes(world, splits)}
+    if world is None or not splits:
+        return None
+    return world_fingerprints(world, ["world", *splits, *(["annotator"] if annotator else [])])
 
 
-def world_data_hashes(world: Path, splits: list[str]) -> dict[str, str]:
-    """Content hashes of world.json and the named splits' files; a missing file hashes to "missing"."""
-    files = {"world": world / "world.json", **{split: world / f"{split}.jsonl" for split in splits}}
-    return {name: hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
-            for name, file in files.items()}
+def world_fingerprints(world: Path, names: list[str]) -> dict[str, str]:
+    """name -> fingerprint: "world" is world.json, "annotator" its noise setting, any other name a split's file."""
+    def fingerprint(name: str) -> str:
+        if name == "annotator":
+            config = WorldConfig.from_json((world / "world_config.json").read_text())
+            return f"temperature {config.annotator_temperature}"
+        file = world / ("world.json" if name == "world" else f"{name}.jsonl")
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
+
+    return {name: fingerprint(name) for name in names}
 
 
-def check_world_lineage(cfg: StageConfig, checkpoint: str | Path, world: Path | None, needed_by: str,
+def recorded_world_data(output: str | Path) -> tuple[dict[str, str] | None, str | None]:
+    """(what an upstream output learned from the world, the stage that made it): from a final/ checkpoint's
+    config.json, or from collected preferences' world_data.json. (None, None) where nothing is recorded."""
+    output = Path(output)
+    config = checkpoint_config(output)
+    if config is not None:
+        return config.get("pipeline_world_data"), config.get("pipeline_stage")
+    if (output / PREFS_WORLD_DATA).is_file():
+        return json.loads((output / PREFS_WORLD_DATA).read_text()), "prefs"
+    return None, None
+
+
+def check_world_lineage(cfg: StageConfig, upstream: str | Path, world: Path | None, needed_by: str,
                         config_key: str = "init_from") -> None:
-    """Refuse an upstream checkpoint that learned from other world files than the run holds now.
+    """Refuse an upstream output (a final/ checkpoint, collected preferences) that learned from another version
+    of the run's world than the run holds now.
 
     The run's world is rewritten when its config (or the generator) changes, but a finished stage is not: the
-    Makefile reruns nothing whose final/ exists. Without this check the next stage would quietly build on a
-    model of the old world. A checkpoint named in the config (`config_key` is set) only gets a warning: naming
-    it is taken as meaning it. Checkpoints without the record (outside models) pass.
+    Makefile reruns nothing whose output exists. Without this check the next stage would quietly build on a
+    model of the old world. An upstream named in the config (`config_key` is set) only gets a warning: naming
+    it is taken as meaning it. Outputs without a record (outside models) pass.
     """
-    config_file = Path(checkpoint) / "config.json"
-    if world is None or not config_file.is_file():
+    recorded, made_by = recorded_world_data(upstream)
+    if world is None or not recorded:
         return
-    config = json.loads(config_file.read_text())
-    recorded = config.get(WORLD_DATA_KEY) or {}
-    current = world_data_hashes(world, [name for name in recorded if name != "world"])
-    changed = [name for name, digest in recorded.items() if current.get(name) != digest]
+    current = world_fingerprints(world, list(recorded))
+    changed = [name for name, value in recorded.items() if current[name] != value]
     if not changed:
         return
-    files = ", ".join("world.json" if name == "world" else f"{name}.jsonl" for name in changed)
-    problem = (f"{needed_by}: {checkpoint} learned from world files that have changed since it was made ({files} "
-               f"in {world}): the world config or the world generator differs")
-    if getattr(cfg, config_key):
-        print(f"warning: {problem}. Using it, since the config names it.", file=sys.stderr)
+    what = ", ".join({"world": "world.json", "annotator": "the annotator's noise"}.get(n, f"{n}.jsonl")
+                     for n in changed)
+    problem = (f"{needed_by}: {upstream} learned from a world that has changed since it was made ({what} in "
+               f"{world}): the world config or the world generator differs")
+    if getattr(cfg, config_key, None):
+        print(f"warning: {problem}. Using it, since {config_key} names it.", file=sys.stderr)
         return
-    made_by = config.get("pipeline_stage", "<stage>")
-    raise CheckpointError(f"{problem}. Rebuild it: `make {made_by} RUN={cfg.run_name}` (the later stages "
-                          f"follow), or start a new run with RUN=<name>, or set {config_key}={checkpoint} to use it anyway.")
+    recipe = os.environ.get("RECIPE") or "<recipe>"  # the Makefile exports it; a direct launch does not
+    raise CheckpointError(f"{problem}. Rebuild it: `make {made_by} RECIPE={recipe} RUN={cfg.run_name}` (the later "
+                          f"stages follow), or start a new run with RUN=<name>"
+                          + (f", or set {config_key}={upstream} to use it anyway." if config_key else "."))
 
 
 def run_main(main) -> None:
@@ -171,7 +193,7 @@ def run_main(main) -> None:
 
     try:
         main()
-    except (ConfigError, CheckpointError, DataError) as e:
+    except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:  # the last: a NaN/inf loss stop
         sys.exit(f"error: {e}")
 
 

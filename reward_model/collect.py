@@ -21,14 +21,14 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
 from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm
-from pipeline.runs import check_world_lineage, init_checkpoint, parse_stage_args, run_main, stage_paths, world_dir, \
-    write_resolved_config
+from pipeline.runs import PREFS_WORLD_DATA, check_world_lineage, init_checkpoint, learned_world_data, \
+    parse_stage_args, run_main, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
 from reward_model.config import RewardModelConfig
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
     if len(rows) < 2:
-        raise ValueError(f"[prefs] {cfg.prompts.path} has {len(rows)} prompt(s); the train/eval split needs 2+")
+        raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s); the train/eval split needs 2 or more")
     train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
 
     # ---- the SFT policy
@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     train_out = [ranked[i] for i in train_idx if i in ranked]
     eval_out = [ranked[i] for i in eval_idx if i in ranked]
     if not train_out or not eval_out:
-        raise ValueError(f"[prefs] after dropping duplicates, {len(train_out)} training and {len(eval_out)} "
-                         f"held-out prompts have 2+ distinct responses; sample with a higher "
-                         f"sampling.temperature or a larger responses_per_prompt")
+        raise DataError(str(init), f"after dropping duplicates, {len(train_out)} training and {len(eval_out)} "
+                                   f"held-out prompts have 2+ distinct sampled responses; sample with a higher "
+                                   f"sampling.temperature or a larger responses_per_prompt")
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(paths.root / "train.jsonl", train_out)
     write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
+    # what the rankings came from, for the RM to check against the run's world (None: not the world's prompts)
+    write_text_atomic(paths.root / PREFS_WORLD_DATA,
+                      json.dumps(learned_world_data(world, cfg.prompts, annotator=True)) + "\n")
 
     # ---- what was collected: sample quality, and the annotator's agreement with gold (the noise ceiling)
     collected = list(ranked.values())

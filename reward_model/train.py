@@ -36,7 +36,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    run_main, stage_paths, world_dir, world_lineage, write_resolved_config
+    recorded_world_data, run_main, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -55,9 +55,9 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
     if cfg.train_data is None:
         prefs = stage_paths(cfg, "prefs").root
         if not (prefs / "train.jsonl").exists() or not (prefs / "eval.jsonl").exists():
-            raise FileNotFoundError(f"[rm] no collected preferences in {prefs}. Collect them first "
-                                    f"(make prefs, or python -m reward_model.collect with this config), "
-                                    f"or set train_data to a preference dataset.")
+            raise DataError(str(prefs), "no collected preferences (train.jsonl, eval.jsonl). Collect them first "
+                                        "(make prefs, or python -m reward_model.collect with this config), "
+                                        "or set train_data to a preference dataset.")
         train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl"))) for split in ("train", "eval"))
         return train, held_out, str(prefs)
     train = load(cfg.train_data)
@@ -248,18 +248,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with accelerator.main_process_first():
         train_rows, eval_rows, source = load_rankings(cfg)
         add_gold_criteria(cfg, eval_rows)
+        world = world_dir(cfg) if cfg.train_data is None else None  # collected preferences come from the world
     micro_batch = cfg.batch_size * n_procs
     steps_per_epoch = len(train_rows) // (micro_batch * cfg.grad_accum)
     if steps_per_epoch == 0:
-        raise ValueError(f"[rm] {len(train_rows)} training rankings are fewer than one optimizer step takes "
-                         f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {n_procs} processes); "
-                         f"lower batch_size or collect more prompts.")
+        raise DataError(source, f"{len(train_rows)} training rankings are fewer than one optimizer step takes "
+                                f"(batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum} x {n_procs} processes); "
+                                f"lower batch_size or collect more prompts.")
     max_steps = cfg.epochs * steps_per_epoch
 
     # ---- backbone: the SFT model with a scalar head, or the newest checkpoint on resume
     init = init_checkpoint(cfg, "rm")
-    world = world_dir(cfg) if cfg.train_data is None else None  # collected preferences come from the run's world
     check_world_lineage(cfg, init, world, "rm")
+    if cfg.train_data is None:
+        check_world_lineage(cfg, source, world, "rm", config_key="")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
@@ -389,7 +391,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.lora.enabled:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
-                   rm_max_length=cfg.max_length, **world_lineage(world, cfg.prompts))
+                   rm_max_length=cfg.max_length,
+                   world_data=recorded_world_data(source)[0] if cfg.train_data is None else None)
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}

@@ -341,7 +341,8 @@ def test_a_command_stops_on_bad_input_with_its_message_and_no_traceback(module, 
         "stages.sft": (["--config", str(MICRO / "sft.yaml"), f"init_from={micro_rm}"], "made by the 'rm' stage"),
         "reward_model.train": (["--config", str(MICRO / "rm.yaml"), f"train_data.path={missing}"],
                                f"{missing}: file not found"),
-        "pipeline.evaluate": (["--config", str(MICRO / "ppo.yaml"), "--stage", str(micro_rm)], "made by the 'rm' stage"),
+        "pipeline.evaluate": (["--config", str(MICRO / "ppo.yaml"), "--stage", str(micro_rm)],
+                              "made by the 'rm' stage"),
     }[module]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     done = subprocess.run([sys.executable, "-m", module, *argv, f"runs_dir={tmp_path / 'runs'}"], cwd=REPO, env=env,

@@ -19,7 +19,7 @@ from conftest import MICRO, REPO
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from stages.sft.sft import SFTStageConfig, latest_complete_checkpoint, main, training_arguments
+from stages.sft.sft import SFTStageConfig, main, resume_checkpoint, training_arguments
 
 QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
 
@@ -217,9 +217,13 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     checkpoint(6, "")                        # killed between open() and write()
     checkpoint(9, '{"global_step": 9, "lo')  # killed mid-write
     checkpoint(12, None)                     # killed before the state was written
-    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert resume_checkpoint(tmp_path, is_main_process=False) == str(tmp_path / "checkpoint-3")
+    assert len(list(tmp_path.iterdir())) == 4  # only the main process deletes
+    assert resume_checkpoint(tmp_path, is_main_process=True) == str(tmp_path / "checkpoint-3")
+    # the cut-short saves are gone: the Trainer's rotation would have kept them over checkpoint-3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
     (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()
-    assert latest_complete_checkpoint(tmp_path) is None
+    assert resume_checkpoint(tmp_path, is_main_process=False) is None
 
 
 def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):

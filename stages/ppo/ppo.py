@@ -45,7 +45,7 @@ from pipeline.generation import SamplingConfig, decode_responses
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    parse_stage_args, stage_paths, world_dir, world_lineage, write_resolved_config
+    learned_world_data, parse_stage_args, run_main, stage_paths, world_dir, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -409,12 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[ppo] rank {rank} policy fingerprint {parameter_fingerprint(policy)}")  # equal on all ranks under DDP
     if accelerator.is_main_process:
         plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
-        lineage = world_lineage(world, cfg.prompts)
+        world_data = learned_world_data(world, cfg.prompts)
         if cfg.lora.enabled:
             deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:
-            save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", **lineage)
-        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", ppo_ema=ema is not None, **lineage)
+            save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", world_data)
+        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", world_data, ppo_ema=ema is not None)
         if result is not None:
             write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
@@ -428,4 +428,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,6 +14,7 @@ answer and to stop, never to imitate the user.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import resolve_precision, world_lineage, write_resolved_config
+from pipeline.runs import learned_world_data, resolve_precision, run_main, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -108,18 +109,24 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         dataloader_pin_memory=torch.cuda.is_available())
 
 
-def latest_complete_checkpoint(checkpoints_dir: Path) -> str | None:
+def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
     """The newest Trainer checkpoint whose trainer_state.json parses. The Trainer writes that file last, but
-    not atomically: a run killed while saving leaves a newest checkpoint without it, or with it empty or cut
-    short, and resuming skips that checkpoint."""
-    def complete(path: Path) -> bool:
+    not atomically: a run killed while saving leaves a checkpoint without it, or with it empty or cut short.
+    The main process deletes such a checkpoint, since the Trainer's rotation would count it as the newest and
+    delete finished ones in its place."""
+    def finished(path: Path) -> bool:
         try:
             return isinstance(json.loads((path / "trainer_state.json").read_text()).get("global_step"), int)
         except (OSError, ValueError, AttributeError):
             return False
 
-    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and complete(p)]
-    return str(max(found, key=lambda p: int(p.name.split("-")[-1]))) if found else None
+    found = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    done = [p for p in found if finished(p)]
+    if is_main_process:
+        for unfinished in set(found) - set(done):
+            shutil.rmtree(unfinished, ignore_errors=True)
+    return str(done[-1]) if done else None
 
 
 class GoldEval(TrainerCallback):
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(model, tokenizer)
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
-    checkpoint = latest_complete_checkpoint(paths.checkpoints) if cfg.resume else None
+    checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
                       start_step=int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
     if state.is_main_process:
@@ -257,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
-        save_final(model, tokenizer, paths.final, "sft", **world_lineage(world, cfg.data))
+        save_final(model, tokenizer, paths.final, "sft", world_data=learned_world_data(world, cfg.data))
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
         if gold.result is not None:
@@ -279,4 +286,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
