@@ -7,8 +7,9 @@
     runs/<run>/<stage>/metrics.jsonl  every logged metric, one JSON object per line
     runs/<run>/prefs/                 collected rankings (train.jsonl, eval.jsonl) and world_data.json
 
-A final/ records what it learned from the world (`pipeline_world_data` in config.json), collected preferences
-do so in world_data.json, and the next stage checks that against the run's world (check_world_lineage).
+A final/ records what each stage of its chain learned from the world (`pipeline_world_data` in config.json),
+collected preferences do so in world_data.json, and the next stage checks that against the run's world
+(check_world_lineage).
 
 This module is the one place that knows the layout; stages and the Makefile go through it.
 """
@@ -31,6 +32,9 @@ from pipeline.config import ConfigError, load_config, save_config
 
 # beside collected preferences (prefs/): what they were made from in the run's world
 PREFS_WORLD_DATA = "world_data.json"
+
+# the stages in pipeline order (make builds each from the ones before it)
+STAGE_ORDER = ("pretrain", "sft", "prefs", "rm", "ppo")
 
 # which stage's final/ each stage starts from by default
 UPSTREAM = {"pretrain": None, "sft": "pretrain", "prefs": "sft", "rm": "sft", "ppo": "sft"}
@@ -123,9 +127,9 @@ def world_dir(cfg: StageConfig) -> Path:
 
 
 def learned_world_data(world: Path | None, *specs, annotator: bool = False) -> dict[str, str] | None:
-    """What a stage learns from in the run's world, for save_final to record: fingerprints of world.json (the
-    entities and facts), of each split a `world:<split>` dataset spec names and, for rankings, of the
-    annotator's noise. None when no spec is the world's: a stage that only evaluates on it learns nothing."""
+    """What a stage learns from in the run's world: fingerprints of world.json (the entities and facts), of each
+    split a `world:<split>` dataset spec names and, for rankings, of the annotator's noise. None when no spec is
+    the world's: a stage that only evaluates on it learns nothing from it."""
     splits = [spec.path.strip()[len("world:"):] for spec in specs if spec.path.strip().startswith("world:")]
     if world is None or not splits:
         return None
@@ -144,9 +148,20 @@ def world_fingerprints(world: Path, names: list[str]) -> dict[str, str]:
     return {name: fingerprint(name) for name in names}
 
 
-def recorded_world_data(output: str | Path) -> tuple[dict[str, str] | None, str | None]:
-    """(what an upstream output learned from the world, the stage that made it): from a final/ checkpoint's
-    config.json, or from collected preferences' world_data.json. (None, None) where nothing is recorded."""
+def world_lineage(stage: str, learned: dict[str, str] | None, *upstreams: str | Path) -> dict | None:
+    """What an output records for save_final (or prefs/world_data.json): for each stage of the chain that made
+    it, what that stage learned from the world. The upstreams' records plus this stage's own `learned`."""
+    chain: dict[str, dict[str, str]] = {}
+    for upstream in upstreams:
+        chain.update(recorded_world_data(upstream)[0] or {})
+    if learned:
+        chain[stage] = learned
+    return chain or None
+
+
+def recorded_world_data(output: str | Path) -> tuple[dict | None, str | None]:
+    """(an output's lineage record, the stage that made it): from a final/ checkpoint's config.json, or from
+    collected preferences' world_data.json. (None, None) where nothing is recorded (an outside model)."""
     output = Path(output)
     config = checkpoint_config(output)
     if config is not None:
@@ -158,31 +173,37 @@ def recorded_world_data(output: str | Path) -> tuple[dict[str, str] | None, str 
 
 def check_world_lineage(cfg: StageConfig, upstream: str | Path, world: Path | None, needed_by: str,
                         config_key: str = "init_from") -> None:
-    """Refuse an upstream output (a final/ checkpoint, collected preferences) that learned from another version
-    of the run's world than the run holds now.
+    """Refuse an upstream output (a final/ checkpoint, collected preferences) made, at any stage of its chain,
+    from another version of the run's world than the run holds now.
 
     The run's world is rewritten when its config (or the generator) changes, but a finished stage is not: the
     Makefile reruns nothing whose output exists. Without this check the next stage would quietly build on a
-    model of the old world. An upstream named in the config (`config_key` is set) only gets a warning: naming
-    it is taken as meaning it. Outputs without a record (outside models) pass.
+    model of the old world. The message names the earliest stale stage: rebuilding it rebuilds the rest.
+    An upstream named in the config (`config_key` is set) only gets a warning: naming it is taken as meaning it.
+    Outputs without a record (outside models) pass.
     """
-    recorded, made_by = recorded_world_data(upstream)
-    if world is None or not recorded:
+    chain, made_by = recorded_world_data(upstream)
+    if world is None or not chain:
         return
-    current = world_fingerprints(world, list(recorded))
-    changed = [name for name, value in recorded.items() if current[name] != value]
-    if not changed:
+    stale = {}
+    for stage, learned in chain.items():
+        changed = [name for name, value in world_fingerprints(world, list(learned)).items() if value != learned[name]]
+        if changed:
+            stale[stage] = changed
+    if not stale:
         return
+    first = min(stale, key=lambda stage: STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER))
     what = ", ".join({"world": "world.json", "annotator": "the annotator's noise"}.get(n, f"{n}.jsonl")
-                     for n in changed)
-    problem = (f"{needed_by}: {upstream} learned from a world that has changed since it was made ({what} in "
-               f"{world}): the world config or the world generator differs")
+                     for n in stale[first])
+    whose = "learned" if first == made_by else f"was built on a {first} stage that learned"
+    problem = (f"{needed_by}: {upstream} {whose} from a world that has changed since ({what} in {world}): the world "
+               f"config or the world generator differs")
     if getattr(cfg, config_key, None):
         print(f"warning: {problem}. Using it, since {config_key} names it.", file=sys.stderr)
         return
     recipe = os.environ.get("RECIPE") or "<recipe>"  # the Makefile exports it; a direct launch does not
-    raise CheckpointError(f"{problem}. Rebuild it: `make {made_by} RECIPE={recipe} RUN={cfg.run_name}` (the later "
-                          f"stages follow), or start a new run with RUN=<name>"
+    raise CheckpointError(f"{problem}. Rebuild from there: `make {first} RECIPE={recipe} RUN={cfg.run_name}` (the "
+                          f"later stages follow), or start a new run with RUN=<name>"
                           + (f", or set {config_key}={upstream} to use it anyway." if config_key else "."))
 
 

@@ -16,7 +16,8 @@ from data.loading import DatasetSpec
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from pipeline.runs import PREFS_WORLD_DATA, StageConfig, check_world_lineage, learned_world_data, world_fingerprints
+from pipeline.runs import PREFS_WORLD_DATA, StageConfig, check_world_lineage, learned_world_data, world_fingerprints, \
+    world_lineage
 
 
 def micro_world(seed: int = 0) -> WorldConfig:
@@ -33,29 +34,39 @@ def fake_checkpoint(path: Path, stage: str, world_data: dict | None) -> Path:
 def test_a_changed_world_file_refuses_the_run_checkpoint_and_warns_for_a_named_one(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RECIPE", "micro")
     cfg = StageConfig(runs_dir=str(tmp_path), run_name="r")
-    named = StageConfig(runs_dir=str(tmp_path), run_name="r", init_from=str(tmp_path / "r" / "pretrain" / "final"))
     world = write_world(tmp_path / "r" / "world", micro_world())
     learned = learned_world_data(world, DatasetSpec(path="world:pretrain"), DatasetSpec(path=str(tmp_path / "x.jsonl")))
     assert set(learned) == {"world", "pretrain"}  # a local file is not the world's
     # a stage that trains on outside data and only evaluates on the world learned nothing from it
     assert learned_world_data(world, DatasetSpec(path="HuggingFaceH4/ultrachat_200k")) is None
-    pretrain = fake_checkpoint(tmp_path / "r" / "pretrain" / "final", "pretrain", learned)
+    pretrain = fake_checkpoint(tmp_path / "r" / "pretrain" / "final", "pretrain", world_lineage("pretrain", learned))
+    sft_learned = learned_world_data(world, DatasetSpec(path="world:sft_train"))
+    sft = fake_checkpoint(tmp_path / "r" / "sft" / "final", "sft", world_lineage("sft", sft_learned, pretrain))
+    assert set(json.loads((sft / "config.json").read_text())["pipeline_world_data"]) == {"pretrain", "sft"}
     outside = fake_checkpoint(tmp_path / "hub_model", "pretrain", None)
 
-    check_world_lineage(cfg, pretrain, world, "sft")  # same world: passes
-    check_world_lineage(cfg, outside, world, "sft")   # no record: passes
+    for checkpoint in (pretrain, sft, outside):  # same world, or no record: passes
+        check_world_lineage(cfg, checkpoint, world, "next")
     sft_split = world / "sft_train.jsonl"
     sft_split.write_text(sft_split.read_text() + sft_split.read_text().splitlines()[0] + "\n")
-    check_world_lineage(cfg, pretrain, world, "sft")  # a split it did not learn from
+    check_world_lineage(cfg, pretrain, world, "sft")  # a split pretraining did not learn from
+    with pytest.raises(CheckpointError) as error:
+        check_world_lineage(cfg, sft, world, "ppo")
+    assert f"{sft} learned from" in str(error.value) and "make sft RECIPE=micro RUN=r" in str(error.value)
 
     corpus = world / "pretrain.jsonl"
     corpus.write_text(corpus.read_text() + json.dumps({"text": "One more line."}) + "\n")
     with pytest.raises(CheckpointError) as error:
         check_world_lineage(cfg, pretrain, world, "sft")
     message = str(error.value)
-    assert str(pretrain) in message and "(pretrain.jsonl in" in message \
+    assert f"{pretrain} learned from" in message and "(pretrain.jsonl in" in message \
         and "make pretrain RECIPE=micro RUN=r" in message and f"set init_from={pretrain}" in message
+    with pytest.raises(CheckpointError) as error:  # the earliest stale stage is the one to rebuild
+        check_world_lineage(cfg, sft, world, "ppo")
+    assert f"{sft} was built on a pretrain stage that learned" in str(error.value) \
+        and "make pretrain RECIPE=micro RUN=r" in str(error.value)
 
+    named = StageConfig(runs_dir=str(tmp_path), run_name="r", init_from=str(pretrain))
     check_world_lineage(named, pretrain, world, "sft")
     assert "warning:" in capsys.readouterr().err
 
@@ -66,7 +77,7 @@ def test_preferences_ranked_with_other_annotator_noise_are_refused(tmp_path):
     prefs = tmp_path / "r" / "prefs"
     prefs.mkdir()
     learned = learned_world_data(world, DatasetSpec(path="world:pref_prompts"), annotator=True)
-    (prefs / PREFS_WORLD_DATA).write_text(json.dumps(learned))
+    (prefs / PREFS_WORLD_DATA).write_text(json.dumps(world_lineage("prefs", learned)))
     check_world_lineage(cfg, prefs, world, "rm", config_key="")
 
     noisier = dataclasses.replace(micro_world(), annotator_temperature=0.5)  # changes no prompt and no fact
@@ -77,16 +88,22 @@ def test_preferences_ranked_with_other_annotator_noise_are_refused(tmp_path):
     assert "make prefs RECIPE=" in str(error.value) and "to use it anyway" not in str(error.value)
 
 
-def test_outputs_record_the_world_they_learned_from(micro_rm):
+def test_outputs_record_the_chain_that_made_them(micro_rm):
     run = micro_rm.parent.parent
     world = run / "world"
-    prefs = world_fingerprints(world, ["world", "pref_prompts", "annotator"])
-    assert json.loads((run / "prefs" / PREFS_WORLD_DATA).read_text()) == prefs
-    for stage, names in {"pretrain": ["world", "pretrain"], "sft": ["world", "sft_train"]}.items():
-        recorded = json.loads((run / stage / "final" / "config.json").read_text())["pipeline_world_data"]
-        assert recorded == world_fingerprints(world, names), stage
-    # the RM learned from the preferences, and so from what they were made of
-    assert json.loads((run / "rm" / "final" / "config.json").read_text())["pipeline_world_data"] == prefs
+
+    def recorded(stage: str) -> dict:
+        if stage == "prefs":
+            return json.loads((run / "prefs" / PREFS_WORLD_DATA).read_text())
+        return json.loads((run / stage / "final" / "config.json").read_text())["pipeline_world_data"]
+
+    learned = {"pretrain": world_fingerprints(world, ["world", "pretrain"]),
+               "sft": world_fingerprints(world, ["world", "sft_train"]),
+               "prefs": world_fingerprints(world, ["world", "pref_prompts", "annotator"])}
+    assert recorded("pretrain") == {"pretrain": learned["pretrain"]}
+    assert recorded("sft") == {"pretrain": learned["pretrain"], "sft": learned["sft"]}
+    assert recorded("prefs") == learned
+    assert recorded("rm") == learned  # the RM learned from the preferences and the SFT backbone, nothing of its own
 
 
 def stale_run(tmp_path: Path, copies: dict[str, Path]) -> Path:
@@ -107,13 +124,14 @@ def test_each_stage_refuses_an_upstream_made_from_another_world(stage, micro_rm,
     from stages.sft.sft import main as sft
 
     micro = micro_rm.parent.parent
-    main, config, copies, upstream = {
-        "sft": (sft, "sft.yaml", {"pretrain/final": micro / "pretrain" / "final"}, "pretrain"),
-        "prefs": (collect, "rm.yaml", {"sft/final": micro / "sft" / "final"}, "sft"),
-        "rm": (train_rm, "rm.yaml", {"sft/final": micro / "sft" / "final", "prefs": micro / "prefs"}, "sft"),
+    # the stage, its config, the finished outputs copied into the run, and which of them its check refuses
+    main, config, copies, refused = {
+        "sft": (sft, "sft.yaml", {"pretrain/final": micro / "pretrain" / "final"}, "pretrain/final"),
+        "prefs": (collect, "rm.yaml", {"sft/final": micro / "sft" / "final"}, "sft/final"),
+        "rm": (train_rm, "rm.yaml", {"sft/final": micro / "sft" / "final", "prefs": micro / "prefs"}, "sft/final"),
         "rm_prefs": (train_rm, "rm.yaml", {"sft/final": micro / "sft" / "final", "prefs": micro / "prefs"}, "prefs"),
-        "ppo": (ppo, "ppo.yaml", {"sft/final": micro / "sft" / "final", "rm/final": micro_rm}, "sft"),
-        "ppo_rm": (ppo, "ppo.yaml", {"sft/final": micro / "sft" / "final", "rm/final": micro_rm}, "rm"),
+        "ppo": (ppo, "ppo.yaml", {"sft/final": micro / "sft" / "final", "rm/final": micro_rm}, "sft/final"),
+        "ppo_rm": (ppo, "ppo.yaml", {"sft/final": micro / "sft" / "final", "rm/final": micro_rm}, "rm/final"),
     }[stage]
     runs = stale_run(tmp_path, copies)
     # naming the SFT checkpoint in init_from accepts it (a warning), so the next check is the one that stops
@@ -122,6 +140,10 @@ def test_each_stage_refuses_an_upstream_made_from_another_world(stage, micro_rm,
     AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' Accelerators fixed a precision
     with pytest.raises(CheckpointError) as error:
         main(["--config", str(MICRO / config), f"runs_dir={runs}", "run_name=r", "world.seed=1", *named])
-    assert f"make {upstream} RECIPE=micro RUN=r" in str(error.value) and "world.json" in str(error.value)
+    message = str(error.value)
+    # a new seed changes every world file, so the chain is stale from pretraining on, and that is rebuilt first
+    whose = "learned" if refused == "pretrain/final" else "was built on a pretrain stage that learned"
+    assert f"{runs / 'r' / refused} {whose} from a world that has changed" in message
+    assert "world.json" in message and "make pretrain RECIPE=micro RUN=r" in message
     assert not (runs / "r" / stage.split("_")[0] / "final").exists()
 

@@ -45,7 +45,7 @@ from pipeline.generation import SamplingConfig, decode_responses
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, parse_stage_args, run_main, stage_paths, world_dir, write_resolved_config
+    learned_world_data, parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[ppo] rank {rank} policy fingerprint {parameter_fingerprint(policy)}")  # equal on all ranks under DDP
     if accelerator.is_main_process:
         plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
-        world_data = learned_world_data(world, cfg.prompts)
+        world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
         if cfg.lora.enabled:
             deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:

@@ -24,7 +24,7 @@ from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
-    learned_world_data, run_main, write_resolved_config
+    learned_world_data, run_main, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain",
-                   world_data=learned_world_data(world, cfg.data))
+                   world_data=world_lineage("pretrain", learned_world_data(world, cfg.data)))
         tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": time.perf_counter() - started})
         print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
               f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")

@@ -33,7 +33,7 @@ from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import learned_world_data, resolve_precision, run_main, write_resolved_config
+from pipeline.runs import learned_world_data, resolve_precision, run_main, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
-        save_final(model, tokenizer, paths.final, "sft", world_data=learned_world_data(world, cfg.data))
+        save_final(model, tokenizer, paths.final, "sft",
+                   world_data=world_lineage("sft", learned_world_data(world, cfg.data), init))
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
         if gold.result is not None:
