@@ -81,8 +81,8 @@ def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, wo
                **config_extra: Any) -> Path:
     """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats).
 
-    `world_data`: what the stage learned from in the run's world (pipeline.runs.learned_world_data), so a later
-    stage can tell whether the world changed since. None also clears a record inherited from the upstream."""
+    `world_data`: what each stage of its chain learned from the run's world (pipeline.runs.world_lineage), so a
+    later stage can tell whether the world changed since. None also clears a record inherited from the upstream."""
     model = unwrap(model)
     model.config.pipeline_stage = stage
     model.config.pipeline_world_data = world_data

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     paths.root.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(paths.root / "train.jsonl", train_out)
     write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
-    # what the rankings came from, for the RM to check against the run's world (None: not the world's prompts)
+    # what the rankings came from in the world, with the SFT policy's chain, for the RM to check and carry
     learned = learned_world_data(world, cfg.prompts, annotator=True)
     write_text_atomic(paths.root / PREFS_WORLD_DATA, json.dumps(world_lineage("prefs", learned, init)) + "\n")
 
