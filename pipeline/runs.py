@@ -2,7 +2,7 @@
 
     runs/<run>/world/                 the synthetic world's files (generated on first use, seeded)
     runs/<run>/<stage>/final/         the stage's HF checkpoint, read by the next stage
-    runs/<run>/<stage>/checkpoints/   resumable training state
+    runs/<run>/<stage>/checkpoints/   resumable training state (an earlier run's: checkpoints.earlier/)
     runs/<run>/<stage>/config.yaml    the resolved config of the last launch
     runs/<run>/<stage>/metrics.jsonl  every logged metric, one JSON object per line
     runs/<run>/prefs/                 collected rankings (train.jsonl, eval.jsonl) and world_data.json
@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,12 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError, checkpoint_config
+from pipeline.checkpoint import CheckpointError, checkpoint_config, write_text_atomic
 from pipeline.config import ConfigError, load_config, save_config
 
-# beside collected preferences (prefs/): what they were made from in the run's world
-PREFS_WORLD_DATA = "world_data.json"
+# what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
+# for the run they belong to (start_checkpoints)
+WORLD_DATA_FILE = "world_data.json"
 
 # the stages in pipeline order (make builds each from the ones before it)
 STAGE_ORDER = ("pretrain", "sft", "prefs", "rm", "ppo")
@@ -166,8 +168,8 @@ def recorded_world_data(output: str | Path) -> tuple[dict | None, str | None]:
     config = checkpoint_config(output)
     if config is not None:
         return config.get("pipeline_world_data"), config.get("pipeline_stage")
-    if (output / PREFS_WORLD_DATA).is_file():
-        return json.loads((output / PREFS_WORLD_DATA).read_text()), "prefs"
+    if (output / WORLD_DATA_FILE).is_file():
+        return json.loads((output / WORLD_DATA_FILE).read_text()), "prefs"
     return None, None
 
 
@@ -205,6 +207,41 @@ def check_world_lineage(cfg: StageConfig, upstream: str | Path, world: Path | No
     raise CheckpointError(f"{problem}. Rebuild from there: `make {first} RECIPE={recipe} RUN={cfg.run_name}` (the "
                           f"later stages follow), or start a new run with RUN=<name>"
                           + (f", or set {config_key}={upstream} to use it anyway." if config_key else "."))
+
+
+def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage: dict | None, stage: str,
+                      is_main_process: bool) -> None:
+    """Keep a stage's checkpoints/ to one run: the one it is training now.
+
+    Resuming (`resume_from` is a checkpoint): refuse if the checkpoints learned from another version of the world
+    than the run holds now (`lineage`, as world_lineage gives it): continuing would mix the two.
+    Starting fresh: the main process moves an earlier run's checkpoints aside, to `checkpoints.earlier/`
+    (replacing the ones kept there before), and records `lineage` for the check above. Left in place, their
+    higher step numbers would outrank the new run's: pruning would delete the new checkpoints, and a later resume
+    would pick the old run's. Moved, not deleted: a fresh start that should have been a resume loses nothing."""
+    record = Path(checkpoints) / WORLD_DATA_FILE
+    if resume_from is not None:
+        if record.is_file():  # checkpoints written before this record existed pass unchecked
+            saved = json.loads(record.read_text()) or {}
+            lineage = lineage or {}
+            changed = [s for s in STAGE_ORDER if saved.get(s) != lineage.get(s)]
+            if changed:
+                raise CheckpointError(
+                    f"{stage}: {resume_from} learned from another version of the world than the run holds now (what "
+                    f"its {', '.join(changed)} stage learned from has changed). Resuming would mix the two: run "
+                    f"{stage} without resume=true to start over.")
+        return
+    if not is_main_process:
+        return
+    checkpoints = Path(checkpoints)
+    if checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir()):
+        kept = checkpoints.with_name(f"{checkpoints.name}.earlier")
+        shutil.rmtree(kept, ignore_errors=True)
+        checkpoints.rename(kept)
+        print(f"[{stage}] starting fresh: an earlier run's checkpoints moved to {kept} (to continue that run instead, "
+              f"move them back to {checkpoints} and pass resume=true)")
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(record, json.dumps(lineage) + "\n")
 
 
 def run_main(main) -> None:

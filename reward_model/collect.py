@@ -27,7 +27,7 @@ from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
 from pipeline.model import load_causal_lm
-from pipeline.runs import PREFS_WORLD_DATA, check_world_lineage, init_checkpoint, learned_world_data, \
+from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, init_checkpoint, learned_world_data, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
     # what the rankings came from in the world, with the SFT policy's chain, for the RM to check and carry
     learned = learned_world_data(world, cfg.prompts, annotator=True)
-    write_text_atomic(paths.root / PREFS_WORLD_DATA, json.dumps(world_lineage("prefs", learned, init)) + "\n")
+    write_text_atomic(paths.root / WORLD_DATA_FILE, json.dumps(world_lineage("prefs", learned, init)) + "\n")
 
     # ---- what was collected: sample quality, and the annotator's agreement with gold (the noise ceiling)
     collected = list(ranked.values())

@@ -36,7 +36,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    run_main, stage_paths, world_dir, world_lineage, write_resolved_config
+    run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if cfg.train_data is None:
         check_world_lineage(cfg, source, world, "rm", config_key="")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process)
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
 
@@ -392,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
                    rm_max_length=cfg.max_length,
-                   world_data=world_lineage("rm", None, *([source] if cfg.train_data is None else []), init))
+                   world_data=lineage)
         result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
                                           "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
                   if k in metrics}

@@ -16,7 +16,7 @@ from data.loading import DatasetSpec
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
-from pipeline.runs import PREFS_WORLD_DATA, StageConfig, check_world_lineage, learned_world_data, world_fingerprints, \
+from pipeline.runs import WORLD_DATA_FILE, StageConfig, check_world_lineage, learned_world_data, world_fingerprints, \
     world_lineage
 
 
@@ -77,7 +77,7 @@ def test_preferences_ranked_with_other_annotator_noise_are_refused(tmp_path):
     prefs = tmp_path / "r" / "prefs"
     prefs.mkdir()
     learned = learned_world_data(world, DatasetSpec(path="world:pref_prompts"), annotator=True)
-    (prefs / PREFS_WORLD_DATA).write_text(json.dumps(world_lineage("prefs", learned)))
+    (prefs / WORLD_DATA_FILE).write_text(json.dumps(world_lineage("prefs", learned)))
     check_world_lineage(cfg, prefs, world, "rm", config_key="")
 
     noisier = dataclasses.replace(micro_world(), annotator_temperature=0.5)  # changes no prompt and no fact
@@ -94,7 +94,7 @@ def test_outputs_record_the_chain_that_made_them(micro_rm):
 
     def recorded(stage: str) -> dict:
         if stage == "prefs":
-            return json.loads((run / "prefs" / PREFS_WORLD_DATA).read_text())
+            return json.loads((run / "prefs" / WORLD_DATA_FILE).read_text())
         return json.loads((run / stage / "final" / "config.json").read_text())["pipeline_world_data"]
 
     learned = {"pretrain": world_fingerprints(world, ["world", "pretrain"]),
@@ -147,3 +147,58 @@ def test_each_stage_refuses_an_upstream_made_from_another_world(stage, micro_rm,
     assert "world.json" in message and "make pretrain RECIPE=micro RUN=r" in message
     assert not (runs / "r" / stage.split("_")[0] / "final").exists()
 
+
+
+def test_a_fresh_start_moves_an_earlier_runs_checkpoints_aside_and_a_resume_checks_their_world(tmp_path, capsys):
+    from pipeline.checkpoint import latest_checkpoint, list_checkpoints, save_training_checkpoint
+    from pipeline.runs import start_checkpoints
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class NoTokenizer:  # the checkpoints' step numbers are what this test is about
+        def save_pretrained(self, path):
+            Path(path).mkdir(parents=True, exist_ok=True)
+
+    checkpoints = tmp_path / "pretrain" / "checkpoints"
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    old_world = {"pretrain": {"world": "aaaa", "pretrain": "bbbb"}}
+    new_world = {"pretrain": {"world": "aaaa", "pretrain": "cccc"}}
+
+    def save(step: int) -> Path:
+        return save_training_checkpoint(checkpoints, step, model, NoTokenizer(), {}, keep_last=2)
+
+    start_checkpoints(checkpoints, None, old_world, "pretrain", is_main_process=True)
+    for step in (40, 80, 120):
+        save(step)
+    earlier = list_checkpoints(checkpoints)
+    # a fresh start: the earlier run's higher steps no longer outrank (and prune away) the new run's first save
+    start_checkpoints(checkpoints, None, new_world, "pretrain", is_main_process=True)
+    assert "moved to" in capsys.readouterr().out
+    assert [p.name for p in list_checkpoints(checkpoints.with_name("checkpoints.earlier"))] == [p.name for p in earlier]
+    first = save(40)
+    assert latest_checkpoint(checkpoints) == first and first.exists()
+
+    start_checkpoints(checkpoints, first, new_world, "pretrain", is_main_process=True)  # same world: resumes
+    with pytest.raises(CheckpointError) as error:
+        start_checkpoints(checkpoints, first, old_world, "pretrain", is_main_process=True)
+    assert f"pretrain: {first} learned from another version of the world" in str(error.value)
+    assert "its pretrain stage learned from has changed" in str(error.value)
+    assert "without resume=true" in str(error.value)
+
+
+def test_a_resumed_stage_refuses_checkpoints_that_learned_from_another_world(micro_pretrain, tmp_path, monkeypatch):
+    from stages.pretrain.pretrain import main as pretrain
+
+    assert (micro_pretrain.parent / "checkpoints" / WORLD_DATA_FILE).is_file()
+    runs = stale_run(tmp_path, {"pretrain": micro_pretrain.parent})
+    shutil.rmtree(runs / "r" / "pretrain" / "final")  # interrupted before the end: only its checkpoints are left
+    kept = sorted(p.name for p in (runs / "r" / "pretrain" / "checkpoints").iterdir())
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CheckpointError) as error:
+        pretrain(["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={runs}", "run_name=r", "world.seed=1",
+                  "resume=true"])
+    assert "learned from another version of the world" in str(error.value)
+    assert "its pretrain stage" in str(error.value)
+    # nothing was trained or removed
+    assert sorted(p.name for p in (runs / "r" / "pretrain" / "checkpoints").iterdir()) == kept
+    assert not (runs / "r" / "pretrain" / "final").exists()

@@ -225,7 +225,8 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    assert sorted(p.name for p in (stage / "checkpoints").iterdir() if not p.name.startswith(".")) == ["step_00000002"]
+    assert sorted(p.name for p in (stage / "checkpoints").iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        == ["step_00000002"]
     killed = {r["step"]: r for r in metrics(stage) if "objective/kl" in r}
 
     second = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3"], cwd=REPO,

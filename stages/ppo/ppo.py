@@ -45,7 +45,8 @@ from pipeline.generation import SamplingConfig, decode_responses
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
+    learned_world_data, parse_stage_args, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
+    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process)
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
@@ -409,7 +412,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[ppo] rank {rank} policy fingerprint {parameter_fingerprint(policy)}")  # equal on all ranks under DDP
     if accelerator.is_main_process:
         plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
-        world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
         if cfg.lora.enabled:
             deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:

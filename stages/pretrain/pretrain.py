@@ -24,7 +24,7 @@ from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
-    learned_world_data, run_main, world_lineage, write_resolved_config
+    learned_world_data, run_main, start_checkpoints, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
     if checkpoint is not None:
         tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
     elif cfg.model.tokenizer:
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain",
-                   world_data=world_lineage("pretrain", learned_world_data(world, cfg.data)))
+                   world_data=lineage)
         tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": time.perf_counter() - started})
         print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
               f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")

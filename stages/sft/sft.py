@@ -33,7 +33,8 @@ from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import learned_world_data, resolve_precision, run_main, world_lineage, write_resolved_config
+from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, world_lineage, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -219,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
     checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
+    lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process)
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
                       start_step=int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
     if state.is_main_process:
@@ -265,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
         save_final(model, tokenizer, paths.final, "sft",
-                   world_data=world_lineage("sft", learned_world_data(world, cfg.data), init))
+                   world_data=lineage)
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
         if gold.result is not None:
