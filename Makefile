@@ -28,7 +28,8 @@ export RECIPE  # a stage that refuses a stale upstream names the make command th
 # stage outputs: a stage is done when its final/ checkpoint exists
 PRETRAIN_OUT := $(RUNDIR)/pretrain/final/config.json
 SFT_OUT := $(RUNDIR)/sft/final/config.json
-PREFS_OUT := $(RUNDIR)/prefs/train.jsonl
+# collection writes world_data.json last; it writes it alone when rm.yaml sets train_data (nothing to collect)
+PREFS_OUT := $(RUNDIR)/prefs/world_data.json
 RM_OUT := $(RUNDIR)/rm/final/config.json
 PPO_OUT := $(RUNDIR)/ppo/final/config.json
 REPORT_OUT := $(RUNDIR)/report.md

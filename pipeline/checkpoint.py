@@ -112,6 +112,17 @@ def checkpoint_config(path: str | Path) -> dict | None:
         raise CheckpointError(f"{config_file}: not valid JSON ({e})") from None
 
 
+@contextlib.contextmanager
+def loading_from(path: str | Path, needed_by: str) -> Iterator[None]:
+    """Around a `from_pretrained`: its OSError (a mistyped local path, which it then takes for a hub id; a hub id
+    it cannot fetch; a directory without the files) becomes a CheckpointError naming the path."""
+    try:
+        yield
+    except OSError as e:
+        where = "" if Path(path).exists() else " (no such local path, so it was looked up as a hub id)"
+        raise CheckpointError(f"{needed_by}: cannot load {path}{where}: {str(e).strip().splitlines()[0]}") from e
+
+
 def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed_by: str) -> Path:
     """Check that a local checkpoint exists and comes from one of `allowed_stages` (outside ones pass)."""
     path = Path(path)

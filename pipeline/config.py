@@ -97,7 +97,13 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
         kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
+        section = prefix.rstrip(".")
+        raise ConfigError(f"{where}: key '{section}': {e}" if section else f"{where}: {e}") from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from pipeline.checkpoint import require_checkpoint
+from pipeline.checkpoint import loading_from, require_checkpoint
 
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 SCALAR_STAGES = ("rm",)
@@ -78,7 +78,8 @@ class LoraSpec:
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
     if spec.pretrained:
-        model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code)
+        with loading_from(spec.pretrained, "key 'model.pretrained'"):
+            model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -117,7 +118,8 @@ def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
     With `tokenizer`, the embeddings are grown to fit it (fit_embeddings)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with loading_from(path, needed_by):
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer, needed_by)
     return model
@@ -133,8 +135,9 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model, loading = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True)
+        with loading_from(path, needed_by):
+            model, loading = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
     head = {name for name, _ in model.named_parameters() if name.split(".")[0] in ("score", "classifier")}

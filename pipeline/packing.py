@@ -14,10 +14,12 @@ from typing import Any, Iterator
 import torch
 from datasets import IterableDataset
 
+from data.loading import DataError
+
 
 class PackedCorpus:
     def __init__(self, texts: Any, tokenizer: Any, block_size: int, val_fraction: float = 0.02,
-                 val_blocks: int = 64, seed: int = 0):
+                 val_blocks: int = 64, seed: int = 0, source: str = "the corpus"):
         self.tokenizer, self.block_size, self.seed = tokenizer, block_size, seed
         self.streaming = isinstance(texts, IterableDataset)
         self.texts = texts
@@ -39,8 +41,7 @@ class PackedCorpus:
         self.train = self._blocks(train_ids)
         self.val = self._blocks(val_ids)[:val_blocks]
         if len(self.train) == 0:
-            raise ValueError(f"the corpus has fewer than block_size={block_size} training tokens; "
-                             f"add text or lower block_size")
+            raise DataError(source, f"fewer than block_size={block_size} training tokens; add text or lower block_size")
         self.train_tokens = self.train.numel()
         self.unigram_entropy = _unigram_entropy(train_ids, len(tokenizer))
 

@@ -11,6 +11,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from pipeline.checkpoint import loading_from
+
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
@@ -58,7 +60,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
 
     `turn_end_is_eos` (chat stages): make the token the template closes an assistant turn with EOS. Pretraining
     passes False: it separates documents with EOS, which must stay the model's own end-of-text token."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    with loading_from(name_or_path, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
         missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:

@@ -66,6 +66,22 @@ def test_bad_override_names_the_override():
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["max_stpes=3"])
 
 
+def test_a_sections_own_value_check_is_a_config_error_naming_the_section():
+    with pytest.raises(ConfigError, match=r"override 'world\.n_entities=2': key 'world': .*n_entities must be >= 4"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", ["world.n_entities=2"])
+
+
+def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
+    from pipeline.model import load_causal_lm
+
+    missing = tmp_path / "sft" / "fnal"  # a typo: from_pretrained would take it for a hub id
+    for load in (lambda: load_tokenizer(str(missing)), lambda: load_causal_lm(str(missing), "ppo"),
+                 lambda: load_scalar_model(str(missing), "rm", tokenizer=None)):
+        with pytest.raises(CheckpointError) as error:
+            load()
+        assert f"cannot load {missing} (no such local path" in str(error.value)
+
+
 def test_cli_exits_with_a_message_not_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_stage_args(PretrainConfig, ["--config", str(MICRO / "pretrain.yaml"), "learning_rate=fast"])

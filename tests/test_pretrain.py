@@ -190,3 +190,23 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
     assert run.run_group == "wb" and run.job_type == "pretrain"
     config = {item.key: item.value_json for item in run.config.update}
     assert config["max_steps"] == "10"
+
+
+def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: Path):
+    """Too little text for one validation block used to pass here and crash at the first evaluation."""
+    from accelerate.state import AcceleratorState
+
+    from data.loading import DataError
+    from stages.pretrain.pretrain import main
+
+    corpus = tmp_path / "small.jsonl"
+    # short documents: packed together they make training blocks, but the 2% held out is one of them, short of
+    # one 32-token block
+    corpus.write_text("".join(json.dumps({"text": f"Zorbi is teal. {i} plus {i} is {2 * i}."}) + "\n"
+                              for i in range(50)))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(DataError) as error:
+        run_stage(main, "pretrain.yaml", tmp_path, f"data.path={corpus}", "val_fraction=0.02", "block_size=32",
+                  "seed=1", run_name="small")
+    assert str(corpus) in str(error.value) and "validation block" in str(error.value)
+    assert not (tmp_path / "small" / "pretrain" / "checkpoints").exists()

@@ -254,3 +254,34 @@ def test_lora_adapters_are_merged_into_a_plain_final_checkpoint(micro_sft, micro
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(weights[q_proj], sft[q_proj])  # the merged adapter changed the backbone
     assert math.isfinite(json.loads((final / "config.json").read_text())["reward_std"])
+
+
+def test_with_train_data_nothing_is_collected_and_make_counts_the_step_done(tmp_path):
+    """A recipe whose RM trains on a given dataset (the gpu recipe's hh-rlhf) must not retrain the RM, and then
+    PPO, on every make: the collection step leaves the file make waits for, with nothing learned from the world."""
+    import os
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello.", "rejected": "Go away."}) + "\n")
+    collect.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", f"train_data.path={data}"])
+    marker = tmp_path / "t" / "prefs" / "world_data.json"
+    assert json.loads(marker.read_text()) is None
+    assert not (tmp_path / "t" / "prefs" / "train.jsonl").exists()
+
+    # the outputs of a finished chain up to the RM, oldest first, as make would leave them
+    stamp = tmp_path / "installed"
+    outputs = [stamp, *(tmp_path / "t" / stage / "final" / "config.json" for stage in ("pretrain", "sft")), marker,
+               tmp_path / "t" / "rm" / "final" / "config.json"]
+    for age, path in enumerate(reversed(outputs)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        os.utime(path, (time.time() - 10 * age,) * 2)
+    make = ["make", "-q", "-C", str(REPO), str(outputs[-1]), f"RUNDIR={tmp_path / 't'}", "RUN=t",
+            f"SETUP_STAMP={stamp}"]
+    assert subprocess.run(make).returncode == 0  # up to date: nothing to rerun
+    marker.unlink()
+    assert subprocess.run(make).returncode == 1  # without it, make would collect (and retrain the RM)

@@ -58,7 +58,7 @@ def judge(world) -> GoldJudge:
 
 
 def test_writes_every_file_with_sorted_keys(small_world_dir):
-    assert sorted(p.name for p in small_world_dir.iterdir()) == sorted(DATA_FILES + ("world_config.json",))
+    assert sorted(p.name for p in small_world_dir.iterdir()) == sorted(DATA_FILES + ("world_config.json", "generator.txt"))
     assert WorldConfig.from_json((small_world_dir / "world_config.json").read_text()) == SMALL
     first_line = (small_world_dir / "prefs_static.jsonl").read_text().splitlines()[0]
     assert first_line == json.dumps(json.loads(first_line), sort_keys=True, ensure_ascii=False)
@@ -87,6 +87,19 @@ def test_write_world_skips_an_existing_identical_world_and_replaces_another(smal
     write_world(target, bigger)
     assert len(read_jsonl(target / "sft_train.jsonl")) == 410
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dirs left behind
+
+
+def test_a_world_written_by_other_generator_code_is_rewritten(tmp_path, monkeypatch):
+    from data.world import writer
+
+    target = write_world(tmp_path / "w", SMALL)
+    marker = target / "pretrain.jsonl"
+    mtime = marker.stat().st_mtime_ns
+    time.sleep(0.01)
+    monkeypatch.setattr(writer, "generator_fingerprint", lambda: "changed-code")  # e.g. after a git pull
+    write_world(target, SMALL)
+    assert marker.stat().st_mtime_ns != mtime
+    assert (target / writer.GENERATOR_FILE).read_text().strip() == "changed-code"
 
 
 def test_write_world_refuses_to_overwrite_a_non_world_directory(tmp_path):

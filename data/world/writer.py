@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,6 +18,7 @@ from .judge import GoldJudge
 from .splits import make_prompt_splits, sft_demos, static_ranked_set
 
 CONFIG_FILE = "world_config.json"
+GENERATOR_FILE = "generator.txt"  # which version of this package's code wrote the world
 WORLD_FILE = "world.json"
 JSONL_SPLITS = ("pretrain", "sft_train", "sft_eval", "pref_prompts", "ppo_prompts", "eval_prompts",
                 "prefs_static")
@@ -76,6 +78,7 @@ def write_world(out_dir: str | Path, config: WorldConfig | None = None) -> Path:
         (staging / WORLD_FILE).write_text(world.to_json(), encoding="utf-8")
         for split, split_rows in rows.items():
             write_jsonl(staging / f"{split}.jsonl", split_rows)
+        (staging / GENERATOR_FILE).write_text(generator_fingerprint() + "\n", encoding="utf-8")
         # Written last: its presence marks a complete world.
         (staging / CONFIG_FILE).write_text(config.to_json(), encoding="utf-8")
         _move_into_place(staging, out, config)
@@ -90,9 +93,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def generator_fingerprint() -> str:
+    """A hash of the world package's source: a world written by other code is rewritten. Where the new code makes
+    the same files, the stages trained on them stay valid (their lineage compares the files, not this)."""
+    digest = hashlib.sha256()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _holds_world(out: Path, config: WorldConfig) -> bool:
     try:
-        return WorldConfig.from_json((out / CONFIG_FILE).read_text(encoding="utf-8")) == config
+        return (WorldConfig.from_json((out / CONFIG_FILE).read_text(encoding="utf-8")) == config
+                and (out / GENERATOR_FILE).read_text(encoding="utf-8").strip() == generator_fingerprint())
     except (OSError, ValueError, TypeError):
         return False
 

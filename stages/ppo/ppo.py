@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         done_minibatches = max(0, start_step - cfg.critic_warmup_steps) * cfg.ppo_epochs * \
             (cfg.rollout_batch_size // cfg.minibatch_size)
         ptx_batches = PackedCorpus(load_dataset_for(cfg.ptx_data, "text", world_dir=world), tokenizer,
-                                   cfg.ptx_block_size, seed=cfg.seed).train_batches(
+                                   cfg.ptx_block_size, seed=cfg.seed, source=cfg.ptx_data.path).train_batches(
             cfg.ptx_batch_size, cfg.grad_accum, done_minibatches, accelerator)
 
     tracker = Tracker(cfg, "ppo", paths.metrics_file, accelerator.is_main_process,

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
                                  save_training_checkpoint)
 from pipeline.generation import SamplingConfig, sample
@@ -88,15 +88,19 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
-    lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
     if checkpoint is not None:
         tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
     elif cfg.model.tokenizer:
         tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.trust_remote_code, turn_end_is_eos=False)
     else:
         tokenizer = train_tokenizer(PackedCorpus.tokenizer_sample(texts), cfg.model.vocab_size)
-    corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed)
+    corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed, cfg.data.path)
+    if len(corpus.val) < accelerator.num_processes:  # each process evaluates its share of the validation blocks
+        raise DataError(cfg.data.path, f"{len(corpus.val)} validation block(s) of block_size={cfg.block_size} tokens "
+                                       f"for {accelerator.num_processes} process(es), which need one each; add text, "
+                                       f"raise val_fraction or lower block_size")
+    lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
