@@ -54,10 +54,16 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
+
+
+def replace_dir(staging: str | Path, target: str | Path) -> None:
+    """Put a finished `staging` directory in `target`'s place by renames: a reader sees the old or the new one."""
+    staging, target = Path(staging), Path(target)
     old = target.parent / f".old-{target.name}-{os.getpid()}"
     if target.exists():
         target.rename(old)
-    tmp.rename(target)
+    staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -83,17 +89,23 @@ def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, wo
 
     `world_data`: what each stage of its chain learned from the run's world (pipeline.runs.world_lineage), so a
     later stage can tell whether the world changed since. None also clears a record inherited from the upstream."""
-    model = unwrap(model)
-    model.config.pipeline_stage = stage
-    model.config.pipeline_world_data = world_data
-    for key, value in config_extra.items():
-        setattr(model.config, key, value)
+    model = mark_final(model, stage, world_data, **config_extra)
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
     return Path(final_dir)
+
+
+def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_extra: Any) -> Any:
+    """Record in the model's config what save_final records: the stage, its world lineage, `config_extra`."""
+    model = unwrap(model)
+    model.config.pipeline_stage = stage
+    model.config.pipeline_world_data = world_data
+    for key, value in config_extra.items():
+        setattr(model.config, key, value)
+    return model
 
 
 def checkpoint_stage(path: str | Path) -> str | None:

@@ -244,6 +244,28 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     write_text_atomic(record, json.dumps(lineage) + "\n")
 
 
+def weights_sharded() -> str | None:
+    """Which sharding of the weights `accelerate launch` asked for (FSDP, DeepSpeed ZeRO-3), or None: every
+    rank then holds the whole model (DDP, ZeRO-2, one process). Read from the launcher's environment, so a stage
+    can check before it builds anything."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" \
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharded_weights(stage: str) -> None:
+    """For the stages that sample, evaluate and save on the main process with the whole model: under sharded
+    weights that would hang (a forward on one rank) or save one shard."""
+    sharding = weights_sharded()
+    if sharding:
+        raise ConfigError(f"{stage} samples, evaluates and saves on the main process with the whole model, so it "
+                          f"does not run with sharded weights ({sharding}). Launch it with DDP "
+                          f"(configs/accelerate/ddp.yaml){'' if stage == 'ppo' else ' or deepspeed_zero2.yaml'}.")
+
+
 def run_main(main) -> None:
     """A command's entry point: bad input (a config key, a data file, a checkpoint) ends the process with its
     message instead of a traceback. Tests call main() itself and see the exception."""

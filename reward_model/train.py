@@ -36,7 +36,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
+    refuse_sharded_weights, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -240,6 +240,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
     paths = stage_paths(cfg, "rm")
+    refuse_sharded_weights("rm")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
     n_procs, rank = accelerator.num_processes, accelerator.process_index

@@ -82,6 +82,21 @@ def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
         assert f"cannot load {missing} (no such local path" in str(error.value)
 
 
+@pytest.mark.parametrize("launch", [{"ACCELERATE_USE_FSDP": "true"},
+                                    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
+def test_stages_that_need_the_whole_model_refuse_sharded_weights(launch, monkeypatch, tmp_path):
+    from reward_model.train import main as train_rm
+    from stages.ppo.ppo import main as ppo
+    from stages.pretrain.pretrain import main as pretrain
+
+    for name, value in launch.items():  # what `accelerate launch` sets for an FSDP / ZeRO-3 config
+        monkeypatch.setenv(name, value)
+    for main, config in ((pretrain, "pretrain.yaml"), (train_rm, "rm.yaml"), (ppo, "ppo.yaml")):
+        with pytest.raises(ConfigError, match="does not run with sharded weights .*configs/accelerate/ddp.yaml"):
+            main(["--config", str(MICRO / config), f"runs_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # stopped before writing anything
+
+
 def test_cli_exits_with_a_message_not_a_traceback(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_stage_args(PretrainConfig, ["--config", str(MICRO / "pretrain.yaml"), "learning_rate=fast"])

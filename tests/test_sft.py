@@ -161,6 +161,28 @@ def test_lora_gives_merged_plain_checkpoint_and_adapter(micro_pretrain, tmp_path
     torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)  # merged == base + adapter
 
 
+def test_under_sharded_weights_final_is_saved_by_every_rank_through_the_trainer(micro_pretrain, tmp_path, monkeypatch):
+    """Under FSDP / ZeRO-3 no rank holds the whole model: final/ is the Trainer's gathered save, completed with our
+    records. Simulated in one process (sharding needs GPUs): the same code path, with the Trainer's plain save."""
+    from pipeline.config import ConfigError
+    from stages.sft import sft
+
+    monkeypatch.setattr(sft, "weights_sharded", lambda: "FSDP")
+    with pytest.raises(ConfigError, match="key 'gold_eval_prompts'.*FSDP"):  # it samples on the main process
+        main(sft_args(tmp_path, "sharded", f"init_from={micro_pretrain}", "max_steps=4", "gold_eval_prompts=5"))
+    main(sft_args(tmp_path, "sharded", f"init_from={micro_pretrain}", "max_steps=4", *QUICK))
+    final = tmp_path / "sharded" / "sft" / "final"
+    assert sorted(p.suffix for p in final.iterdir() if p.suffix in (".bin", ".pt", ".safetensors")) == [".safetensors"]
+    config = json.loads((final / "config.json").read_text())
+    assert config["pipeline_stage"] == "sft" and set(config["pipeline_world_data"]) == {"pretrain", "sft"}
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.chat_template and tokenizer.eos_token == "<|end|>"
+    trained = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(micro_pretrain).state_dict()
+    assert any(not torch.equal(trained[k], start[k]) for k in start)
+    assert not [p for p in final.parent.iterdir() if p.name.startswith(".tmp")]
+
+
 def saved_steps(stage: Path) -> list[int]:
     """Steps of the stage's finished Trainer checkpoints: the Trainer writes trainer_state.json last, and not
     atomically, so an empty or cut-short one means the save was still going (or was killed)."""

@@ -45,8 +45,8 @@ from pipeline.generation import SamplingConfig, decode_responses
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, parse_stage_args, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
-    write_resolved_config
+    learned_world_data, parse_stage_args, refuse_sharded_weights, run_main, stage_paths, start_checkpoints, \
+    world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -165,6 +165,7 @@ def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, se
 def main(argv: list[str] | None = None) -> None:
     cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
     paths = stage_paths(cfg, "ppo")
+    refuse_sharded_weights("ppo")
     if accelerate_precision(cfg) == "fp16":  # precision: auto under `accelerate launch --mixed_precision fp16`
         raise ConfigError(FP16_UNSUPPORTED)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))

@@ -24,7 +24,7 @@ from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
-    learned_world_data, run_main, start_checkpoints, world_lineage, write_resolved_config
+    learned_world_data, refuse_sharded_weights, run_main, start_checkpoints, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -78,6 +78,7 @@ def get_lr(step: int, cfg: PretrainConfig) -> float:
 def main(argv: list[str] | None = None) -> None:
     cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
     paths = stage_paths(cfg, "pretrain")
+    refuse_sharded_weights("pretrain")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 

@@ -28,13 +28,14 @@ from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
 from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
-from pipeline.checkpoint import save_final, write_text_atomic
+from pipeline.checkpoint import mark_final, replace_dir, save_final, write_text_atomic
+from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, world_lineage, \
-    write_resolved_config
+from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
+    world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback
 
@@ -196,6 +197,14 @@ def comparison(sft: dict[str, float], pretrained: dict[str, float]) -> list[dict
 def main(argv: list[str] | None = None) -> None:
     cfg: SFTStageConfig = parse_stage_args(SFTStageConfig, argv, __doc__)
     paths = stage_paths(cfg, "sft")
+    # FSDP / ZeRO-3: the Trainer trains and saves sharded weights; our evaluation samples on the main process
+    sharding = weights_sharded()
+    if sharding and cfg.gold_eval_prompts:
+        raise ConfigError(f"key 'gold_eval_prompts': the gold-judge evaluation samples on the main process with the "
+                          f"whole model, which {sharding} does not hold there; set gold_eval_prompts=0")
+    if sharding and cfg.lora.enabled:
+        raise ConfigError(f"key 'lora.enabled': merging the adapters into final/ needs the whole model on the main "
+                          f"process, which {sharding} does not hold there; launch LoRA with DDP")
     state = PartialState()
     set_seed(cfg.seed)
 
@@ -260,15 +269,26 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged in) with the chat template, and the figures
     state.wait_for_everyone()
-    if state.is_main_process:
+    if sharding:  # every rank takes part in the Trainer's save, which gathers the weights; the main one writes
+        staging = paths.root / ".tmp-final-gathered"
+        if state.is_main_process:  # what a save killed midway left
+            shutil.rmtree(staging, ignore_errors=True)
+        state.wait_for_everyone()
+        mark_final(trainer.accelerator.unwrap_model(trainer.model), "sft", lineage)
+        trainer.save_model(str(staging))
+        if state.is_main_process:
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: final/ holds safetensors only
+            tokenizer.save_pretrained(staging)
+            replace_dir(staging, paths.final)
+    elif state.is_main_process:
         model = trainer.model
         if cfg.lora.enabled:
             with atomic_dir(paths.root / "adapter") as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
-        save_final(model, tokenizer, paths.final, "sft",
-                   world_data=lineage)
+        save_final(model, tokenizer, paths.final, "sft", world_data=lineage)
+    if state.is_main_process:
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
         if gold.result is not None:
