@@ -61,9 +61,10 @@ class StageConfig:
     """Allow model code shipped with a hub checkpoint. Off: only architectures transformers ships are loaded."""
     wandb_project: str = "rlhf-pipeline"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Mixed precision of the training passes (weights and optimizer stay fp32). auto: what `accelerate launch`
-    asks for (--mixed_precision or its config file), else bf16 where the hardware runs it natively (a CUDA GPU
-    with bf16, or a CPU with AVX512-BF16 or AMX: ~1.3x faster steps on a 2-core EPYC), else fp32."""
+    """Mixed precision of the training passes (weights and optimizer stay fp32). auto: bf16 or fp16 where
+    `accelerate launch` asks for it (--mixed_precision or its config file; its "no", the default of every
+    accelerate config, counts as no preference), else bf16 where the hardware runs it natively (a CUDA GPU with
+    bf16, or a CPU with AVX512-BF16 or AMX: ~1.3x faster steps on a 2-core EPYC), else fp32. fp32 forces fp32."""
 
 
 def resolve_precision(cfg: StageConfig) -> str:
