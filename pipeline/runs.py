@@ -39,7 +39,7 @@ WORLD_DATA_FILE = "world_data.json"
 STAGE_ORDER = ("pretrain", "sft", "prefs", "rm", "ppo")
 
 # which stage's final/ each stage starts from by default
-UPSTREAM = {"pretrain": None, "sft": "pretrain", "prefs": "sft", "rm": "sft", "ppo": "sft"}
+UPSTREAM = {"pretrain": None, "sft": "pretrain", "rm": "sft", "ppo": "sft"}
 
 
 @dataclass

@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
-from pipeline.checkpoint import write_text_atomic
+from pipeline.checkpoint import require_checkpoint, write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, sample
-from pipeline.model import load_causal_lm
-from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, init_checkpoint, learned_world_data, \
+from pipeline.model import POLICY_STAGES, load_causal_lm
+from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -82,8 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
 
     # ---- the SFT policy
-    init = init_checkpoint(cfg, "prefs")
-    check_world_lineage(cfg, init, world, "prefs")
+    init = cfg.policy or str(stage_paths(cfg, "sft").final)
+    if not cfg.policy:
+        require_checkpoint(init, POLICY_STAGES, "prefs")
+    check_world_lineage(cfg, init, world, "prefs", config_key="policy")
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,
                             tokenizer=tokenizer).to(accelerator.device).eval()

@@ -19,6 +19,9 @@ from pipeline.model import LoraSpec
 @dataclass
 class RewardModelConfig(StageConfig):
     # ---- preference collection (reward_model.collect)
+    policy: str = ""
+    """The policy whose answers are ranked: a checkpoint path or hub id. Empty: the run's sft/final. (`init_from`
+    sets where RM training starts, not this: an RM on another backbone still ranks the SFT policy's answers.)"""
     prompts: DatasetSpec = field(default_factory=lambda: DatasetSpec(path="world:pref_prompts"))
     """Prompts to sample and rank responses for (schema `prompts`). The simulated annotator can judge only
     the world's prompts; on others it ranks by style alone (tone, concision, format)."""
