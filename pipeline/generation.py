@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from data.loading import DataError
 from pipeline.tokenizer import chat_prompt
 
 
@@ -92,6 +93,28 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "
     finally:
         tokenizer.padding_side = side
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def prompts_that_fit(rows: list[dict], tokenizer, model, max_new_tokens: int, max_prompt_tokens: int, source: str,
+                     needed_by: str, report: bool = True) -> list[dict]:
+    """The rows whose chat-formatted prompt is at most `max_prompt_tokens` tokens long (0: whatever leaves room for
+    `max_new_tokens` within the model's positions). Longer prompts are dropped, with a count: past the positions a
+    model has, sampling breaks, and one long prompt pads its whole batch to its length."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    limit = max_prompt_tokens or (positions - max_new_tokens if positions else 0)
+    if limit <= 0:
+        return rows
+    lengths = [len(ids) for ids in tokenizer([chat_prompt(tokenizer, r["prompt"]) for r in rows],
+                                             add_special_tokens=False)["input_ids"]]
+    kept = [row for row, n in zip(rows, lengths) if n <= limit]
+    if not kept:
+        raise DataError(source, f"every prompt is longer than {limit} tokens (max_prompt_tokens"
+                                + (f" {max_prompt_tokens})" if max_prompt_tokens else
+                                   f" 0: the model's {positions} positions less {max_new_tokens} new tokens)"))
+    if len(kept) < len(rows) and report:
+        print(f"[{needed_by}] {len(rows) - len(kept)} of {len(rows)} prompts from {source} are longer than {limit} "
+              f"tokens: dropped (max_prompt_tokens)")
+    return kept
 
 
 def decode_responses(tokenizer, response_tokens: torch.Tensor) -> list[str]:

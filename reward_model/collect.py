@@ -25,7 +25,7 @@ from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
 from pipeline.checkpoint import require_checkpoint, write_text_atomic
 from pipeline.evaluation import load_judge
-from pipeline.generation import decode_responses, encode_prompts, sample
+from pipeline.generation import decode_responses, encode_prompts, prompts_that_fit, sample
 from pipeline.model import POLICY_STAGES, load_causal_lm
 from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
@@ -79,7 +79,6 @@ def main(argv: list[str] | None = None) -> None:
         rows = rows[:cfg.max_prompts]
     if len(rows) < 2:
         raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s); the train/eval split needs 2 or more")
-    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
 
     # ---- the SFT policy
     init = cfg.policy or str(stage_paths(cfg, "sft").final)
@@ -89,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,
                             tokenizer=tokenizer).to(accelerator.device).eval()
+    rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
+                            cfg.prompts.path, "prefs", report=accelerator.is_main_process)
+    if len(rows) < 2:
+        raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s) fit max_prompt_tokens; the train/eval split "
+                                          "needs 2 or more")
+    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
     tracker = Tracker(cfg, "prefs", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)

@@ -33,6 +33,9 @@ class RewardModelConfig(StageConfig):
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=1.0))
     """How the SFT policy samples. Temperature 1 gives the annotator varied responses to rank; lower
     temperatures give more exact duplicates (which are dropped)."""
+    max_prompt_tokens: int = 0
+    """Prompts longer than this (in tokens, chat template included) are dropped, with a count. 0: those that
+    leave no room for sampling.max_new_tokens within the policy's max_position_embeddings."""
     generation_batch_size: int = 64
     """Sequences per sampling batch (K copies of each prompt travel together)."""
     eval_fraction: float = 0.1

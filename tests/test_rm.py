@@ -298,3 +298,25 @@ def test_collection_samples_the_sft_policy_not_the_rm_backbone_named_in_init_fro
     assert "sft" in json.loads((tmp_path / "t" / "prefs" / "world_data.json").read_text())
     with pytest.raises(CheckpointError, match="no-such-policy"):  # `policy` names another one
         collect.main(args + [f"policy={tmp_path / 'no-such-policy'}"])
+
+
+def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp_path, capsys):
+    from pipeline.generation import prompts_that_fit
+
+    shutil.copytree(micro_sft, tmp_path / "t" / "sft" / "final")
+    prompts = tmp_path / "prompts.jsonl"
+    short = [f"What is {a} plus {a}?" for a in range(10, 20)]
+    long = "Please tell me " + "a very long story " * 200 + "now."  # past the micro model's positions
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*short[:5], long, *short[5:]]))
+    collect.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", f"prompts.path={prompts}"])
+    assert f"1 of 11 prompts from {prompts} are longer than" in capsys.readouterr().out
+    collected = [json.loads(line)["prompt"] for split in ("train", "eval")
+                 for line in (tmp_path / "t" / "prefs" / f"{split}.jsonl").read_text().splitlines()]
+    assert long not in collected and set(collected) <= set(short)
+
+    tokenizer = load_tokenizer(str(micro_sft))
+    model = load_scalar_model(str(micro_sft), "test", tokenizer)
+    rows = [{"prompt": p} for p in short]
+    assert prompts_that_fit(rows, tokenizer, model, 16, 0, "p", "test") == rows
+    with pytest.raises(DataError, match=r"data error in p: every prompt is longer than 5 tokens"):
+        prompts_that_fit(rows, tokenizer, model, 16, 5, "p", "test")

@@ -41,7 +41,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, paramet
                                  save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
-from pipeline.generation import SamplingConfig, decode_responses
+from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
@@ -77,6 +77,9 @@ class PPOStageConfig(StageConfig):
     """Passes over each rollout batch: more reuses samples harder and moves further per step."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_new_tokens=48, temperature=0.7))
     """Rollout sampling: length cap, temperature (> 0; log-probs use the same scaled logits, N+), top-k/top-p."""
+    max_prompt_tokens: int = 0
+    """Training prompts longer than this (in tokens, chat template included) are dropped, with a count. 0: those
+    that leave no room for sampling.max_new_tokens within the policy's max_position_embeddings."""
     policy_lr: float = 1e-5
     critic_lr: float = 3e-5
     """Separate optimizers; the critic's targets move every step, so it learns faster."""
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora.enabled else sft_path, "ppo",
                             cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(policy, tokenizer)
+    rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
+                            cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     ref_model = None
     if cfg.lora.enabled:
         from peft import PeftModel, get_peft_model
