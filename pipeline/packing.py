@@ -2,8 +2,9 @@
 
 Used by pretraining and by PPO-ptx (the pretraining-loss mix). The batch for a given step is a pure
 function of (seed, step, rank), so a resumed run sees exactly the batches an uninterrupted run would.
-A streamed corpus (hub datasets with `streaming: true`) is packed on the fly; resume skips the blocks
-already consumed.
+A streamed corpus (hub datasets with `streaming: true`) is packed on the fly: its first documents give the
+validation blocks, the rest is split between the ranks (each tokenizes only its own documents), and resume
+re-reads this rank's documents up to where it stopped.
 """
 from __future__ import annotations
 
@@ -20,13 +21,19 @@ from data.loading import DataError
 class PackedCorpus:
     def __init__(self, texts: Any, tokenizer: Any, block_size: int, val_fraction: float = 0.02,
                  val_blocks: int = 64, seed: int = 0, source: str = "the corpus"):
-        self.tokenizer, self.block_size, self.seed = tokenizer, block_size, seed
+        self.tokenizer, self.block_size, self.seed, self.source = tokenizer, block_size, seed, source
         self.streaming = isinstance(texts, IterableDataset)
         self.texts = texts
         if self.streaming:
-            # the head of the stream is held out for validation; training starts after it
-            head = list(itertools.islice(self._stream_blocks(texts), val_blocks))
-            self.val = torch.stack(head) if head else torch.empty(0, block_size, dtype=torch.long)
+            # the head of the stream is held out for validation, whole documents of it; training starts after them
+            head, self.val_docs_used = [], 0
+            for row in texts:
+                self.val_docs_used += 1
+                head.extend(self.tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+                head.append(self.tokenizer.eos_token_id)
+                if len(head) >= val_blocks * block_size:
+                    break
+            self.val = self._blocks(torch.tensor(head, dtype=torch.long))[:val_blocks]
             self.val_docs: list[str] = []
             self.train_tokens = -1  # unknown for a stream
             self.unigram_entropy = _unigram_entropy(self.val.flatten(), len(tokenizer))
@@ -93,15 +100,24 @@ class PackedCorpus:
         rank, world = accelerator.process_index, accelerator.num_processes
         first_micro = start_step * grad_accum
         if self.streaming:
-            per_micro = batch_size * world
-            stream = itertools.islice(self._stream_blocks(self.texts), len(self.val), None)  # skip val head
-            stream = itertools.islice(stream, first_micro * per_micro, None)
+            from datasets.distributed import split_dataset_by_node
+
+            # this rank's documents after the validation head (whole shards where they divide evenly)
+            mine = split_dataset_by_node(self.texts.skip(self.val_docs_used), rank=rank, world_size=world)
+
+            def passes() -> Iterator[torch.Tensor]:  # pass after pass over this rank's share
+                while True:
+                    empty = True
+                    for block in self._stream_blocks(mine):
+                        empty = False
+                        yield block
+                    if empty:
+                        raise DataError(self.source, f"rank {rank} of {world} got no block of {self.block_size} "
+                                                     "tokens from the stream after the validation head")
+
+            stream = itertools.islice(passes(), first_micro * batch_size, None)
             while True:
-                group = list(itertools.islice(stream, per_micro))
-                if len(group) < per_micro:  # the stream ran dry: start another pass
-                    stream = itertools.islice(self._stream_blocks(self.texts), len(self.val), None)
-                    continue
-                yield torch.stack(group[rank * batch_size:(rank + 1) * batch_size]).to(accelerator.device)
+                yield torch.stack(list(itertools.islice(stream, batch_size))).to(accelerator.device)
         n_blocks = len(self.train)
         for micro in itertools.count(first_micro):
             start = (micro * world + rank) * batch_size

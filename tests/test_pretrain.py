@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import MICRO, REPO, free_port, run_stage
 
@@ -210,3 +211,41 @@ def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: P
                   "seed=1", run_name="small")
     assert str(corpus) in str(error.value) and "validation block" in str(error.value)
     assert not (tmp_path / "small" / "pretrain" / "checkpoints").exists()
+
+
+def test_a_streamed_corpus_is_split_between_ranks_and_resumes_where_it_stopped(tmp_path: Path):
+    """The gpu recipe streams its corpus: validation takes whole documents from the head, each rank then reads
+    only its own documents, and a resumed run continues this rank's stream at the step it stopped."""
+    import re as regex
+    from types import SimpleNamespace
+
+    from data.loading import DatasetSpec, load_dataset_for
+    from pipeline.packing import PackedCorpus
+    from pipeline.tokenizer import train_tokenizer
+
+    corpus = tmp_path / "docs.jsonl"
+    docs = [f"doc {i} says {i} again and {i} once more." for i in range(300)]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    stream = load_dataset_for(DatasetSpec(path=str(corpus), streaming=True), "text")
+    tokenizer = train_tokenizer(docs, 300)
+    packed = PackedCorpus(stream, tokenizer, block_size=16, val_blocks=8, source=str(corpus))
+
+    def doc_ids(blocks) -> set[int]:  # the documents these consecutive blocks hold ("doc 12 says": one whole header)
+        text = tokenizer.decode(torch.cat(list(blocks)))
+        return {int(n) for n in regex.findall(r"doc (\d+) says", text)}
+
+    def batches(rank: int, start_step: int, n: int) -> list:
+        accelerator = SimpleNamespace(process_index=rank, num_processes=2, device="cpu")
+        stream_batches = packed.train_batches(4, 1, start_step, accelerator)
+        return [next(stream_batches) for _ in range(n)]
+
+    assert len(packed.val) == 8 and packed.val_docs_used < 20
+    val_docs = doc_ids(packed.val)
+    rank0, rank1 = batches(0, 0, 80), batches(1, 0, 80)
+    seen0, seen1 = doc_ids(b for batch in rank0 for b in batch), doc_ids(b for batch in rank1 for b in batch)
+    assert not seen0 & seen1  # each rank its own documents
+    assert not (seen0 | seen1) & set(range(packed.val_docs_used))  # none of the validation head
+    assert set(range(packed.val_docs_used, 300)) <= seen0 | seen1  # and together every other one (80 batches > a pass)
+    assert val_docs <= set(range(packed.val_docs_used))
+    for step in (3, 77):  # within the first pass, and in the next one
+        assert torch.equal(batches(1, step, 1)[0], rank1[step])

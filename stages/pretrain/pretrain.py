@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         tracker.summary({"model/parameters": n_params, "data/train_tokens": corpus.train_tokens,
                          "data/unigram_entropy": corpus.unigram_entropy})
-        print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {corpus.train_tokens:,} training tokens, "
+        tokens = "a streamed corpus" if corpus.streaming else f"{corpus.train_tokens:,} training tokens"
+        print(f"[pretrain] {n_params / 1e6:.2f}M parameters, {tokens}, "
               f"unigram entropy {corpus.unigram_entropy:.3f} nats/token, {accelerator.mixed_precision} mixed precision"
               + (f", resuming from step {start_step}" if start_step else ""))
     sample_prompts = cfg.sample_prompts or corpus.sample_prompts(3)
