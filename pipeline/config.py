@@ -149,6 +149,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     base_dir = path.parent if path else Path.cwd()
     tree = _as_tree(cls, raw, base_dir)
     where = str(path) if path else "config"
+    _build(cls, tree, where, base_dir)  # the file alone first: its errors name the file, not the first override
     for item in overrides or []:
         key, sep, text = item.partition("=")
         if not sep or not key:

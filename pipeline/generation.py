@@ -11,6 +11,7 @@ from typing import Iterator
 import torch
 
 from data.loading import DataError
+from pipeline.config import ConfigError
 from pipeline.tokenizer import chat_prompt
 
 
@@ -101,7 +102,11 @@ def prompts_that_fit(rows: list[dict], tokenizer, model, max_new_tokens: int, ma
     `max_new_tokens` within the model's positions). Longer prompts are dropped, with a count: past the positions a
     model has, sampling breaks, and one long prompt pads its whole batch to its length."""
     positions = getattr(model.config, "max_position_embeddings", None)
-    limit = max_prompt_tokens or (positions - max_new_tokens if positions else 0)
+    room = positions - max_new_tokens if positions else None
+    if room is not None and room <= 0:
+        raise ConfigError(f"key 'sampling.max_new_tokens': {max_new_tokens} new tokens leave no room for a prompt "
+                          f"within the model's {positions} positions")
+    limit = min(max_prompt_tokens or room or 0, room or max_prompt_tokens)
     if limit <= 0:
         return rows
     lengths = [len(ids) for ids in tokenizer([chat_prompt(tokenizer, r["prompt"]) for r in rows],

@@ -75,11 +75,18 @@ class LoraSpec:
                           target_modules=targets)
 
 
+# Weights (and so the optimizer state) stay fp32 in every stage, whatever dtype a checkpoint was saved in (a hub
+# model in bf16, a ZeRO-3 16-bit save): mixed precision is autocast for the passes, not bf16 weights
+# (transformers 5 would otherwise load a checkpoint in its saved dtype).
+WEIGHTS_DTYPE = torch.float32
+
+
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
     if spec.pretrained:
         with loading_from(spec.pretrained, "key 'model.pretrained'"):
-            model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code,
+                                                         dtype=WEIGHTS_DTYPE)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
@@ -119,7 +126,7 @@ def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
     with loading_from(path, needed_by):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=WEIGHTS_DTYPE)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer, needed_by)
     return model
@@ -137,7 +144,7 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
     try:
         with loading_from(path, needed_by):
             model, loading = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True)
+                path, num_labels=1, trust_remote_code=trust_remote_code, output_loading_info=True, dtype=WEIGHTS_DTYPE)
     finally:
         hf_logging.set_verbosity(verbosity)
     head = {name for name, _ in model.named_parameters() if name.split(".")[0] in ("score", "classifier")}

@@ -3,8 +3,8 @@
 Used by pretraining and by PPO-ptx (the pretraining-loss mix). The batch for a given step is a pure
 function of (seed, step, rank), so a resumed run sees exactly the batches an uninterrupted run would.
 A streamed corpus (hub datasets with `streaming: true`) is packed on the fly: its first documents give the
-validation blocks, the rest is split between the ranks (each tokenizes only its own documents), and resume
-re-reads this rank's documents up to where it stopped.
+validation blocks, the rest is split between the ranks by document (each reads the stream, but tokenizes only its
+own documents), and resume re-reads the stream up to where this rank stopped.
 """
 from __future__ import annotations
 
@@ -100,14 +100,12 @@ class PackedCorpus:
         rank, world = accelerator.process_index, accelerator.num_processes
         first_micro = start_step * grad_accum
         if self.streaming:
-            from datasets.distributed import split_dataset_by_node
-
-            # this rank's documents after the validation head (whole shards where they divide evenly)
-            mine = split_dataset_by_node(self.texts.skip(self.val_docs_used), rank=rank, world_size=world)
-
             def passes() -> Iterator[torch.Tensor]:  # pass after pass over this rank's share
                 while True:
                     empty = True
+                    # every world-th document after the validation head: each rank reads the stream but tokenizes
+                    # only its own documents (split by document, not by shard, so any number of shards works)
+                    mine = itertools.islice(self.texts, self.val_docs_used + rank, None, world)
                     for block in self._stream_blocks(mine):
                         empty = False
                         yield block

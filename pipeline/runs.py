@@ -235,7 +235,8 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     if not is_main_process:
         return
     checkpoints = Path(checkpoints)
-    if checkpoints.is_dir() and any(p.is_dir() for p in checkpoints.iterdir()):
+    # an earlier run's checkpoints; not the .tmp- directory of a save that was killed (atomic_dir)
+    if checkpoints.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in checkpoints.iterdir()):
         kept = checkpoints.with_name(f"{checkpoints.name}.earlier")
         shutil.rmtree(kept, ignore_errors=True)
         checkpoints.rename(kept)
@@ -245,26 +246,39 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     write_text_atomic(record, json.dumps(lineage) + "\n")
 
 
-def weights_sharded() -> str | None:
-    """Which sharding of the weights `accelerate launch` asked for (FSDP, DeepSpeed ZeRO-3), or None: every
-    rank then holds the whole model (DDP, ZeRO-2, one process). Read from the launcher's environment, so a stage
-    can check before it builds anything."""
+def distributed_launch() -> str | None:
+    """What `accelerate launch` set up beyond DDP: "FSDP", "DeepSpeed ZeRO-<stage>", or None (DDP, one process).
+    Read from the launcher's environment, so a stage can check before it builds anything."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         return "FSDP"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" \
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return "DeepSpeed ZeRO-3"
-    return None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if stage is None and config_file:  # a DeepSpeed JSON config names the stage itself
+        try:
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", ""))
+        except (OSError, ValueError, AttributeError):
+            stage = None
+    return f"DeepSpeed ZeRO-{stage}" if stage else "DeepSpeed"
 
 
-def refuse_sharded_weights(stage: str) -> None:
-    """For the stages that sample, evaluate and save on the main process with the whole model: under sharded
-    weights that would hang (a forward on one rank) or save one shard."""
-    sharding = weights_sharded()
-    if sharding:
-        raise ConfigError(f"{stage} samples, evaluates and saves on the main process with the whole model, so it "
-                          f"does not run with sharded weights ({sharding}). Launch it with DDP "
-                          f"(configs/accelerate/ddp.yaml){'' if stage == 'ppo' else ' or deepspeed_zero2.yaml'}.")
+def weights_sharded() -> str | None:
+    """The launch, if it spreads the weights over the ranks (FSDP, ZeRO-3): no rank then holds the whole model."""
+    launch = distributed_launch()
+    return launch if launch in ("FSDP", "DeepSpeed ZeRO-3") else None
+
+
+def require_ddp(stage: str) -> None:
+    """Pretraining, the RM and PPO run their own training loops with the whole model on every rank: they sample,
+    evaluate and save on the main process (which would hang or save one shard under FSDP / ZeRO-3), and do not set
+    DeepSpeed's engine up. Refuse any other launch before anything is built."""
+    launch = distributed_launch()
+    if launch:
+        raise ConfigError(f"{stage} runs in one process or under DDP (configs/accelerate/ddp.yaml), not under "
+                          f"{launch}: it samples, evaluates and saves on the main process with the whole model, in its "
+                          f"own training loop. Of the stages, only SFT (the Trainer's loop) runs under FSDP and "
+                          f"DeepSpeed.")
 
 
 def run_main(main) -> None:

@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train_data is not None:
         print(f"[prefs] train_data is set ({cfg.train_data.path}): the reward model trains on it, "
               "so there are no preferences to collect.")
-        # the record that marks this step done for make: nothing was learned from the world here
-        paths.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(paths.root / WORLD_DATA_FILE, "null\n")
+        # the file make waits for. Nothing was learned from the world here; an earlier collection's record stays
+        # with its rankings, so they are still checked if train_data is unset again
+        if not (paths.root / WORLD_DATA_FILE).exists():
+            paths.root.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(paths.root / WORLD_DATA_FILE, "null\n")
         return
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)

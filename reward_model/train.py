@@ -36,7 +36,7 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    refuse_sharded_weights, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
+    require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -240,7 +240,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
 def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
     paths = stage_paths(cfg, "rm")
-    refuse_sharded_weights("rm")
+    require_ddp("rm")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
     n_procs, rank = accelerator.num_processes, accelerator.process_index
@@ -264,10 +264,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if cfg.train_data is None:
         check_world_lineage(cfg, source, world, "rm", config_key="")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
-    lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process)
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
+    lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process)
 
     # ---- optimizer and schedule: weight decay on matrices only; linear warmup, cosine decay
     trainable = [p for p in model.parameters() if p.requires_grad]

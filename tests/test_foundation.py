@@ -66,9 +66,12 @@ def test_bad_override_names_the_override():
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["max_stpes=3"])
 
 
-def test_a_sections_own_value_check_is_a_config_error_naming_the_section():
+def test_a_sections_own_value_check_is_a_config_error_naming_the_section(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'world\.n_entities=2': key 'world': .*n_entities must be >= 4"):
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["world.n_entities=2"])
+    bad = write(tmp_path / "pretrain.yaml", "world: {n_entities: 2}\n")  # in the file: the file is to blame
+    with pytest.raises(ConfigError, match=rf"^{bad}: key 'world': .*n_entities must be >= 4"):
+        load_config(PretrainConfig, bad, ["max_steps=3"])
 
 
 def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
@@ -82,19 +85,28 @@ def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
         assert f"cannot load {missing} (no such local path" in str(error.value)
 
 
-@pytest.mark.parametrize("launch", [{"ACCELERATE_USE_FSDP": "true"},
-                                    {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}])
-def test_stages_that_need_the_whole_model_refuse_sharded_weights(launch, monkeypatch, tmp_path):
+@pytest.mark.parametrize("launch, expected", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, "DeepSpeed ZeRO-2"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "DeepSpeed ZeRO-3"),
+])
+def test_stages_with_their_own_loop_refuse_fsdp_and_deepspeed(launch, expected, monkeypatch, tmp_path):
+    from pipeline.runs import weights_sharded
     from reward_model.train import main as train_rm
     from stages.ppo.ppo import main as ppo
     from stages.pretrain.pretrain import main as pretrain
 
-    for name, value in launch.items():  # what `accelerate launch` sets for an FSDP / ZeRO-3 config
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    monkeypatch.chdir(tmp_path)
+    for name, value in launch.items():  # what `accelerate launch` sets for such a config
         monkeypatch.setenv(name, value)
+    assert weights_sharded() == (None if expected.endswith("2") else expected)  # SFT's question
+    runs = tmp_path / "runs"
     for main, config in ((pretrain, "pretrain.yaml"), (train_rm, "rm.yaml"), (ppo, "ppo.yaml")):
-        with pytest.raises(ConfigError, match="does not run with sharded weights .*configs/accelerate/ddp.yaml"):
-            main(["--config", str(MICRO / config), f"runs_dir={tmp_path}"])
-    assert not any(tmp_path.iterdir())  # stopped before writing anything
+        with pytest.raises(ConfigError, match=rf"under DDP \(configs/accelerate/ddp.yaml\), not under {expected}:"):
+            main(["--config", str(MICRO / config), f"runs_dir={runs}"])
+    assert not runs.exists()  # stopped before writing anything
 
 
 def test_cli_exits_with_a_message_not_a_traceback(capsys):
@@ -381,3 +393,17 @@ def test_a_command_stops_on_bad_input_with_its_message_and_no_traceback(module, 
     assert done.returncode == 1, done.stderr[-2000:]
     assert "error: " in done.stderr and expected in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_a_checkpoint_saved_in_bf16_loads_with_fp32_weights(tmp_path):
+    """Mixed precision autocasts the passes; the weights and optimizer state stay fp32 even for a bf16 hub model."""
+    from pipeline.model import load_causal_lm
+
+    tokenizer = train_tokenizer(["Zorbi is teal.", "23 plus 45 is 68."] * 20, 300)
+    spec = ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    build_causal_lm(spec, tokenizer).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    tokenizer.save_pretrained(tmp_path / "bf16")
+    for model in (load_causal_lm(str(tmp_path / "bf16"), "test"),
+                  load_scalar_model(str(tmp_path / "bf16"), "test", tokenizer)):
+        assert {p.dtype for p in model.parameters()} == {torch.float32}

@@ -178,6 +178,13 @@ def test_a_fresh_start_moves_an_earlier_runs_checkpoints_aside_and_a_resume_chec
     first = save(40)
     assert latest_checkpoint(checkpoints) == first and first.exists()
 
+    shutil.rmtree(checkpoints.with_name("checkpoints.earlier"))
+    shutil.rmtree(first)
+    (checkpoints / ".tmp-step_00000080-123").mkdir()  # a save that was killed is no earlier run
+    start_checkpoints(checkpoints, None, new_world, "pretrain", is_main_process=True)
+    assert not checkpoints.with_name("checkpoints.earlier").exists()
+    first = save(40)
+
     start_checkpoints(checkpoints, first, new_world, "pretrain", is_main_process=True)  # same world: resumes
     with pytest.raises(CheckpointError) as error:
         start_checkpoints(checkpoints, first, old_world, "pretrain", is_main_process=True)
@@ -202,3 +209,15 @@ def test_a_resumed_stage_refuses_checkpoints_that_learned_from_another_world(mic
     # nothing was trained or removed
     assert sorted(p.name for p in (runs / "r" / "pretrain" / "checkpoints").iterdir()) == kept
     assert not (runs / "r" / "pretrain" / "final").exists()
+
+
+def test_a_fresh_start_that_fails_on_its_input_leaves_the_earlier_checkpoints_in_place(micro_sft, tmp_path):
+    from stages.ppo.ppo import main as ppo
+
+    earlier = tmp_path / "r" / "ppo" / "checkpoints" / "step_00000002"
+    earlier.mkdir(parents=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CheckpointError, match="no-such-rm"):
+        ppo(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={tmp_path}", "run_name=r", f"init_from={micro_sft}",
+             f"reward_model={tmp_path / 'no-such-rm'}"])
+    assert earlier.is_dir()

@@ -320,3 +320,9 @@ def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp
     assert prompts_that_fit(rows, tokenizer, model, 16, 0, "p", "test") == rows
     with pytest.raises(DataError, match=r"data error in p: every prompt is longer than 5 tokens"):
         prompts_that_fit(rows, tokenizer, model, 16, 5, "p", "test")
+    positions = model.config.max_position_embeddings
+    with pytest.raises(DataError, match=rf"longer than {positions - 120} tokens"):  # a larger cap than fits: clamped
+        prompts_that_fit(rows, tokenizer, model, 120, 1000, "p", "test")
+    from pipeline.config import ConfigError
+    with pytest.raises(ConfigError, match="key 'sampling.max_new_tokens'"):
+        prompts_that_fit(rows, tokenizer, model, positions, 0, "p", "test")

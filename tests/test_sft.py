@@ -161,7 +161,7 @@ def test_lora_gives_merged_plain_checkpoint_and_adapter(micro_pretrain, tmp_path
     torch.testing.assert_close(merged_logits, adapted, atol=1e-4, rtol=1e-4)  # merged == base + adapter
 
 
-def test_under_sharded_weights_final_is_saved_by_every_rank_through_the_trainer(micro_pretrain, tmp_path, monkeypatch):
+def test_under_sharded_weights_final_is_the_trainers_gathered_save_with_our_records(micro_pretrain, tmp_path, monkeypatch):
     """Under FSDP / ZeRO-3 no rank holds the whole model: final/ is the Trainer's gathered save, completed with our
     records. Simulated in one process (sharding needs GPUs): the same code path, with the Trainer's plain save."""
     from pipeline.config import ConfigError

@@ -16,8 +16,8 @@ holds the EMA of the policy's weights (what is evaluated) and final_online/ the 
 
 Distributed: under DDP each rank samples its own prompts, statistics (whitening, KL, metrics) are reduced
 across ranks, and only the main process logs and saves. The policy and the critic each have their own optimizer,
-so two launch modes are refused with a message at start: DeepSpeed (accelerate allows one model per Accelerator
-there) and fp16 (the shared GradScaler would unscale and update twice per step; bf16 needs no scaler). For a
+so fp16 is refused with a message at start (the shared GradScaler would unscale and update twice per step; bf16
+needs no scaler), and so are FSDP and DeepSpeed, like for every stage with its own training loop (require_ddp). For a
 policy too large for one device, train it with LoRA: the reference is then the same weights with the adapter off.
 Resume restores policy, critic, both optimizers, the KL controller, the EMA, RNG and the data position; every
 random draw of step s comes from generators seeded with (seed, step, rank), so a resumed run replays exactly.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from accelerate import Accelerator, DistributedType
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
@@ -45,7 +45,7 @@ from pipeline.generation import SamplingConfig, decode_responses, prompts_that_f
 from pipeline.model import LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, parse_stage_args, refuse_sharded_weights, run_main, stage_paths, start_checkpoints, \
+    learned_world_data, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
@@ -168,14 +168,10 @@ def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, se
 def main(argv: list[str] | None = None) -> None:
     cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
     paths = stage_paths(cfg, "ppo")
-    refuse_sharded_weights("ppo")
+    require_ddp("ppo")
     if accelerate_precision(cfg) == "fp16":  # precision: auto under `accelerate launch --mixed_precision fp16`
         raise ConfigError(FP16_UNSUPPORTED)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("PPO trains two models (policy and critic) with their own optimizers in one Accelerator, "
-                          "which accelerate does not allow under DeepSpeed; launch PPO with DDP "
-                          "(configs/accelerate/ddp.yaml), with LoRA if the policy is large")
     device, rank, n_ranks = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
     all_reduce = lambda t: accelerator.reduce(t, reduction="sum")  # noqa: E731 (ppo_math's cross-rank sum)
@@ -193,8 +189,6 @@ def main(argv: list[str] | None = None) -> None:
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
-    world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
-    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process)
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
@@ -204,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(policy, tokenizer)
     rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
+    world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
+    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process)
     ref_model = None
     if cfg.lora.enabled:
         from peft import PeftModel, get_peft_model

@@ -22,9 +22,9 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, paramet
                                  save_training_checkpoint)
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
-from pipeline.model import ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
+from pipeline.model import WEIGHTS_DTYPE, ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
-    learned_world_data, refuse_sharded_weights, run_main, start_checkpoints, world_lineage, write_resolved_config
+    learned_world_data, require_ddp, run_main, start_checkpoints, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -78,7 +78,7 @@ def get_lr(step: int, cfg: PretrainConfig) -> float:
 def main(argv: list[str] | None = None) -> None:
     cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
     paths = stage_paths(cfg, "pretrain")
-    refuse_sharded_weights("pretrain")
+    require_ddp("pretrain")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 
@@ -100,18 +100,18 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(cfg.data.path, f"{len(corpus.val)} validation block(s) of block_size={cfg.block_size} tokens "
                                        f"for {accelerator.num_processes} process(es), which need one each; add text, "
                                        f"raise val_fraction or lower block_size")
-    lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
 
         # attn_implementation is a runtime choice the checkpoint does not keep: resume with the fresh start's kernel
-        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model",
+        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=WEIGHTS_DTYPE,
                                                      attn_implementation=cfg.model.extra.get("attn_implementation"))
     else:
         model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
     set_special_token_ids(model, tokenizer)
+    lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 
     # ---- optimizer: weight decay on matrices only
     decay = [p for p in model.parameters() if p.dim() >= 2]
