@@ -106,9 +106,10 @@ def prompts_that_fit(rows: list[dict], tokenizer, model, max_new_tokens: int, ma
     if room is not None and room <= 0:
         raise ConfigError(f"key 'sampling.max_new_tokens': {max_new_tokens} new tokens leave no room for a prompt "
                           f"within the model's {positions} positions")
-    limit = min(max_prompt_tokens or room or 0, room or max_prompt_tokens)
-    if limit <= 0:
+    caps = [cap for cap in (max_prompt_tokens, room) if cap]
+    if not caps:
         return rows
+    limit = min(caps)
     lengths = [len(ids) for ids in tokenizer([chat_prompt(tokenizer, r["prompt"]) for r in rows],
                                              add_special_tokens=False)["input_ids"]]
     kept = [row for row, n in zip(rows, lengths) if n <= limit]

@@ -25,15 +25,17 @@ class PackedCorpus:
         self.streaming = isinstance(texts, IterableDataset)
         self.texts = texts
         if self.streaming:
-            # the head of the stream is held out for validation, whole documents of it; training starts after them
-            head, self.val_docs_used = [], 0
-            for row in texts:
-                self.val_docs_used += 1
-                head.extend(self.tokenizer(row["text"], add_special_tokens=False)["input_ids"])
-                head.append(self.tokenizer.eos_token_id)
-                if len(head) >= val_blocks * block_size:
-                    break
-            self.val = self._blocks(torch.tensor(head, dtype=torch.long))[:val_blocks]
+            # the head of the stream is held out for validation, whole documents of it: training starts after the
+            # last document the validation blocks drew on (the rest of that one is not used)
+            self.val_docs_used = 0
+
+            def counted(rows: Iterator[dict]) -> Iterator[dict]:
+                for row in rows:
+                    self.val_docs_used += 1
+                    yield row
+
+            head = list(itertools.islice(self._stream_blocks(counted(texts)), val_blocks))
+            self.val = torch.stack(head) if head else torch.empty(0, block_size, dtype=torch.long)
             self.val_docs: list[str] = []
             self.train_tokens = -1  # unknown for a stream
             self.unigram_entropy = _unigram_entropy(self.val.flatten(), len(tokenizer))
