@@ -47,6 +47,25 @@ def test_pretrain_loss_falls_and_beats_unigram(micro_pretrain: Path):
     assert losses[-1][1] < unigram_entropy - 0.3, (losses[-1][1], unigram_entropy)
 
 
+def test_sample_continuations_are_logged_whole_with_the_prompt_intact(micro_pretrain: Path):
+    """A continuation decoded apart from its prompt lost its leading space ("48 minus 18" + " is" -> "18is")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain).eval()
+    tables = [m for m in read_metrics(micro_pretrain.parent / "metrics.jsonl") if m.get("table") == "eval/samples"]
+    assert tables and tables[-1]["columns"] == ["prompt", "text"]
+    spaced = 0
+    for prompt, text in tables[-1]["rows"]:
+        assert text.startswith(prompt) and len(text) > len(prompt), (prompt, text)
+        with torch.no_grad():
+            first = int(model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1].argmax())
+        if tokenizer.convert_ids_to_tokens(first).startswith("Ġ"):  # greedy goes on with a new word: " is"
+            spaced += 1
+            assert text[len(prompt)] == " ", (prompt, text)
+    assert spaced, "no sample went on with a new word: nothing was checked"
+
+
 def test_final_loads_in_plain_transformers(micro_pretrain: Path, tmp_path: Path):
     """No project import: a fresh interpreter outside the repo loads and generates from final/."""
     script = textwrap.dedent(f"""
@@ -172,7 +191,8 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
     from stages.pretrain.pretrain import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=10", "eval_every=5", "log_every=5", run_name="wb")
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=10", "eval_every=5", "log_every=5", "peak_flops=1e12",
+              run_name="wb")
     import wandb
 
     wandb.teardown()  # wandb-core writes the run file asynchronously; wait for it to finish

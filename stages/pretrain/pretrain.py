@@ -62,8 +62,9 @@ class PretrainConfig(StageConfig):
     sample_prompts: list[str] = field(default_factory=list)
     """Text to continue at each eval. Empty: the first words of a few validation documents."""
     sample_tokens: int = 24
-    peak_flops: float = 2.0e11
-    """Hardware peak FLOP/s for MFU. The default is a rough 2-core CPU figure; set ~9.9e14 for an H100 (bf16)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s of one device, for the MFU (perf/mfu) logged beside tokens/s: ~9.9e14 for an H100 in bf16.
+    0: no MFU. A CPU's peak depends on its matrix units (AMX, AVX512-BF16), so no guess is made for it."""
 
 
 def get_lr(step: int, cfg: PretrainConfig) -> float:
@@ -155,7 +156,8 @@ def main(argv: list[str] | None = None) -> None:
             tokens = sample(bare, ids["input_ids"], ids["attention_mask"],
                             SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0),
                             tokenizer.eos_token_id, tokenizer.pad_token_id)
-            out.append(prompt + tokenizer.decode(tokens[0], skip_special_tokens=True))
+            # decoded with the prompt: alone, a continuation loses its leading space ("upon a" + "time")
+            out.append(tokenizer.decode(torch.cat([ids["input_ids"][0], tokens[0]]), skip_special_tokens=True))
         bare.train()
         return out
 
@@ -190,15 +192,20 @@ def main(argv: list[str] | None = None) -> None:
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
             tracker.log({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                          "perf/tokens_per_sec": tokens_per_sec,
-                         "perf/mfu": flops_per_token * tokens_per_sec / cfg.peak_flops,
                          "train/tokens_seen": done * cfg.batch_size * cfg.grad_accum * cfg.block_size
-                         * accelerator.num_processes}, step=done, console=False)
+                         * accelerator.num_processes,
+                         **({"perf/mfu": flops_per_token * tokens_per_sec  # tokens/s is over all ranks
+                                         / (cfg.peak_flops * accelerator.num_processes)} if cfg.peak_flops else {})},
+                        step=done, console=False)
         if done % cfg.eval_every == 0 or done == cfg.max_steps:
             val_loss = estimate_val_loss()
             tracker.log({"eval/loss": val_loss, "eval/perplexity": math.exp(min(val_loss, 50))}, step=done)
             if accelerator.is_main_process:
-                for text in continuations():
+                texts = continuations()
+                for text in texts:
                     tqdm.write(f"[pretrain]   > {text!r}")
+                tracker.table("eval/samples", ["prompt", "text"], [list(row) for row in zip(sample_prompts, texts)],
+                              step=done)
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
