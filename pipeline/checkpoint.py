@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -133,6 +134,24 @@ def loading_from(path: str | Path, needed_by: str) -> Iterator[None]:
     except OSError as e:
         where = "" if Path(path).exists() else " (no such local path, so it was looked up as a hub id)"
         raise CheckpointError(f"{needed_by}: cannot load {path}{where}: {str(e).strip().splitlines()[0]}") from e
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub model id, 'name' or 'owner/name' (a path like runs/x/final does not)."""
+    return bool(_HUB_ID.fullmatch(name))
+
+
+def model_source(path: str, config_key: str) -> str:
+    """A model named by a config key: an existing local directory, or else a hub id. Anything else is a mistyped
+    path, refused here under its key rather than by from_pretrained as a malformed hub id."""
+    if not Path(path).exists() and not is_hub_id(path):
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"key '{config_key}': {path} does not exist (and is not a hub id, 'name' or 'owner/name')")
+    return path
 
 
 def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed_by: str) -> Path:

@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from data.world.judge import CRITERIA_WEIGHTS
+from pipeline.checkpoint import is_hub_id
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
@@ -133,7 +134,7 @@ def resolve_checkpoint(cfg: StageConfig, stage_or_path: str) -> tuple[str, str]:
             sys.exit(f"--stage {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)")
         label = path.parent.name if path.name == "final" else path.name
         return str(path), label
-    if stage_or_path.count("/") == 1 and not stage_or_path.startswith((".", "/", "~")):  # a hub id
+    if "/" in stage_or_path and is_hub_id(stage_or_path):  # 'owner/name' (a bare word is a mistyped stage)
         return stage_or_path, stage_or_path.replace("/", "--")
     sys.exit(f"--stage {stage_or_path}: expected one of {', '.join(POLICY_STAGE_NAMES)} or an existing checkpoint "
              f"directory; {path} does not exist")

@@ -28,7 +28,8 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError, checkpoint_config, write_text_atomic
+from pipeline.checkpoint import CheckpointError, checkpoint_config, model_source, require_checkpoint, \
+    write_text_atomic
 from pipeline.config import ConfigError, load_config, save_config
 
 # what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
@@ -116,12 +117,13 @@ def stage_paths(cfg: StageConfig, stage: str) -> StagePaths:
     return StagePaths(run_dir(cfg) / stage)
 
 
-def init_checkpoint(cfg: StageConfig, stage: str) -> str:
-    """Where `stage` starts from: `init_from` if set, else the upstream stage's final/."""
-    if cfg.init_from:
-        return cfg.init_from
-    upstream = UPSTREAM[stage]
-    return str(stage_paths(cfg, upstream).final) if upstream else ""
+def init_checkpoint(cfg: StageConfig, stage: str, allowed_stages: tuple[str, ...]) -> str:
+    """Where `stage` starts from: `init_from` if set (a local checkpoint or a hub id), else the upstream stage's
+    final/, which must exist. A local one is refused here, before any data loads, if another stage made it."""
+    path = model_source(cfg.init_from, "init_from") if cfg.init_from else str(stage_paths(cfg, UPSTREAM[stage]).final)
+    if not cfg.init_from or Path(path).exists():
+        require_checkpoint(path, allowed_stages, stage)
+    return path
 
 
 def world_dir(cfg: StageConfig) -> Path:

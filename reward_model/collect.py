@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
-from pipeline.checkpoint import require_checkpoint, write_text_atomic
+from pipeline.checkpoint import model_source, require_checkpoint, write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, prompts_that_fit, sample
 from pipeline.model import POLICY_STAGES, load_causal_lm
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s); the train/eval split needs 2 or more")
 
     # ---- the SFT policy
-    init = cfg.policy or str(stage_paths(cfg, "sft").final)
+    init = model_source(cfg.policy, "policy") if cfg.policy else str(stage_paths(cfg, "sft").final)
     if not cfg.policy:
         require_checkpoint(init, POLICY_STAGES, "prefs")
     check_world_lineage(cfg, init, world, "prefs", config_key="policy")

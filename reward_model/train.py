@@ -34,7 +34,7 @@ from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_final, save_training_checkpoint,
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
-from pipeline.model import POLICY_STAGES, fp32_forward, load_scalar_model
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
     require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
@@ -227,7 +227,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
     lora = cfg.lora
     full_resume = checkpoint is not None and not lora.enabled
     model = load_scalar_model(str(checkpoint / "model") if full_resume else init, "reward_model.train", tokenizer,
-                              cfg.trust_remote_code, allowed_stages=POLICY_STAGES + ("rm",))
+                              cfg.trust_remote_code, allowed_stages=POLICY_STAGES + SCALAR_STAGES)
     if not lora.enabled:
         return model
     from peft import PeftModel, get_peft_model
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     max_steps = cfg.epochs * steps_per_epoch
 
     # ---- backbone: the SFT model with a scalar head, or the newest checkpoint on resume
-    init = init_checkpoint(cfg, "rm")
+    init = init_checkpoint(cfg, "rm", POLICY_STAGES + SCALAR_STAGES)
     check_world_lineage(cfg, init, world, "rm")
     if cfg.train_data is None:
         check_world_lineage(cfg, source, world, "rm", config_key="")

@@ -85,6 +85,38 @@ def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
         assert f"cannot load {missing} (no such local path" in str(error.value)
 
 
+@pytest.mark.parametrize("module, overrides, key", [
+    ("stages.sft", ["init_from=runs/tiny/pretrain/fnal"], "init_from"),
+    ("stages.ppo", ["init_from=./sft_final"], "init_from"),
+    ("stages.ppo", ["init_from=gpt2", "reward_model=runs/tiny/rm/fnal"], "reward_model"),
+    ("reward_model.collect", ["policy=runs/tiny/sft/fnal"], "policy"),
+])
+def test_a_mistyped_model_path_in_a_config_names_its_key(module, overrides, key, tmp_path):
+    """Before, from_pretrained took such a path for a malformed hub id, and the error named only the loader."""
+    import importlib
+
+    config = {"stages.sft": "sft.yaml", "stages.ppo": "ppo.yaml", "reward_model.collect": "rm.yaml"}[module]
+    main = importlib.import_module({"stages.sft": "stages.sft.sft", "stages.ppo": "stages.ppo.ppo"}.get(module, module)).main
+    args = ["--config", str(MICRO / config), f"runs_dir={tmp_path}", *overrides]
+    with pytest.raises(ConfigError, match=rf"^key '{key}': \S+ does not exist \(and is not a hub id"):
+        main(args)
+
+
+def test_model_sources_local_hub_and_default_upstream(tmp_path):
+    from pipeline.checkpoint import is_hub_id, model_source
+    from pipeline.model import POLICY_STAGES
+    from pipeline.runs import StageConfig, init_checkpoint
+
+    assert all(is_hub_id(name) for name in ("gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B-Instruct"))
+    assert not any(is_hub_id(name) for name in ("runs/tiny/sft/final", "./final", "/abs/final", "~/final", "a/b/"))
+    assert model_source("HuggingFaceTB/SmolLM2-135M", "init_from") == "HuggingFaceTB/SmolLM2-135M"  # loaded later
+    assert model_source(str(tmp_path), "init_from") == str(tmp_path)  # any existing directory
+    # the default is the upstream stage's final/: missing, it says what to run
+    cfg = StageConfig(run_name="r", runs_dir=str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"^ppo: checkpoint .*r/sft/final does not exist\. Run the earlier stage"):
+        init_checkpoint(cfg, "ppo", POLICY_STAGES)
+
+
 @pytest.mark.parametrize("launch, expected", [
     ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),

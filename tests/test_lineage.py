@@ -15,7 +15,7 @@ from conftest import MICRO
 from data.loading import DatasetSpec
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, check_world_lineage, learned_world_data, world_fingerprints, \
     world_lineage
 
@@ -217,7 +217,7 @@ def test_a_fresh_start_that_fails_on_its_input_leaves_the_earlier_checkpoints_in
     earlier = tmp_path / "r" / "ppo" / "checkpoints" / "step_00000002"
     earlier.mkdir(parents=True)
     AcceleratorState._reset_state(reset_partial_state=True)
-    with pytest.raises(CheckpointError, match="no-such-rm"):
+    with pytest.raises(ConfigError, match="key 'reward_model': .*no-such-rm"):
         ppo(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={tmp_path}", "run_name=r", f"init_from={micro_sft}",
              f"reward_model={tmp_path / 'no-such-rm'}"])
     assert earlier.is_dir()

@@ -289,14 +289,14 @@ def test_with_train_data_nothing_is_collected_and_make_counts_the_step_done(tmp_
 
 def test_collection_samples_the_sft_policy_not_the_rm_backbone_named_in_init_from(micro_sft, tmp_path, capsys):
     """init_from starts RM training elsewhere; the rankings must still be of the policy that PPO will align."""
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
 
     shutil.copytree(micro_sft, tmp_path / "t" / "sft" / "final")
     args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", "max_prompts=8"]
     collect.main(args + [f"init_from={tmp_path / 'some-other-backbone'}"])
     assert f"samples each from {tmp_path / 't' / 'sft' / 'final'}" in capsys.readouterr().out
     assert "sft" in json.loads((tmp_path / "t" / "prefs" / "world_data.json").read_text())
-    with pytest.raises(CheckpointError, match="no-such-policy"):  # `policy` names another one
+    with pytest.raises(ConfigError, match="key 'policy': .*no-such-policy"):  # `policy` names another one
         collect.main(args + [f"policy={tmp_path / 'no-such-policy'}"])
 
 

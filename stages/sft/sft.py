@@ -27,7 +27,7 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import atomic_dir, checkpoint_stage, require_checkpoint
+from pipeline.checkpoint import atomic_dir, checkpoint_stage
 from pipeline.checkpoint import mark_final, replace_dir, save_final, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     set_seed(cfg.seed)
 
     # ---- the starting checkpoint: upstream pretrain/final/ or any HF causal LM; a reward model is refused
-    init = init_checkpoint(cfg, "sft")
-    if not cfg.init_from or Path(init).exists():
-        require_checkpoint(init, POLICY_STAGES, "sft")
+    init = init_checkpoint(cfg, "sft", POLICY_STAGES)
 
     # ---- data: validated before any model loads, so bad input fails fast
     uses_world = cfg.gold_eval_prompts > 0 or any(s.path.startswith("world:") for s in (cfg.data, cfg.eval_data))
