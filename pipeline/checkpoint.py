@@ -154,12 +154,13 @@ def model_source(path: str, config_key: str) -> str:
     return path
 
 
-def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed_by: str) -> Path:
+def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed_by: str,
+                       config_key: str = "init_from") -> Path:
     """Check that a local checkpoint exists and comes from one of `allowed_stages` (outside ones pass)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{needed_by}: checkpoint {path} does not exist. Run the earlier stage first "
-                              f"(the Makefile does this for you), or set init_from to a checkpoint path.")
+                              f"(the Makefile does this for you), or set {config_key} to a checkpoint path.")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{needed_by}: {path} has no config.json; it is not a Hugging Face checkpoint.")
     stage = checkpoint_stage(path)

@@ -117,13 +117,19 @@ def stage_paths(cfg: StageConfig, stage: str) -> StagePaths:
     return StagePaths(run_dir(cfg) / stage)
 
 
-def init_checkpoint(cfg: StageConfig, stage: str, allowed_stages: tuple[str, ...]) -> str:
-    """Where `stage` starts from: `init_from` if set (a local checkpoint or a hub id), else the upstream stage's
-    final/, which must exist. A local one is refused here, before any data loads, if another stage made it."""
-    path = model_source(cfg.init_from, "init_from") if cfg.init_from else str(stage_paths(cfg, UPSTREAM[stage]).final)
-    if not cfg.init_from or Path(path).exists():
-        require_checkpoint(path, allowed_stages, stage)
+def model_path(cfg: StageConfig, key: str, default_stage: str, allowed_stages: tuple[str, ...], needed_by: str) -> str:
+    """The model the config key `key` names (a local checkpoint or a hub id), else `default_stage`'s final/ in this
+    run, which must exist. A local one is refused here, before any data or model loads, if another stage made it."""
+    value = getattr(cfg, key)
+    path = model_source(value, key) if value else str(stage_paths(cfg, default_stage).final)
+    if not value or Path(path).exists():
+        require_checkpoint(path, allowed_stages, needed_by, config_key=key)
     return path
+
+
+def init_checkpoint(cfg: StageConfig, stage: str, allowed_stages: tuple[str, ...]) -> str:
+    """Where `stage` starts from: `init_from` if set, else the upstream stage's final/."""
+    return model_path(cfg, "init_from", UPSTREAM[stage], allowed_stages, stage)
 
 
 def world_dir(cfg: StageConfig) -> Path:

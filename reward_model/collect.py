@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
-from pipeline.checkpoint import model_source, require_checkpoint, write_text_atomic
+from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, prompts_that_fit, sample
 from pipeline.model import POLICY_STAGES, load_causal_lm
-from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, \
+from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, model_path, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -83,9 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s); the train/eval split needs 2 or more")
 
     # ---- the SFT policy
-    init = model_source(cfg.policy, "policy") if cfg.policy else str(stage_paths(cfg, "sft").final)
-    if not cfg.policy:
-        require_checkpoint(init, POLICY_STAGES, "prefs")
+    init = model_path(cfg, "policy", "sft", POLICY_STAGES, "prefs")
     check_world_lineage(cfg, init, world, "prefs", config_key="policy")
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,

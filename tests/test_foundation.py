@@ -105,7 +105,7 @@ def test_a_mistyped_model_path_in_a_config_names_its_key(module, overrides, key,
 def test_model_sources_local_hub_and_default_upstream(tmp_path):
     from pipeline.checkpoint import is_hub_id, model_source
     from pipeline.model import POLICY_STAGES
-    from pipeline.runs import StageConfig, init_checkpoint
+    from pipeline.runs import StageConfig, init_checkpoint, model_path
 
     assert all(is_hub_id(name) for name in ("gpt2", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-0.5B-Instruct"))
     assert not any(is_hub_id(name) for name in ("runs/tiny/sft/final", "./final", "/abs/final", "~/final", "a/b/"))
@@ -113,8 +113,12 @@ def test_model_sources_local_hub_and_default_upstream(tmp_path):
     assert model_source(str(tmp_path), "init_from") == str(tmp_path)  # any existing directory
     # the default is the upstream stage's final/: missing, it says what to run
     cfg = StageConfig(run_name="r", runs_dir=str(tmp_path))
-    with pytest.raises(CheckpointError, match=r"^ppo: checkpoint .*r/sft/final does not exist\. Run the earlier stage"):
+    with pytest.raises(CheckpointError, match=r"^ppo: checkpoint .*r/sft/final does not exist\. Run the earlier stage"
+                                              r".* or set init_from to"):
         init_checkpoint(cfg, "ppo", POLICY_STAGES)
+    cfg.policy = ""  # what a stage with its own model key sees: the advice names that key
+    with pytest.raises(CheckpointError, match=r"^prefs: checkpoint .*r/sft/final does not exist.* or set policy to"):
+        model_path(cfg, "policy", "sft", POLICY_STAGES, "prefs")
 
 
 @pytest.mark.parametrize("launch, expected", [

@@ -37,16 +37,16 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint,
-                                 save_final, save_training_checkpoint, unwrap, write_text_atomic)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
+                                 save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
-from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
     set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
+    learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- models: policy (SFT, or the checkpoint on resume), reference, frozen RM, critic (from the RM)
     sft_path = init_checkpoint(cfg, "ppo", POLICY_STAGES)
-    rm_path = model_source(cfg.reward_model, "reward_model") if cfg.reward_model else str(stage_paths(cfg, "rm").final)
+    rm_path = model_path(cfg, "reward_model", "rm", SCALAR_STAGES, "ppo (key 'reward_model')")
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
