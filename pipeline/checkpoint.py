@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
+from pipeline.config import ConfigError
+
 hf_logging.disable_progress_bar()  # one progress bar per stage is enough; saving shards needs none
 
 CHECKPOINT_PREFIX = "step_"
@@ -148,8 +150,6 @@ def model_source(path: str, config_key: str) -> str:
     """A model named by a config key: an existing local directory, or else a hub id. Anything else is a mistyped
     path, refused here under its key rather than by from_pretrained as a malformed hub id."""
     if not Path(path).exists() and not is_hub_id(path):
-        from pipeline.config import ConfigError
-
         raise ConfigError(f"key '{config_key}': {path} does not exist (and is not a hub id, 'name' or 'owner/name')")
     return path
 
