@@ -98,11 +98,14 @@ class PPOStageConfig(StageConfig):
     cliprange_value: float = 0.2
     """Value clip around the rollout-time values (normalised reward units)."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Weight of the value loss. The policy and the critic have their own AdamW, which is blind to a loss's scale,
+    so this only sets where the critic's gradient clipping bites (at grad_clip / vf_coef of the value loss's own
+    gradient norm); tune the critic with critic_lr."""
     whiten_advantages: bool = True
     """Normalise advantages over every response token of the global batch."""
     whiten_rewards: bool = False
-    """Scale per-token rewards to unit variance before GAE (an N+ option)."""
+    """Scale per-token rewards to unit variance before GAE (an N+ option). Scale only: x / std, where
+    lm-human-preferences' whiten(shift_mean=False) keeps the mean as it is, (x - mean) / std + mean."""
     init_kl_coef: float = 0.05
     """beta, the weight of the per-token KL penalty to the SFT model."""
     kl_target: float | None = None
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         return result, rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length).tolist()
 
     def eval_kl(model) -> float:
-        """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies."""
+        """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies, both
+        models at the sampling temperature (the distributions PPO's KL penalty and kl_target are about)."""
         g = torch.Generator(device=device).manual_seed(cfg.seed)
         with fp32_forward(model) as fp32_model:
             return torch.cat([masked_sum(r["kl_exact"], r["mask"], dim=1) for r in (
