@@ -21,6 +21,10 @@ import yaml
 
 T = TypeVar("T")
 
+# integer keys that a loop divides by or steps with (eval_every, log_every, checkpoint_every, every *batch_size,
+# grad_accum, epochs, ppo_epochs): 0 would fail mid-run with a bare ZeroDivisionError, or train on nothing
+COUNTS_FROM_ONE = ("every", "batch_size", "grad_accum", "epochs")
+
 
 class ConfigError(ValueError):
     """A config file or override does not fit its dataclass."""
@@ -82,6 +86,8 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
         raise ConfigError(f"{where}: key '{key}': expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: key '{key}': expected an integer, got {value!r}")
+    if tp is int and value < 1 and key.endswith(COUNTS_FROM_ONE):
+        raise ConfigError(f"{where}: key '{key}': must be 1 or more, got {value}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: key '{key}': expected {_type_name(tp)}, got {value!r}")
     return value

@@ -152,6 +152,20 @@ def test_cli_exits_with_a_message_not_a_traceback(capsys):
     assert "override 'learning_rate=fast'" in message and "key 'learning_rate': expected float" in message
 
 
+@pytest.mark.parametrize("stage, override", [("pretrain", "eval_every=0"), ("sft", "batch_size=0"),
+                                             ("rm", "checkpoint_every=0"), ("ppo", "ppo_epochs=0"),
+                                             ("ppo", "minibatch_size=-2"), ("rm", "grad_accum=0")])
+def test_a_zero_step_or_batch_count_names_its_key(stage, override):
+    from reward_model.config import RewardModelConfig
+    from stages.ppo.ppo import PPOStageConfig
+    from stages.sft.sft import SFTStageConfig
+
+    config_cls = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig, "ppo": PPOStageConfig}
+    key, _, value = override.partition("=")
+    with pytest.raises(ConfigError, match=rf"override '{override}': key '{key}': must be 1 or more, got {value}"):
+        load_config(config_cls[stage], MICRO / f"{stage}.yaml", [override])
+
+
 def test_every_shipped_config_parses():
     from pipeline.runs import StageConfig
     from reward_model.config import RewardModelConfig
