@@ -77,6 +77,15 @@ def main(argv: list[str] | None = None) -> None:
     with accelerator.main_process_first():
         world = world_dir(cfg)
     rows = list(load_dataset_for(cfg.prompts, "prompts", world_dir=world))
+    # one row per prompt text: a repeated prompt could otherwise land on both sides of the held-out split
+    first_rows = {}
+    for row in rows:
+        first_rows.setdefault(row["prompt"], row)
+    distinct = list(first_rows.values())
+    if len(distinct) < len(rows) and accelerator.is_main_process:
+        print(f"[prefs] {cfg.prompts.path}: {len(rows) - len(distinct)} repeated prompt(s) dropped "
+              f"(each prompt is sampled and held out once)")
+    rows = distinct
     if cfg.max_prompts:
         rows = rows[:cfg.max_prompts]
     if len(rows) < 2:

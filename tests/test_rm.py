@@ -300,6 +300,21 @@ def test_collection_samples_the_sft_policy_not_the_rm_backbone_named_in_init_fro
         collect.main(args + [f"policy={tmp_path / 'no-such-policy'}"])
 
 
+def test_a_repeated_prompt_is_collected_once_and_never_on_both_sides_of_the_split(micro_sft, tmp_path, capsys):
+    shutil.copytree(micro_sft, tmp_path / "t" / "sft" / "final")
+    prompts = tmp_path / "prompts.jsonl"
+    distinct = [f"What is {a} plus {a}?" for a in range(10, 20)]
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in distinct * 3))
+    collect.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", f"prompts.path={prompts}",
+                  "eval_fraction=0.3"])
+    assert f"{prompts}: 20 repeated prompt(s) dropped" in capsys.readouterr().out
+    splits = {split: [json.loads(line)["prompt"] for line in
+                      (tmp_path / "t" / "prefs" / f"{split}.jsonl").read_text().splitlines()]
+              for split in ("train", "eval")}
+    collected = splits["train"] + splits["eval"]
+    assert splits["train"] and splits["eval"] and len(collected) == len(set(collected))
+
+
 def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp_path, capsys):
     from pipeline.generation import prompts_that_fit
 
