@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> None:
         n_static = len(static_rows)
 
     paths.root.mkdir(parents=True, exist_ok=True)
+    # the record make waits for goes first and comes back last: a re-collection cut off between the two files
+    # leaves none, so make collects again and RM training refuses the mismatched pair
+    (paths.root / WORLD_DATA_FILE).unlink(missing_ok=True)
     write_jsonl_atomic(paths.root / "train.jsonl", train_out)
     write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
     # what the rankings came from in the world, with the SFT policy's chain, for the RM to check and carry

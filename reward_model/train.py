@@ -35,8 +35,9 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_fi
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
-from pipeline.runs import accelerate_precision, check_world_lineage, end_stage, init_checkpoint, parse_stage_args, \
-    require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, write_resolved_config
+from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
+    parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
@@ -58,6 +59,9 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
             raise DataError(str(prefs), "no collected preferences (train.jsonl, eval.jsonl). Collect them first "
                                         "(make prefs, or python -m reward_model.collect with this config), "
                                         "or set train_data to a preference dataset.")
+        if not (prefs / WORLD_DATA_FILE).exists():
+            raise DataError(str(prefs), f"the last collection did not finish (train.jsonl and eval.jsonl may come "
+                                        f"from two runs; it writes {WORLD_DATA_FILE} last). Collect again (make prefs).")
         train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl"))) for split in ("train", "eval"))
         return train, held_out, str(prefs)
     train = load(cfg.train_data)

@@ -315,6 +315,31 @@ def test_a_repeated_prompt_is_collected_once_and_never_on_both_sides_of_the_spli
     assert splits["train"] and splits["eval"] and len(collected) == len(set(collected))
 
 
+def test_a_cut_off_recollection_leaves_no_record_and_rm_training_refuses_it(micro_prefs, micro_sft, tmp_path,
+                                                                            monkeypatch):
+    """Collection removes its record (what make waits for) first and writes it last: a re-collection cut off
+    between train.jsonl and eval.jsonl must not leave a new train set beside an old held-out set looking done."""
+    prefs = tmp_path / "t" / "prefs"
+    shutil.copytree(micro_prefs, prefs)
+    shutil.copytree(micro_sft, tmp_path / "t" / "sft" / "final")
+    write = collect.write_jsonl_atomic
+
+    def disk_full_at_eval(path, rows):
+        if Path(path).name == "eval.jsonl":
+            raise OSError(28, "No space left on device")
+        write(path, rows)
+
+    monkeypatch.setattr(collect, "write_jsonl_atomic", disk_full_at_eval)
+    args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t"]
+    with pytest.raises(OSError, match="No space left"):
+        collect.main(args + ["max_prompts=12", "seed=1"])
+    assert (prefs / "eval.jsonl").read_text() == (micro_prefs / "eval.jsonl").read_text()  # the old one
+    assert not (prefs / "world_data.json").exists()
+    with pytest.raises(DataError, match=rf"{prefs}: the last collection did not finish .*Collect again"):
+        train.main(args)
+    assert not (tmp_path / "t" / "rm" / "final").exists()
+
+
 def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp_path, capsys):
     from pipeline.generation import prompts_that_fit
 
