@@ -156,8 +156,8 @@ def deciding_criterion(a: dict[str, float], b: dict[str, float]) -> str:
 def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, float]:
     """Agreement over the held-out pairs i < j of each ranking (i ranked above j by the labeler).
 
-    accuracy: the RM orders the pair as the labeler did. With gold scores, over the pairs gold decides (the
-    same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
+    accuracy: the RM orders the pair as the labeler did. With gold scores (on every row), over the pairs gold
+    decides (the same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts as wrong.
@@ -167,8 +167,11 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     `family`): an RM that cannot check sums shows up as a coin flip on arithmetic correctness.
     """
     all_pairs, decided, by_criterion = [], [], {}
+    # gold figures only when every row has gold: with some rows lacking it, "the pairs gold decides" would
+    # silently leave those rows out, and the all-pairs ceiling would count their pairs as gold ties
+    with_gold = all(row.get("gold_scores") is not None for row in rows)
     for s, row in zip(scores, rows, strict=True):
-        gold, criteria = row.get("gold_scores"), row.get("gold_criteria")
+        gold, criteria = (row.get("gold_scores"), row.get("gold_criteria")) if with_gold else (None, None)
         for i, j in itertools.combinations(range(len(s)), 2):
             all_pairs.append(s[i] > s[j])
             if gold is not None and gold[i] != gold[j]:

@@ -205,6 +205,18 @@ def test_ranking_metrics_by_deciding_criterion_by_hand():
                                          "by_family": {"arithmetic": {"gold_accuracy": 1.0, "pairs": 1}}}
 
 
+def test_ranking_metrics_report_gold_only_when_every_row_has_it():
+    with_gold = {"prompt": "p", "responses": ["a", "b", "c"], "gold_scores": [1.0, 1.0, 0.5]}  # a gold tie
+    without = {"prompt": "q", "responses": ["a", "b"]}  # e.g. a hand-added ranking
+    scores = [[3.0, 2.0, 1.0], [0.0, 1.0]]
+    metrics = train.ranking_metrics(scores, [with_gold, without])
+    assert "noise_ceiling" not in metrics and "gold_accuracy" not in metrics
+    assert metrics["accuracy"] == metrics["accuracy_all_pairs"] == pytest.approx(3 / 4)  # over every pair
+    gold_only = train.ranking_metrics(scores[:1], [with_gold])
+    assert gold_only["accuracy"] == 1.0 and gold_only["decided_pairs"] == 2
+    assert gold_only["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)  # the tie is a coin flip
+
+
 def test_training_lowers_the_ranking_loss_on_its_data(micro_rm, micro_sft, micro_prefs):
     rows = read_jsonl(micro_prefs / "train.jsonl")
     tokenizer = load_tokenizer(str(micro_sft))
