@@ -425,8 +425,27 @@ def _checked_row(row: dict[str, Any], number: int, description: str, schema: Sch
     try:
         return normalise_row(map_columns(row, columns), schema, optional)
     except _Invalid as invalid:
-        raise DataError(description, invalid.problem, row=number, column=invalid.column,
+        raise DataError(description, invalid.problem, row=_file_row(description, number), column=invalid.column,
                         source_column=columns.get(invalid.column)) from None
+
+
+def _file_row(source: str, record: int) -> int:
+    """The line of a local JSON-lines file that holds its `record`-th record (1-based), so that validation
+    errors count rows as a JSON syntax error does: the JSON reader skips blank lines, an editor does not.
+    Other sources (parquet, hub splits, JSON arrays, text files, which keep blank lines) count records."""
+    if not source.endswith((".jsonl", ".json")) or not Path(source).is_file():
+        return record
+    with open(source, encoding="utf-8", errors="replace") as f:
+        seen = 0
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            if seen == 0 and line.lstrip().startswith("["):
+                return record  # one JSON array, not JSON lines
+            seen += 1
+            if seen == record:
+                return number
+    return record
 
 
 def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns: dict[str, str]) -> None:

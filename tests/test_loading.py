@@ -162,6 +162,16 @@ def test_streaming_checks_the_first_row_up_front(tmp_path):
 # ---------------------------------------------------------------- bad data
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_bad_row_after_blank_lines_is_named_by_its_line_in_the_file(tmp_path, streaming):
+    good = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"})
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(f"{good}\n\n{good}\n\n{json.dumps({'prompt': 'p', 'chosen': 'a'})}\n")  # record 3, line 5
+    with pytest.raises(DataError) as error:
+        list(load(path, "preferences", streaming=streaming))
+    assert_data_error(error, path, row=5, column="rejected")
+
+
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_missing_column(tmp_path, suffix):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}]
