@@ -135,6 +135,17 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
         torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
 
 
+def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_path):
+    """The EMA copy and the reference (the policy with its adapter off) must be compared at one precision: with
+    the reference left under the run's bf16 autocast, an unchanged policy showed a KL to itself."""
+    from stages.ppo.ppo import main
+
+    main(ppo_args(tmp_path, "lora-ema", micro_sft, micro_rm, "max_steps=1", "critic_warmup_steps=1",
+                  "lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "eval_every=1", "eval_prompts=6"))
+    evals = [r for r in metrics(tmp_path / "lora-ema" / "ppo") if "eval/kl_to_sft" in r]
+    assert len(evals) == 1 and evals[0]["eval/kl_to_sft"] == 0.0
+
+
 def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path):
     """LoRA policy (reference = adapter off), EMA, PPO-ptx and a critic warm-up step, in one short run."""
     from stages.ppo.ppo import main

@@ -278,9 +278,15 @@ def main(argv: list[str] | None = None) -> None:
         """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies, both
         models at the sampling temperature (the distributions PPO's KL penalty and kl_target are about)."""
         g = torch.Generator(device=device).manual_seed(cfg.seed)
+
+        @contextlib.contextmanager
+        def fp32_reference():  # both sides in fp32 (with LoRA + EMA the reference is the autocast policy)
+            with reference() as ref, fp32_forward(ref) as plain:
+                yield plain
+
         with fp32_forward(model) as fp32_model:
             return torch.cat([masked_sum(r["kl_exact"], r["mask"], dim=1) for r in (
-                rollout(fp32_model, reference, None, tokenizer, eval_prompts[i:i + cfg.eval_batch_size], cfg, g)
+                rollout(fp32_model, fp32_reference, None, tokenizer, eval_prompts[i:i + cfg.eval_batch_size], cfg, g)
                 for i in range(0, len(eval_prompts), cfg.eval_batch_size))]).mean().item()
 
     with reference() as ref:
