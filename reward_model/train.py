@@ -61,7 +61,8 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
                                         "or set train_data to a preference dataset.")
         if not (prefs / WORLD_DATA_FILE).exists():
             raise DataError(str(prefs), f"the last collection did not finish (train.jsonl and eval.jsonl may come "
-                                        f"from two runs; it writes {WORLD_DATA_FILE} last). Collect again (make prefs).")
+                                        f"from two runs; it writes {WORLD_DATA_FILE} last). "
+                                        "Collect again (make prefs).")
         train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl"))) for split in ("train", "eval"))
         return train, held_out, str(prefs)
     train = load(cfg.train_data)
