@@ -42,7 +42,8 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     """Further keyword arguments for the transformers config (e.g. attention_dropout)."""
     tokenizer: str = ""
-    """An existing tokenizer (path or hub id). Empty: train a byte-level BPE on the pretraining corpus."""
+    """An existing tokenizer (path or hub id). Empty: the `pretrained` checkpoint's own when that is set (its
+    embeddings are indexed by that vocabulary), else a byte-level BPE trained on the pretraining corpus."""
     vocab_size: int = 2048
     """Vocabulary size of the BPE tokenizer trained here (special tokens included)."""
     pretrained: str = ""

@@ -213,6 +213,24 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
     assert config["max_steps"] == "10"
 
 
+def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretrain: Path, tmp_path: Path):
+    """model.pretrained without model.tokenizer used to train a fresh BPE, whose ids index the checkpoint's
+    embeddings as if they were its own: the pretrained knowledge was scrambled, with no warning."""
+    from accelerate.state import AcceleratorState
+    from transformers import AutoTokenizer
+
+    from stages.pretrain.pretrain import main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_pretrain}", "model.vocab_size=300",
+              "max_steps=2", "eval_every=2", "learning_rate=1e-4", run_name="continued")
+    final = tmp_path / "continued" / "pretrain" / "final"
+    assert AutoTokenizer.from_pretrained(final).get_vocab() == AutoTokenizer.from_pretrained(micro_pretrain).get_vocab()
+    (_, before), = eval_losses(micro_pretrain.parent / "metrics.jsonl")[-1:]
+    (_, after), = eval_losses(final.parent / "metrics.jsonl")
+    assert after < before + 0.1, (before, after)  # it goes on from what the checkpoint knows
+
+
 def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: Path):
     """Too little text for one validation block used to pass here and crash at the first evaluation."""
     from accelerate.state import AcceleratorState

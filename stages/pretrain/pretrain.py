@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
     if checkpoint is not None:
         tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
-    elif cfg.model.tokenizer:
-        tokenizer = load_tokenizer(cfg.model.tokenizer, cfg.trust_remote_code, turn_end_is_eos=False)
+    elif cfg.model.tokenizer or cfg.model.pretrained:  # a pretrained model keeps the vocabulary it learned
+        tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.pretrained, cfg.trust_remote_code,
+                                   turn_end_is_eos=False)
     else:
         tokenizer = train_tokenizer(PackedCorpus.tokenizer_sample(texts), cfg.model.vocab_size)
     corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed, cfg.data.path)
@@ -141,11 +142,16 @@ def main(argv: list[str] | None = None) -> None:
 
     @torch.no_grad()
     def estimate_val_loss() -> float:
+        """Mean loss per token over every validation block (blocks are equal-length; a last short batch and a
+        rank with fewer blocks weigh what they hold, not what a full batch would)."""
         model.eval()
-        losses = [model(input_ids=b, labels=b).loss for b in corpus.val_batches(cfg.batch_size, accelerator)]
+        totals = torch.zeros(2, device=accelerator.device)  # sum of block losses, blocks
+        for b in corpus.val_batches(cfg.batch_size, accelerator):
+            totals += torch.stack([model(input_ids=b, labels=b).loss.float() * len(b),
+                                   torch.tensor(float(len(b)), device=accelerator.device)])
         model.train()
-        local = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
-        return accelerator.reduce(local.to(accelerator.device), reduction="mean").item()
+        loss_sum, blocks = accelerator.reduce(totals, reduction="sum").tolist()
+        return loss_sum / blocks
 
     def continuations() -> list[str]:
         bare = accelerator.unwrap_model(model)
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     desc="pretrain", disable=not accelerator.is_main_process)
     model.train()
-    started, val_loss = time.perf_counter(), None
+    started, val_loss, window_loss, window_batches = time.perf_counter(), None, 0.0, 0
     for step in progress:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -184,11 +190,14 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(batch.numel() * accelerator.num_processes)
+            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_sec = throughput.rate()
-            train_loss = accelerator.reduce(loss.detach(), reduction="mean").item()  # over ranks, not rank 0's
+            # every micro-batch since the last log, on every rank (not the last one of rank 0)
+            train_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
+            window_loss, window_batches = 0.0, 0
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
             tracker.log({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                          "perf/tokens_per_sec": tokens_per_sec,
@@ -212,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
+        if done % cfg.eval_every == 0 or done % cfg.checkpoint_every == 0:
+            throughput.rate()  # restart the clock: tokens/s measures training, not evaluation or saving
 
     # ---- the hand-off: a plain HF checkpoint for the next stage
     if val_loss is None:  # resumed at max_steps: nothing was trained, but report the checkpoint's loss
