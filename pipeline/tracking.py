@@ -213,6 +213,8 @@ class TrackerCallback(TrainerCallback):
                 continue
             if key.startswith("eval_"):
                 metrics[f"eval/{key[5:]}"] = value
+            elif key == "train_loss":  # the closing log's mean over the whole run: not a point of the loss curve
+                metrics["train/mean_loss"] = value
             elif key.startswith("train_"):
                 metrics[f"train/{key[6:]}"] = value
             else:

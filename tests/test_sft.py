@@ -224,6 +224,9 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     train_steps = [r["step"] for r in lines if "train/loss" in r and "train/samples_per_second" not in r]
     # the killed run's steps up to its checkpoint, then the resumed run's, each once
     assert train_steps == list(range(1, resumed_from + 4)), (train_steps, resumed_from)
+    # the Trainer's closing summary: its run-mean loss is kept apart from the per-step curve
+    summary = [r for r in lines if "train/samples_per_second" in r]
+    assert len(summary) == 1 and "train/mean_loss" in summary[0] and "train/loss" not in summary[0]
     assert (stage / "final" / "config.json").exists()
 
 
