@@ -159,16 +159,26 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-def stop_if_not_finite(grad_norm: Any, stage: str, step: int, hint: str) -> None:
+# fp16 loss scaling starts at 2**16 and halves on every overflow: below 1, overflows are not the scale's doing
+MIN_LOSS_SCALE = 1.0
+
+
+def stop_if_not_finite(grad_norm: Any, stage: str, step: int, hint: str, scaler: Any = None) -> None:
     """Raise if the gradient norm from clipping is NaN or inf; call it before the optimizer step.
 
     A non-finite loss in any micro-batch on any rank makes the all-reduced gradients, and so this norm,
     non-finite on every rank alike: all ranks stop together (none is left waiting in a collective), with no
-    extra communication, and before the step, so the weights and the last checkpoint stay clean."""
+    extra communication, and before the step, so the weights and the last checkpoint stay clean.
+    Under fp16 loss scaling (`scaler`: accelerate's GradScaler) an inf norm is an overflow the scaler handles by
+    skipping the step and halving its scale; the run stops only once the scale has fallen below MIN_LOSS_SCALE."""
     value = float(grad_norm)
-    if not math.isfinite(value):
-        raise FloatingPointError(f"[{stage}] gradient norm is {value} at step {step} (a non-finite loss on some "
-                                 f"micro-batch or rank); stopping. {hint}")
+    if math.isfinite(value):
+        return
+    if scaler is not None and scaler.get_scale() >= MIN_LOSS_SCALE:
+        return
+    scaled = f"; the fp16 loss scale has fallen to {scaler.get_scale():g}" if scaler is not None else ""
+    raise FloatingPointError(f"[{stage}] gradient norm is {value} at step {step} (a non-finite loss on some "
+                             f"micro-batch or rank{scaled}); stopping. {hint}")
 
 
 class Throughput:

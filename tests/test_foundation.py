@@ -378,6 +378,20 @@ def test_a_non_finite_gradient_norm_stops_a_single_process_run():
         stop_if_not_finite(torch.tensor(float("inf")), "rm", 4, "Lower learning_rate.")
 
 
+def test_an_fp16_overflow_is_left_to_the_loss_scaler_until_its_scale_collapses():
+    """fp16 training overflows now and then by design: accelerate's GradScaler skips that step and halves its
+    scale. Stopping the run there (as for a non-finite norm without a scaler) killed fp16 runs at the first spike."""
+    from torch.amp import GradScaler
+
+    from pipeline.tracking import stop_if_not_finite
+
+    fresh = GradScaler("cpu", init_scale=2.0 ** 16)
+    stop_if_not_finite(torch.tensor(float("inf")), "pretrain", 7, "Lower learning_rate.", fresh)  # a skipped step
+    collapsed = GradScaler("cpu", init_scale=0.5)  # where 17 halvings in a row leave it
+    with pytest.raises(FloatingPointError, match=r"gradient norm is nan at step 7 .*loss scale has fallen to 0\.5"):
+        stop_if_not_finite(torch.tensor(float("nan")), "pretrain", 7, "Lower learning_rate.", collapsed)
+
+
 @pytest.mark.parametrize("setting, launcher, cpu_bf16, expected", [
     ("fp32", "bf16", True, "fp32"),    # the config's explicit choice wins over everything
     ("bf16", "no", False, "bf16"),
