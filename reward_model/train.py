@@ -230,6 +230,13 @@ def score_stats(name: str, values: list[float]) -> dict[str, float]:
     return {f"{name}_mean": t.mean().item(), f"{name}_std": t.std(correction=0).item()}
 
 
+def distinct_reply_scores(scores: list[list[float]], rows: list[dict]) -> list[float]:
+    """One score per distinct (prompt, reply): a pairs dataset repeats a chosen reply over several rows
+    (UltraFeedback's pairs out of 4 completions), which would otherwise weigh it more in the reward stats."""
+    return list({(row["prompt"], reply): score for row, row_scores in zip(rows, scores, strict=True)
+                 for reply, score in zip(row["responses"], row_scores, strict=True)}.values())
+
+
 def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path | None):
     """The SFT backbone with a scalar head (or the resumed one), wrapped with LoRA adapters if configured."""
     lora = cfg.lora
@@ -394,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    for row, s in zip(eval_rows[:8], scores) for rank, (response, score)
                    in enumerate(zip(row["responses"], s))], step=max_steps)
     # the held-out responses are the SFT policy's samples on prompts the RM never trained on: what PPO will show it
-    reward_stats = score_stats("reward", [x for s in scores for x in s])
+    reward_stats = score_stats("reward", distinct_reply_scores(scores, eval_rows))
     reward_mean, reward_std = reward_stats["reward_mean"], reward_stats["reward_std"]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -217,6 +217,16 @@ def test_ranking_metrics_report_gold_only_when_every_row_has_it():
     assert gold_only["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)  # the tie is a coin flip
 
 
+def test_reward_stats_count_each_distinct_reply_once():
+    """PPO normalises rewards with the RM's mean and std over held-out replies: a chosen reply that a pairs dataset
+    repeats over three rows must not count three times."""
+    rows = [{"prompt": "Q?", "responses": ["Good.", f"Bad {k}."]} for k in range(3)]
+    scores = [[3.0, 0.0], [3.0, 1.0], [3.0, 2.0]]
+    assert sorted(train.distinct_reply_scores(scores, rows)) == [0.0, 1.0, 2.0, 3.0]
+    stats = train.score_stats("reward", train.distinct_reply_scores(scores, rows))
+    assert stats["reward_mean"] == pytest.approx(1.5)  # not 2.0, the mean over rows
+
+
 def test_training_lowers_the_ranking_loss_on_its_data(micro_rm, micro_sft, micro_prefs):
     rows = read_jsonl(micro_prefs / "train.jsonl")
     tokenizer = load_tokenizer(str(micro_sft))
