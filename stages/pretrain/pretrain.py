@@ -216,14 +216,14 @@ def main(argv: list[str] | None = None) -> None:
                     tqdm.write(f"[pretrain]   > {text!r}")
                 tracker.table("eval/samples", ["prompt", "text"], [list(row) for row in zip(sample_prompts, texts)],
                               step=done)
+            throughput.rate()  # restart the clock: tokens/s measures training, not evaluation
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
-        if done % cfg.eval_every == 0 or done % cfg.checkpoint_every == 0:
-            throughput.rate()  # restart the clock: tokens/s measures training, not evaluation or saving
+            throughput.rate()  # nor saving
 
     # ---- the hand-off: a plain HF checkpoint for the next stage
     if val_loss is None:  # resumed at max_steps: nothing was trained, but report the checkpoint's loss
