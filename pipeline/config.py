@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -22,12 +24,23 @@ import yaml
 T = TypeVar("T")
 
 # integer keys that a loop divides by or steps with (eval_every, log_every, checkpoint_every, every *batch_size,
-# grad_accum, epochs, ppo_epochs): 0 would fail mid-run with a bare ZeroDivisionError, or train on nothing
-COUNTS_FROM_ONE = ("every", "batch_size", "grad_accum", "epochs")
+# grad_accum, epochs, ppo_epochs): 0 would fail mid-run with a bare ZeroDivisionError, or train on nothing.
+# max_new_tokens: a sampler asked for no tokens makes empty replies, and prompt-length checks assume room for one.
+COUNTS_FROM_ONE = ("every", "batch_size", "grad_accum", "epochs", "max_new_tokens")
+# learning rates (learning_rate, policy_lr, critic_lr): 0 or below trains nothing or climbs the loss
+POSITIVE = ("learning_rate", "_lr")
 
 
 class ConfigError(ValueError):
     """A config file or override does not fit its dataclass."""
+
+
+class FieldError(ConfigError):
+    """A dataclass's own check of one of its fields; loading names the field with its full dotted key."""
+
+    def __init__(self, key: str, problem: str):
+        super().__init__(f"key '{key}': {problem}")
+        self.key, self.problem = key, problem
 
 
 def _type_name(tp: Any) -> str:
@@ -76,12 +89,18 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):  # YAML reads "1e-3" as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: key '{key}': expected a finite number, got {value}")
+        if value <= 0 and key.endswith(POSITIVE):
+            raise ConfigError(f"{where}: key '{key}': must be above 0, got {value}")
+        return value
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: key '{key}': expected true or false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -105,6 +124,8 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
         kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise ConfigError(f"{where}: key '{prefix}{e.key}': {e.problem}") from None
     except ConfigError:
         raise
     except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
@@ -148,6 +169,23 @@ def _read_yaml(path: Path) -> dict:
     return raw
 
 
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of a dotted key inside `cls` (through nested dataclasses), or None if it names no field."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        options = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
+            typing.Union, types.UnionType) else [tp]
+        nested = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        if nested is None:
+            return None
+        tp = typing.get_type_hints(nested).get(part)
+    return tp
+
+
+def _takes_text(tp: Any) -> bool:
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from its defaults, the YAML at `path`, then `key=value` overrides (dotted for nesting)."""
     path = Path(path) if path else None
@@ -164,6 +202,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, (bool, int, float, datetime.date)) and _takes_text(_field_type(cls, key)):
+            value = text  # run_name=2024-06-01, data.name=2021: a text key keeps the text as typed
         trial = copy.deepcopy(tree)
         _set_path(trial, key, value)
         _build(cls, trial, f"override '{item}'", base_dir)  # validate now, so the error names the override

@@ -36,7 +36,7 @@ from pipeline.checkpoint import is_hub_id
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.runs import StageConfig, run_dir, run_main, stage_paths, world_dir
+from pipeline.runs import StageConfig, name_run_after_recipe, run_dir, run_main, stage_paths, world_dir
 
 STAGE_CONFIGS = {
     "pretrain": "stages.pretrain.pretrain:PretrainConfig",
@@ -68,8 +68,7 @@ def load_run_config(config_path: str | None, overrides: list[str]) -> StageConfi
         cfg = load_config(config_class(config_path), config_path, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if not cfg.run_name:  # as pipeline.runs.parse_stage_args: the recipe's name
-        cfg.run_name = Path(config_path).resolve().parent.name if config_path else "default"
+    name_run_after_recipe(cfg, config_path)
     return cfg
 
 

@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from data.loading import DataError
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, FieldError
 from pipeline.tokenizer import chat_prompt
 
 
@@ -25,6 +25,15 @@ class SamplingConfig:
     """Keep only the k most likely tokens (0: off)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise FieldError("temperature", f"must be 0 (greedy) or above, got {self.temperature}")
+        if self.top_k < 0:
+            raise FieldError("top_k", f"must be 0 (off) or above, got {self.top_k}")
+        if not 0 < self.top_p <= 1:  # top_p 0 would drop every token; greedy is temperature 0
+            raise FieldError("top_p", f"must be above 0 and at most 1 (1: off; for greedy set temperature: 0), "
+                                      f"got {self.top_p}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError, checkpoint_config, model_source, require_checkpoint, \
-    write_text_atomic
-from pipeline.config import ConfigError, load_config, save_config
+from pipeline.checkpoint import CHECKPOINT_PREFIX, CheckpointError, checkpoint_config, model_source, \
+    require_checkpoint, write_text_atomic
+from pipeline.config import ConfigError, FieldError, load_config, save_config
 
 # what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
 # for the run they belong to (start_checkpoints)
@@ -66,6 +67,20 @@ class StageConfig:
     `accelerate launch` asks for it (--mixed_precision or its config file; its "no", the default of every
     accelerate config, counts as no preference), else bf16 where the hardware runs it natively (a CUDA GPU with
     bf16, or a CPU with AVX512-BF16 or AMX: ~1.3x faster steps on a 2-core EPYC), else fp32. fp32 forces fp32."""
+
+    def __post_init__(self):
+        check_run_name(self.run_name)
+
+
+RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is a directory under runs_dir and part of W&B artifact names, which take only these characters.
+    Empty: not chosen yet (the recipe's name)."""
+    if name and (not RUN_NAME.fullmatch(name) or name in (".", "..")):
+        raise FieldError("run_name", f"{name!r}: use letters, digits, '-', '_' and '.' only (it names the run's "
+                                     f"directory and its W&B artifacts)")
 
 
 def resolve_precision(cfg: StageConfig) -> str:
@@ -224,12 +239,17 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
 
     Resuming (`resume_from` is a checkpoint): refuse if the checkpoints learned from another version of the world
     than the run holds now (`lineage`, as world_lineage gives it): continuing would mix the two.
-    Starting fresh: the main process moves an earlier run's checkpoints aside, to `checkpoints.earlier/`
-    (replacing the ones kept there before), and records `lineage` for the check above. Left in place, their
-    higher step numbers would outrank the new run's: pruning would delete the new checkpoints, and a later resume
-    would pick the old run's. Moved, not deleted: a fresh start that should have been a resume loses nothing."""
+    Starting fresh: the main process moves an earlier run's checkpoints aside, to `checkpoints.earlier/`, with
+    the stage's metrics.jsonl, and records `lineage` for the check above. Left in place, their higher step
+    numbers would outrank the new run's: pruning would delete the new checkpoints, and a later resume would pick
+    the old run's. Moved, not deleted: a fresh start that should have been a resume loses nothing. Of two earlier
+    runs (a second fresh start), the one that got further is kept. Resuming from checkpoints moved back puts
+    their metrics.jsonl back in the stage's directory."""
     record = Path(checkpoints) / WORLD_DATA_FILE
+    metrics, kept_metrics = Path(checkpoints).parent / "metrics.jsonl", Path(checkpoints) / "metrics.jsonl"
     if resume_from is not None:
+        if is_main_process and kept_metrics.is_file():  # checkpoints.earlier/ moved back to continue that run
+            os.replace(kept_metrics, metrics)
         if record.is_file():  # checkpoints written before this record existed pass unchecked
             saved = json.loads(record.read_text()) or {}
             lineage = lineage or {}
@@ -246,12 +266,26 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     # an earlier run's checkpoints; not the .tmp- directory of a save that was killed (atomic_dir)
     if checkpoints.is_dir() and any(p.is_dir() and not p.name.startswith(".") for p in checkpoints.iterdir()):
         kept = checkpoints.with_name(f"{checkpoints.name}.earlier")
-        shutil.rmtree(kept, ignore_errors=True)
-        checkpoints.rename(kept)
-        print(f"[{stage}] starting fresh: an earlier run's checkpoints moved to {kept} (to continue that run instead, "
-              f"move them back to {checkpoints} and pass resume=true)")
+        if _newest_step(kept) > _newest_step(checkpoints):  # a restart that got less far than the run kept there
+            shutil.rmtree(checkpoints)
+            print(f"[{stage}] starting fresh: the checkpoints of a shorter earlier start deleted; {kept} keeps "
+                  f"those of the run that got furthest")
+        else:
+            shutil.rmtree(kept, ignore_errors=True)
+            checkpoints.rename(kept)
+            if metrics.is_file():
+                os.replace(metrics, kept / metrics.name)
+            print(f"[{stage}] starting fresh: an earlier run's checkpoints (and its metrics.jsonl) moved to {kept} "
+                  f"(to continue that run instead, move that directory back to {checkpoints} and pass resume=true)")
     checkpoints.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(lineage) + "\n")
+
+
+def _newest_step(checkpoints: Path) -> int:
+    """The highest step saved in a checkpoints/ directory (ours: step_N; the Trainer's: checkpoint-N), or -1."""
+    names = (p.name for p in checkpoints.glob("*") if p.is_dir())
+    return max((int(m[1]) for n in names if (m := re.fullmatch(rf"(?:{CHECKPOINT_PREFIX}|checkpoint-)(\d+)", n))),
+               default=-1)
 
 
 def distributed_launch() -> str | None:
@@ -310,9 +344,19 @@ def parse_stage_args(config_cls: type, argv: list[str] | None = None, descriptio
         cfg = load_config(config_cls, args.config, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    if not cfg.run_name:
-        cfg.run_name = Path(args.config).resolve().parent.name if args.config else "default"
+    name_run_after_recipe(cfg, args.config)
     return cfg
+
+
+def name_run_after_recipe(cfg: StageConfig, config_path: str | None) -> None:
+    """An unset run_name becomes the recipe's name: the config file's directory (`tiny`), or "default"."""
+    if cfg.run_name:
+        return
+    cfg.run_name = Path(config_path).resolve().parent.name if config_path else "default"
+    try:
+        check_run_name(cfg.run_name)
+    except ConfigError as e:
+        sys.exit(f"config error: {e} (taken from the config's directory; set run_name=...)")
 
 
 def write_resolved_config(cfg: StageConfig, paths: StagePaths) -> None:

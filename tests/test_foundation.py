@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,6 +165,36 @@ def test_a_zero_step_or_batch_count_names_its_key(stage, override):
     key, _, value = override.partition("=")
     with pytest.raises(ConfigError, match=rf"override '{override}': key '{key}': must be 1 or more, got {value}"):
         load_config(config_cls[stage], MICRO / f"{stage}.yaml", [override])
+
+
+@pytest.mark.parametrize("stage, override, problem", [
+    ("pretrain", "learning_rate=nan", "expected a finite number, got nan"),
+    ("pretrain", "learning_rate=-1", "must be above 0, got -1.0"),
+    ("ppo", "critic_lr=0", "must be above 0, got 0.0"),
+    ("pretrain", "adam_betas=[0.9]", r"expected two numbers in \[0, 1\)"),
+    ("rm", "sampling.top_p=0", "must be above 0 and at most 1"),  # dropped every token: NaN probabilities
+    ("sft", "gold_sampling.temperature=-0.5", "must be 0 \\(greedy\\) or above"),
+    ("rm", "sampling.max_new_tokens=0", "must be 1 or more"),
+    ("sft", "run_name=exp+lora", "use letters, digits"),  # W&B refused the artifact name after training
+    ("ppo", "run_name=a/b", "use letters, digits"),
+])
+def test_a_value_out_of_range_names_its_full_key(stage, override, problem):
+    from reward_model.config import RewardModelConfig
+    from stages.ppo.ppo import PPOStageConfig
+    from stages.sft.sft import SFTStageConfig
+
+    config_cls = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig, "ppo": PPOStageConfig}
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': key '{re.escape(key)}': .*{problem}"):
+        load_config(config_cls[stage], MICRO / f"{stage}.yaml", [override])
+
+
+@pytest.mark.parametrize("text", ["2", "2024-06-01", "on", "1e-3"])
+def test_a_text_key_on_the_command_line_keeps_the_text_as_typed(text):
+    """YAML reads these as a number, a date or a boolean; `make all RUN=2` was refused as 'expected str'."""
+    assert load_config(PretrainConfig, MICRO / "pretrain.yaml", [f"run_name={text}"]).run_name == text
+    assert load_config(Outer, None, [f"name={text}"]).name == text
+    assert load_config(Outer, None, ["inner.width=7"]).inner.width == 7  # other keys still parse as YAML
 
 
 def test_every_shipped_config_parses():

@@ -193,6 +193,37 @@ def test_a_fresh_start_moves_an_earlier_runs_checkpoints_aside_and_a_resume_chec
     assert "without resume=true" in str(error.value)
 
 
+def test_a_forgotten_resume_loses_neither_the_metrics_nor_the_longest_runs_checkpoints(tmp_path, monkeypatch):
+    """A fresh start truncated metrics.jsonl, and a second one deleted the long run kept in checkpoints.earlier/."""
+    from pipeline.runs import start_checkpoints
+    from pipeline.tracking import Tracker
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    stage_dir = tmp_path / "pretrain"
+    checkpoints, earlier, metrics = stage_dir / "checkpoints", stage_dir / "checkpoints.earlier", stage_dir / "metrics.jsonl"
+    world = {"pretrain": {"world": "aaaa"}}
+
+    def run(steps: list[int], resume_from=None, start_step=0):
+        start_checkpoints(checkpoints, resume_from, world, "pretrain", is_main_process=True)
+        tracker = Tracker(StageConfig(), "pretrain", metrics, start_step=start_step)
+        for step in steps:
+            (checkpoints / f"step_{step:08d}").mkdir()
+            tracker.log({"train/loss": 1.0 / step}, step=step, console=False)
+
+    run([100, 200, 300])  # the long run, killed at step 300
+    run([100])  # resume=true forgotten
+    assert sorted(p.name for p in earlier.iterdir() if p.is_dir()) == ["step_00000100", "step_00000200",
+                                                                       "step_00000300"]
+    assert [json.loads(line)["step"] for line in (earlier / "metrics.jsonl").read_text().splitlines()] == [100, 200, 300]
+    run([100])  # forgotten again: the shorter restart goes, the long run stays
+    assert sorted(p.name for p in earlier.iterdir() if p.is_dir())[-1] == "step_00000300"
+
+    shutil.rmtree(checkpoints)
+    earlier.rename(checkpoints)  # as the message says: move it back and resume
+    run([400], resume_from=checkpoints / "step_00000300", start_step=300)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [100, 200, 300, 400]
+
+
 def test_a_resumed_stage_refuses_checkpoints_that_learned_from_another_world(micro_pretrain, tmp_path, monkeypatch):
     from stages.pretrain.pretrain import main as pretrain
 

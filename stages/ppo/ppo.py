@@ -146,6 +146,7 @@ class PPOStageConfig(StageConfig):
     (`rm_max_length` in its config; 512 for an RM from elsewhere)."""
 
     def __post_init__(self):
+        super().__post_init__()
         if self.sampling.temperature <= 0:
             raise ConfigError("key 'sampling.temperature': PPO samples its rollouts; expected > 0")
         if self.sampling.top_k or self.sampling.top_p < 1.0:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
                                  save_training_checkpoint)
+from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import WEIGHTS_DTYPE, ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
@@ -65,6 +66,11 @@ class PretrainConfig(StageConfig):
     peak_flops: float = 0.0
     """Peak FLOP/s of one device, for the MFU (perf/mfu) logged beside tokens/s: ~9.9e14 for an H100 in bf16.
     0: no MFU. A CPU's peak depends on its matrix units (AMX, AVX512-BF16), so no guess is made for it."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise FieldError("adam_betas", f"expected two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.adam_betas}")
 
 
 def get_lr(step: int, cfg: PretrainConfig) -> float:
