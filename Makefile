@@ -12,6 +12,8 @@
 #   ARGS="k=v ..."            config overrides for the stage you name on the command line
 #   PRETRAIN_ARGS, SFT_ARGS, PREFS_ARGS, RM_ARGS, PPO_ARGS
 #                             overrides for that stage whenever it runs (also when built as a dependency)
+#   RESUME=1                  every stage that runs continues from its newest checkpoint (resume=true), e.g.
+#                             `make all RESUME=1` after an interrupted `make all`
 
 RECIPE ?= tiny
 RUN ?= $(RECIPE)
@@ -35,7 +37,7 @@ PPO_OUT := $(RUNDIR)/ppo/final/config.json
 REPORT_OUT := $(RUNDIR)/report.md
 
 # $(call stage,<module>,<config>,<stage args>,<command-line args>)
-stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(3) $(4)
+stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(if $(RESUME),resume=true) $(3) $(4)
 
 .PHONY: help setup all pretrain sft prefs rm ppo report eval chat test bench clean
 .DEFAULT_GOAL := help
@@ -52,6 +54,9 @@ $(SETUP_STAMP): pyproject.toml
 	@if [ -n "$(HAS_GPU)" ]; then \
 	  echo "setup: GPU found, installing the default (CUDA) torch build"; \
 	  $(PY) -m pip install -q torch; \
+	elif [ "$$(uname -s)" != Linux ]; then \
+	  echo "setup: no CUDA here ($$(uname -s)): PyPI's torch build for this system has no CUDA in it"; \
+	  $(PY) -m pip install -q "torch==2.13.0"; \
 	elif ! $(PY) -c "import torch" 2>/dev/null; then \
 	  echo "setup: no GPU, installing the CPU build of torch"; \
 	  $(PY) -m pip install -q "torch==2.13.0+cpu" 2>$(VENV)/torch-local.log || { \
@@ -81,9 +86,10 @@ prefs: $(SFT_OUT)
 $(PREFS_OUT): $(SFT_OUT)
 	$(call stage,reward_model.collect,rm,$(PREFS_ARGS))
 
-rm: $(PREFS_OUT)
+# the RM starts from SFT's final/ (and, by default, learns from rankings of its samples)
+rm: $(PREFS_OUT) $(SFT_OUT)
 	$(call stage,reward_model.train,rm,$(RM_ARGS),$(ARGS))
-$(RM_OUT): $(PREFS_OUT)
+$(RM_OUT): $(PREFS_OUT) $(SFT_OUT)
 	$(call stage,reward_model.train,rm,$(RM_ARGS))
 
 ppo: $(RM_OUT) $(SFT_OUT)
@@ -103,10 +109,12 @@ chat: | $(SETUP_STAMP)
 	$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
 
 # ---- checks -----------------------------------------------------------------------------------------
-# pytest exits 5 when it collects no tests (e.g. a -k filter that matches nothing): say so, do not fail
+# pytest exits 5 when it collects no tests. With a filter in ARGS (-k that matches nothing) say so and pass;
+# without one the suite itself is missing, and a run that tested nothing fails (CI runs plain `make test`)
 test: | $(SETUP_STAMP)
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) -m pytest -q tests $(ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+	if [ $$rc -eq 5 ] && [ -n "$(strip $(ARGS))" ]; then echo "pytest collected no tests for ARGS=$(ARGS)"; exit 0; fi; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite in tests/ is missing or empty"; fi; exit $$rc
 
 bench: | $(SETUP_STAMP)
 	WANDB_MODE=disabled $(PY) -m pipeline.bench $(ARGS)

@@ -11,6 +11,7 @@ RM trains on that dataset and there is nothing to collect.
 """
 from __future__ import annotations
 
+import os
 import json
 import random
 import time
@@ -68,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (paths.root / WORLD_DATA_FILE).exists():
             paths.root.mkdir(parents=True, exist_ok=True)
             write_text_atomic(paths.root / WORLD_DATA_FILE, "null\n")
+        # dated now either way: make then sees this step as newer than the SFT model it followed (and retrains
+        # the RM after it), instead of launching it again on every later make
+        os.utime(paths.root / WORLD_DATA_FILE)
         return
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)

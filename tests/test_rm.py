@@ -308,6 +308,15 @@ def test_with_train_data_nothing_is_collected_and_make_counts_the_step_done(tmp_
     marker.unlink()
     assert subprocess.run(make).returncode == 1  # without it, make would collect (and retrain the RM)
 
+    # SFT rebuilt after all that: make reruns collection, which dates its record now. The step is then done (not
+    # launched again on every make), and the RM, trained from the old SFT model, is out of date
+    marker.write_text("null\n")
+    os.utime(marker, (time.time() - 20,) * 2)
+    os.utime(outputs[2], (time.time() - 5,) * 2)
+    collect.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", f"train_data.path={data}"])
+    assert subprocess.run([*make[:4], str(marker), *make[5:]]).returncode == 0
+    assert subprocess.run(make).returncode == 1
+
 
 def test_collection_samples_the_sft_policy_not_the_rm_backbone_named_in_init_from(micro_sft, tmp_path, capsys):
     """init_from starts RM training elsewhere; the rankings must still be of the policy that PPO will align."""
