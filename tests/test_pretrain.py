@@ -213,7 +213,8 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
     assert config["max_steps"] == "10"
 
 
-def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretrain: Path, tmp_path: Path):
+@pytest.mark.parametrize("key", ["model.pretrained", "init_from"])  # init_from was silently ignored here
+def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretrain: Path, tmp_path: Path, key):
     """model.pretrained without model.tokenizer used to train a fresh BPE, whose ids index the checkpoint's
     embeddings as if they were its own: the pretrained knowledge was scrambled, with no warning."""
     from accelerate.state import AcceleratorState
@@ -222,13 +223,30 @@ def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretr
     from stages.pretrain.pretrain import main
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_pretrain}", "model.vocab_size=300",
+    run_stage(main, "pretrain.yaml", tmp_path, f"{key}={micro_pretrain}", "model.vocab_size=300",
               "max_steps=2", "eval_every=2", "learning_rate=1e-4", run_name="continued")
     final = tmp_path / "continued" / "pretrain" / "final"
     assert AutoTokenizer.from_pretrained(final).get_vocab() == AutoTokenizer.from_pretrained(micro_pretrain).get_vocab()
     (_, before), = eval_losses(micro_pretrain.parent / "metrics.jsonl")[-1:]
     (_, after), = eval_losses(final.parent / "metrics.jsonl")
     assert after < before + 0.1, (before, after)  # it goes on from what the checkpoint knows
+
+
+def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_rm: Path, tmp_path: Path):
+    """A reward model's backbone loaded as a language model with no complaint (tied embeddings: nothing missing)."""
+    from accelerate.state import AcceleratorState
+
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError, load_config
+    from stages.pretrain.pretrain import PretrainConfig, main
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(CheckpointError, match=r"key 'model.pretrained'\): checkpoint .* was made by the 'rm' stage"):
+        run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_rm}", "max_steps=2")
+    with pytest.raises(ConfigError, match=r"^key 'init_from': runs/x/fnal does not exist"):
+        run_stage(main, "pretrain.yaml", tmp_path, "init_from=runs/x/fnal", "max_steps=2")
+    with pytest.raises(ConfigError, match=r"key 'init_from': .* both name pretraining's starting checkpoint"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", ["init_from=gpt2", "model.pretrained=gpt2-medium"])
 
 
 def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: Path):

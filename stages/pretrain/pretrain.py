@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint, save_final,
                                  save_training_checkpoint)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
@@ -69,6 +69,11 @@ class PretrainConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.init_from:  # every stage's key for its starting checkpoint; pretraining's own is model.pretrained
+            if self.model.pretrained and self.model.pretrained != self.init_from:
+                raise FieldError("init_from", f"{self.init_from} and model.pretrained ({self.model.pretrained}) both "
+                                              "name pretraining's starting checkpoint; set one of them")
+            self.model.pretrained = self.init_from
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise FieldError("adam_betas", f"expected two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.adam_betas}")
 
@@ -86,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
     paths = stage_paths(cfg, "pretrain")
     require_ddp("pretrain")
+    if cfg.model.pretrained:
+        model_source(cfg.model.pretrained, "init_from" if cfg.init_from else "model.pretrained")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 
