@@ -7,6 +7,7 @@ at its last non-pad token. Checkpoints load with plain `from_pretrained`: no pro
 from __future__ import annotations
 
 import contextlib
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.utils import logging as hf_logging
 
 from pipeline.checkpoint import loading_from, require_checkpoint
+from pipeline.config import ConfigError
 
 POLICY_STAGES = ("pretrain", "sft", "ppo")
 SCALAR_STAGES = ("rm",)
@@ -93,6 +95,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:
+        check_extra(spec)
         config = AutoConfig.for_model(
             spec.architecture, vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
             num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
@@ -102,6 +105,34 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
         model = AutoModelForCausalLM.from_config(config)
     set_special_token_ids(model, tokenizer)
     return model
+
+
+# keyword arguments a config takes without keeping them as attributes
+RUNTIME_CONFIG_KEYS = ("attn_implementation",)
+# ModelSpec's own fields, which build_causal_lm passes to the config itself
+SPEC_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
+
+
+def check_extra(spec: ModelSpec) -> None:
+    """A transformers config stores any keyword it does not know as a new attribute, so a typo in `model.extra`
+    (attention_dropuot) would change nothing, silently. Refuse keys the architecture's config does not have."""
+    try:
+        defaults = AutoConfig.for_model(spec.architecture)
+    except ValueError:
+        from transformers import CONFIG_MAPPING
+
+        close = difflib.get_close_matches(spec.architecture, list(CONFIG_MAPPING.keys()), n=1)
+        raise ConfigError(f"key 'model.architecture': {spec.architecture!r} is not a transformers model_type"
+                          + (f" (did you mean '{close[0]}'?)" if close else " (llama, qwen2, mistral, ...)")) from None
+    for key in spec.extra:
+        if key in SPEC_CONFIG_KEYS:
+            raise ConfigError(f"key 'model.extra.{key}': set it as model.{key}")
+        if key not in RUNTIME_CONFIG_KEYS and not hasattr(defaults, key):
+            known = [k for k in defaults.to_dict() if not k.startswith("_")] + list(RUNTIME_CONFIG_KEYS)
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"key 'model.extra.{key}': the {spec.architecture} config has no such setting"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
 
 
 def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:

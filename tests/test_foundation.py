@@ -197,6 +197,20 @@ def test_a_text_key_on_the_command_line_keeps_the_text_as_typed(text):
     assert load_config(Outer, None, ["inner.width=7"]).inner.width == 7  # other keys still parse as YAML
 
 
+def test_a_typo_in_model_extra_is_refused_not_stored_as_a_new_attribute():
+    """transformers configs keep unknown keywords as attributes: attention_dropuot left attention_dropout at 0."""
+    from pipeline.model import check_extra
+
+    with pytest.raises(ConfigError, match=r"key 'model.extra.attention_dropuot': .* \(did you mean 'attention_dropout'"):
+        check_extra(ModelSpec(extra={"attention_dropuot": 0.1}))
+    with pytest.raises(ConfigError, match=r"key 'model.extra.vocab_size': set it as model.vocab_size"):
+        check_extra(ModelSpec(extra={"vocab_size": 99}))  # was a bare TypeError: multiple values for the keyword
+    with pytest.raises(ConfigError, match=r"key 'model.architecture': 'lama' .* \(did you mean 'llama'"):
+        check_extra(ModelSpec(architecture="lama"))
+    check_extra(ModelSpec(extra={"attn_implementation": "eager", "attention_dropout": 0.1, "rms_norm_eps": 1e-5}))
+    check_extra(ModelSpec(architecture="qwen2", extra={"sliding_window": 64}))
+
+
 def test_every_shipped_config_parses():
     from pipeline.runs import StageConfig
     from reward_model.config import RewardModelConfig
