@@ -53,18 +53,24 @@ def plain_torch_loop(steps: int) -> None:
     model = build_causal_lm(cfg.model, tokenizer)
     # same vocabulary size as the stage's trained tokenizer, so the model is identical in shape
     model.resize_token_embeddings(cfg.model.vocab_size)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the stage's Accelerator puts it
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
-    batch = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.block_size))
+    batch = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.block_size), device=device)
     warmup = 3
     for step in range(steps + warmup):
         if step == warmup:
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=half or torch.float32, enabled=half is not None):
+        with torch.autocast(device, dtype=half or torch.float32, enabled=half is not None):
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     print(json.dumps({"tokens_per_sec": steps * batch.numel() / elapsed}))
 

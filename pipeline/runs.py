@@ -91,7 +91,8 @@ def resolve_precision(cfg: StageConfig) -> str:
     if launcher in ("bf16", "fp16"):
         return launcher
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # emulated bf16 (T4, V100) is slower than fp32
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     native_cpu_bf16 = (getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
     return "bf16" if native_cpu_bf16 else "fp32"

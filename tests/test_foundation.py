@@ -456,6 +456,20 @@ def test_precision_auto_follows_the_launcher_then_the_hardware(monkeypatch, sett
     assert accelerate_precision(cfg) == {"fp32": "no"}.get(expected, expected)
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, native, expected):
+    """torch.cuda.is_bf16_supported() says yes for emulated bf16 too (T4, V100), which is slower than fp32."""
+    from pipeline.runs import StageConfig, resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # what single_gpu.yaml, make's GPU default, sets now
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert resolve_precision(StageConfig()) == expected
+    import yaml
+
+    assert yaml.safe_load((REPO / "configs" / "accelerate" / "single_gpu.yaml").read_text())["mixed_precision"] == "no"
+
+
 def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
