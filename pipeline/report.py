@@ -37,7 +37,7 @@ from pipeline.evaluate import (CRITERIA, add_sampling_arguments, default_device,
                                shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
-from pipeline.runs import run_dir, run_main, stage_paths  # noqa: E402
+from pipeline.runs import WORLD_DATA_FILE, run_dir, run_main, stage_paths  # noqa: E402
 
 STAGES = ("pretrain", "sft", "prefs", "rm", "ppo")
 POLICIES = ("pretrain", "sft", "ppo")
@@ -149,7 +149,9 @@ def stage_times(cfg) -> list[list]:
         paths = stage_paths(cfg, stage)
         end_file = paths.root / "eval.jsonl" if stage == "prefs" else paths.final / "config.json"
         if not paths.config_file.exists() or not end_file.exists():
-            rows.append([stage, "-", "-", "not run"])
+            # collection with train_data set leaves only a null record (make's marker): nothing was collected
+            skipped = stage == "prefs" and read_json(paths.root / WORLD_DATA_FILE) is None
+            rows.append([stage, "-", "-", "skipped: the RM trains on train_data" if skipped else "not run"])
             continue
         wall = end_file.stat().st_mtime - paths.config_file.stat().st_mtime
         train = read_json(paths.root / "eval.json").get("train_seconds")

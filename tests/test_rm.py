@@ -293,6 +293,11 @@ def test_with_train_data_nothing_is_collected_and_make_counts_the_step_done(tmp_
     marker = tmp_path / "t" / "prefs" / "world_data.json"
     assert json.loads(marker.read_text()) is None
     assert not (tmp_path / "t" / "prefs" / "train.jsonl").exists()
+    from pipeline.report import stage_times
+    from pipeline.runs import StageConfig
+
+    (prefs_row,) = [row for row in stage_times(StageConfig(run_name="t", runs_dir=str(tmp_path))) if row[0] == "prefs"]
+    assert prefs_row[-1] == "skipped: the RM trains on train_data"  # the report said "not run"
 
     # the outputs of a finished chain up to the RM, oldest first, as make would leave them
     stamp = tmp_path / "installed"
