@@ -91,8 +91,9 @@ class Tracker:
         collective. (Evaluations log from the main process alone.)"""
         clean = {k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()}
         for key, value in clean.items():
-            if isinstance(value, float) and math.isnan(value):
-                raise FloatingPointError(f"[{self.stage}] {key} is NaN at step {step}; stopping the run. "
+            # any NaN; an infinite loss too (other figures, e.g. a ratio's max, may overflow on their own)
+            if isinstance(value, float) and (math.isnan(value) or ("loss" in key and math.isinf(value))):
+                raise FloatingPointError(f"[{self.stage}] {key} is {value} at step {step}; stopping the run. "
                                          "Lower the learning rate or check the data.")
         if not self.is_main:
             return

@@ -375,8 +375,11 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     from pipeline.tracking import Tracker
 
     tracker = Tracker(PretrainConfig(run_name="nan"), "pretrain", tmp_path / "metrics.jsonl")
-    with pytest.raises(FloatingPointError, match=r"train/loss is NaN at step 7"):
+    with pytest.raises(FloatingPointError, match=r"train/loss is nan at step 7; stopping the run"):
         tracker.log({"train/loss": torch.tensor(float("nan"))}, step=7)
+    with pytest.raises(FloatingPointError, match=r"eval/loss is inf at step 8"):  # passed before
+        tracker.log({"eval/loss": float("inf")}, step=8)
+    tracker.log({"policy/ratio_max": float("inf")}, step=9, console=False)  # not a loss: logged as it is
 
 
 NAN_ON_RANK_1 = """
