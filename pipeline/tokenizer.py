@@ -65,7 +65,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
     if tokenizer.chat_template is None:
         missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            # keep the special tokens it has (tool-call markers, ...): the default replaces the extra ones
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
         if tokenizer.bos_token is None:
             tokenizer.add_special_tokens({"bos_token": BOS})
         if tokenizer.eos_token is None:

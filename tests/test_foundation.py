@@ -263,6 +263,20 @@ def test_outside_tokenizer_gets_chat_tokens_and_template(tmp_path, tokenizer):
     assert loaded.chat_template == CHAT_TEMPLATE and loaded.pad_token is not None
 
 
+def test_an_outside_tokenizer_keeps_its_own_special_tokens_beside_our_chat_tokens(tmp_path):
+    """Adding our role tokens replaced the tokenizer's extra special tokens (a tool-call marker lost its status)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2, "<eos>": 3}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    outside = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
+    outside.add_special_tokens({"additional_special_tokens": ["<tool>"]})
+    outside.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert {"<tool>", "<|user|>", "<|assistant|>"} <= set(loaded.all_special_tokens)
+
+
 def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp_path, tokenizer):
     """A base model's tokenizer with a ChatML template: turns end in <|im_end|>, its EOS is another token.
     Sampling stops and SFT trains on EOS, so the turn's closing token must be EOS."""
