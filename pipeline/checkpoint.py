@@ -49,8 +49,10 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    # what a killed earlier save of this target left behind (one process writes a target at a time)
+    for leftover in [*target.parent.glob(f".tmp-{target.name}-*"), *target.parent.glob(f".old-{target.name}-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -61,7 +63,9 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
 
 
 def replace_dir(staging: str | Path, target: str | Path) -> None:
-    """Put a finished `staging` directory in `target`'s place by renames: a reader sees the old or the new one."""
+    """Put a finished `staging` directory in `target`'s place by two renames: a reader sees the old or the new one.
+    A kill in the instant between them leaves neither (the stage then counts as not run and runs again); the
+    next save of `target` clears what it left."""
     staging, target = Path(staging), Path(target)
     old = target.parent / f".old-{target.name}-{os.getpid()}"
     if target.exists():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -383,6 +384,14 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
             raise RuntimeError("crash mid-write")
     assert (target / "a.txt").read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+    # a save killed between replace_dir's two renames left the old copy and the new one beside no final/
+    shutil.rmtree(target)
+    (tmp_path / ".old-final-111").mkdir()
+    (tmp_path / ".tmp-final-111").mkdir()
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("three")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the next save clears them
 
 
 def test_nan_loss_stops_the_run_with_a_message(tmp_path):
