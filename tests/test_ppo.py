@@ -141,7 +141,8 @@ def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_
     from stages.ppo.ppo import main
 
     main(ppo_args(tmp_path, "lora-ema", micro_sft, micro_rm, "max_steps=1", "critic_warmup_steps=1",
-                  "lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "eval_every=1", "eval_prompts=6"))
+                  "lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "eval_every=1", "eval_prompts=6",
+                  "precision=bf16"))  # the run's autocast is what the bug came from, on any CPU
     evals = [r for r in metrics(tmp_path / "lora-ema" / "ppo") if "eval/kl_to_sft" in r]
     assert len(evals) == 1 and evals[0]["eval/kl_to_sft"] == 0.0
 
@@ -157,11 +158,16 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
     steps = {r["step"]: r for r in records if "objective/kl" in r}
     assert sorted(steps) == [1, 2, 3]
     assert "loss/policy" not in steps[1] and "loss/value" in steps[1]  # warm-up: critic only
-    assert steps[1]["objective/kl"] == 0.0  # the policy has not moved yet: identical to the reference
+    # steps 1 and 2 sample from the policy before its first update (step 1 trains the critic alone): it is still
+    # the reference. Step 3 samples after one update, so a KL of 0 there would mean the policy never moved
+    assert steps[1]["objective/kl"] == 0.0 and steps[2]["objective/kl"] == 0.0
+    assert steps[3]["objective/kl"] != 0.0
     for step in (2, 3):
         assert set(REQUIRED_EVERY_STEP + ["loss/ptx"]) <= set(steps[step]), set(REQUIRED_EVERY_STEP) - set(steps[step])
+        assert steps[step]["loss/ptx"] > 0  # the pretraining term is computed on real text
     evals = [r for r in records if "eval/kl_to_sft" in r]
     assert [r["step"] for r in evals] == [3] and set(REQUIRED_AT_EVAL) <= set(evals[0])
+    assert evals[0]["eval/kl_to_sft"] > 1e-6  # the EMA policy has moved (the LoRA+EMA test above checks 0 at rest)
     table = [r for r in metrics(stage) if r.get("table") == "eval/samples"]
     assert len(table) == 1 and len(table[0]["rows"]) == 6 and "ppo_gold" in table[0]["columns"]
 
@@ -183,6 +189,8 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert model.generate(**inputs, max_new_tokens=8, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
     assert (stage / "final_online" / "config.json").exists()  # EMA is final/; the online policy is beside it
+    online = AutoModelForCausalLM.from_pretrained(stage / "final_online")
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), online.state_dict().values()))
 
 
 def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_path):

@@ -103,6 +103,15 @@ def test_checkpoint_reload_generates_same_tokens(micro_pretrain: Path):
         outs.append(sample(model, ids["input_ids"], ids["attention_mask"], SamplingConfig(12, temperature=0),
                            tokenizer.eos_token_id, tokenizer.pad_token_id))
     assert torch.equal(outs[0], outs[1])
+    # the reloaded checkpoint continues the run's last evaluation prompts exactly as the trained model did in
+    # memory: a save that dropped or mangled a weight would change these greedy continuations
+    records = [json.loads(line) for line in (micro_pretrain.parent / "metrics.jsonl").read_text().splitlines()]
+    (last,) = [r for r in records if r.get("table") == "eval/samples"][-1:]
+    for prompt, text in last["rows"]:
+        prompt_ids = tokenizer(prompt, return_tensors="pt")
+        tokens = sample(model, prompt_ids["input_ids"], prompt_ids["attention_mask"],
+                        SamplingConfig(max_new_tokens=24, temperature=0), tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert tokenizer.decode(torch.cat([prompt_ids["input_ids"][0], tokens[0]]), skip_special_tokens=True) == text
     # our KV-cache sampler agrees with transformers' greedy generate on an unpadded prompt
     single = tokenizer("The word", return_tensors="pt")
     ours = sample(model, single["input_ids"], single["attention_mask"], SamplingConfig(12, temperature=0),

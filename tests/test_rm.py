@@ -248,7 +248,7 @@ def _copy_prefs(micro_prefs: Path, runs_dir: Path, run_name: str) -> None:
     shutil.copytree(micro_prefs, runs_dir / run_name / "prefs")
 
 
-def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micro_prefs, tmp_path):
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micro_prefs, tmp_path, capsys):
     _copy_prefs(micro_prefs, tmp_path, "resume")
     assert len(read_jsonl(micro_prefs / "train.jsonl")) >= 3 * 8  # 3+ steps of batch_size 8: step 2 is mid-run
     args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=resume", f"init_from={micro_sft}",
@@ -258,11 +258,25 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     uninterrupted = load_file(final / "model.safetensors")
     assert [p.name for p in (final.parent / "checkpoints").iterdir() if p.is_dir()] == ["step_00000002"]
     shutil.rmtree(final)
+    capsys.readouterr()
     train.main(args + ["resume=true"])  # continues from step 2 of 4
+    assert "resuming at step 2" in capsys.readouterr().out
     resumed = load_file(final / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+    # the weights come from the checkpoint, not from a deterministic rerun of steps 1-2: change them, and the
+    # resumed run ends elsewhere
+    from safetensors.torch import save_file
+
+    saved = final.parent / "checkpoints" / "step_00000002" / "model" / "model.safetensors"
+    save_file({name: t + 0.01 if t.is_floating_point() else t for name, t in load_file(saved).items()}, saved,
+              metadata={"format": "pt"})
+    shutil.rmtree(final)
+    train.main(args + ["resume=true"])
+    moved = load_file(final / "model.safetensors")
+    assert any(not torch.allclose(moved[name], t, atol=1e-3) for name, t in uninterrupted.items())
 
 
 def test_lora_adapters_are_merged_into_a_plain_final_checkpoint(micro_sft, micro_prefs, tmp_path):

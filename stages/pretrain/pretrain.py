@@ -23,7 +23,8 @@ from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_s
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
-from pipeline.model import WEIGHTS_DTYPE, ModelSpec, build_causal_lm, non_embedding_parameters, set_special_token_ids
+from pipeline.model import WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, non_embedding_parameters, \
+    set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
     learned_world_data, require_ddp, run_main, start_checkpoints, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
@@ -159,9 +160,11 @@ def main(argv: list[str] | None = None) -> None:
         rank with fewer blocks weigh what they hold, not what a full batch would)."""
         model.eval()
         totals = torch.zeros(2, device=accelerator.device)  # sum of block losses, blocks
-        for b in corpus.val_batches(cfg.batch_size, accelerator):
-            totals += torch.stack([model(input_ids=b, labels=b).loss.float() * len(b),
-                                   torch.tensor(float(len(b)), device=accelerator.device)])
+        # fp32, outside DDP (no gradients to sync): the loss a plain from_pretrained load of the weights gives
+        with fp32_forward(accelerator.unwrap_model(model)) as plain:
+            for b in corpus.val_batches(cfg.batch_size, accelerator):
+                totals += torch.stack([plain(input_ids=b, labels=b).loss.float() * len(b),
+                                       torch.tensor(float(len(b)), device=accelerator.device)])
         model.train()
         loss_sum, blocks = accelerator.reduce(totals, reduction="sum").tolist()
         return loss_sum / blocks
@@ -170,13 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         bare = accelerator.unwrap_model(model)
         bare.eval()
         out = []
-        for prompt in sample_prompts:
-            ids = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
-            tokens = sample(bare, ids["input_ids"], ids["attention_mask"],
-                            SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0),
-                            tokenizer.eos_token_id, tokenizer.pad_token_id)
-            # decoded with the prompt: alone, a continuation loses its leading space ("upon a" + "time")
-            out.append(tokenizer.decode(torch.cat([ids["input_ids"][0], tokens[0]]), skip_special_tokens=True))
+        with fp32_forward(bare) as plain:  # as a reload of the checkpoint continues them
+            for prompt in sample_prompts:
+                ids = tokenizer(prompt, return_tensors="pt").to(accelerator.device)
+                tokens = sample(plain, ids["input_ids"], ids["attention_mask"],
+                                SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.0),
+                                tokenizer.eos_token_id, tokenizer.pad_token_id)
+                # decoded with the prompt: alone, a continuation loses its leading space ("upon a" + "time")
+                out.append(tokenizer.decode(torch.cat([ids["input_ids"][0], tokens[0]]), skip_special_tokens=True))
         bare.train()
         return out
 
