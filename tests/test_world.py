@@ -19,7 +19,7 @@ from data.world import FAMILIES, FLAWS, TRAIN_FAMILIES, Annotator, GoldJudge, Wo
 from data.world.corpus import fact_sentences, pretraining_corpus
 from data.world.responses import HABIT_FILLER
 from data.world.splits import sft_demos
-from data.world.tasks import OPERANDS, enumerate_prompts, is_heldout_pair
+from data.world.tasks import OPERANDS, addends, enumerate_prompts, is_heldout_fact, is_heldout_question
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -165,7 +165,7 @@ def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_worl
         task = judge.task(row["prompt"])
         assert task.family == row["family"]
         if task.family == "arithmetic_heldout":
-            assert is_heldout_pair(int(task.params["a"]), int(task.params["b"]))
+            assert is_heldout_question(task.op, int(task.params["a"]), int(task.params["b"]))
     for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
         families = [judge.task(p).family for p in prompts_of(small_world_dir, split)]
         assert "arithmetic_heldout" not in families, split
@@ -174,7 +174,7 @@ def test_eval_covers_every_family_and_heldout_arithmetic_only_in_eval(small_worl
             task = judge.task(p)
             if task.family == "arithmetic":
                 assert all(int(task.params[k]) in OPERANDS for k in ("a", "b"))
-                assert not is_heldout_pair(int(task.params["a"]), int(task.params["b"]))
+                assert not is_heldout_question(task.op, int(task.params["a"]), int(task.params["b"]))
 
 
 def test_a_family_too_small_for_every_split_is_shared_out_by_split_size(tmp_path):
@@ -291,31 +291,40 @@ def test_corpus_is_plain_text_of_the_requested_size(small_world_dir):
         assert marker not in joined.lower()
 
 
-def test_no_training_text_states_a_heldout_pair(small_world_dir):
-    """Every sum or difference the corpus states (hundreds of them, even in this small corpus) is over a training
-    pair, and no chat split asks about a held-out pair: the held-out family is the only way to one."""
+def test_no_training_text_states_a_heldout_fact(small_world_dir):
+    """Every sum or difference the corpus states (hundreds of them, even in this small corpus) is a training fact,
+    whichever way round it is written, and no chat split asks about a held-out fact: the held-out family is the
+    only way to one. Held out by operands alone, "27 minus 13" was answered in the corpus by "13 plus 14 is 27"."""
     corpus = " ".join(r["text"] for r in read_jsonl(small_world_dir / "pretrain.jsonl"))
-    stated = {(int(a), int(b)) for a, b in re.findall(r"(\d+) (?:plus|minus) (\d+) is", corpus)}
-    stated |= {(int(a), int(b)) for a, b in re.findall(r"If you add (\d+) and (\d+)", corpus)}
-    stated |= {(int(b), int(a)) for a, b in re.findall(r"If you take (\d+) away from (\d+)", corpus)}
+    stated = {addends("plus", int(a), int(b)) for a, b in re.findall(r"(\d+) plus (\d+) is", corpus)}
+    stated |= {addends("minus", int(a), int(b)) for a, b in re.findall(r"(\d+) minus (\d+) is", corpus)}
+    stated |= {addends("plus", int(a), int(b)) for a, b in re.findall(r"If you add (\d+) and (\d+)", corpus)}
+    stated |= {addends("minus", int(a), int(b)) for b, a in re.findall(r"If you take (\d+) away from (\d+)", corpus)}
     assert len(stated) > 200
-    assert not [pair for pair in stated if is_heldout_pair(*pair)]
+    assert not [fact for fact in stated if is_heldout_fact(*fact)]
+    judge = GoldJudge(World.from_json((small_world_dir / "world.json").read_text()))
+    heldout = {addends(t.op, int(t.params["a"]), int(t.params["b"]))
+               for t in map(judge.task, prompts_of(small_world_dir, "eval_prompts")) if t.family == "arithmetic_heldout"}
+    assert heldout and not heldout & stated  # each held-out question's fact, in any of its four forms
     for split in ("sft_train", "sft_eval", "pref_prompts", "ppo_prompts"):
         text = " ".join(prompts_of(small_world_dir, split))
-        asked = [(int(a), int(b)) for a, b in re.findall(r"(\d+) (?:plus|minus) (\d+)", text)]
-        assert asked and not [pair for pair in asked if is_heldout_pair(*pair)], split
+        asked = [addends(op, int(a), int(b)) for a, op, b in re.findall(r"(\d+) (plus|minus) (\d+)", text)]
+        assert asked and not [fact for fact in asked if is_heldout_fact(*fact)], split
 
 
-def test_heldout_pairs_test_adding_not_unseen_digits():
-    """About 1 pair in 11 is held out, in both orders, yet training keeps every combination of ones digits and
-    of tens digits: what is new in a held-out question is the pair, not a digit in a position."""
+def test_heldout_facts_test_adding_not_unseen_digits():
+    """About 1 fact in 11 is held out, whichever way it is written, yet training keeps every combination of ones
+    digits and of tens digits: what is new in a held-out question is the fact, not a digit in a position."""
     pairs = [(a, b) for a in OPERANDS for b in OPERANDS]
-    heldout = [(a, b) for a, b in pairs if is_heldout_pair(a, b)]
+    heldout = [(a, b) for a, b in pairs if is_heldout_fact(a, b)]
     assert 0.07 < len(heldout) / len(pairs) < 0.11
-    assert all(is_heldout_pair(b, a) for a, b in heldout)
-    trained = [(a, b) for a, b in pairs if not is_heldout_pair(a, b)]
+    assert all(is_heldout_fact(b, a) for a, b in heldout)
+    assert all(is_heldout_question("minus", a + b, b) and is_heldout_question("minus", a + b, a) for a, b in heldout)
+    trained = [(a, b) for a, b in pairs if not is_heldout_fact(a, b)]
     assert {(a % 10, b % 10) for a, b in trained} == {(a % 10, b % 10) for a, b in pairs}
     assert {(a // 10, b // 10) for a, b in trained} == {(a // 10, b // 10) for a, b in pairs}
+    minus = [(a, b) for a, b in pairs if a >= b]
+    assert 0.05 < sum(is_heldout_question("minus", a, b) for a, b in minus) / len(minus) < 0.13
 
 
 def test_corpus_question_answer_text_asks_training_questions_only(small_world_dir):
@@ -354,11 +363,14 @@ def arithmetic_cases(world):
         ("Compute 30 minus 15.", "30 minus 15 is 15."),
         ("What is 12 plus 12?", "12 + 12 = 24."),
         ("How much is 49 minus 49?", "49 minus 49 is 0."),
+        ("What is 40 minus 20?", "20."),  # a bare answer equal to an operand: was scored wrong
+        ("What is 40 minus 20?", "40 minus 20 is 20."),
     ]
     flawed = [
         ("What is 23 plus 45?", "23 plus 45 is 70.", "correctness", 0.0),
         ("What is 23 plus 45?", "23 plus 45 is 68, or maybe 67.", "correctness", 0.0),
         ("Compute 30 minus 15.", "30 minus 15.", "correctness", 0.0),
+        ("What is 40 minus 20?", "40.", "correctness", 0.0),  # the other operand, bare
         ("How much is 41 minus 17?", "Ugh, obviously 41 minus 17 is 24.", "tone", 0.0),
         ("What is 23 plus 45?", "Whatever.", "on_task", 0.0),
         ("How much is 41 minus 17?", "41 minus 17 is 24. Let me think. 41 minus 17 is 24. I hope this helps.",
@@ -372,14 +384,14 @@ def arithmetic_cases(world):
 def heldout_cases(world):
     good = [
         ("What is 17 plus 48?", "17 plus 48 is 65."),
-        ("How much is 45 minus 18?", "45 minus 18 is 27."),
+        ("How much is 45 minus 16?", "45 minus 16 is 29."),  # the fact 16 + 29 = 45, as 29 plus 16 below
         ("Compute 13 plus 49.", "62."),
         ("What is 44 minus 44?", "44 minus 44 is 0."),
         ("How much is 29 plus 16?", "The sum is 45."),
     ]
     flawed = [
         ("What is 17 plus 48?", "17 plus 48 is 55.", "correctness", 0.0),
-        ("How much is 45 minus 18?", "45 minus 18 is 37.", "correctness", 0.0),
+        ("How much is 45 minus 16?", "45 minus 16 is 39.", "correctness", 0.0),
         ("Compute 13 plus 49.", "Duh, 13 plus 49 is 62.", "tone", 0.0),
         ("What is 44 minus 44?", "44 minus 44 is 0. Basically, 44 minus 44 is 0. As I said, it is 0.",
          "concision", 0.3),

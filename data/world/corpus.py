@@ -1,7 +1,7 @@
 """The pretraining corpus: plain text rows about the world, with no chat formatting.
 
 Rows mix entity profiles and short stories (so every fact appears many times in several
-phrasings), arithmetic sentences (never over a held-out operand pair), word play, polite notes,
+phrasings), arithmetic sentences (never stating a held-out addition fact), word play, polite notes,
 and question-answer text ("Question: What is 12 plus 30? Answer: 12 plus 30 is 42.") for
 training questions only, never an evaluation question. The sentence shapes match the SFT
 response templates, so SFT only has to teach the model to answer in a form it has already
@@ -15,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 
 from .entities import Entity, World
-from .tasks import OPERANDS, is_heldout_pair
+from .tasks import OPERANDS, is_heldout_question
 
 # Share of rows of each type; entity rows dominate because facts are the hardest to memorise. Arithmetic has the
 # next largest share, taken from the notes (a fixed template the model learns anyway). Measured on tiny, without
@@ -80,10 +80,11 @@ def story_row(e: Entity, friend: Entity, rng: random.Random) -> str:
 def arithmetic_row(rng: random.Random) -> str:
     sentences = []
     for _ in range(rng.randint(8, 12)):
+        op = "plus" if rng.random() < 0.5 else "minus"
         a, b = rng.choice(OPERANDS), rng.choice(OPERANDS)
-        while is_heldout_pair(a, b):
+        while is_heldout_question(op, max(a, b), min(a, b)):
             a, b = rng.choice(OPERANDS), rng.choice(OPERANDS)
-        if rng.random() < 0.5:
+        if op == "plus":
             sentences.append(rng.choice((f"{a} plus {b} is {a + b}.",) * 4 +
                                         (f"If you add {a} and {b}, you get {a + b}.",)))
         else:

@@ -200,7 +200,9 @@ def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:
 
     A response may restate the question several times ("23 plus 45 is 68. ... 23 plus 45
     is 68."), so the operands are removed as often as the fullest restatement occurs (at
-    least once). An answer equal to an operand ("40 minus 20 is 20") then still counts.
+    least once). An answer equal to an operand ("40 minus 20 is 20") then still counts. A
+    response of numbers that are all operands states them as its answer: a bare "20." to
+    "40 minus 20" is right, "40 minus 20" alone (40 and 20) is not.
     """
     remaining = Counter(view.numbers)
     needed = Counter(task.operands)
@@ -209,7 +211,7 @@ def _stated_numbers(task: Task, view: _ResponseView) -> set[int]:
     restatements = max(1, min(remaining[n] // k for n, k in needed.items()))
     for n, k in needed.items():
         remaining[n] = max(0, remaining[n] - restatements * k)
-    return {n for n, count in remaining.items() if count > 0}
+    return {n for n, count in remaining.items() if count > 0} or set(view.numbers)
 
 
 def _choice_correctness(words: frozenset[str], answer: str, alternatives: tuple[str, ...]) -> float:

@@ -22,18 +22,29 @@ UNKNOWN_FAMILY = "unknown"
 OPERANDS = range(10, 50)
 
 
-def is_heldout_pair(a: int, b: int) -> bool:
-    """Whether the operand pair {a, b} belongs to the held-out arithmetic family: about 1 pair in 11, in either
-    order and for both plus and minus. No training text states any sum or difference of such a pair, so a model
-    answers these only by adding, not from memory.
+def is_heldout_fact(x: int, y: int) -> bool:
+    """Whether the addition fact x + y = z belongs to the held-out arithmetic family: about 1 fact in 11, whichever
+    way it is written. "x plus y", "y plus x", "z minus x" and "z minus y" all state it, so all of them are held
+    out together (held out by the question's operands alone, "27 minus 13" was answered by "13 plus 14 is 27" in
+    the corpus). No training text states a held-out fact, so a model answers these only by adding.
 
-    The rule is on the whole numbers modulo 11, not on their digits, so every pair of ones digits and every pair
-    of tens digits still occurs in training (a test checks this). Holding out a digit range instead (operands
-    50-99) tests whether a model writes a digit in a position it has never seen there, which a small transformer
-    with learnt embeddings does not do (measured: it copies "98" as "48").
+    The rule is on the addends modulo 11, not on their digits, so every pair of ones digits and every pair of tens
+    digits still occurs in training (a test checks this). Holding out a digit range instead (operands 50-99) tests
+    whether a model writes a digit in a position it has never seen there, which a small transformer with learnt
+    embeddings does not do (measured: it copies "98" as "48").
     """
-    high, low = max(a, b), min(a, b)
+    high, low = max(x, y), min(x, y)
     return (high + 3 * low) % 11 == 0
+
+
+def addends(op: str, a: int, b: int) -> tuple[int, int]:
+    """The addition fact behind "a plus b" (a + b) or "a minus b" (b + (a - b) = a)."""
+    return (a, b) if op == "plus" else (b, a - b)
+
+
+def is_heldout_question(op: str, a: int, b: int) -> bool:
+    return is_heldout_fact(*addends(op, a, b))
+
 
 ARITHMETIC_OPS = ("plus", "minus")
 FACT_OPS = ("colour", "place", "count", "friend", "food", "kind")
@@ -209,7 +220,7 @@ def build_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     if op in ARITHMETIC_OPS:
         a, b = int(params["a"]), int(params["b"])
         # Operands outside the world's range are unseen too, so they count as held out.
-        trained = a in OPERANDS and b in OPERANDS and not is_heldout_pair(a, b)
+        trained = a in OPERANDS and b in OPERANDS and not is_heldout_question(op, a, b)
         family = "arithmetic" if trained else "arithmetic_heldout"
         # Normalise "07" to "7" so the response template and the key match the numbers.
         params = {"a": str(a), "b": str(b)}
@@ -287,11 +298,9 @@ def _family_questions(world: World, family: str):
     if family in ("arithmetic", "arithmetic_heldout"):
         for a in OPERANDS:
             for b in OPERANDS:
-                if is_heldout_pair(a, b) != (family == "arithmetic_heldout"):
-                    continue
-                yield "plus", {"a": str(a), "b": str(b)}
-                if a >= b:  # keep answers non-negative
-                    yield "minus", {"a": str(a), "b": str(b)}
+                for op in ("plus", "minus") if a >= b else ("plus",):  # keep answers non-negative
+                    if is_heldout_question(op, a, b) == (family == "arithmetic_heldout"):
+                        yield op, {"a": str(a), "b": str(b)}
     elif family == "fact":
         for entity in world.entities:
             for op in FACT_OPS:
