@@ -32,10 +32,11 @@ import torch
 from data.loading import DatasetSpec, load_dataset_for
 from data.world import write_world
 from pipeline.config import load_config
+from pipeline.evaluation import load_judge
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
 from pipeline.runs import stage_paths
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
-from reward_model.collect import split_indices
+from reward_model.collect import question_of, split_indices
 from reward_model.config import RewardModelConfig
 from reward_model.train import collate, compute_loss, epoch_batches, ranking_metrics, score_rankings
 
@@ -68,7 +69,8 @@ def tiny_data(cfg: RewardModelConfig, scratch: Path) -> tuple[list[dict], list[d
         return train, held_out, "collected tiny prefs"
     world = write_world(scratch / "world", cfg.world)
     rows = [dict(r) for r in load_dataset_for(DatasetSpec(path="world:prefs_static"), "preferences", world)]
-    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
+    judge = load_judge(world)
+    train_idx, eval_idx = split_indices([question_of(judge, row["prompt"]) for row in rows], cfg.eval_fraction, cfg.seed)
     return [rows[i] for i in train_idx], [rows[i] for i in eval_idx], "tiny world's static ranked set"
 
 

@@ -35,12 +35,22 @@ from pipeline.tracking import Tracker
 from reward_model.config import RewardModelConfig
 
 
-def split_indices(n: int, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """A seeded held-out split of n rows: (train indices, eval indices), both non-empty when n >= 2."""
-    order = list(range(n))
-    random.Random(f"rm-split/{seed}").shuffle(order)
-    n_eval = min(max(1, round(eval_fraction * n)), n - 1)
-    return sorted(order[n_eval:]), sorted(order[:n_eval])
+def split_indices(groups: list, eval_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded held-out split of rows by group: (train indices, eval indices). Rows of one group (the phrasings
+    of one question, the rows of one prompt) land on one side; `eval_fraction` of the groups are held out, and
+    both sides are non-empty when there are 2 or more groups."""
+    distinct = list(dict.fromkeys(groups))
+    random.Random(f"rm-split/{seed}").shuffle(distinct)
+    n_eval = min(max(1, round(eval_fraction * len(distinct))), len(distinct) - 1)
+    held_out = set(distinct[:n_eval])
+    return ([i for i, g in enumerate(groups) if g not in held_out], [i for i, g in enumerate(groups) if g in held_out])
+
+
+def question_of(judge, prompt: str):
+    """What a world prompt asks, shared by all its phrasings ("What is 23 plus 45?", "Compute 23 plus 45."); the
+    text itself for a prompt the world does not know."""
+    task = judge.task(prompt)
+    return task.key if task is not None else prompt
 
 
 def distinct_responses(responses: list[str]) -> tuple[list[str], int, int]:
@@ -106,7 +116,12 @@ def main(argv: list[str] | None = None) -> None:
     if len(rows) < 2:
         raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s) fit max_prompt_tokens; the train/eval split "
                                           "needs 2 or more")
-    train_idx, eval_idx = split_indices(len(rows), cfg.eval_fraction, cfg.seed)
+    judge = load_judge(world)
+    # held out by question: another phrasing of a held-out question in the training rankings would flatter the RM
+    questions = [question_of(judge, row["prompt"]) for row in rows]
+    if len(set(questions)) < 2:
+        raise DataError(cfg.prompts.path, "every prompt asks the same question; the train/eval split needs 2 or more")
+    train_idx, eval_idx = split_indices(questions, cfg.eval_fraction, cfg.seed)
     tracker = Tracker(cfg, "prefs", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
@@ -135,7 +150,6 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- ranking: the annotator orders each prompt's distinct responses, best first. Every rank ranks (the
     # same seeded annotator, the same gathered samples), so a bad outcome stops all of them, not rank 0 alone
-    judge = load_judge(world)
     annotator = Annotator(judge, cfg.world.annotator_temperature, seed=cfg.seed)
     by_prompt: list[list[str]] = [[] for _ in rows]
     for i, text in sampled:

@@ -69,13 +69,12 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
     if cfg.eval_data is not None:
         return train, load(cfg.eval_data), cfg.train_data.path
     # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows
-    prompts = list(dict.fromkeys(row["prompt"] for row in train))
-    if len(prompts) < 2:
-        raise DataError(cfg.train_data.path, f"only {len(prompts)} distinct prompt, column 'prompt'; a held-out "
-                        "split needs two or more (or set eval_data)")
-    held_out_prompts = {prompts[i] for i in split_indices(len(prompts), cfg.eval_fraction, cfg.seed)[1]}
-    return ([row for row in train if row["prompt"] not in held_out_prompts],
-            [row for row in train if row["prompt"] in held_out_prompts], cfg.train_data.path)
+    prompts = [row["prompt"] for row in train]
+    if len(set(prompts)) < 2:
+        raise DataError(cfg.train_data.path, f"only {len(set(prompts))} distinct prompt, column 'prompt'; a "
+                        "held-out split needs two or more (or set eval_data)")
+    train_idx, eval_idx = split_indices(prompts, cfg.eval_fraction, cfg.seed)
+    return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
 
 
 def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device | str = "cpu",
@@ -161,7 +160,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     decides (the same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
-    flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts as wrong.
+    flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts 1/2 too (a coin flip between the
+    two): two identical replies tie in gold and in the RM alike.
     gold_accuracy/<criterion>, decided_pairs/<criterion> (rows with `gold_criteria`): gold agreement on the
     decided pairs grouped by the criterion that contributes most to their gold difference; and
     gold_accuracy/<criterion>/<family>, decided_pairs/<criterion>/<family> the same per task family (rows with
@@ -174,10 +174,11 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     for s, row in zip(scores, rows, strict=True):
         gold, criteria = (row.get("gold_scores"), row.get("gold_criteria")) if with_gold else (None, None)
         for i, j in itertools.combinations(range(len(s)), 2):
-            all_pairs.append(s[i] > s[j])
+            all_pairs.append(_agreement(s[i], s[j]))
             if gold is not None and gold[i] != gold[j]:
                 gold_first = gold[i] > gold[j]
-                decided.append((s[i] > s[j], s[i] > s[j] if gold_first else s[j] > s[i], gold_first))
+                decided.append((_agreement(s[i], s[j]), _agreement(s[i], s[j]) if gold_first else
+                                _agreement(s[j], s[i]), gold_first))
                 if criteria is not None:
                     criterion = deciding_criterion(criteria[i], criteria[j])
                     by_criterion.setdefault(criterion, []).append(decided[-1][1])
@@ -197,6 +198,11 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     else:
         metrics["accuracy"] = metrics["accuracy_all_pairs"]
     return metrics
+
+
+def _agreement(first: float, second: float) -> float:
+    """How far a scorer puts `first` above `second`: 1, 0, or 1/2 for a tie."""
+    return 1.0 if first > second else 0.5 if first == second else 0.0
 
 
 def by_deciding_criterion(metrics: dict[str, float]) -> dict[str, dict]:

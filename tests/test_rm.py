@@ -217,6 +217,33 @@ def test_ranking_metrics_report_gold_only_when_every_row_has_it():
     assert gold_only["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)  # the tie is a coin flip
 
 
+def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_path):
+    """Split by prompt text, "What is 23 plus 45?" could be held out while "Compute 23 plus 45." was trained on."""
+    from data.world import WorldConfig, write_world
+    from pipeline.config import load_config
+    from pipeline.evaluation import load_judge
+    from reward_model.collect import question_of, split_indices
+
+    world = write_world(tmp_path / "world", load_config(WorldConfig, MICRO_RM.parent / "world.yaml"))
+    prompts = [json.loads(line)["prompt"] for line in (world / "pref_prompts.jsonl").read_text().splitlines()]
+    judge = load_judge(world)
+    questions = [question_of(judge, p) for p in prompts]
+    assert len(set(questions)) < len(prompts)  # the world asks some questions in several phrasings
+    train_idx, eval_idx = split_indices(questions, 0.3, seed=0)
+    assert sorted(train_idx + eval_idx) == list(range(len(prompts))) and train_idx and eval_idx
+    assert not {questions[i] for i in train_idx} & {questions[i] for i in eval_idx}
+    assert question_of(judge, "Tell me a joke.") == "Tell me a joke."  # a prompt the world does not know
+
+
+def test_an_rm_equal_to_gold_reaches_the_all_pairs_ceiling():
+    """An RM tie counted as wrong while the ceiling counted a gold tie as a coin flip: an RM scoring exactly gold
+    (two identical replies, say) fell short of the ceiling it matches."""
+    row = {"prompt": "p", "responses": ["a", "b", "b"], "gold_scores": [1.0, 0.85, 0.85]}
+    metrics = train.ranking_metrics([[1.0, 0.85, 0.85]], [row])
+    assert metrics["accuracy_all_pairs"] == metrics["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)
+    assert metrics["accuracy"] == metrics["noise_ceiling"] == 1.0
+
+
 def test_reward_stats_count_each_distinct_reply_once():
     """PPO normalises rewards with the RM's mean and std over held-out replies: a chosen reply that a pairs dataset
     repeats over three rows must not count three times."""
