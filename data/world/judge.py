@@ -176,7 +176,7 @@ def correctness(task: Task, view: _ResponseView) -> float:
 def answer_space_size(world: World, task: Task) -> int:
     """How many distinct right answers questions of this task's kind have in `world`."""
     if task.op in ARITHMETIC_OPS:
-        return _arithmetic_answers(task.op)  # held-out pairs too: a guess cannot tell them apart
+        return _arithmetic_answers(task.op)  # held-out facts too: a guess cannot tell them apart
     if task.op == "count":
         return MAX_ITEM_COUNT - MIN_ITEM_COUNT + 1
     if task.op == "letters":
