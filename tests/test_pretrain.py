@@ -155,12 +155,15 @@ def test_resume_after_sigkill_continues_and_matches(micro_pretrain: Path, tmp_pa
     assert abs(resumed_loss - reference_loss) / reference_loss < 0.01, (resumed_loss, reference_loss)
 
 
-def test_ddp_two_ranks_identical_parameters(tmp_path: Path):
+def test_ddp_two_ranks_identical_parameters_and_equal_to_one_process(tmp_path: Path):
+    """Two ranks of 8 blocks each train exactly as one process with batches of 16: rank r takes the r-th half of
+    the one-process batch, and DDP averages their gradients. fp32, so the two differ only by summation order."""
     env = {**stage_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    settings = ["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={tmp_path}", "max_steps=12",
+                "checkpoint_every=6", "eval_every=6", "precision=fp32"]
     command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "stages.pretrain",
-               "--config", str(MICRO / "pretrain.yaml"),
-               f"runs_dir={tmp_path}", "run_name=ddp", "max_steps=12", "checkpoint_every=6", "eval_every=6"]
+               "--main_process_port", str(free_port()), "-m", "stages.pretrain", *settings, "run_name=ddp",
+               "batch_size=8"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     fingerprints = dict(re.findall(r"rank (\d+) parameter fingerprint (\w+)", result.stdout))
@@ -171,6 +174,15 @@ def test_ddp_two_ranks_identical_parameters(tmp_path: Path):
     assert steps == sorted(set(steps)), "metrics were written by more than one rank"
     assert [p.name for p in stage_dir.iterdir() if p.name.startswith(".tmp")] == []
     assert (stage_dir / "final" / "model.safetensors").exists()
+
+    single = subprocess.run([sys.executable, "-m", "stages.pretrain", *settings, "run_name=one", "batch_size=16"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    ddp, one = (load_file(tmp_path / run / "pretrain" / "final" / "model.safetensors") for run in ("ddp", "one"))
+    for name, tensor in one.items():
+        torch.testing.assert_close(ddp[name], tensor, rtol=0, atol=2e-4, msg=name)
 
 
 def read_wandb_records(path: Path) -> list:

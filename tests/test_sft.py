@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,6 +142,18 @@ def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
     assert {"arithmetic", "fact", "word", "polite", "overall"} <= {r["family"] for r in report["families"]}
 
 
+def test_sft_learns_the_demonstrations_and_beats_the_pretrained_model(micro_sft):
+    """Losses that fall, and a gold score above the pretrained model's, prompted the same way, on held-out prompts."""
+    records = [json.loads(line) for line in (micro_sft.parent / "metrics.jsonl").read_text().splitlines()]
+    train = [r["train/loss"] for r in records if "train/loss" in r]
+    held_out = [r["eval/loss"] for r in records if "eval/loss" in r]
+    assert len(held_out) >= 2 and held_out[-1] < held_out[0]
+    assert train[-1] < 0.8 * train[0]
+    (baseline,) = [r["baseline/score"] for r in records if "baseline/score" in r]
+    gold = [r["gold/score"] for r in records if "gold/score" in r]
+    assert gold[-1] > baseline, (baseline, gold)
+
+
 def test_lora_gives_merged_plain_checkpoint_and_adapter(micro_pretrain, tmp_path):
     from peft import PeftModel
 
@@ -204,16 +217,27 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     first = subprocess.Popen([*command, "max_steps=500"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    try:
-        while not saved_steps(stage):
+
+    def logged_losses() -> dict[int, float]:
+        metrics = stage / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()[:-1]] if metrics.exists() else []
+        return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}  # the last line may be half-written
+
+    try:  # until the run has saved a checkpoint and logged the step after it
+        while not any(step + 1 in logged_losses() for step in saved_steps(stage)):
             assert first.poll() is None, f"the first run ended early:\n{first.stderr.read()[-2000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.2)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
-    resumed_from = max(saved_steps(stage))  # a checkpoint the kill cut short is skipped on resume
+    killed_losses = logged_losses()
+    # resume from the newest checkpoint whose next step the killed run logged (a checkpoint the kill cut short
+    # is skipped on resume anyway); newer ones go
+    resumed_from = max(s for s in saved_steps(stage) if s + 1 in killed_losses)
     assert 0 < resumed_from < 500
+    for newer in (s for s in saved_steps(stage) if s > resumed_from):
+        shutil.rmtree(stage / "checkpoints" / f"checkpoint-{newer}")
 
     second = subprocess.run([*command, "resume=true", f"max_steps={resumed_from + 3}"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
@@ -224,6 +248,10 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     train_steps = [r["step"] for r in lines if "train/loss" in r and "train/samples_per_second" not in r]
     # the killed run's steps up to its checkpoint, then the resumed run's, each once
     assert train_steps == list(range(1, resumed_from + 4)), (train_steps, resumed_from)
+    # the first resumed step sees the checkpoint's weights and the batch the killed run saw at that step: the same
+    # loss (a resume that restarted from init_from, or skipped to other data, would not give it)
+    resumed_loss = next(r["train/loss"] for r in lines if r["step"] == resumed_from + 1 and "train/loss" in r)
+    assert resumed_loss == pytest.approx(killed_losses[resumed_from + 1], rel=1e-4)
     # the Trainer's closing summary: its run-mean loss is kept apart from the per-step curve
     summary = [r for r in lines if "train/samples_per_second" in r]
     assert len(summary) == 1 and "train/mean_loss" in summary[0] and "train/loss" not in summary[0]
