@@ -229,10 +229,15 @@ def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path
     assert any(not torch.equal(trained[k], sft[k]) for k in sft)  # the ranks agree on a policy that moved
 
 
-def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_path):
+OPTIONS = ("lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "ptx=true", "ptx_block_size=32")
+
+
+@pytest.mark.parametrize("options", [(), OPTIONS], ids=["plain", "lora-ema-ptx"])
+def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_path, options):
+    """With LoRA, EMA and PPO-ptx too: the adapter, the EMA copy and the pretraining stream's position are restored."""
     stage = tmp_path / "resume" / "ppo"
     args = ppo_args(tmp_path, "resume", micro_sft, micro_rm, "checkpoint_every=2", "eval_prompts=0",
-                     "anneal_lr=false")  # the schedule would depend on max_steps, which differs below
+                     "anneal_lr=false", *options)  # the schedule would depend on max_steps, which differs below
     first = subprocess.Popen([sys.executable, "-m", "stages.ppo", *args, "max_steps=100"], cwd=REPO, env=ENV,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
@@ -261,3 +266,12 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
         if not key.startswith("perf/"):
             assert resumed[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert (stage / "final" / "config.json").exists()
+    if options:  # the EMA copy is only seen in final/: it must match a run that was never interrupted
+        whole = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "run_name=whole", "max_steps=3"],
+                               cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+        assert whole.returncode == 0, whole.stderr[-3000:]
+        from safetensors.torch import load_file
+
+        resumed_final = load_file(stage / "final" / "model.safetensors")
+        for name, tensor in load_file(tmp_path / "whole" / "ppo" / "final" / "model.safetensors").items():
+            torch.testing.assert_close(resumed_final[name], tensor, rtol=0, atol=1e-5, msg=name)
