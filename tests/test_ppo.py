@@ -135,6 +135,47 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
         torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
 
 
+def test_ppo_updates_on_one_batch_follow_the_advantages_and_fit_the_returns(micro_sft, micro_rm):
+    """A few optimizer steps on one rollout: tokens with a positive advantage become likelier, those with a
+    negative one less likely, and the critic's value loss falls."""
+    from pipeline.generation import SamplingConfig, sample
+
+    torch.manual_seed(0)
+    cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["minibatch_size=4", "grad_accum=1"])
+    tokenizer = load_tokenizer(str(micro_sft))
+    policy = AutoModelForCausalLM.from_pretrained(micro_sft)
+    reference_model = AutoModelForCausalLM.from_pretrained(micro_sft).eval()
+    critic = TokenCritic(load_scalar_model(str(micro_rm), "test", tokenizer))
+    enc = encode_prompts(tokenizer, ["What is 12 plus 30?", "Write a short thank-you note to Bob.",
+                                     "Reverse the word cat.", "What colour is Bob?"])
+    responses = sample(policy.eval(), enc["input_ids"], enc["attention_mask"], SamplingConfig(12, temperature=0.7),
+                       tokenizer.eos_token_id, tokenizer.pad_token_id)
+    batch = score_rollout(policy, lambda: contextlib.nullcontext(reference_model), critic, tokenizer, enc,
+                          responses, cfg)
+    batch["score"] = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    rewards, _ = compute_rewards(batch["score"], batch["logprobs"], batch["ref_logprobs"], batch["mask"], 0.05)
+    advantages, batch["returns"] = gae(rewards, batch["values"], batch["mask"], 1.0, 0.95)
+    batch["advantages"] = masked_whiten(advantages, batch["mask"])
+    mask = batch["mask"]
+    up, down = mask & (batch["advantages"] > 0), mask & (batch["advantages"] < 0)
+    assert up.any() and down.any()
+
+    policy.train(), critic.train()
+    optimizer = torch.optim.AdamW([*policy.parameters(), *critic.parameters()], lr=1e-3)
+    value_losses = []
+    for _ in range(4):
+        optimizer.zero_grad()
+        loss, stats = ppo_loss(policy, critic, batch, cfg)
+        loss.backward()
+        optimizer.step()
+        value_losses.append(stats["loss/value"].item())
+    after = score_rollout(policy.eval(), lambda: contextlib.nullcontext(reference_model), critic.eval(), tokenizer,
+                          enc, responses, cfg)
+    change = after["logprobs"] - batch["logprobs"]
+    assert change[up].mean() > 0 > change[down].mean(), (change[up].mean(), change[down].mean())
+    assert value_losses[-1] < value_losses[0], value_losses
+
+
 def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_path):
     """The EMA copy and the reference (the policy with its adapter off) must be compared at one precision: with
     the reference left under the run's bf16 autocast, an unchanged policy showed a KL to itself."""
