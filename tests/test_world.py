@@ -407,6 +407,7 @@ def fact_cases(world):
     other_colour = next(c for c in world.colours if c != e.colour)
     other_place = next(p for p in world.places if p != e.place)
     other_name = next(x for x in world.names if x not in (n, e.friend))
+    other_item = next(i for i in world.items if i != e.item)
     good = [
         (f"What colour is {n}?", f"{n} is {e.colour}."),
         (f"Which colour is {n}?", f"The colour of {n} is {e.colour}."),
@@ -426,6 +427,9 @@ def fact_cases(world):
         # the right value about another entity answers another question
         (f"What colour is {n}?", f"{other_name} is {e.colour}.", "correctness", 0.0),
         (f"What colour is {n}?", f"{other_name} is {e.colour}.", "on_task", 0.0),
+        # the friend, named instead of the subject; a count of other things
+        (f"What colour is {n}?", f"{e.friend} is {e.colour}.", "correctness", 0.0),
+        (f"How many {e.item} does {n} have?", f"{n} has {e.count} {other_item}.", "correctness", 0.0),
         (f"Where does {n} live?", f"Ugh, obviously {n} lives in {e.place}.", "tone", 0.0),
         (f"What colour is {n}?", "Whatever. Ask someone else.", "on_task", 0.0),
         (f"What does {n} like to eat?",
@@ -446,6 +450,7 @@ def word_cases(world):
         ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e."),
         ("Write the word tiger in capitals.", "TIGER."),
         ("Write the word tiger in upper case.", "In capitals, tiger is TIGER."),
+        ("Write the word tiger in capitals.", "TIGER. OK."),
     ]
     flawed = [
         ("Reverse the word apple.", "The word apple reversed is elpap.", "correctness", 0.0),

@@ -64,7 +64,7 @@ ROLE_TOKEN_PATTERN = re.compile(
 _WORD_RE = re.compile(r"[a-z]+")
 _NUMBER_RE = re.compile(r"(?<![0-9A-Za-z])-?\d+")
 _DASHED_RE = re.compile(r"(?<![A-Za-z-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z-])")
-_CAPS_RE = re.compile(r"\b[A-Z]{2,}\b")
+_CAPS_RE = re.compile(r"\b[A-Z]{3,}\b")  # the world's words have 3+ letters; "OK" is no answer
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
 
 
@@ -157,6 +157,8 @@ def correctness(task: Task, view: _ResponseView) -> float:
     if _names_other_subject(task, view):
         return 0.0
     kind = task.answer_kind
+    if task.op == "count" and any(item.lower() in view.words for item in task.detail_alternatives):
+        return 0.0  # a count of other things
     if kind == "number":
         return float(_stated_numbers(task, view) == {int(task.answer)})
     if kind == "choice":
@@ -254,6 +256,8 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
 
 
 def _names_other_subject(task: Task, view: _ResponseView) -> bool:
+    if task.companion and task.companion.lower() in view.words and task.params["name"].lower() not in view.words:
+        return True  # the friend, named instead of the subject: a statement about the friend
     return any(subject.lower() in view.words for subject in task.other_subjects)
 
 

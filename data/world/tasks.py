@@ -138,10 +138,13 @@ class Task:
     `answer` is the canonical answer ("68", "teal", "elppa", "a-p-p-l-e", "APPLE"); for
     notes it is the recipient's name. `alternatives` are the values a wrong answer to a
     choice question would use (every other colour, place, ...); for notes, other names.
-    `detail_alternatives` (notes only): the foods or places other than the one asked about.
+    `detail_alternatives` (notes): the foods or places other than the one asked about; (count facts): the
+    items other than the one asked about ("Brinze has 25 coins." does not say how many gems it has).
     `other_subjects` (facts and word play): the entities or words the question is *not* about. A reply that
     names one answers another question ("The word folder has 6 letters." to "How many letters are in the word
     kitten?"), even if the value it states happens to be right.
+    `companion` (facts other than the friend question): the subject's friend, which a reply may mention in
+    passing beside the subject ("..., like its friend Vusko"), but not instead of it ("Vusko is gold.").
     """
 
     family: str
@@ -151,6 +154,7 @@ class Task:
     alternatives: tuple[str, ...] = ()
     detail_alternatives: tuple[str, ...] = ()
     other_subjects: tuple[str, ...] = ()
+    companion: str = ""
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -252,7 +256,8 @@ def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     if op == "count":
         if params["item"] != entity.item:
             return None  # the world does not say how many of other things it has
-        return Task("fact", op, params, str(entity.count), other_subjects=other_subjects)
+        return Task("fact", op, params, str(entity.count), detail_alternatives=tuple(
+            i for i in world.items if i != entity.item), other_subjects=other_subjects, companion=entity.friend)
     if op == "friend":
         return Task("fact", op, params, entity.friend, other_subjects, other_subjects=other_subjects)
     answer, category = {
@@ -261,7 +266,8 @@ def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
         "food": (entity.food, world.foods),
         "kind": (entity.kind, world.kinds),
     }[op]
-    return Task("fact", op, params, answer, tuple(c for c in category if c != answer), other_subjects=other_subjects)
+    return Task("fact", op, params, answer, tuple(c for c in category if c != answer), other_subjects=other_subjects,
+                companion=entity.friend)
 
 
 def _word_answer(op: str, word: str) -> str:
