@@ -15,17 +15,20 @@ Sources (`DatasetSpec.path`):
   numbers in errors are line numbers). Map it to another schema with
   e.g. `columns={"prompt": "text"}`.
 - a local directory: every supported file under it (recursively, sorted, hidden ones
-  skipped), each read and validated on its own, then concatenated.
+  skipped), each read and validated on its own, then concatenated. Where files are named by
+  split, as in a downloaded hub dataset (`train.jsonl`, `test.jsonl`,
+  `data/train_sft-00000-of-00001.parquet`), only those of `split` are read.
 - anything else: a Hugging Face hub dataset id, read with
   `datasets.load_dataset(path, name, split=split, streaming=streaming)`.
 
-Rows are numbered from 1 in error messages. `split` only applies to hub datasets;
+Rows are numbered from 1 in error messages. `split` applies to hub datasets and split-named files;
 `max_rows` caps the rows read from the source (for `.txt`, lines).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,7 @@ class DatasetSpec:
     name: str | None = None
     """Hub dataset config name."""
     split: str = "train"
-    """Hub dataset split."""
+    """Hub dataset split; in a local directory whose files are named by split, the files read."""
     columns: dict[str, str] = field(default_factory=dict)
     """Schema column -> source column, e.g. {"prompt": "question"}."""
     streaming: bool = False
@@ -273,13 +276,39 @@ def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None) -> list[_Part
                        and not any(part.startswith(".") for part in p.relative_to(local).parts))
         if not files:
             raise DataError(str(local), f"directory has no {'/'.join(LOCAL_BUILDERS)} files")
-        return [_file_part(f) for f in files]
+        return [_file_part(f) for f in _files_of_split(local, files, spec.split)]
     if local.is_file():
         return [_file_part(local)]
     if local.suffix in LOCAL_BUILDERS or path.startswith(("/", ".", "~")):
         raise DataError(str(local), "file not found")
     return [_Part(f"hub dataset '{path}'" + (f" (config '{spec.name}')" if spec.name else "")
                   + f" split '{spec.split}'", path, name=spec.name, split=spec.split)]
+
+
+SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+
+
+def _split_named(relative: Path) -> str | None:
+    """The split a file in a dataset directory belongs to by its name or its folder's (train.jsonl,
+    test/part.parquet, train_sft-00000-of-00003.parquet -> train_sft), or None."""
+    for part in (*relative.parent.parts, relative.stem):
+        name = re.sub(r"-\d+-of-\d+$", "", part)  # a shard's numbering
+        if re.split(r"[_\-.]", name)[0].lower() in SPLIT_WORDS:
+            return name
+    return None
+
+
+def _files_of_split(directory: Path, files: list[Path], split: str) -> list[Path]:
+    """Reading every file of a downloaded dataset would put its test split into training."""
+    splits = {f: _split_named(f.relative_to(directory)) for f in files}
+    if not any(splits.values()):
+        return files
+    chosen = [f for f in files if splits[f] == split]
+    if not chosen:
+        found = sorted({s for s in splits.values() if s})
+        raise DataError(str(directory), f"its files are named by split ({', '.join(found)}), none by split "
+                                        f"'{split}'; set the dataset's split to one of them", column="split")
+    return chosen
 
 
 def _world_part(split: str, world_dir: str | Path | None) -> _Part:
@@ -314,7 +343,8 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
     except Exception as error:  # datasets raises many types (even StopIteration); all mean "unreadable"
         if part.builder == "json":
             _raise_json_problem(part.description)
-        raise DataError(part.description, f"cannot read {_format_name(part)}: "
+        hint = f" (nor is there a local file or directory {part.builder})" if part.data_files is None else ""
+        raise DataError(part.description, f"cannot read {_format_name(part)}{hint}: "
                                           f"{type(error).__name__}: {error}") from error
 
 

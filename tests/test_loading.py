@@ -119,6 +119,27 @@ def test_json_array_file_directory_and_max_rows(tmp_path):
     assert load(folder, "prompts", max_rows=4)["prompt"] == ["a0", "a1", "a2", "b0"]
 
 
+def test_a_downloaded_dataset_directory_reads_only_the_split_asked_for(tmp_path):
+    """A hub dataset saved to a folder keeps its splits in file names; reading them all put the test split into
+    training."""
+    folder = tmp_path / "ultrachat"
+    (folder / "data").mkdir(parents=True)
+    write_rows(folder / "data" / "train_sft-00000-of-00002.parquet", [{"prompt": "t0"}])
+    write_rows(folder / "data" / "train_sft-00001-of-00002.parquet", [{"prompt": "t1"}])
+    write_rows(folder / "data" / "test_sft-00000-of-00001.parquet", [{"prompt": "TEST"}])
+    (folder / "README.md").write_text("# a dataset card\n")
+    assert load(folder, "prompts", split="train_sft")["prompt"] == ["t0", "t1"]
+    assert load(folder, "prompts", split="test_sft")["prompt"] == ["TEST"]
+    with pytest.raises(DataError, match=r"column 'split': its files are named by split \(test_sft, train_sft\), "
+                                        r"none by split 'train'"):
+        load(folder, "prompts")
+    prefs = tmp_path / "prefs"  # a collection's output: train.jsonl beside eval.jsonl
+    prefs.mkdir()
+    write_rows(prefs / "train.jsonl", [{"prompt": "kept"}])
+    write_rows(prefs / "eval.jsonl", [{"prompt": "held out"}])
+    assert load(prefs, "prompts")["prompt"] == ["kept"]
+
+
 def test_world_paths(tmp_path):
     config = WorldConfig(n_entities=12, corpus_chars=5000, sft_examples=30, sft_eval_examples=5, pref_prompts=10,
                          ppo_prompts=10, eval_prompts=10)
