@@ -289,6 +289,24 @@ def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):
     assert not (tmp_path / "bad" / "sft" / "checkpoints").exists()  # failed before any training
 
 
+def test_demonstrations_cut_to_nothing_by_max_length_are_counted_not_dropped_silently(micro_pretrain, tmp_path,
+                                                                                        capsys):
+    """TRL drops a conversation whose assistant reply starts after max_length; the stage used to say nothing and
+    count it among the demonstrations."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    data = tmp_path / "chats.jsonl"
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    long_system = [{"role": "system", "content": " ".join(["rule"] * 200)}, *short]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (short, long_system, short)))
+    main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", f"eval_data.path={data}",
+                  "max_steps=1", *QUICK))
+    out = capsys.readouterr().out
+    assert "1 of 3 demonstrations dropped: no assistant token within max_length=96" in out
+    assert "2 demonstrations" in out
+
+
 def test_reward_model_checkpoint_is_refused(tmp_path):
     fake_rm = tmp_path / "rm_final"
     fake_rm.mkdir()

@@ -247,6 +247,12 @@ def main(argv: list[str] | None = None) -> None:
         n_params = sum(p.numel() for p in trainer.model.parameters())
         n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         sizes = [f"{len(d):,}" if isinstance(d, Dataset) else "streamed" for d in (train_data, eval_data)]
+        kept = trainer.train_dataset
+        if not cfg.packing and isinstance(train_data, Dataset) and len(kept) < len(train_data):
+            # TRL cuts each conversation to max_length and drops those left with no assistant token
+            print(f"[sft] warning: {len(train_data) - len(kept):,} of {len(train_data):,} demonstrations dropped: "
+                  f"no assistant token within max_length={cfg.max_length} (raise max_length to keep them)")
+            sizes[0] = f"{len(kept):,}"
         tracker.summary({"model/parameters": n_params, "model/trainable_parameters": n_trainable})
         print(f"[sft] {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable) from {init}; "
               f"{sizes[0]} demonstrations, {sizes[1]} held out"
