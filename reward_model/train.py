@@ -43,7 +43,7 @@ from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import split_indices
 from reward_model.config import RewardModelConfig
 from reward_model.losses import pack_groups, ranked_pairs_loss
-from reward_model.scoring import encode_conversations, sequence_scores
+from reward_model.scoring import conversation_text, encode_conversations, sequence_scores
 
 
 def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
@@ -93,6 +93,12 @@ def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device
                                    device) for part in (order[k:k + size] for k in range(0, len(order), size))]
     return {"chunks": chunks, "order": torch.tensor(order, device=device),
             "group_sizes": [len(g["responses"]) for g in groups]}
+
+
+def longer_than(tokenizer, groups: list[dict], max_length: int) -> int:
+    """How many of the groups' conversations the RM would read cut (encode_conversations keeps the last tokens)."""
+    texts = [conversation_text(tokenizer, g["prompt"], r) for g in groups for r in g["responses"]]
+    return sum(len(ids) > max_length for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def batch_scores(model, batch: dict) -> torch.Tensor:
@@ -317,6 +323,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"{source}; backbone {init}; {n_train / 1e6:.2f}M trainable parameters"
               + (f"; LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "")
               + (f"; resuming at step {start_step}" if start_step else ""))
+        too_long = longer_than(tokenizer, [*train_rows, *eval_rows], cfg.max_length)
+        if too_long:
+            print(f"[rm] warning: {too_long:,} conversations are longer than max_length={cfg.max_length} tokens "
+                  "and are cut on the left, so the RM reads them without the start of their prompt")
 
     def evaluate(step: int) -> tuple[dict[str, float], list[list[float]]]:
         """Score the held-out rankings (sharded over processes) and compare them with labels and gold."""

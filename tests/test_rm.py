@@ -306,6 +306,17 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     assert any(not torch.allclose(moved[name], t, atol=1e-3) for name, t in uninterrupted.items())
 
 
+def test_conversations_the_rm_would_read_cut_are_counted(micro_sft):
+    """Cut on the left, a long reply loses its prompt: the stage warns with this count instead of saying nothing."""
+    from pipeline.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(micro_sft))
+    rows = [{"prompt": "Hi?", "responses": ["Hello.", " ".join(["word"] * 80)]},
+            {"prompt": " ".join(["long"] * 80), "responses": ["A.", "B."]}]
+    assert train.longer_than(tokenizer, rows, 64) == 3
+    assert train.longer_than(tokenizer, rows, 4096) == 0
+
+
 def test_lora_adapters_are_merged_into_a_plain_final_checkpoint(micro_sft, micro_prefs, tmp_path):
     _copy_prefs(micro_prefs, tmp_path, "lora")
     train.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=lora", f"init_from={micro_sft}",
