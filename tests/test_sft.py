@@ -304,7 +304,7 @@ def test_demonstrations_cut_to_nothing_by_max_length_are_counted_not_dropped_sil
                   "max_steps=1", *QUICK))
     out = capsys.readouterr().out
     assert "1 of 3 demonstrations dropped: no assistant token within max_length=96" in out
-    assert "2 demonstrations" in out
+    assert "2 demonstrations" in out and "eval_data is still" not in out  # it was set
 
 
 def test_reward_model_checkpoint_is_refused(tmp_path):

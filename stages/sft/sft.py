@@ -217,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         world = world_dir(cfg) if uses_world else None
     train_data = load_dataset_for(cfg.data, "sft", world_dir=world)
     eval_data = load_dataset_for(cfg.eval_data, "sft", world_dir=world)
+    if not cfg.data.path.startswith("world:") and cfg.eval_data.path.startswith("world:") and state.is_main_process:
+        print(f"[sft] note: training on {cfg.data.path}, but eval_data is still {cfg.eval_data.path}: eval/loss "
+              "measures the synthetic world. Set eval_data to held-out rows of your data.")
     gold_rows = load_prompts(world / "eval_prompts.jsonl", cfg.gold_eval_prompts) if cfg.gold_eval_prompts else []
     check_world_lineage(cfg, init, world, "sft")
 
