@@ -116,7 +116,7 @@ SCHEMAS: dict[str, Schema] = {
     "text": Schema("text", ("text",), (("text",),)),
     "sft": Schema("sft", ("messages",), (("messages",), ("prompt", "completion")), ("family",)),
     "preferences": Schema("preferences", ("prompt", "responses"),
-                          (("prompt", "responses"), ("prompt", "chosen", "rejected")),
+                          (("prompt", "responses"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")),
                           ("family", "gold_scores")),
     "prompts": Schema("prompts", ("prompt",), (("prompt",),), ("family",)),
 }
@@ -149,12 +149,16 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
     elif schema.name == "preferences":
         if form == ("prompt", "responses"):
             responses = _ranked_responses(row["responses"])
+            prompt = _string(row, "prompt")
         else:
-            responses = [_string(row, "chosen"), _string(row, "rejected")]
-            if responses[0] == responses[1]:
-                raise _Invalid("rejected", "same text as 'chosen' (a preference pair needs two "
-                                           "different responses)")
-        out = {"prompt": _string(row, "prompt"), "responses": responses}
+            if form == ("chosen", "rejected"):
+                prompt, chosen, rejected = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
+            else:
+                prompt, chosen, rejected = _string(row, "prompt"), row["chosen"], row["rejected"]
+            responses = [_pair_reply(chosen, "chosen"), _pair_reply(rejected, "rejected")]
+            if responses[0].strip() == responses[1].strip():
+                raise _NoPreference()
+        out = {"prompt": prompt, "responses": responses}
     else:
         raise ValueError(f"unknown schema {schema.name!r}")
     for column in optional_present:
@@ -162,10 +166,37 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
     return out
 
 
+class _NoPreference(Exception):
+    """A preference pair whose two replies are the same, or one of them empty: it says nothing, and is skipped
+    (public pair datasets such as hh-rlhf hold a few)."""
+
+
+_HH_REPLY = "\n\nAssistant:"
+
+
+def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """hh-rlhf's raw pairs are two whole transcripts that agree up to their last "Assistant:": that shared part
+    is the prompt (read as turns by pipeline.tokenizer.prompt_messages), the rest the two replies."""
+    cut_c, cut_r = chosen.rfind(_HH_REPLY), rejected.rfind(_HH_REPLY)
+    if cut_c < 0 or cut_r < 0 or chosen[:cut_c] != rejected[:cut_r]:
+        raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
+                                 "that agree up to their last '\\n\\nAssistant:'")
+    end = cut_c + len(_HH_REPLY)
+    return chosen[:end], chosen[end:].strip(), rejected[cut_r + len(_HH_REPLY):].strip()
+
+
+def _pair_reply(value: Any, column: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(column, f"expected a string, got {_describe(value)}")
+    if not value.strip():
+        raise _NoPreference()
+    return value
+
+
 def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
-    """The accepted form this row is closest to; raises for the first missing column of it."""
+    """The accepted form this row is closest to (a complete one first); raises for the first missing column."""
     present = [c for c, v in row.items() if v is not None]
-    best = max(schema.input_forms, key=lambda form: (sum(c in present for c in form),
+    best = max(schema.input_forms, key=lambda form: (all(c in present for c in form), sum(c in present for c in form),
                                                      -schema.input_forms.index(form)))
     for column in best:
         if column not in present:
@@ -432,7 +463,11 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
         desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
     )
     if len(normalised) == 0:
-        raise DataError(part.description, "no rows (only blank lines)")
+        raise DataError(part.description, "no rows (only blank lines)" if part.skips_blank_lines else
+                        "no rows (every preference pair had two equal replies or an empty one)")
+    if schema.name == "preferences" and len(normalised) < len(raw):
+        print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference pairs skipped: "
+              "their two replies are equal, or one is empty")
     return normalised
 
 
@@ -445,7 +480,11 @@ def _normalise_batch(batch: dict[str, list], indices: list[int], description: st
         row = dict(zip(keys, values))
         if skip_blank and not (row.get("text") or "").strip():
             continue
-        for column, value in _checked_row(row, index + 1, description, schema, columns, optional).items():
+        try:
+            checked = _checked_row(row, index + 1, description, schema, columns, optional)
+        except _NoPreference:
+            continue
+        for column, value in checked.items():
             out[column].append(value)
     return out
 
@@ -522,7 +561,10 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
                     return
                 if part.skips_blank_lines and not (row.get("text") or "").strip():
                     continue
-                yield _checked_row(row, number, part.description, schema, spec.columns, optional)
+                try:
+                    yield _checked_row(row, number, part.description, schema, spec.columns, optional)
+                except _NoPreference:  # a pair that says nothing (counted when not streaming)
+                    continue
                 produced += 1
         if produced == 0:
             raise DataError(first_part.description, "no rows (empty dataset)")

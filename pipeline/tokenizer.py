@@ -6,6 +6,8 @@ pretraining document ends the same way a reply does.
 """
 from __future__ import annotations
 
+import re
+
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -96,7 +98,23 @@ def _end_of_turn_token(tokenizer) -> str | None:
     return next((token for token in specials if tail.startswith(token)), None)
 
 
+# an hh-rlhf transcript: "\n\nHuman: ... \n\nAssistant: ... \n\nHuman: ... \n\nAssistant:"
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a prompt: one user turn, or the turns of an hh-rlhf transcript (a prompt that starts with
+    "Human:" and ends with "Assistant:"), so that a model reads hh-rlhf data as the multi-turn chat it is rather
+    than as one user message quoting it."""
+    text = prompt.strip()
+    if not (text.startswith("Human:") and text.endswith("Assistant:")):
+        return [{"role": "user", "content": prompt}]
+    pieces = _HH_TURN.split(prompt.strip("\n"))[1:]  # speaker, text, speaker, text, ...
+    turns = [{"role": "user" if speaker == "Human" else "assistant", "content": said.strip()}
+             for speaker, said in zip(pieces[::2], pieces[1::2])]
+    return turns[:-1]  # the last "Assistant:" opens the reply
+
+
 def chat_prompt(tokenizer, prompt: str) -> str:
-    """The text the model sees before it answers a single-turn user `prompt`."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The text the model sees before it answers `prompt` (a user message, or an hh-rlhf transcript's turns)."""
+    return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)

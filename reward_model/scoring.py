@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from pipeline.model import load_scalar_model
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import load_tokenizer, prompt_messages
 
 
 def conversation_text(tokenizer, prompt: str, response: str) -> str:
-    """The exact text the RM reads for one (prompt, response) pair."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": response}], tokenize=False)
+    """The exact text the RM reads for one (prompt, response) pair: the policy's prompt (chat_prompt) and the reply."""
+    return tokenizer.apply_chat_template([*prompt_messages(prompt), {"role": "assistant", "content": response}],
+                                         tokenize=False)
 
 
 def encode_conversations(tokenizer, prompts: list[str], responses: list[str], max_length: int = 512,

@@ -267,11 +267,44 @@ def test_duplicate_responses(tmp_path, suffix):
     assert "duplicate response 'a'" in assert_data_error(error, path, row=1, column="responses")
 
 
-def test_chosen_equal_to_rejected(tmp_path):
-    path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
+def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
+    """Equal replies, or an empty one, carry no preference; public pair sets hold a few, and one such row used to
+    stop the whole dataset. A ranked list with duplicates is still an error (above)."""
+    path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"},
+                                                 {"prompt": "q", "chosen": "good", "rejected": "bad"},
+                                                 {"prompt": "r", "chosen": "fine", "rejected": "  "}])
+    assert load(path, "preferences")["responses"] == [["good", "bad"]]
+    assert "2 of 3 preference pairs skipped: their two replies are equal, or one is empty" in capsys.readouterr().out
+    only = write_rows(tmp_path / "none.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
+    with pytest.raises(DataError, match="every preference pair had two equal replies or an empty one"):
+        load(only, "preferences")
+    wrong_type = write_rows(tmp_path / "typed.jsonl", [{"prompt": "p", "chosen": "a", "rejected": 3}])
     with pytest.raises(DataError) as error:
-        load(path, "preferences")
-    assert_data_error(error, path, row=1, column="rejected")
+        load(wrong_type, "preferences")
+    assert_data_error(error, wrong_type, row=1, column="rejected")
+
+
+def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
+    """Anthropic/hh-rlhf has only two whole transcripts per row: the shared conversation is the prompt, read by
+    the models as its turns, not as one user message quoting them."""
+    from pipeline.tokenizer import prompt_messages
+
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?\n\nAssistant:"
+    path = write_rows(tmp_path / "hh.jsonl", [{"chosen": shared + " Paris.", "rejected": shared + " Rome."}])
+    row = load(path, "preferences")[0]
+    assert row["prompt"] == shared and row["responses"] == ["Paris.", "Rome."]
+    assert prompt_messages(row["prompt"]) == [{"role": "user", "content": "Hi"},
+                                              {"role": "assistant", "content": "Hello!"},
+                                              {"role": "user", "content": "Capital of France?"}]
+    assert prompt_messages("What is 2 plus 2?") == [{"role": "user", "content": "What is 2 plus 2?"}]
+    mismatched = write_rows(tmp_path / "other.jsonl", [{"chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError) as error:
+        load(mismatched, "preferences")
+    assert_data_error(error, mismatched, row=1, column="prompt")
+    missing = write_rows(tmp_path / "half.jsonl", [{"prompt": "p", "chosen": "a"}])  # issue #5's acceptance line
+    with pytest.raises(DataError) as error:
+        load(missing, "preferences")
+    assert_data_error(error, missing, row=1, column="rejected")
 
 
 def test_gold_scores_not_aligned(tmp_path):
