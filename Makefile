@@ -3,6 +3,13 @@
 #   make all                  set up, then run every stage of the `tiny` recipe and write the report
 #   make test                 set up, then run the test suite
 #   make sft RECIPE=micro     run one stage; missing upstream stages are built first
+#                             (stages: pretrain sft prefs rm ppo)
+#   make report               evaluate every finished stage on the held-out prompts: runs/<RUN>/report.md
+#   make eval STAGE=sft       held-out gold evaluation of one stage (or STAGE=path/to/a/checkpoint)
+#   make chat STAGE=ppo       talk to a stage's model (ARGS="--temperature 0 --prompt '...'" for one greedy reply)
+#   make bench                throughput benchmarks, printed as a table
+#   make setup                only the venv (.venv; `. .venv/bin/activate` to use it in a shell)
+#   make clean                delete runs/ (every run's outputs and checkpoints) and wandb/
 #
 # Variables:
 #   RECIPE=tiny|micro|gpu     which configs/<recipe>/ to use

@@ -90,6 +90,9 @@ def unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
 
 
+DEFAULT_MAX_NEW_TOKENS = 128  # as `make chat`
+
+
 def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, world_data: dict | None = None,
                **config_extra: Any) -> Path:
     """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats).
@@ -112,6 +115,10 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
     model.config.pipeline_world_data = world_data
     for key, value in config_extra.items():
         setattr(model.config, key, value)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.max_new_tokens is None:
+        # a plain generate() would stop at transformers' default of 20 tokens in all, mid-reply
+        generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     return model
 
 

@@ -14,6 +14,8 @@ import json
 import math
 import netrc
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +46,14 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _wandb_command() -> str:
+    """`wandb` if the shell finds it, else the venv's own (make never activates the venv)."""
+    if shutil.which("wandb"):
+        return "wandb"
+    beside = Path(sys.executable).parent / "wandb"
+    return os.path.relpath(beside) if beside.exists() else "wandb"
 
 
 class Tracker:
@@ -136,7 +146,7 @@ class Tracker:
         self.run.finish()
         if self.mode == "offline":
             offline_dir = Path(run_dir).parent
-            print(f"[{self.stage}] W&B ran offline. To upload this run: wandb sync {offline_dir}")
+            print(f"[{self.stage}] W&B ran offline. To upload this run: {_wandb_command()} sync {offline_dir}")
 
 
 def _write_run_record(final_dir: Path, run: Any, stage: str) -> None:

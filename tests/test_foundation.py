@@ -556,3 +556,16 @@ def test_a_checkpoint_saved_in_bf16_loads_with_fp32_weights(tmp_path):
     for model in (load_causal_lm(str(tmp_path / "bf16"), "test"),
                   load_scalar_model(str(tmp_path / "bf16"), "test", tokenizer)):
         assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_the_offline_sync_hint_names_a_wandb_the_shell_can_run(monkeypatch):
+    """make never activates the venv, so a bare `wandb sync` was 'command not found' in the user's shell."""
+    import sys
+
+    from pipeline.tracking import _wandb_command
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    command = _wandb_command()
+    assert command != "wandb" and Path(command).resolve() == (Path(sys.executable).parent / "wandb").resolve()
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
+    assert _wandb_command() == "wandb"

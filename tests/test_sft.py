@@ -140,6 +140,11 @@ def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
         assert tokenizer.decode(answer, skip_special_tokens=True).strip()  # and said something first
     report = json.loads((micro_sft.parent / "eval.json").read_text())
     assert {"arithmetic", "fact", "word", "polite", "overall"} <= {r["family"] for r in report["families"]}
+    # with no length given, plain generate() runs to the end of the turn (transformers' default stops at 20
+    # tokens in all, which cut replies mid-sentence)
+    assert model.generation_config.max_new_tokens == 128
+    out = model.generate(**inputs, do_sample=False)
+    assert out[0, -1] == tokenizer.eos_token_id
 
 
 def test_sft_learns_the_demonstrations_and_beats_the_pretrained_model(micro_sft):
