@@ -37,7 +37,7 @@ from pipeline.evaluate import (CRITERIA, add_sampling_arguments, default_device,
                                shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
-from pipeline.runs import WORLD_DATA_FILE, run_dir, run_main, stage_paths  # noqa: E402
+from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
 
 STAGES = ("pretrain", "sft", "prefs", "rm", "ppo")
 POLICIES = ("pretrain", "sft", "ppo")
@@ -174,7 +174,10 @@ def hardware() -> dict[str, str]:
     except (ValueError, OSError, AttributeError):
         ram = "unknown"
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    # what `precision: auto` takes here: the CPU's bf16 units decide both speed and the run's exact figures
+    auto = resolve_precision(StageConfig())
     return {"CPU": cpu, "cores": str(os.cpu_count()), "RAM": ram, "GPU": ", ".join(gpus) or "none",
+            "precision: auto is": "bf16 autocast" if auto == "bf16" else auto,
             "OS": platform.platform(), "Python": platform.python_version()}
 
 

@@ -74,6 +74,11 @@ def test_report_has_every_section_and_its_plots_render(micro_report):
     assert 0.0 <= figures["win_rate_vs_sft"] <= 1.0 and figures["kl_to_sft"]["exact"] >= 0.0
     assert 0.0 <= figures["rm"]["accuracy"] <= 1.0 and figures["rm"]["rankings"] > 0
     assert figures["pretrain"]["val_loss"] > 0 and figures["pretrain"]["tokens_seen"] > 0
+    # Run facts say what `precision: auto` took on this machine: the run's figures depend on it
+    from pipeline.runs import StageConfig, resolve_precision
+
+    auto = resolve_precision(StageConfig())
+    assert f"| precision: auto is | {'bf16 autocast' if auto == 'bf16' else auto}" in text
     # the samples show each model's answer to the same prompt
     first = figures["samples"][0]
     assert f"**1. {first['prompt']}**" in text and set(first) == {"prompt", "pretrain", "sft", "ppo"}
