@@ -28,7 +28,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ACCELERATE_CONFIG ?= configs/accelerate/$(if $(HAS_GPU),single_gpu,cpu).yaml
-LAUNCH := $(VENV)/bin/accelerate launch --config_file $(ACCELERATE_CONFIG)
+# --quiet: a stage that stops on bad input says why itself; no launcher traceback after its message
+LAUNCH := $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
 RUNDIR := runs/$(RUN)
 SETUP_STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
