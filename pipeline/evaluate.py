@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,16 @@ def resolve_checkpoint(cfg: StageConfig, stage_or_path: str) -> tuple[str, str]:
         final = stage_paths(cfg, stage_or_path).final
         if not (final / "config.json").exists():
             sys.exit(f"no '{stage_or_path}' checkpoint in run '{cfg.run_name}': {final} does not exist. Train it "
-                     f"first (make {stage_or_path} RECIPE=... RUN={cfg.run_name}), or pass --stage path/to/checkpoint.")
+                     f"first (make {stage_or_path} RECIPE={os.environ.get('RECIPE') or '<recipe>'} RUN={cfg.run_name}), "
+                     "or pass --stage path/to/checkpoint.")
         return str(final), stage_or_path
     path = Path(stage_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
-            sys.exit(f"--stage {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)")
+            inner = " (a training checkpoint keeps its model in model/: pass that)" \
+                if (path / "model" / "config.json").exists() else ""
+            sys.exit(f"--stage {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)"
+                     + inner)
         label = path.parent.name if path.name == "final" else path.name
         return str(path), label
     if "/" in stage_or_path and is_hub_id(stage_or_path):  # 'owner/name' (a bare word is a mistyped stage)

@@ -126,6 +126,11 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
         evaluate.main(run_args(tmp_path, "empty") + ["--stage", "ppo"])
     with pytest.raises(SystemExit, match="does not exist"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(tmp_path / "nowhere")])
+    training_checkpoint = tmp_path / "step_00000040"  # its model sits in model/
+    (training_checkpoint / "model").mkdir(parents=True)
+    (training_checkpoint / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"no config.json\) \(a training checkpoint keeps its model in model/"):
+        evaluate.main(run_args(micro_runs) + ["--stage", str(training_checkpoint)])
     # a reward model is no policy (main raises; on the command line run_main turns it into the message)
     with pytest.raises(CheckpointError, match="made by the 'rm' stage"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(micro_rm)])
