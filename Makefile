@@ -45,7 +45,7 @@ PPO_OUT := $(RUNDIR)/ppo/final/config.json
 REPORT_OUT := $(RUNDIR)/report.md
 
 # $(call stage,<module>,<config>,<stage args>,<command-line args>)
-stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(if $(RESUME),resume=true) $(3) $(4)
+stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(if $(filter 1 true yes,$(RESUME)),resume=true) $(3) $(4)
 
 .PHONY: help setup all pretrain sft prefs rm ppo report eval chat test bench clean
 .DEFAULT_GOAL := help

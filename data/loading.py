@@ -28,6 +28,7 @@ Rows are numbered from 1 in error messages. `split` applies to hub datasets and 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,12 +178,13 @@ _HH_REPLY = "\n\nAssistant:"
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """hh-rlhf's raw pairs are two whole transcripts that agree up to their last "Assistant:": that shared part
     is the prompt (read as turns by pipeline.tokenizer.prompt_messages), the rest the two replies."""
-    cut_c, cut_r = chosen.rfind(_HH_REPLY), rejected.rfind(_HH_REPLY)
-    if cut_c < 0 or cut_r < 0 or chosen[:cut_c] != rejected[:cut_r]:
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = shared.rfind(_HH_REPLY)  # the last reply opening both share: a reply may itself quote one
+    if cut < 0:
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
-                                 "that agree up to their last '\\n\\nAssistant:'")
-    end = cut_c + len(_HH_REPLY)
-    return chosen[:end], chosen[end:].strip(), rejected[cut_r + len(_HH_REPLY):].strip()
+                                 "that share their conversation up to an '\\n\\nAssistant:'")
+    end = cut + len(_HH_REPLY)
+    return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
 def _pair_reply(value: Any, column: str) -> str:

@@ -19,12 +19,13 @@ from typing import Iterator
 
 import torch
 
+from pipeline.checkpoint import DEFAULT_MAX_NEW_TOKENS
 from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
                                load_policy, load_run_config, resolve_checkpoint, sampling_from_args)
 from pipeline.generation import SamplingConfig, sample_steps
 from pipeline.runs import run_main
 
-CHAT_SAMPLING = SamplingConfig(max_new_tokens=128, temperature=0.7, top_k=0, top_p=0.95)
+CHAT_SAMPLING = SamplingConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.7, top_k=0, top_p=0.95)
 """Defaults for chatting: some variety, the unlikely tail cut off. --temperature 0 gives the greedy reply."""
 
 HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves."

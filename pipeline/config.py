@@ -80,7 +80,10 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: key '{key}': expected a list, got {value!r}")
         (item_tp, *_) = typing.get_args(tp) or (Any,)
-        return [_coerce(v, item_tp, where, base_dir, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, where, base_dir, f"{key}[{i}]") for i, v in enumerate(value)]
+        if key.endswith("adam_betas") and (len(items) != 2 or not all(0 <= b < 1 for b in items)):
+            raise ConfigError(f"{where}: key '{key}': expected two numbers in [0, 1), e.g. [0.9, 0.95]; got {items}")
+        return items
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: key '{key}': expected a mapping, got {value!r}")

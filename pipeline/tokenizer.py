@@ -112,6 +112,8 @@ def prompt_messages(prompt: str) -> list[dict[str, str]]:
     pieces = _HH_TURN.split(prompt.strip("\n"))[1:]  # speaker, text, speaker, text, ...
     turns = [{"role": "user" if speaker == "Human" else "assistant", "content": said.strip()}
              for speaker, said in zip(pieces[::2], pieces[1::2])]
+    if len(turns) < 2 or turns[-1] != {"role": "assistant", "content": ""}:
+        return [{"role": "user", "content": prompt}]  # not a transcript after all ("Human: hi Assistant:")
     return turns[:-1]  # the last "Assistant:" opens the reply
 
 

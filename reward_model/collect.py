@@ -76,12 +76,14 @@ def main(argv: list[str] | None = None) -> None:
               "so there are no preferences to collect.")
         # the file make waits for. Nothing was learned from the world here; an earlier collection's record stays
         # with its rankings, so they are still checked if train_data is unset again
-        if not (paths.root / WORLD_DATA_FILE).exists():
+        record = paths.root / WORLD_DATA_FILE
+        if not record.exists():
             paths.root.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(paths.root / WORLD_DATA_FILE, "null\n")
-        # dated now either way: make then sees this step as newer than the SFT model it followed (and retrains
-        # the RM after it), instead of launching it again on every later make
-        os.utime(paths.root / WORLD_DATA_FILE)
+            write_text_atomic(record, "null\n")
+        elif record.read_text().strip() == "null":
+            # dated now: make then sees this step as newer than the SFT model it followed, instead of launching
+            # it on every later make (an earlier collection's record keeps its own date)
+            os.utime(record)
         return
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)

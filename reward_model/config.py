@@ -92,6 +92,7 @@ class RewardModelConfig(StageConfig):
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.responses_per_prompt < 2:
             raise ConfigError(f"key 'responses_per_prompt': must be >= 2 (a ranking needs two responses), "
                               f"got {self.responses_per_prompt}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import random
 import time
 from pathlib import Path
 
@@ -323,9 +324,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               f"{source}; backbone {init}; {n_train / 1e6:.2f}M trainable parameters"
               + (f"; LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "")
               + (f"; resuming at step {start_step}" if start_step else ""))
-        too_long = longer_than(tokenizer, [*train_rows, *eval_rows], cfg.max_length)
+        rankings = [*train_rows, *eval_rows]
+        checked = random.Random(cfg.seed).sample(rankings, min(len(rankings), 2000))  # a sample: hh-rlhf is large
+        too_long = longer_than(tokenizer, checked, cfg.max_length)
         if too_long:
-            print(f"[rm] warning: {too_long:,} conversations are longer than max_length={cfg.max_length} tokens "
+            of = "" if len(checked) == len(rankings) else f" (in a sample of {len(checked):,} rankings)"
+            print(f"[rm] warning: {too_long:,} conversations{of} are longer than max_length={cfg.max_length} tokens "
                   "and are cut on the left, so the RM reads them without the start of their prompt")
 
     def evaluate(step: int) -> tuple[dict[str, float], list[list[float]]]:

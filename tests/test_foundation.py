@@ -173,6 +173,8 @@ def test_a_zero_step_or_batch_count_names_its_key(stage, override):
     ("pretrain", "learning_rate=-1", "must be above 0, got -1.0"),
     ("ppo", "critic_lr=0", "must be above 0, got 0.0"),
     ("pretrain", "adam_betas=[0.9]", r"expected two numbers in \[0, 1\)"),
+    ("rm", "adam_betas=[0.9, 1.5]", r"expected two numbers in \[0, 1\)"),
+    ("rm", "run_name=a b/c", "use letters, digits"),  # the RM's config skipped the shared check
     ("rm", "sampling.top_p=0", "must be above 0 and at most 1"),  # dropped every token: NaN probabilities
     ("sft", "gold_sampling.temperature=-0.5", "must be 0 \\(greedy\\) or above"),
     ("rm", "sampling.max_new_tokens=0", "must be 1 or more"),

@@ -297,6 +297,10 @@ def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
                                               {"role": "assistant", "content": "Hello!"},
                                               {"role": "user", "content": "Capital of France?"}]
     assert prompt_messages("What is 2 plus 2?") == [{"role": "user", "content": "What is 2 plus 2?"}]
+    assert prompt_messages("Human: hi Assistant:") == [{"role": "user", "content": "Human: hi Assistant:"}]
+    quoting = write_rows(tmp_path / "quote.jsonl", [{"chosen": shared + " Say '\n\nAssistant: x'.",
+                                                     "rejected": shared + " No."}])  # a reply quoting the marker
+    assert load(quoting, "preferences")[0]["responses"] == ["Say '\n\nAssistant: x'.", "No."]
     mismatched = write_rows(tmp_path / "other.jsonl", [{"chosen": "a", "rejected": "b"}])
     with pytest.raises(DataError) as error:
         load(mismatched, "preferences")

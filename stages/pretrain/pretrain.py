@@ -75,8 +75,6 @@ class PretrainConfig(StageConfig):
                 raise FieldError("init_from", f"{self.init_from} and model.pretrained ({self.model.pretrained}) both "
                                               "name pretraining's starting checkpoint; set one of them")
             self.model.pretrained = self.init_from
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
-            raise FieldError("adam_betas", f"expected two numbers in [0, 1), e.g. [0.9, 0.95]; got {self.adam_betas}")
 
 
 def get_lr(step: int, cfg: PretrainConfig) -> float:
