@@ -41,7 +41,7 @@ from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lin
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
-from reward_model.collect import split_indices
+from reward_model.collect import question_of, split_indices
 from reward_model.config import RewardModelConfig
 from reward_model.losses import pack_groups, ranked_pairs_loss
 from reward_model.scoring import conversation_text, encode_conversations, sequence_scores
@@ -69,8 +69,13 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
     train = load(cfg.train_data)
     if cfg.eval_data is not None:
         return train, load(cfg.eval_data), cfg.train_data.path
-    # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows
-    prompts = [row["prompt"] for row in train]
+    # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows; the world's
+    # rankings hold out whole questions, as collection does
+    if cfg.train_data.path.startswith("world:"):
+        judge = load_judge(world_dir(cfg))
+        prompts = [question_of(judge, row["prompt"]) for row in train]
+    else:
+        prompts = [row["prompt"] for row in train]
     if len(set(prompts)) < 2:
         raise DataError(cfg.train_data.path, f"only {len(set(prompts))} distinct prompt, column 'prompt'; a "
                         "held-out split needs two or more (or set eval_data)")
