@@ -234,12 +234,13 @@ def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_p
     assert not {questions[i] for i in train_idx} & {questions[i] for i in eval_idx}
     assert question_of(judge, "Tell me a joke.") == "Tell me a joke."  # a prompt the world does not know
     # the RM trained on the world's static rankings (train_data, no eval_data) holds out whole questions too
-    cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=w",
-                                                          "train_data.path=world:prefs_static", "eval_fraction=0.3"])
-    trained, held_out, _ = train.load_rankings(cfg)
-    judge = load_judge(tmp_path / "w" / "world")
-    assert held_out and not ({question_of(judge, r["prompt"]) for r in trained}
-                             & {question_of(judge, r["prompt"]) for r in held_out})
+    for seed in range(6):  # micro's static set asks one question twice: some seeds split it by text
+        cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=w", f"seed={seed}",
+                                                              "train_data.path=world:prefs_static", "eval_fraction=0.3"])
+        trained, held_out, _ = train.load_rankings(cfg)
+        judge = load_judge(tmp_path / "w" / "world")
+        assert held_out and not ({question_of(judge, r["prompt"]) for r in trained}
+                                 & {question_of(judge, r["prompt"]) for r in held_out}), seed
 
 
 def test_an_rm_equal_to_gold_reaches_the_all_pairs_ceiling():
