@@ -38,6 +38,8 @@ from typing import Any
 import datasets
 import pyarrow.parquet
 
+from pipeline.tokenizer import HH_REPLY, prompt_messages, prompt_text
+
 WORLD_PREFIX = "world:"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 ROLES = ("system", "user", "assistant")
@@ -135,31 +137,26 @@ class _Invalid(Exception):
 
 
 def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[str, ...]) -> dict[str, Any]:
-    """Validate one (already column-mapped) row and return it in the schema's canonical form."""
+    """Validate one (already column-mapped) row and return it in the schema's canonical form.
+
+    Besides strings, the chat forms TRL calls conversational are read: a prompt, completion, chosen or
+    rejected given as a list of `{role, content}` messages (UltraFeedback's and trl-lib's pairs)."""
     form = _input_form(row, schema)
     if schema.name == "text":
         out = {"text": _string(row, "text")}
     elif schema.name == "prompts":
-        out = {"prompt": _string(row, "prompt")}
+        out = {"prompt": _prompt(row["prompt"], "prompt")}
     elif schema.name == "sft":
         if form == ("messages",):
-            out = {"messages": _messages(row["messages"])}
+            out = {"messages": _messages(row["messages"], "messages")}
         else:
-            out = {"messages": [{"role": "user", "content": _string(row, "prompt")},
-                                {"role": "assistant", "content": _string(row, "completion")}]}
+            turns = _turns_or_text(row, "prompt", "user") + _turns_or_text(row, "completion", "assistant")
+            out = {"messages": _messages(turns, "completion")}
     elif schema.name == "preferences":
         if form == ("prompt", "responses"):
-            responses = _ranked_responses(row["responses"])
-            prompt = _string(row, "prompt")
+            out = {"prompt": _prompt(row["prompt"], "prompt"), "responses": _ranked_responses(row["responses"])}
         else:
-            if form == ("chosen", "rejected"):
-                prompt, chosen, rejected = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
-            else:
-                prompt, chosen, rejected = _string(row, "prompt"), row["chosen"], row["rejected"]
-            responses = [_pair_reply(chosen, "chosen"), _pair_reply(rejected, "rejected")]
-            if responses[0].strip() == responses[1].strip():
-                raise _NoPreference()
-        out = {"prompt": prompt, "responses": responses}
+            out = _pair(row, has_prompt=form[0] == "prompt")
     else:
         raise ValueError(f"unknown schema {schema.name!r}")
     for column in optional_present:
@@ -172,18 +169,86 @@ class _NoPreference(Exception):
     (public pair datasets such as hh-rlhf hold a few)."""
 
 
-_HH_REPLY = "\n\nAssistant:"
+def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
+    """A chosen/rejected pair as a ranked list of two. Each side is a reply, or a conversation that ends with the
+    reply; the conversation before the reply is then the prompt, and a prompt column must be that conversation
+    or its last user message."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
+        prompt, *replies = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
+    else:
+        (chosen_before, chosen_reply), (rejected_before, rejected_reply) = _side(chosen, "chosen"), \
+            _side(rejected, "rejected")
+        replies = [chosen_reply, rejected_reply]
+        if chosen_before and rejected_before and _stripped(chosen_before) != _stripped(rejected_before):
+            raise _Invalid("rejected", "its turns before the reply differ from those of 'chosen'")
+        before, side = (chosen_before, "chosen") if chosen_before else (rejected_before, "rejected")
+        if has_prompt:
+            prompt = _prompt(row["prompt"], "prompt")
+            given = _stripped(prompt_messages(prompt))
+            if before and given not in (_stripped(before), _stripped(before[-1:])):
+                raise _Invalid(side, "its turns before the reply are neither the row's 'prompt' nor end with it")
+        elif not before:
+            raise _Invalid("prompt", "missing; 'chosen' and 'rejected' hold no conversation before their replies "
+                                     "to take it from")
+        if before:
+            prompt = _prompt(before, side)
+    if replies[0].strip() == replies[1].strip():
+        raise _NoPreference()
+    return {"prompt": prompt, "responses": replies}
+
+
+def _side(value: Any, column: str) -> tuple[list[dict[str, str]], str]:
+    """One side of a pair: (the turns before the reply, the reply)."""
+    if isinstance(value, str):
+        return [], _pair_reply(value, column)
+    if not isinstance(value, (list, tuple)):
+        raise _Invalid(column, f"expected a string or a list of {{'role', 'content'}} messages ending with the "
+                               f"assistant's reply, got {_describe(value)}")
+    turns = _turns(value, column)
+    if turns[-1]["role"] != "assistant":
+        raise _Invalid(column, f"expected the last message to be the assistant's reply, got a "
+                               f"{turns[-1]['role']!r} message")
+    return turns[:-1], _pair_reply(turns[-1]["content"], column)
+
+
+def _prompt(value: Any, column: str) -> str:
+    """A prompt as the pipeline carries it: a string, or chat turns written as `pipeline.tokenizer.prompt_text`
+    does, which reads back into the same turns."""
+    if isinstance(value, str):
+        return _text(value, column)
+    expected = "expected a non-empty string or a list of {'role', 'content'} messages ending with the user's"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid(column, f"{expected}, got {_describe(value)}")
+    turns = _turns(value, column)
+    if turns[-1]["role"] != "user":
+        raise _Invalid(column, f"{expected}; its last message is the {turns[-1]['role']}'s")
+    if any(t["role"] == "system" for t in turns):
+        # prompts travel as text, and an hh-rlhf transcript has no system turn
+        raise _Invalid(column, "a system message in a prompt is not supported (preference and PPO prompts carry "
+                               "user and assistant turns); fold it into the first user message")
+    text = prompt_text(turns)
+    if not text.strip():
+        raise _Invalid(column, f"{expected}; its one message is empty")
+    if _stripped(prompt_messages(text)) != _stripped(turns):
+        raise _Invalid(column, f"these turns would not read back as themselves: a message quotes the "
+                               f"'Human:'/'Assistant:' markers that prompts travel in ({_describe(value)})")
+    return text
+
+
+def _stripped(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{"role": t["role"], "content": t["content"].strip()} for t in turns]
 
 
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """hh-rlhf's raw pairs are two whole transcripts that agree up to their last "Assistant:": that shared part
     is the prompt (read as turns by pipeline.tokenizer.prompt_messages), the rest the two replies."""
     shared = os.path.commonprefix([chosen, rejected])
-    cut = shared.rfind(_HH_REPLY)  # the last reply opening both share: a reply may itself quote one
+    cut = shared.rfind(HH_REPLY)  # the last reply opening both share: a reply may itself quote one
     if cut < 0:
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
                                  "that share their conversation up to an '\\n\\nAssistant:'")
-    end = cut + len(_HH_REPLY)
+    end = cut + len(HH_REPLY)
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
@@ -213,25 +278,45 @@ def _describe(value: Any) -> str:
 
 
 def _string(row: dict[str, Any], column: str) -> str:
-    value = row[column]
+    return _text(row[column], column)
+
+
+def _text(value: Any, column: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Invalid(column, f"expected a non-empty string, got {_describe(value)}")
     return value
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
-    expected = "expected a list of {'role', 'content'} messages with at least one assistant turn"
+def _turns(value: Any, column: str) -> list[dict[str, str]]:
+    """A non-empty list of `{role, content}` messages, each checked (extra keys, such as a name, are dropped)."""
+    expected = "expected a list of {'role', 'content'} messages"
     if not isinstance(value, (list, tuple)) or not value:
-        raise _Invalid("messages", f"{expected}, got {_describe(value)}")
-    messages = []
+        raise _Invalid(column, f"{expected}, got {_describe(value)}")
+    turns = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
                 or message.get("role") not in ROLES:
-            raise _Invalid("messages", f"{expected}; message {i} is {_describe(message)} "
-                                       f"(role must be one of {', '.join(ROLES)}, content a string)")
-        messages.append({"role": message["role"], "content": message["content"]})
+            raise _Invalid(column, f"{expected}; message {i} is {_describe(message)} "
+                                   f"(role must be one of {', '.join(ROLES)}, content a string)")
+        turns.append({"role": message["role"], "content": message["content"]})
+    return turns
+
+
+def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str, str]]:
+    """A prompt or completion column: a string (one `role` message) or a list of messages."""
+    if isinstance(row[column], str):
+        return [{"role": role, "content": _string(row, column)}]
+    return _turns(row[column], column)
+
+
+def _messages(value: Any, column: str) -> list[dict[str, str]]:
+    """A conversation to train on: messages with at least one assistant turn that says something."""
+    expected = "expected a list of {'role', 'content'} messages with at least one assistant turn"
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _Invalid(column, f"{expected}, got {_describe(value)}")
+    messages = _turns(value, column)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _Invalid("messages", f"{expected}; found no non-empty assistant turn")
+        raise _Invalid(column, f"{expected}; found no non-empty assistant turn")
     return messages
 
 

@@ -100,6 +100,7 @@ def _end_of_turn_token(tokenizer) -> str | None:
 
 # an hh-rlhf transcript: "\n\nHuman: ... \n\nAssistant: ... \n\nHuman: ... \n\nAssistant:"
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+HH_REPLY = "\n\nAssistant:"  # opens the reply in an hh-rlhf transcript
 
 
 def prompt_messages(prompt: str) -> list[dict[str, str]]:
@@ -115,6 +116,16 @@ def prompt_messages(prompt: str) -> list[dict[str, str]]:
     if len(turns) < 2 or turns[-1] != {"role": "assistant", "content": ""}:
         return [{"role": "user", "content": prompt}]  # not a transcript after all ("Human: hi Assistant:")
     return turns[:-1]  # the last "Assistant:" opens the reply
+
+
+def prompt_text(turns: list[dict[str, str]]) -> str:
+    """The inverse of `prompt_messages`: the string a prompt given as chat turns travels in through the pipeline.
+    One user turn is its text; a conversation (user and assistant turns, the user's last) is an hh-rlhf
+    transcript. Contents come back stripped of surrounding whitespace."""
+    if len(turns) == 1 and turns[0]["role"] == "user":
+        return turns[0]["content"]
+    speaker = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{speaker[t['role']]}: {t['content'].strip()}" for t in turns) + HH_REPLY
 
 
 def chat_prompt(tokenizer, prompt: str) -> str:

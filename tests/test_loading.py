@@ -311,6 +311,67 @@ def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
     assert_data_error(error, missing, row=1, column="rejected")
 
 
+USER = {"role": "user", "content": "Capital of France?"}
+
+
+def said(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_conversational_pairs_as_ultrafeedback_and_trl_write_them(tmp_path, suffix):
+    """UltraFeedback-binarized (a prompt string, each side the whole chat), TRL's explicit prompt (each side the
+    reply alone) and TRL's implicit prompt (each side the whole chat, no prompt column) give one ranked pair."""
+    ultrafeedback = {"prompt": USER["content"], "chosen": [USER, said("assistant", "Paris.")],
+                     "rejected": [USER, said("assistant", "Rome.")], "score_chosen": 9.0, "score_rejected": 2.0}
+    explicit = {"prompt": [USER], "chosen": [said("assistant", "Paris.")], "rejected": [said("assistant", "Rome.")]}
+    implicit = {"chosen": [USER, said("assistant", "Paris.")], "rejected": [USER, said("assistant", "Rome.")]}
+    for name, row in {"uf": ultrafeedback, "explicit": explicit, "implicit": implicit}.items():
+        dataset = load(write_rows(tmp_path / f"{name}{suffix}", [row]), "preferences")
+        assert dataset.column_names == ["prompt", "responses"], name
+        assert dataset[0] == {"prompt": "Capital of France?", "responses": ["Paris.", "Rome."]}, name
+
+
+def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_holds(tmp_path):
+    from pipeline.tokenizer import prompt_messages
+
+    before = [said("user", "Hi"), said("assistant", "Hello!"), USER]
+    rows = [{"chosen": [*before, said("assistant", "Paris.")], "rejected": [*before, said("assistant", "Rome.")]}]
+    pair = load(write_rows(tmp_path / "multi.jsonl", rows), "preferences")[0]
+    assert prompt_messages(pair["prompt"]) == before and pair["responses"] == ["Paris.", "Rome."]
+    # a prompt column that holds only the last user message (each side the whole chat) keeps the earlier turns
+    with_last = [{"prompt": USER["content"], **rows[0]}]
+    assert load(write_rows(tmp_path / "last.jsonl", with_last), "preferences")[0] == pair
+    prompts = load(write_rows(tmp_path / "prompts.jsonl", [{"prompt": before}, {"prompt": "Plain?"}]), "prompts")
+    assert [prompt_messages(p) for p in prompts["prompt"]] == [before, [said("user", "Plain?")]]
+    sft = load(write_rows(tmp_path / "pc.jsonl", [{"prompt": before, "completion": [said("assistant", "Paris.")]}]),
+               "sft")
+    assert sft[0]["messages"] == [*before, said("assistant", "Paris.")]
+
+
+@pytest.mark.parametrize("row, column, words", [
+    ({"chosen": [USER, said("assistant", "Paris.")], "rejected": [said("user", "Other?"), said("assistant", "No.")]},
+     "rejected", "differ from those of 'chosen'"),
+    ({"prompt": "Something else?", "chosen": [USER, said("assistant", "Paris.")], "rejected": "Rome."},
+     "chosen", "neither the row's 'prompt' nor end with it"),
+    ({"prompt": "Q?", "chosen": [USER], "rejected": "Rome."}, "chosen", "last message to be the assistant's"),
+    ({"prompt": [said("system", "Be brief."), USER], "chosen": "Paris.", "rejected": "Rome."}, "prompt",
+     "system message"),
+    ({"prompt": [USER, said("assistant", "Hm.")], "chosen": "Paris.", "rejected": "Rome."}, "prompt",
+     "ending with the user's"),
+    ({"prompt": [said("user", "Say '\n\nHuman: x'"), said("assistant", "x"), USER], "chosen": "P.", "rejected": "R."},
+     "prompt", "would not read back"),
+    ({"chosen": [said("assistant", "Paris.")], "rejected": [said("assistant", "Rome.")]}, "prompt", "missing"),
+    ({"prompt": "Q?", "chosen": {"text": "Paris."}, "rejected": "Rome."}, "chosen", "a string or a list"),
+], ids=["sides-disagree", "side-disagrees-with-prompt", "no-reply", "system-turn", "prompt-ends-with-reply",
+        "quotes-a-marker", "no-prompt-anywhere", "wrong-type"])
+def test_bad_conversational_pairs_name_their_column(tmp_path, row, column, words):
+    path = write_rows(tmp_path / "pairs.jsonl", [row])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert words in assert_data_error(error, path, row=1, column=column)
+
+
 def test_gold_scores_not_aligned(tmp_path):
     path = write_rows(tmp_path / "ranked.jsonl", [{"prompt": "p", "responses": ["a", "b"], "gold_scores": [1.0]}])
     with pytest.raises(DataError) as error:
