@@ -43,6 +43,15 @@ class FieldError(ConfigError):
         self.key, self.problem = key, problem
 
 
+class _CheckFailed(ConfigError):
+    """A dataclass's own check (`__post_init__`) refused the values; `key` is the full dotted key it names, if one.
+    Such a check may span keys, so with overrides it is judged on the final combination."""
+
+    def __init__(self, where: str, key: str | None, problem: str):
+        super().__init__(f"{where}: key '{key}': {problem}" if key else f"{where}: {problem}")
+        self.key, self.problem = key, problem
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -128,12 +137,13 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
     try:
         return cls(**kwargs)
     except FieldError as e:
-        raise ConfigError(f"{where}: key '{prefix}{e.key}': {e.problem}") from None
-    except ConfigError:
+        raise _CheckFailed(where, f"{prefix}{e.key}", e.problem) from None
+    except _CheckFailed:
         raise
+    except ConfigError as e:  # a check that names its keys in its message
+        raise _CheckFailed(where, None, str(e)) from None
     except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
-        section = prefix.rstrip(".")
-        raise ConfigError(f"{where}: key '{section}': {e}" if section else f"{where}: {e}") from None
+        raise _CheckFailed(where, prefix.rstrip(".") or None, str(e)) from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -196,8 +206,12 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     base_dir = path.parent if path else Path.cwd()
     tree = _as_tree(cls, raw, base_dir)
     where = str(path) if path else "config"
-    _build(cls, tree, where, base_dir)  # the file alone first: its errors name the file, not the first override
-    for item in overrides or []:
+    overrides = overrides or []
+    # Each step is built at once, so that an unknown key or a wrong type names the file or the override that
+    # brought it. A check across keys waits for the final combination: `rollout_batch_size=8 minibatch_size=4`
+    # passes through a state where 8 is no multiple of the file's minibatch of 16.
+    file_passes = _build_step(cls, tree, where, base_dir, checks=not overrides)
+    for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value")
@@ -209,9 +223,34 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             value = text  # run_name=2024-06-01, data.name=2021: a text key keeps the text as typed
         trial = copy.deepcopy(tree)
         _set_path(trial, key, value)
-        _build(cls, trial, f"override '{item}'", base_dir)  # validate now, so the error names the override
+        _build_step(cls, trial, f"override '{item}'", base_dir, checks=False)
         tree = trial
-    return _build(cls, tree, where, base_dir)
+    try:
+        return _build(cls, tree, where, base_dir)
+    except _CheckFailed as e:
+        if not overrides:
+            raise
+        # name the override that set the refused key (or its section), else the file if it fails alone
+        source = next((f"override '{item}'" for item in reversed(overrides)
+                       if e.key and _same_branch(item.partition("=")[0], e.key)),
+                      f"{where} with its overrides" if file_passes else where)
+        raise ConfigError(f"{source}: key '{e.key}': {e.problem}" if e.key else f"{source}: {e.problem}") from None
+
+
+def _build_step(cls: type, tree: dict, where: str, base_dir: Path, checks: bool) -> bool:
+    """Build to find key and type errors; False if only a dataclass's own check failed (raised with `checks`)."""
+    try:
+        _build(cls, tree, where, base_dir)
+    except _CheckFailed:
+        if checks:
+            raise
+        return False
+    return True
+
+
+def _same_branch(key: str, other: str) -> bool:
+    """One dotted key is the other or lies inside it ('sampling' and 'sampling.temperature')."""
+    return key == other or key.startswith(other + ".") or other.startswith(key + ".")
 
 
 def to_dict(config: Any) -> dict:

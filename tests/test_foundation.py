@@ -76,6 +76,27 @@ def test_a_sections_own_value_check_is_a_config_error_naming_the_section(tmp_pat
         load_config(PretrainConfig, bad, ["max_steps=3"])
 
 
+def test_a_check_across_keys_judges_the_overrides_together_and_names_the_one_to_blame(tmp_path):
+    """The file has rollout 8, minibatch 4, accumulation 2. Written in this order, the overrides below pass through
+    rollout 2 with minibatch 4, which the check refuses; only the final combination is checked."""
+    from stages.ppo.ppo import PPOStageConfig
+
+    cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["rollout_batch_size=2", "minibatch_size=2", "grad_accum=1"])
+    assert (cfg.rollout_batch_size, cfg.minibatch_size, cfg.grad_accum) == (2, 2, 1)
+    with pytest.raises(ConfigError, match=r"ppo.yaml with its overrides: keys 'rollout_batch_size' \(6\), "
+                                          r"'minibatch_size' \(4\).*each must divide"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", ["rollout_batch_size=6"])
+    # a file that fails a check alone can be put right on the command line
+    bad = write(tmp_path / "ppo.yaml", (MICRO / "ppo.yaml").read_text().replace("minibatch_size: 4", "minibatch_size: 3")
+                .replace("world.yaml", str(MICRO / "world.yaml")))
+    with pytest.raises(ConfigError, match=rf"^{bad}: keys 'rollout_batch_size'"):
+        load_config(PPOStageConfig, bad)
+    assert load_config(PPOStageConfig, bad, ["minibatch_size=4"]).minibatch_size == 4
+    # a single key's own check still names the override that set it, whatever follows
+    with pytest.raises(ConfigError, match=r"override 'sampling.top_p=0': key 'sampling.top_p'"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", ["sampling.top_p=0", "max_steps=3"])
+
+
 def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
     from pipeline.model import load_causal_lm
 
