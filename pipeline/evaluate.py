@@ -5,7 +5,8 @@
 
 The checkpoint answers the run's held-out world prompts (`eval_prompts.jsonl`), greedily by default, and the
 gold judge scores every answer overall, per criterion and per task family. The table goes to stdout and the
-figures (with every prompt, answer and verdict) to a JSON file: runs/<run>/eval/<stage or directory>.json.
+figures (with every prompt, answer and verdict) to a JSON file: runs/<run>/eval/<stage or directory>.json
+(`-first<N>` added with `--limit`).
 
 Any Hugging Face causal LM directory works, not only this project's: its tokenizer is given our chat
 template (and role tokens) if it has none. `--rm` also scores the answers with the run's reward model.
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")
     parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
-    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/<stage or directory>.json)")
+    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/<stage or directory>[-first<N>].json)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args)
@@ -269,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
     print(eval_tables(result))
-    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"{label}.json"
+    # a quick look at the first N prompts keeps its own file: it must not replace a full evaluation
+    default_name = f"{label}-first{len(rows)}.json" if args.limit else f"{label}.json"
+    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / default_name
     report = {"checkpoint": path, "label": label, "prompts": len(rows), "seed": cfg.seed,
               "sampling": dataclasses.asdict(sampling), "reward_model": rm_path,
               "summary": result.summary, "samples": result.samples}

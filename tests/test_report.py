@@ -115,10 +115,11 @@ def test_eval_of_an_outside_checkpoint_given_by_path(micro_report, micro_runs, t
     assert result["summary"] == pytest.approx(sft, abs=1e-9)
     assert json.loads(out.read_text())["label"] == "outside-lm"
 
-    # default output: runs/<run>/eval/<directory name>.json
+    # default output: runs/<run>/eval/<directory name>.json; a --limit look has its own file beside it
     evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--limit", "3"])
-    written = json.loads((micro_runs / "micro" / "eval" / "outside-lm.json").read_text())
+    written = json.loads((micro_runs / "micro" / "eval" / "outside-lm-first3.json").read_text())
     assert written["prompts"] == 3 and len(written["samples"]) == 3
+    assert not (micro_runs / "micro" / "eval" / "outside-lm.json").exists()
 
 
 def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
