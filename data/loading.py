@@ -91,6 +91,7 @@ COLUMN_FEATURES: dict[str, Any] = {
     "prompt": _STRING,
     "responses": datasets.List(_STRING),
     "gold_scores": datasets.List(datasets.Value("float64")),
+    "ratings": datasets.List(datasets.Value("float64")),
     "family": _STRING,
 }
 
@@ -120,7 +121,7 @@ SCHEMAS: dict[str, Schema] = {
     "sft": Schema("sft", ("messages",), (("messages",), ("prompt", "completion")), ("family",)),
     "preferences": Schema("preferences", ("prompt", "responses"),
                           (("prompt", "responses"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")),
-                          ("family", "gold_scores")),
+                          ("family", "gold_scores", "ratings")),
     "prompts": Schema("prompts", ("prompt",), (("prompt",),), ("family",)),
 }
 
@@ -161,12 +162,25 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
         raise ValueError(f"unknown schema {schema.name!r}")
     for column in optional_present:
         out[column] = _optional(row, column, out)
+    if out.get("ratings") is not None:
+        _order_by_rating(out)
     return out
 
 
+def _order_by_rating(out: dict[str, Any]) -> None:
+    """Responses that come with the labeler's ratings (UltraFeedback's 4 completions) are put best first, with
+    their ratings (and gold scores) alongside; equal ratings stay ties, which training and metrics skip."""
+    if len(set(out["ratings"])) == 1:
+        raise _NoPreference()
+    order = sorted(range(len(out["ratings"])), key=lambda i: -out["ratings"][i])  # stable: ties keep their order
+    for column in ("responses", "ratings", "gold_scores"):
+        if out.get(column) is not None:
+            out[column] = [out[column][i] for i in order]
+
+
 class _NoPreference(Exception):
-    """A preference pair whose two replies are the same, or one of them empty: it says nothing, and is skipped
-    (public pair datasets such as hh-rlhf hold a few)."""
+    """A preference row that says nothing: a pair whose two replies are the same, or one of them empty, or
+    responses all rated alike. It is skipped (public datasets such as hh-rlhf hold a few)."""
 
 
 def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
@@ -343,7 +357,7 @@ def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
         if not isinstance(value, str):
             raise _Invalid(column, f"expected a string, got {_describe(value)}")
         return value
-    if column == "gold_scores":
+    if column in ("gold_scores", "ratings"):
         n = len(out["responses"])
         if not isinstance(value, (list, tuple)) or len(value) != n or not all(
                 isinstance(s, (int, float)) and not isinstance(s, bool) for s in value):
@@ -551,10 +565,10 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
     )
     if len(normalised) == 0:
         raise DataError(part.description, "no rows (only blank lines)" if part.skips_blank_lines else
-                        "no rows (every preference pair had two equal replies or an empty one)")
+                        "no rows (every preference row had equal replies, an empty one, or only equal ratings)")
     if schema.name == "preferences" and len(normalised) < len(raw):
-        print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference pairs skipped: "
-              "their two replies are equal, or one is empty")
+        print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
+              "their replies are equal, one is empty, or their ratings are all equal")
     return normalised
 
 
@@ -620,9 +634,14 @@ def _optional_present(source_columns: list[str], schema: Schema, columns: dict[s
 
 
 def _concatenate(loaded: list[tuple[_Part, datasets.Dataset]]) -> datasets.Dataset:
-    """Concatenate per-file datasets, keeping only optional columns every file has."""
+    """Concatenate per-file datasets, keeping only optional columns every file has; but ratings, which make
+    ties, stay where a file has them (None in the others, whose rankings are strict)."""
     if len(loaded) == 1:
         return loaded[0][1]
+    if any("ratings" in d.column_names for _, d in loaded):
+        loaded = [(part, d if "ratings" in d.column_names else
+                   d.add_column("ratings", [None] * len(d), feature=COLUMN_FEATURES["ratings"]))
+                  for part, d in loaded]
     shared = set.intersection(*(set(d.column_names) for _, d in loaded))
     first_columns = [c for c in loaded[0][1].column_names if c in shared]
     datasets_ = [d.select_columns(first_columns) for _, d in loaded]

@@ -55,6 +55,7 @@ def ranked_pairs_loss(
     center_coef: float = 0.0,
     *,
     ranks_mask: Tensor | None = None,
+    ratings: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """InstructGPT K-way ranking loss (Ouyang et al. 2022, eq. 1).
 
@@ -68,6 +69,8 @@ def ranked_pairs_loss(
             ``-log sigmoid(s_i - s_j - m)`` (Llama 2 style; 0 = plain BT).
         center_coef: weight of the reward-centering term
             ``center_coef * mean_{valid} s^2`` (Eisenstein et al. 2023).
+        ratings: optional ``[G, K]`` labeler ratings (non-increasing along K); a pair the
+            labeler rated alike is a tie and is left out of the loss and the stats.
 
     Loss: for each group, the mean over all valid pairs ``i < j`` of
     ``-log sigmoid(s_i - s_j - margin)`` (i.e. 1/C(K,2) per comparison, every
@@ -90,6 +93,8 @@ def ranked_pairs_loss(
     s = torch.where(valid, scores, zero)  # drop padding garbage (NaN-safe)
 
     pairs = _pair_mask(valid)  # [G, K, K]
+    if ratings is not None:
+        pairs = pairs & (ratings[:, :, None] != ratings[:, None, :])
     diff = s[:, :, None] - s[:, None, :]  # diff[g, i, j] = s_i - s_j
     m = torch.as_tensor(margin, dtype=scores.dtype, device=scores.device)
     if m.dim() == 1:

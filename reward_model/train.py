@@ -97,8 +97,12 @@ def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device
     size = chunk_size or len(order)
     chunks = [encode_conversations(tokenizer, [prompts[i] for i in part], [responses[i] for i in part], max_length,
                                    device) for part in (order[k:k + size] for k in range(0, len(order), size))]
-    return {"chunks": chunks, "order": torch.tensor(order, device=device),
-            "group_sizes": [len(g["responses"]) for g in groups]}
+    batch = {"chunks": chunks, "order": torch.tensor(order, device=device),
+             "group_sizes": [len(g["responses"]) for g in groups]}
+    if any(g.get("ratings") for g in groups):  # labeler ratings: pairs rated alike are ties, not trained on
+        ratings = [g.get("ratings") or range(len(g["responses"]), 0, -1) for g in groups]  # unrated: strict order
+        batch["ratings"] = torch.tensor([x for r in ratings for x in r], dtype=torch.float64, device=device)
+    return batch
 
 
 def longer_than(tokenizer, groups: list[dict], max_length: int) -> int:
@@ -116,7 +120,8 @@ def batch_scores(model, batch: dict) -> torch.Tensor:
 def compute_loss(model, batch: dict, margin: float = 0.0, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
     """The K-way ranking loss of one collated batch: every response scored once, all C(K,2) pairs compared."""
     grouped, valid = pack_groups(batch_scores(model, batch), batch["group_sizes"])
-    return ranked_pairs_loss(grouped, valid, margin=margin, center_coef=center_coef)
+    ratings = pack_groups(batch["ratings"], batch["group_sizes"])[0] if "ratings" in batch else None
+    return ranked_pairs_loss(grouped, valid, margin=margin, center_coef=center_coef, ratings=ratings)
 
 
 def epoch_batches(rows: list[dict], batch_size: int, n_batches: int, seed: int,
@@ -166,7 +171,8 @@ def deciding_criterion(a: dict[str, float], b: dict[str, float]) -> str:
 
 
 def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, float]:
-    """Agreement over the held-out pairs i < j of each ranking (i ranked above j by the labeler).
+    """Agreement over the held-out pairs i < j of each ranking (i ranked above j by the labeler; a pair it rated
+    alike, in `ratings`, is left out).
 
     accuracy: the RM orders the pair as the labeler did. With gold scores (on every row), over the pairs gold
     decides (the same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
@@ -185,7 +191,7 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     with_gold = all(row.get("gold_scores") is not None for row in rows)
     for s, row in zip(scores, rows, strict=True):
         gold, criteria = (row.get("gold_scores"), row.get("gold_criteria")) if with_gold else (None, None)
-        for i, j in itertools.combinations(range(len(s)), 2):
+        for i, j in labeled_pairs(row):
             all_pairs.append(_agreement(s[i], s[j]))
             if gold is not None and gold[i] != gold[j]:
                 gold_first = gold[i] > gold[j]
@@ -210,6 +216,13 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     else:
         metrics["accuracy"] = metrics["accuracy_all_pairs"]
     return metrics
+
+
+def labeled_pairs(row: dict) -> list[tuple[int, int]]:
+    """The pairs (i, j), i < j, that a ranking orders, i above j: all of them, but for pairs its `ratings` tie."""
+    ratings = row.get("ratings")
+    return [(i, j) for i, j in itertools.combinations(range(len(row["responses"])), 2)
+            if not ratings or ratings[i] != ratings[j]]
 
 
 def _agreement(first: float, second: float) -> float:
@@ -322,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
         n_train = sum(p.numel() for p in trainable)
-        n_pairs = sum(math.comb(len(r["responses"]), 2) for r in train_rows)
+        n_pairs = sum(len(labeled_pairs(r)) for r in train_rows)
         tracker.summary({"model/trainable_parameters": n_train, "data/train_rankings": len(train_rows),
                          "data/train_pairs": n_pairs, "data/eval_rankings": len(eval_rows)})
         print(f"[rm] {len(train_rows)} training rankings ({n_pairs} pairs) and {len(eval_rows)} held out from "

@@ -69,6 +69,15 @@ def hub(tmp_path_factory) -> Path:
                          "messages": [user, {"content": chosen, "role": "assistant"}],
                          "score_chosen": 8.0, "score_rejected": 3.0})
         parquet(root / "ultrafeedback_binarized" / "data" / f"{split}-00000-of-00001.parquet", rows)
+    # a user's UltraFeedback copy with all 4 completions of an instruction and their ratings, in any order
+    rows = []
+    for i in range(120):
+        reply = sentence(rng, 5)
+        order = rng.sample(range(4), 4)
+        completions = [f"{reply} {good}", f"{reply} Thanks.", f"{reply} Fine.", f"{reply} {bad}"]
+        rows.append({"instruction": f"Explain {rng.choice(WORDS)} {i}.", "responses": [completions[k] for k in order],
+                     "ratings": [[5.0, 3.0, 3.0, 1.0][k] for k in order]})
+    parquet(root / "ultrafeedback_rated.parquet", rows)
     return root
 
 
@@ -116,6 +125,15 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
     uf = json.loads((runs / "gpu_uf" / "rm" / "eval.json").read_text())
     assert uf["accuracy"] >= 0.9, uf
     assert AutoModelForSequenceClassification.from_pretrained(runs / "gpu_uf" / "rm" / "final").config.num_labels == 1
+
+    # K = 4 rated completions: the K-way loss over the 5 pairs that are no ties (the two 3s are one)
+    run(rm_train.main, "rm.yaml", runs, "run_name=gpu_rated", f"init_from={sft_final}",
+        f"train_data.path={hub / 'ultrafeedback_rated.parquet'}", "train_data.columns.prompt=instruction",
+        "eval_data=null", "eval_fraction=0.2", *rm_overrides)
+    out = capsys.readouterr().out
+    assert "96 training rankings (480 pairs) and 24 held out" in out, out
+    rated = json.loads((runs / "gpu_rated" / "rm" / "eval.json").read_text())
+    assert rated["pairs"] == 24 * 5 and rated["accuracy"] >= 0.9, rated
 
     run(ppo_main, "ppo.yaml", runs, f"prompts.path={hub / 'ultrafeedback_binarized'}", "prompts.split=train_gen",
         "max_steps=2", "rollout_batch_size=8", "minibatch_size=4", "grad_accum=1", "ppo_epochs=1",

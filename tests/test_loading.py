@@ -274,9 +274,9 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
                                                  {"prompt": "q", "chosen": "good", "rejected": "bad"},
                                                  {"prompt": "r", "chosen": "fine", "rejected": "  "}])
     assert load(path, "preferences")["responses"] == [["good", "bad"]]
-    assert "2 of 3 preference pairs skipped: their two replies are equal, or one is empty" in capsys.readouterr().out
+    assert "2 of 3 preference rows skipped: their replies are equal, one is empty" in capsys.readouterr().out
     only = write_rows(tmp_path / "none.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
-    with pytest.raises(DataError, match="every preference pair had two equal replies or an empty one"):
+    with pytest.raises(DataError, match="every preference row had equal replies, an empty one"):
         load(only, "preferences")
     wrong_type = write_rows(tmp_path / "typed.jsonl", [{"prompt": "p", "chosen": "a", "rejected": 3}])
     with pytest.raises(DataError) as error:
@@ -370,6 +370,28 @@ def test_bad_conversational_pairs_name_their_column(tmp_path, row, column, words
     with pytest.raises(DataError) as error:
         load(path, "preferences")
     assert words in assert_data_error(error, path, row=1, column=column)
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix):
+    """UltraFeedback rates each of its 4 completions: the rating orders them, and equal ratings stay ties."""
+    rows = [{"prompt": "p", "responses": ["ok", "best", "bad", "fine"], "ratings": [3, 5.0, 1, 3],
+             "gold_scores": [0.3, 0.5, 0.1, 0.31]},
+            {"prompt": "q", "responses": ["a", "b"], "ratings": [2, 2]}]  # all alike: says nothing, skipped
+    dataset = load(write_rows(tmp_path / f"rated{suffix}", rows), "preferences")
+    assert len(dataset) == 1
+    assert dataset[0]["responses"] == ["best", "ok", "fine", "bad"]  # the tie keeps its order
+    assert dataset[0]["ratings"] == [5.0, 3.0, 3.0, 1.0] and dataset[0]["gold_scores"] == [0.5, 0.3, 0.31, 0.1]
+    bad = write_rows(tmp_path / f"short{suffix}", [{"prompt": "p", "responses": ["a", "b", "c"], "ratings": [1, 2]}])
+    with pytest.raises(DataError) as error:
+        load(bad, "preferences")
+    assert "expected a list of 3 numbers aligned with 'responses'" in assert_data_error(error, bad, 1, "ratings")
+    # beside a file without ratings (a strict ranking), the rated file keeps its ties
+    (tmp_path / "both").mkdir()
+    write_rows(tmp_path / "both" / f"rated{suffix}", rows[:1])
+    write_rows(tmp_path / "both" / f"ranked{suffix}", [{"prompt": "r", "responses": ["x", "y"]}])
+    both = load(tmp_path / "both", "preferences")
+    assert sorted(both["ratings"], key=str) == [None, [5.0, 3.0, 3.0, 1.0]]
 
 
 def test_gold_scores_not_aligned(tmp_path):

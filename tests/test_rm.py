@@ -87,6 +87,16 @@ def test_kway_loss_in_training_equals_mean_of_pairwise_losses_by_hand(micro_rm):
     assert margin_loss.item() == pytest.approx(sum(by_hand_margin) / 2, abs=1e-5)
     assert stats["num_pairs"].item() == n_pairs == 7
 
+    # with labeler ratings (rows loaded with a `ratings` column), pairs rated alike are no training pairs
+    rated = [{**groups[0], "ratings": [5.0, 3.0, 3.0, 1.0]}, groups[1]]  # the second group has no ratings
+    with torch.no_grad():
+        tied_loss, tied_stats = train.compute_loss(model, train.collate(tokenizer, rated, max_length=96, chunk_size=4))
+    r = [alone(groups[0]["prompt"], response) for response in groups[0]["responses"]]
+    untied = [(i, j) for i, j in itertools.combinations(range(4), 2) if (i, j) != (1, 2)]
+    first = sum(nls(r[i] - r[j]) for i, j in untied) / len(untied)
+    assert tied_loss.item() == pytest.approx((first + by_hand[1]) / 2, abs=1e-5)
+    assert tied_stats["num_pairs"].item() == 6
+
 
 def test_padding_does_not_change_a_score(micro_rm):
     scorer = RewardScorer(str(micro_rm))

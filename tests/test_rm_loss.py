@@ -149,3 +149,26 @@ def test_accuracy_counts_ties_as_wrong():
     _, stats = ranked_pairs_loss(scores)
     assert abs(float(stats["accuracy"]) - 1 / 3) < 1e-7
     assert abs(float(stats["margin_mean"]) - (0.0 + 1.0 - 3.0) / 3) < 1e-7
+
+
+def test_pairs_rated_alike_are_ties_left_out_of_the_loss():
+    """Ratings 5, 3, 3, 1 (UltraFeedback's completions): of the six pairs, (1, 2) is a tie and is not trained."""
+    row = [3.0, 1.0, 2.0, -1.0]
+    loss, stats = ranked_pairs_loss(torch.tensor([row], dtype=torch.float64),
+                                    ratings=torch.tensor([[5.0, 3.0, 3.0, 1.0]], dtype=torch.float64))
+    diffs = [2.0, 1.0, 4.0, 2.0, 3.0]  # pairs (0,1) (0,2) (0,3) (1,3) (2,3); not (1,2), whose diff is -1
+    assert abs(float(loss) - sum(nls(d) for d in diffs) / 5) < 1e-12
+    assert float(stats["num_pairs"]) == 5 and float(stats["accuracy"]) == 1.0
+    strict, _ = ranked_pairs_loss(torch.tensor([row], dtype=torch.float64),
+                                  ratings=torch.tensor([[4.0, 3.0, 2.0, 1.0]], dtype=torch.float64))
+    assert abs(float(strict) - hand_group_loss(row)) < 1e-12
+
+
+def test_held_out_metrics_skip_pairs_rated_alike():
+    from reward_model.train import ranking_metrics
+
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"], "ratings": [2.0, 1.0, 1.0]},
+            {"prompt": "q", "responses": ["d", "e"]}]  # unrated: its order is strict
+    metrics = ranking_metrics([[1.0, 0.0, 2.0], [0.0, 1.0]], rows)
+    # row 1: pairs (0,1) right, (0,2) wrong, (1,2) a tie (skipped); row 2: (0,1) wrong
+    assert metrics["pairs"] == 3 and metrics["accuracy"] == pytest.approx(1 / 3)
