@@ -240,6 +240,17 @@ def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def scaler_state(scaler: Any) -> dict:
+    """fp16 loss scaling's state for a training checkpoint (nothing without fp16): a resumed run that started
+    again from 2^16 would skip steps finding its scale anew."""
+    return {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+
+
+def restore_scaler(scaler: Any, state: dict) -> None:
+    if scaler is not None and scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
+
+
 def load_training_state(checkpoint: str | Path) -> dict:
     """Read training state back (tensors and plain containers only) and restore the RNG streams."""
     path = Path(checkpoint) / "training_state.pt"

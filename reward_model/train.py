@@ -32,8 +32,8 @@ from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, save_final, save_training_checkpoint,
-                                 write_text_atomic)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, restore_scaler, save_final, save_training_checkpoint,
+                                 scaler_state, write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
@@ -327,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         state = load_training_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -427,7 +428,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
-                                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                          **scaler_state(accelerator.scaler)},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
 

@@ -486,6 +486,33 @@ def test_an_fp16_overflow_is_left_to_the_loss_scaler_until_its_scale_collapses()
         stop_if_not_finite(torch.tensor(float("nan")), "pretrain", 7, "Lower learning_rate.", collapsed)
 
 
+def test_a_training_checkpoint_keeps_the_fp16_loss_scale(tmp_path):
+    """A resumed fp16 run goes on with the scale it had found, not a fresh 2^16 that skips steps finding it again."""
+    from torch.amp import GradScaler
+
+    from pipeline.checkpoint import load_training_state, restore_scaler, save_training_checkpoint, scaler_state
+
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    scaler = GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=3)
+    for grad_scale in (float("inf"), 1.0, 1.0):  # one overflow (the scale halves), then two good steps
+        scaler.scale((weight * grad_scale).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+    assert scaler.get_scale() == 2.0 ** 15 and scaler.state_dict()["_growth_tracker"] == 2
+    tokenizer = train_tokenizer(["a b c"], 300)
+    model = build_causal_lm(ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, intermediate_size=32, max_position_embeddings=16),
+                            tokenizer)
+    saved = save_training_checkpoint(tmp_path, 3, model, tokenizer, {"optimizer": optimizer.state_dict(),
+                                                                      **scaler_state(scaler)})
+    resumed = GradScaler("cpu", init_scale=2.0 ** 16, growth_interval=3)
+    restore_scaler(resumed, load_training_state(saved))
+    assert resumed.state_dict() == scaler.state_dict()
+    assert scaler_state(None) == {} and scaler_state(GradScaler("cpu", enabled=False)) == {}  # bf16 / fp32 runs
+
+
 @pytest.mark.parametrize("setting, launcher, cpu_bf16, expected", [
     ("fp32", "bf16", True, "fp32"),    # the config's explicit choice wins over everything
     ("bf16", "no", False, "bf16"),

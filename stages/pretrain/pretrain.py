@@ -18,8 +18,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint, save_final,
-                                 save_training_checkpoint)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint, restore_scaler,
+                                 save_final, save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None:
         state = load_training_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
+        restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
     model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
-                                         {"optimizer": optimizer.state_dict()}, cfg.keep_checkpoints)
+                                         {"optimizer": optimizer.state_dict(), **scaler_state(accelerator.scaler)},
+                                         cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             throughput.rate()  # nor saving
 
