@@ -28,6 +28,7 @@ Rows are numbered from 1 in error messages. `split` applies to hub datasets and 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -237,13 +238,16 @@ def _prompt(value: Any, column: str) -> str:
     turns = _turns(value, column)
     if turns[-1]["role"] != "user":
         raise _Invalid(column, f"{expected}; its last message is the {turns[-1]['role']}'s")
+    if turns[0]["role"] == "assistant":
+        raise _Invalid(column, f"{expected}; its first message is the assistant's (a prompt opens with the user)")
     if any(t["role"] == "system" for t in turns):
         # prompts travel as text, and an hh-rlhf transcript has no system turn
         raise _Invalid(column, "a system message in a prompt is not supported (preference and PPO prompts carry "
                                "user and assistant turns); fold it into the first user message")
+    empty = next((i for i, t in enumerate(turns) if not t["content"].strip()), None)
+    if empty is not None:
+        raise _Invalid(column, f"{expected}; message {empty} is empty")
     text = prompt_text(turns)
-    if not text.strip():
-        raise _Invalid(column, f"{expected}; its one message is empty")
     if _stripped(prompt_messages(text)) != _stripped(turns):
         raise _Invalid(column, f"these turns would not read back as themselves: a message quotes the "
                                f"'Human:'/'Assistant:' markers that prompts travel in ({_describe(value)})")
@@ -360,8 +364,8 @@ def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
     if column in ("gold_scores", "ratings"):
         n = len(out["responses"])
         if not isinstance(value, (list, tuple)) or len(value) != n or not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) for s in value):
-            raise _Invalid(column, f"expected a list of {n} numbers aligned with 'responses', "
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in value):
+            raise _Invalid(column, f"expected a list of {n} finite numbers aligned with 'responses', "
                                    f"got {_describe(value)}")
         return [float(s) for s in value]
     raise ValueError(f"no validator for optional column {column!r}")
@@ -657,7 +661,8 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     if first_row is None:
         raise DataError(first_part.description, "no rows (empty dataset)")
     mapped_first = map_columns(first_row, spec.columns)
-    optional = tuple(c for c in schema.optional if mapped_first.get(c) is not None)
+    # ratings make ties, so they are kept even where the first row has none (later rows may)
+    optional = tuple(c for c in schema.optional if mapped_first.get(c) is not None or c == "ratings")
 
     def generate() -> Iterator[dict[str, Any]]:
         produced = 0

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -81,7 +82,10 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
             path = Path(value) if Path(value).is_absolute() else base_dir / value
             if not path.exists() and Path(value).exists():
                 path = Path(value)
-            return load_config(tp, path)
+            try:
+                return load_config(tp, path)
+            except _CheckFailed as e:  # that file's own values are wrong; no override can reach inside it
+                raise ConfigError(str(e)) from None
         if isinstance(value, dict):
             return _build(tp, value, where, base_dir, f"{key}.")
         raise ConfigError(f"{where}: key '{key}': expected a mapping or a YAML path for {tp.__name__}, got {value!r}")
@@ -127,20 +131,28 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
 def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
+    kwargs, section_failed = {}, None
     for key, value in values.items():
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
-        kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
+        try:
+            kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
+        except _CheckFailed as e:  # a section's own check: first finish checking the other keys' names and types
+            section_failed = section_failed or e
+    if section_failed is not None:
+        raise section_failed
     try:
         return cls(**kwargs)
     except FieldError as e:
         raise _CheckFailed(where, f"{prefix}{e.key}", e.problem) from None
     except _CheckFailed:
         raise
-    except ConfigError as e:  # a check that names its keys in its message
+    except ConfigError as e:  # a check that names its key(s) in its message: "key 'eval_fraction': ..."
+        one_key = re.match(r"key '([^']+)': (.*)", str(e), re.DOTALL)
+        if one_key:
+            raise _CheckFailed(where, one_key.group(1), one_key.group(2)) from None
         raise _CheckFailed(where, None, str(e)) from None
     except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
         raise _CheckFailed(where, prefix.rstrip(".") or None, str(e)) from None
@@ -230,10 +242,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except _CheckFailed as e:
         if not overrides:
             raise
-        # name the override that set the refused key (or its section), else the file if it fails alone
-        source = next((f"override '{item}'" for item in reversed(overrides)
-                       if e.key and _same_branch(item.partition("=")[0], e.key)),
-                      f"{where} with its overrides" if file_passes else where)
+        # name the override(s) that set the refused key or its section, else the file if it fails alone
+        setting = [f"'{item}'" for item in overrides if e.key and _same_branch(item.partition("=")[0], e.key)]
+        source = (f"override {setting[0]}" if len(setting) == 1 else f"overrides {', '.join(setting)}" if setting
+                  else f"{where} with its overrides" if file_passes else where)
         raise ConfigError(f"{source}: key '{e.key}': {e.problem}" if e.key else f"{source}: {e.problem}") from None
 
 

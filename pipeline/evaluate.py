@@ -255,7 +255,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     path, label = resolve_checkpoint(cfg, args.stage)
     world = run_world(cfg)
-    rows = load_prompts(world / "eval_prompts.jsonl", args.limit or None)
+    rows = load_prompts(world / "eval_prompts.jsonl")
+    limited = 0 < args.limit < len(rows)
+    rows = rows[:args.limit] if limited else rows
     device = default_device()
     scorer, rm_path = None, None
     if args.rm:
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
     print(eval_tables(result))
     # a quick look at the first N prompts keeps its own file: it must not replace a full evaluation
-    default_name = f"{label}-first{len(rows)}.json" if args.limit else f"{label}.json"
+    default_name = f"{label}-first{len(rows)}.json" if limited else f"{label}.json"
     out = Path(args.out) if args.out else run_dir(cfg) / "eval" / default_name
     report = {"checkpoint": path, "label": label, "prompts": len(rows), "seed": cfg.seed,
               "sampling": dataclasses.asdict(sampling), "reward_model": rm_path,

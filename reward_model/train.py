@@ -361,8 +361,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scores = gather_object([scores])
         scores = [group for shard_scores in scores for group in shard_scores]
         metrics = ranking_metrics(scores, eval_rows)
-        chosen = [s[0] for s in scores]
-        rejected = [x for s in scores for x in s[1:]]
+        # the best-ranked response of each row against the others (with ratings, every response rated best)
+        best = [sum(r == row["ratings"][0] for r in row["ratings"]) if row.get("ratings") else 1 for row in eval_rows]
+        chosen = [x for s, n in zip(scores, best) for x in s[:n]]
+        rejected = [x for s, n in zip(scores, best) for x in s[n:]]
         metrics.update({**score_stats("chosen", chosen), **score_stats("rejected", rejected)})
         # the console gets the headline; the per-criterion and per-family breakdown goes to W&B
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step,

@@ -95,6 +95,18 @@ def test_a_check_across_keys_judges_the_overrides_together_and_names_the_one_to_
     # a single key's own check still names the override that set it, whatever follows
     with pytest.raises(ConfigError, match=r"override 'sampling.top_p=0': key 'sampling.top_p'"):
         load_config(PPOStageConfig, MICRO / "ppo.yaml", ["sampling.top_p=0", "max_steps=3"])
+    with pytest.raises(ConfigError, match=r"override 'sampling.temperature=0': key 'sampling.temperature'"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", ["sampling.temperature=0", "max_steps=3"])
+    # a section's check names every override that went into it
+    with pytest.raises(ConfigError, match=r"overrides 'world.n_entities=2', 'world.seed=3': key 'world'"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", ["world.n_entities=2", "world.seed=3", "max_steps=3"])
+    # while a check waits, a later override's unknown key is still its own error
+    with pytest.raises(ConfigError, match=r"override 'max_new_tokenz=3': unknown key 'max_new_tokenz'"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", ["sampling.top_p=0", "max_new_tokenz=3", "sampling.top_p=0.5"])
+    # a section given as another YAML file that fails its own check names that file
+    world = write(tmp_path / "small_world.yaml", "n_entities: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{world}: invalid WorldConfig: n_entities must be >= 4"):
+        load_config(PPOStageConfig, MICRO / "ppo.yaml", [f"world={world}"])
 
 
 def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):

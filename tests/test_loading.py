@@ -362,9 +362,13 @@ def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_hold
     ({"prompt": [said("user", "Say '\n\nHuman: x'"), said("assistant", "x"), USER], "chosen": "P.", "rejected": "R."},
      "prompt", "would not read back"),
     ({"chosen": [said("assistant", "Paris.")], "rejected": [said("assistant", "Rome.")]}, "prompt", "missing"),
+    ({"prompt": [said("user", "Hi"), said("assistant", "Hello!"), said("user", " ")], "chosen": "P.", "rejected": "R."},
+     "prompt", "message 2 is empty"),
+    ({"prompt": [said("assistant", "Welcome!"), USER], "chosen": "P.", "rejected": "R."}, "prompt",
+     "first message is the assistant's"),
     ({"prompt": "Q?", "chosen": {"text": "Paris."}, "rejected": "Rome."}, "chosen", "a string or a list"),
 ], ids=["sides-disagree", "side-disagrees-with-prompt", "no-reply", "system-turn", "prompt-ends-with-reply",
-        "quotes-a-marker", "no-prompt-anywhere", "wrong-type"])
+        "quotes-a-marker", "no-prompt-anywhere", "empty-turn", "assistant-first", "wrong-type"])
 def test_bad_conversational_pairs_name_their_column(tmp_path, row, column, words):
     path = write_rows(tmp_path / "pairs.jsonl", [row])
     with pytest.raises(DataError) as error:
@@ -385,7 +389,15 @@ def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix
     bad = write_rows(tmp_path / f"short{suffix}", [{"prompt": "p", "responses": ["a", "b", "c"], "ratings": [1, 2]}])
     with pytest.raises(DataError) as error:
         load(bad, "preferences")
-    assert "expected a list of 3 numbers aligned with 'responses'" in assert_data_error(error, bad, 1, "ratings")
+    assert "expected a list of 3 finite numbers aligned with 'responses'" in assert_data_error(error, bad, 1, "ratings")
+    nan = write_rows(tmp_path / f"nan{suffix}", [{"prompt": "p", "responses": ["a", "b"], "ratings": [3.0, float("nan")]}])
+    with pytest.raises(DataError) as error:  # UltraFeedback's "N/A" ratings become NaN through pandas
+        load(nan, "preferences")
+    assert_data_error(error, nan, 1, "ratings")
+    # streamed, rows after a first one without ratings still sort by theirs
+    mixed = write_rows(tmp_path / f"mixed{suffix}", [{"prompt": "r", "responses": ["x", "y"], "ratings": None}, rows[0]])
+    streamed = list(load(mixed, "preferences", streaming=True))
+    assert streamed[1]["responses"] == ["best", "ok", "fine", "bad"] and streamed[1]["ratings"] == [5.0, 3.0, 3.0, 1.0]
     # beside a file without ratings (a strict ranking), the rated file keeps its ties
     (tmp_path / "both").mkdir()
     write_rows(tmp_path / "both" / f"rated{suffix}", rows[:1])

@@ -120,6 +120,9 @@ def test_eval_of_an_outside_checkpoint_given_by_path(micro_report, micro_runs, t
     written = json.loads((micro_runs / "micro" / "eval" / "outside-lm-first3.json").read_text())
     assert written["prompts"] == 3 and len(written["samples"]) == 3
     assert not (micro_runs / "micro" / "eval" / "outside-lm.json").exists()
+    evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--limit", "100000"])  # more than there are
+    assert not (micro_runs / "micro" / "eval" / "outside-lm-first100000.json").exists()
+    assert json.loads((micro_runs / "micro" / "eval" / "outside-lm.json").read_text())["prompts"] > 3
 
 
 def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
