@@ -6,6 +6,7 @@
 #                             (stages: pretrain sft prefs rm ppo)
 #   make report               evaluate every finished stage on the held-out prompts: runs/<RUN>/report.md
 #   make eval STAGE=sft       held-out gold evaluation of one stage (or STAGE=path/to/a/checkpoint)
+#   make eval-rm              the run's reward model on its held-out rankings (ARGS="--data path-or-hub-id --split test")
 #   make chat STAGE=ppo       talk to a stage's model (ARGS="--temperature 0 --prompt '...'" for one greedy reply)
 #   make bench                throughput benchmarks, printed as a table
 #   make setup                only the venv (.venv; `. .venv/bin/activate` to use it in a shell)
@@ -47,7 +48,7 @@ REPORT_OUT := $(RUNDIR)/report.md
 # $(call stage,<module>,<config>,<stage args>,<command-line args>)
 stage = $(LAUNCH) -m $(1) --config configs/$(RECIPE)/$(2).yaml run_name=$(RUN) $(if $(filter 1 true yes,$(RESUME)),resume=true) $(3) $(4)
 
-.PHONY: help setup all pretrain sft prefs rm ppo report eval chat test bench clean
+.PHONY: help setup all pretrain sft prefs rm ppo report eval eval-rm chat test bench clean
 .DEFAULT_GOAL := help
 
 help:
@@ -112,6 +113,9 @@ report: $(PPO_OUT)
 STAGE ?= ppo
 eval: | $(SETUP_STAMP)
 	$(PY) -m pipeline.evaluate --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
+
+eval-rm: | $(SETUP_STAMP)
+	$(PY) -m reward_model.evaluate --config configs/$(RECIPE)/rm.yaml run_name=$(RUN) $(ARGS)
 
 chat: | $(SETUP_STAMP)
 	$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)

@@ -246,6 +246,44 @@ def by_deciding_criterion(metrics: dict[str, float]) -> dict[str, dict]:
     return dict(sorted(found.items(), key=lambda item: -item[1]["pairs"]))
 
 
+def best_and_rest(scores: list[list[float]], rows: list[dict]) -> tuple[list[float], list[float]]:
+    """The scores of each ranking's best response (with ratings, of every response rated best), and of the others."""
+    best = [sum(r == row["ratings"][0] for r in row["ratings"]) if row.get("ratings") else 1 for row in rows]
+    return ([x for s, n in zip(scores, best) for x in s[:n]], [x for s, n in zip(scores, best) for x in s[n:]])
+
+
+def headline_metrics(metrics: dict[str, float]) -> dict:
+    """What eval.json keeps of ranking_metrics: the headline figures and the breakdown by deciding criterion."""
+    result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
+                                      "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
+              if k in metrics}
+    by_criterion = by_deciding_criterion(metrics)
+    if by_criterion:
+        result["gold_accuracy_by_deciding_criterion"] = by_criterion
+    return result
+
+
+def describe_accuracy(result: dict) -> str:
+    """"0.644, gold agreement 0.748, noise ceiling 0.846 (76.1% of it) ...": the accuracy, and against gold."""
+    return f"{result['accuracy']:.3f}" + (
+        f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
+        f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "
+        f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
+        if "noise_ceiling" in result else "")
+
+
+def describe_by_criterion(result: dict) -> list[str]:
+    by_criterion = result.get("gold_accuracy_by_deciding_criterion")
+    if not by_criterion:
+        return []
+    lines = ["gold agreement by the criterion that decides the pair: " +
+             ", ".join(f"{c} {v['gold_accuracy']:.2f} ({v['pairs']} pairs)" for c, v in by_criterion.items())]
+    if "correctness" in by_criterion and by_criterion["correctness"]["by_family"]:
+        lines.append("... on the pairs correctness decides, by task family: "
+                     + family_breakdown(by_criterion["correctness"]["by_family"]))
+    return lines
+
+
 def family_breakdown(by_family: dict[str, dict]) -> str:
     """"arithmetic 0.50 (233), fact 0.60 (107)": gold agreement and pairs per family, as one line."""
     return ", ".join(f"{f} {v['gold_accuracy']:.2f} ({v['pairs']})" for f, v in by_family.items())
@@ -361,10 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scores = gather_object([scores])
         scores = [group for shard_scores in scores for group in shard_scores]
         metrics = ranking_metrics(scores, eval_rows)
-        # the best-ranked response of each row against the others (with ratings, every response rated best)
-        best = [sum(r == row["ratings"][0] for r in row["ratings"]) if row.get("ratings") else 1 for row in eval_rows]
-        chosen = [x for s, n in zip(scores, best) for x in s[:n]]
-        rejected = [x for s, n in zip(scores, best) for x in s[n:]]
+        chosen, rejected = best_and_rest(scores, eval_rows)
         metrics.update({**score_stats("chosen", chosen), **score_stats("rejected", rejected)})
         # the console gets the headline; the per-criterion and per-family breakdown goes to W&B
         tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step,
@@ -453,27 +488,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
                    rm_max_length=cfg.max_length,
                    world_data=lineage)
-        result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
-                                          "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
-                  if k in metrics}
-        by_criterion = by_deciding_criterion(metrics)
-        if by_criterion:
-            result["gold_accuracy_by_deciding_criterion"] = by_criterion
+        result = headline_metrics(metrics)
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
         tracker.summary({f"eval/final_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
-        ceiling = (f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
-                   f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "
-                   f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
-                   if "noise_ceiling" in result else "")
-        print(f"[rm] held-out pairwise accuracy {result['accuracy']:.3f}{ceiling}; reward mean {reward_mean:.3f} "
+        print(f"[rm] held-out pairwise accuracy {describe_accuracy(result)}; reward mean {reward_mean:.3f} "
               f"std {reward_std:.3f}; checkpoint in {paths.final}, metrics in {paths.root / 'eval.json'}")
-        if by_criterion:
-            print("[rm] gold agreement by the criterion that decides the pair: " +
-                  ", ".join(f"{c} {v['gold_accuracy']:.2f} ({v['pairs']} pairs)" for c, v in by_criterion.items()))
-            if "correctness" in by_criterion and by_criterion["correctness"]["by_family"]:
-                print("[rm] ... on the pairs correctness decides, by task family: " + family_breakdown(
-                    by_criterion["correctness"]["by_family"]))
+        for line in describe_by_criterion(result):
+            print(f"[rm] {line}")
         tracker.finish(paths.final)
     end_stage(accelerator)
     return metrics

@@ -191,6 +191,37 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
         assert sum(f["pairs"] for f in entry["by_family"].values()) == entry["pairs"]
 
 
+def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(micro_rm, micro_runs, tmp_path, capsys):
+    from reward_model import evaluate
+
+    run = ["--config", str(MICRO_RM), f"runs_dir={micro_runs}", "run_name=micro"]
+    report = evaluate.main(run)
+    trained = json.loads((micro_rm.parent / "eval.json").read_text())
+    for key in ("accuracy", "gold_accuracy", "noise_ceiling", "pairs", "decided_pairs"):
+        assert report[key] == pytest.approx(trained[key], abs=1e-9), key  # the same held-out rankings and scores
+    assert report["gold_accuracy_by_deciding_criterion"].keys() == trained["gold_accuracy_by_deciding_criterion"].keys()
+    assert json.loads((micro_runs / "micro" / "eval" / "rm-rm.json").read_text())["rankings"] == report["rankings"]
+
+    # any preference data: here pairs whose order is the RM's own, then its reverse
+    scorer = RewardScorer(str(micro_rm))
+    prompts, replies = ["What is 12 plus 30?", "Reverse the word lamp."], [["42.", "Go away."], ["pmal", "lamp?"]]
+    ordered = []
+    for prompt, (a, b) in zip(prompts, replies):
+        sa, sb = scorer.score([prompt, prompt], [a, b]).tolist()
+        ordered.append({"prompt": prompt, "chosen": a if sa > sb else b, "rejected": b if sa > sb else a})
+    agree = tmp_path / "agree.jsonl"
+    agree.write_text("".join(json.dumps(r) + "\n" for r in ordered))
+    assert evaluate.main(run + ["--data", str(agree), "--split", "train"])["accuracy"] == 1.0
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in ordered))
+    out = tmp_path / "flipped.json"
+    assert evaluate.main(run + ["--data", str(flipped), "--out", str(out)])["accuracy"] == 0.0
+    assert json.loads(out.read_text())["pairs"] == 2 and "gold_accuracy" not in json.loads(out.read_text())
+    with pytest.raises(SystemExit, match=r"no reward model in run 'other'.*make rm"):
+        evaluate.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=other"])
+
+
 def test_ranking_metrics_by_deciding_criterion_by_hand():
     clean = {"correctness": 1.0, "on_task": 1.0, "tone": 1.0, "concision": 1.0, "format": 1.0}
     wrong, filler = {**clean, "correctness": 0.0}, {**clean, "concision": 0.5}
