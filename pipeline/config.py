@@ -243,7 +243,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not overrides:
             raise
         # name the override(s) that set the refused key or its section, else the file if it fails alone
-        setting = [f"'{item}'" for item in overrides if e.key and _same_branch(item.partition("=")[0], e.key)]
+        last = {item.partition("=")[0]: item for item in overrides}  # a key given twice: its last value counts
+        setting = [f"'{item}'" for key, item in last.items() if e.key and _same_branch(key, e.key)]
         source = (f"override {setting[0]}" if len(setting) == 1 else f"overrides {', '.join(setting)}" if setting
                   else f"{where} with its overrides" if file_passes else where)
         raise ConfigError(f"{source}: key '{e.key}': {e.problem}" if e.key else f"{source}: {e.problem}") from None

@@ -121,28 +121,29 @@ def run_world(cfg: StageConfig) -> Path:
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(cfg: StageConfig, stage_or_path: str) -> tuple[str, str]:
-    """(checkpoint path or hub id, a short label): a stage name means that stage's final/ in this run."""
+def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stage") -> tuple[str, str]:
+    """(checkpoint path or hub id, a short label): a stage name means that stage's final/ in this run. `flag`:
+    the command-line option that named it, for messages."""
     if stage_or_path in POLICY_STAGE_NAMES or stage_or_path == "rm":
         final = stage_paths(cfg, stage_or_path).final
         if not (final / "config.json").exists():
             sys.exit(f"no '{stage_or_path}' checkpoint in run '{cfg.run_name}': {final} does not exist. Train it "
                      f"first (make {stage_or_path} RECIPE={os.environ.get('RECIPE') or '<recipe>'} RUN={cfg.run_name}), "
-                     "or pass --stage path/to/checkpoint.")
+                     f"or pass {flag} path/to/checkpoint.")
         return str(final), stage_or_path
     path = Path(stage_or_path).expanduser()
     if path.exists():
         if not (path / "config.json").exists():
             inner = " (a training checkpoint keeps its model in model/: pass that)" \
                 if (path / "model" / "config.json").exists() else ""
-            sys.exit(f"--stage {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)"
+            sys.exit(f"{flag} {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)"
                      + inner)
         label = path.parent.name if path.name == "final" else path.name
         return str(path), label
     if "/" in stage_or_path and is_hub_id(stage_or_path):  # 'owner/name' (a bare word is a mistyped stage)
         return stage_or_path, stage_or_path.replace("/", "--")
-    sys.exit(f"--stage {stage_or_path}: expected one of {', '.join(POLICY_STAGE_NAMES)} or an existing checkpoint "
-             f"directory; {path} does not exist")
+    stages = f"one of {', '.join(POLICY_STAGE_NAMES)} or " if flag == "--stage" else ""
+    sys.exit(f"{flag} {stage_or_path}: expected {stages}an existing checkpoint directory; {path} does not exist")
 
 
 def run_reward_model(cfg: StageConfig) -> str:
@@ -239,11 +240,18 @@ def eval_tables(result: EvalResult) -> str:
             + markdown_table(["family", "prompts", "gold score", "correctness", "chance"], families))
 
 
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 (all) or more, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     add_sampling_arguments(parser, EVAL_SAMPLING)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate the first N prompts only (0: all)")
+    parser.add_argument("--limit", type=_not_negative, default=0, help="evaluate the first N prompts only (0: all)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")

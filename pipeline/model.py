@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from pipeline.checkpoint import loading_from, require_checkpoint
+from pipeline.checkpoint import CheckpointError, loading_from, require_checkpoint
 from pipeline.config import ConfigError
 
 POLICY_STAGES = ("pretrain", "sft", "ppo")
@@ -167,8 +167,10 @@ def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
 
 
 def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_code: bool = False,
-                      allowed_stages: tuple[str, ...] = POLICY_STAGES + SCALAR_STAGES) -> torch.nn.Module:
-    """The backbone at `path` with a scalar head: a trained RM, or a policy checkpoint whose new head starts random."""
+                      allowed_stages: tuple[str, ...] = POLICY_STAGES + SCALAR_STAGES,
+                      trained_head: bool = False) -> torch.nn.Module:
+    """The backbone at `path` with a scalar head: a trained RM, or a policy checkpoint whose new head starts random
+    (refused with `trained_head`: a scorer with a random head scores nothing)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
     # transformers prints a table for every key a load misses; from a policy checkpoint the scalar head is the one
@@ -185,6 +187,10 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
     if loading["missing_keys"] - head:
         print(f"[{needed_by}] warning: {path} lacks weights for {sorted(loading['missing_keys'] - head)}; "
               f"they start random", file=sys.stderr)
+    elif loading["missing_keys"] and trained_head:
+        missing = ", ".join(sorted(loading["missing_keys"]))
+        raise CheckpointError(f"{needed_by}: {path} has no trained scalar head ({missing} would start random): "
+                              "it is no reward model")
     elif loading["missing_keys"]:
         print(f"[{needed_by}] {path}: backbone loaded, new scalar head ({', '.join(sorted(loading['missing_keys']))})"
               f" starts random")

@@ -10,17 +10,22 @@ equal the end of `make rm`). `--data` names any preference dataset instead, in e
 are the pairwise accuracy against the data's order (pairs rated alike left out), the score distributions of the
 best responses and the rest, and, where every ranking has gold scores (the world's), gold agreement, the
 annotator's noise ceiling and the breakdown by the criterion that decides a pair. The figures go to
-runs/<run>/eval/rm-<label>.json.
+runs/<run>/eval/rm-<label>.json (rm-<label>-on-<data>.json with --data).
+
+The held-out rankings are those of the RM training this run made, split with the settings it ran with (its
+resolved config.yaml), in the run's world as it is: an evaluation never rewrites the world.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.evaluate import default_device, load_run_config
-from pipeline.runs import run_dir, run_main, stage_paths, world_dir
+from pipeline.config import load_config
+from pipeline.evaluate import default_device, load_run_config, resolve_checkpoint, run_world
+from pipeline.runs import run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
 from reward_model.train import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
@@ -31,33 +36,46 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run's RM config, e.g. configs/tiny/rm.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., ...)")
-    parser.add_argument("--reward-model", metavar="PATH", help="an RM checkpoint (default: the run's rm/final)")
+    parser.add_argument("--reward-model", metavar="PATH", default="rm",
+                        help="an RM checkpoint directory or hub id (default: the run's rm/final)")
     parser.add_argument("--data", help="a preference dataset: local file or directory, or hub id (default: the "
                                        "rankings the run's RM training held out)")
     parser.add_argument("--split", default="test", help="with --data: the split (default: test)")
     parser.add_argument("--max-rows", type=int, default=None, help="with --data: read at most this many rows")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>.json)")
+    parser.add_argument("--batch-size", type=int, default=0, help="default: the config's eval_batch_size")
+    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>].json)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     if not isinstance(cfg, RewardModelConfig):
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")
 
-    rm_path = args.reward_model or str(stage_paths(cfg, "rm").final)
-    if not args.reward_model and not (Path(rm_path) / "config.json").exists():
-        raise SystemExit(f"no reward model in run '{cfg.run_name}': {rm_path} does not exist. Train it first "
-                         f"(make rm), or pass --reward-model path/to/checkpoint.")
-    if args.data:
-        spec = DatasetSpec(path=args.data, split=args.split, max_rows=args.max_rows)
-        rows, source = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world_dir(cfg))], args.data
-    else:
-        _, rows, source = load_rankings(cfg)
-        source = f"the held-out rankings of {source}"
-    add_gold_criteria(cfg, rows)
+    # the RM first: a wrong checkpoint fails before any data is read
+    rm_path, label = resolve_checkpoint(cfg, args.reward_model, flag="--reward-model")
     device = default_device()
     scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="eval-rm")
+    if args.data:
+        spec = DatasetSpec(path=args.data, split=args.split, max_rows=args.max_rows)
+        world = run_world(cfg) if args.data.startswith("world:") else None
+        rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
+        source, name = args.data, "-on-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.data).stem or args.data)
+    else:
+        # the held-out split of the RM training this run made, with the settings it ran with (its resolved
+        # config, not the recipe's file), in the run's world as it is
+        trained_config = stage_paths(cfg, "rm").config_file
+        if not trained_config.exists():
+            raise SystemExit(f"no RM training in run '{cfg.run_name}' ({trained_config} does not exist) to take its "
+                             "held-out rankings from: train it (make rm), or pass --data")
+        trained = load_config(RewardModelConfig, trained_config)
+        trained.runs_dir, trained.run_name = cfg.runs_dir, cfg.run_name  # where the run is now
+        _, rows, source = load_rankings(trained, world=run_world(trained))
+        source, name = f"the held-out rankings of {source}", ""
+    if not rows:
+        raise SystemExit(f"eval-rm: no rankings in {source}")
+    if all(row.get("gold_scores") for row in rows):  # the world's rankings: their judge names each pair's criterion
+        add_gold_criteria(cfg, rows, world=run_world(cfg))
     print(f"[eval-rm] {rm_path}: {len(rows):,} rankings from {source}", flush=True)
-    scores = score_rankings(scorer.model, scorer.tokenizer, rows, scorer.max_length, args.batch_size, device)
+    scores = score_rankings(scorer.model, scorer.tokenizer, rows, scorer.max_length,
+                            args.batch_size or cfg.eval_batch_size, device)
 
     result = headline_metrics(ranking_metrics(scores, rows))
     best, rest = best_and_rest(scores, rows)
@@ -67,8 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"the rest {result['rest_mean']:.3f} +- {result['rest_std']:.3f}")
     for line in describe_by_criterion(result):
         print(f"[eval-rm] {line}")
-    label = Path(rm_path.rstrip("/")).name if args.reward_model else "rm"
-    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"rm-{label}.json"
+    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"rm-{label}{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {"reward_model": rm_path, "data": source, "rankings": len(rows), **result,
               "scores": [{"prompt": row["prompt"], "responses": row["responses"], "scores": s}

@@ -51,8 +51,8 @@ class RewardScorer:
     def __init__(self, path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
                  needed_by: str = "scoring"):
         self.tokenizer = load_tokenizer(path, trust_remote_code)
-        self.model = load_scalar_model(path, needed_by, self.tokenizer, trust_remote_code,
-                                       allowed_stages=("rm",)).to(device).eval()
+        self.model = load_scalar_model(path, needed_by, self.tokenizer, trust_remote_code, allowed_stages=("rm",),
+                                       trained_head=True).to(device).eval()
         self.model.requires_grad_(False)
         self.device = device
         self.mean = float(getattr(self.model.config, "reward_mean", 0.0))

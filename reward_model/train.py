@@ -47,12 +47,16 @@ from reward_model.losses import pack_groups, ranked_pairs_loss
 from reward_model.scoring import conversation_text, encode_conversations, sequence_scores
 
 
-def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
+def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[list[dict], list[dict], str]:
     """(train rows, held-out rows, where they came from); each row has `prompt` and `responses` best first,
-    and `gold_scores` when known. Invalid data raises DataError naming the file, row and column."""
+    and `gold_scores` when known. Invalid data raises DataError naming the file, row and column. `world`: the
+    run's world directory as it is (default: world_dir(cfg), which writes it when the settings changed)."""
+    def the_world() -> Path:
+        return world or world_dir(cfg)
+
     def load(spec: DatasetSpec) -> list[dict]:
-        world = world_dir(cfg) if spec.path.startswith("world:") else None
-        return [dict(row) for row in load_dataset_for(spec, "preferences", world_dir=world)]
+        return [dict(row) for row in load_dataset_for(spec, "preferences", world_dir=the_world()
+                                                      if spec.path.startswith("world:") else None)]
 
     if cfg.train_data is None:
         prefs = stage_paths(cfg, "prefs").root
@@ -72,7 +76,7 @@ def load_rankings(cfg: RewardModelConfig) -> tuple[list[dict], list[dict], str]:
     # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows; the world's
     # rankings hold out whole questions, as collection does
     if cfg.train_data.path.startswith("world:"):
-        judge = load_judge(world_dir(cfg))
+        judge = load_judge(the_world())
         prompts = [question_of(judge, row["prompt"]) for row in train]
     else:
         prompts = [row["prompt"] for row in train]
@@ -154,12 +158,12 @@ def score_rankings(model, tokenizer, rows: list[dict], max_length: int, batch_si
     return [scores[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def add_gold_criteria(cfg: RewardModelConfig, rows: list[dict]) -> None:
+def add_gold_criteria(cfg: RewardModelConfig, rows: list[dict], world: Path | None = None) -> None:
     """Give world rankings (rows with `gold_scores` whose prompts the world's judge parses) each response's gold
     criteria, so ranking_metrics can say which kinds of differences the RM sees."""
     if not rows or not all("gold_scores" in row for row in rows):
         return
-    judge = load_judge(world_dir(cfg))
+    judge = load_judge(world or world_dir(cfg))
     if all(judge.task(row["prompt"]) is not None for row in rows):
         for row in rows:
             row["gold_criteria"] = [judge.score(row["prompt"], r).criteria for r in row["responses"]]

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from data.loading import DataError
+from pipeline.checkpoint import CheckpointError
 from data.world import FAMILIES
 from pipeline.evaluation import load_judge
 from pipeline.model import load_scalar_model
@@ -195,7 +196,11 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
     from reward_model import evaluate
 
     run = ["--config", str(MICRO_RM), f"runs_dir={micro_runs}", "run_name=micro"]
-    report = evaluate.main(run)
+    world_settings = (micro_runs / "micro" / "world" / "world_config.json").read_text()
+    # other settings on the command line change neither the held-out split (the RM's own resolved config says how
+    # it split) nor the run's world
+    report = evaluate.main(run + ["eval_fraction=0.5", "seed=7", "world.seed=5"])
+    assert (micro_runs / "micro" / "world" / "world_config.json").read_text() == world_settings
     trained = json.loads((micro_rm.parent / "eval.json").read_text())
     for key in ("accuracy", "gold_accuracy", "noise_ceiling", "pairs", "decided_pairs"):
         assert report[key] == pytest.approx(trained[key], abs=1e-9), key  # the same held-out rankings and scores
@@ -218,8 +223,16 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
     out = tmp_path / "flipped.json"
     assert evaluate.main(run + ["--data", str(flipped), "--out", str(out)])["accuracy"] == 0.0
     assert json.loads(out.read_text())["pairs"] == 2 and "gold_accuracy" not in json.loads(out.read_text())
-    with pytest.raises(SystemExit, match=r"no reward model in run 'other'.*make rm"):
+    with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'other'.*make rm"):
         evaluate.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=other"])
+    # a causal LM from elsewhere (no stage recorded) has no trained head: its scores would be noise
+    outside = tmp_path / "outside-lm"
+    shutil.copytree(micro_rm.parent.parent / "sft" / "final", outside)
+    config = json.loads((outside / "config.json").read_text())
+    del config["pipeline_stage"]
+    (outside / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="no trained scalar head"):
+        evaluate.main(run + ["--reward-model", str(outside), "--data", str(agree)])
 
 
 def test_ranking_metrics_by_deciding_criterion_by_hand():
