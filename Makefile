@@ -29,8 +29,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ACCELERATE_CONFIG ?= configs/accelerate/$(if $(HAS_GPU),single_gpu,cpu).yaml
-# --quiet: a stage that stops on bad input says why itself; no launcher traceback after its message
-LAUNCH := $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG)
+# --quiet: a stage that stops on bad input says why itself; no launcher traceback after its message.
+# On the CPU config, the threads per process accelerate would choose itself (OMP_NUM_THREADS, else the physical
+# cores), given so that it does not warn at every launch; read when a stage starts, once the venv exists.
+CPU_THREADS = $(or $(OMP_NUM_THREADS),$(shell $(PY) -c "import psutil; print(psutil.cpu_count(logical=False) or 1)"))
+LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) \
+	$(if $(filter %/cpu.yaml,$(ACCELERATE_CONFIG)),--num_cpu_threads_per_process $(CPU_THREADS))
 RUNDIR := runs/$(RUN)
 SETUP_STAMP := $(VENV)/.installed
 export TOKENIZERS_PARALLELISM ?= false
