@@ -51,7 +51,8 @@ def judge_responses(judge: GoldJudge, rows: list[dict], responses: list[str],
         verdict = judge.score(row["prompt"], response)
         family = row.get("family") or verdict.family
         samples.append({"prompt": row["prompt"], "family": family, "response": response,
-                        "gold_score": verdict.score, **{f"gold_{k}": v for k, v in verdict.criteria.items()}})
+                        "gold_score": verdict.score, **{f"gold_{k}": v for k, v in verdict.criteria.items()},
+                        **({"ended": bool(ended[i])} if ended is not None else {})})
         by_family[family].append(verdict)
         chance[family].append(judge.chance_correctness(row["prompt"]))
         for name, value in verdict.criteria.items():

@@ -183,9 +183,16 @@ def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_
 
     main(ppo_args(tmp_path, "lora-ema", micro_sft, micro_rm, "max_steps=1", "critic_warmup_steps=1",
                   "lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "eval_every=1", "eval_prompts=6",
-                  "precision=bf16"))  # the run's autocast is what the bug came from, on any CPU
+                  "precision=bf16",  # the run's autocast is what the bug came from, on any CPU
+                  "sampling.max_new_tokens=2"))  # every reply is cut at the cap (checked below)
     evals = [r for r in metrics(tmp_path / "lora-ema" / "ppo") if "eval/kl_to_sft" in r]
     assert len(evals) == 1 and evals[0]["eval/kl_to_sft"] == 0.0
+    # the eval RM score is the reward PPO optimises: a reply cut at the cap scores missing_eos_penalty (-1), not
+    # what the RM says of it read as a finished turn
+    assert evals[0]["eval/ppo_eos_rate"] == 0.0
+    table = next(r for r in metrics(tmp_path / "lora-ema" / "ppo") if r.get("table") == "eval/samples")
+    rm_columns = [table["columns"].index("sft_rm"), table["columns"].index("ppo_rm")]
+    assert {row[c] for row in table["rows"] for c in rm_columns} == {-1.0}
 
 
 def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path):

@@ -273,7 +273,11 @@ def main(argv: list[str] | None = None) -> None:
             result = evaluate_policy(fp32_model, tokenizer, eval_rows, judge, eval_sampling, cfg.eval_batch_size,
                                      cfg.seed)
         replies = [s["response"] for s in result.samples]
-        return result, rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length).tolist()
+        scores = rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length)
+        # as PPO rewards them: the RM reads a reply cut at the length cap as a finished turn, so without this a
+        # policy that learnt to run on would gain here what training penalises
+        ended = torch.tensor([s["ended"] for s in result.samples])
+        return result, shape_scores(scores, ended, cfg.missing_eos_penalty, cfg.reward_clip).tolist()
 
     def eval_kl(model) -> float:
         """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies, both
