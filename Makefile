@@ -4,7 +4,7 @@
 #   make test                 set up, then run the test suite
 #   make sft RECIPE=micro     run one stage; missing upstream stages are built first
 #                             (stages: pretrain sft prefs rm ppo)
-#   make report               evaluate every finished stage on the held-out prompts: runs/<RUN>/report.md
+#   make report               build what is missing through ppo, then evaluate every stage: runs/<RUN>/report.md
 #   make eval STAGE=sft       held-out gold evaluation of one stage (or STAGE=path/to/a/checkpoint)
 #   make eval-rm              the run's reward model on its held-out rankings (ARGS="--data path-or-hub-id --split test")
 #   make chat STAGE=ppo       talk to a stage's model (ARGS="--temperature 0 --prompt '...'" for one greedy reply)

@@ -208,7 +208,7 @@ def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
                                      "to take it from")
         if before:
             prompt = _prompt(before, side)
-    if replies[0].strip() == replies[1].strip():
+    if replies[0].strip() == replies[1].strip() or not all(r.strip() for r in replies):
         raise _NoPreference()
     return {"prompt": prompt, "responses": replies}
 

@@ -3,6 +3,7 @@
     python -m reward_model.evaluate --config configs/tiny/rm.yaml                  # the run's RM, its held-out set
     python -m reward_model.evaluate --config configs/tiny/rm.yaml --reward-model ~/rms/mine \\
         --data Anthropic/hh-rlhf --split test --max-rows 2000
+    python -m reward_model.evaluate --config configs/tiny/rm.yaml --data rated.jsonl --column prompt=instruction
 
 By default the run's `rm/final` is scored on the rankings its training held out (the same split, so the figures
 equal the end of `make rm`). `--data` names any preference dataset instead, in every form RM training reads
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", help="a preference dataset: local file or directory, or hub id (default: the "
                                        "rankings the run's RM training held out)")
     parser.add_argument("--split", default="test", help="with --data: the split (default: test)")
+    parser.add_argument("--name", default=None, help="with --data: the hub dataset's config name")
+    parser.add_argument("--column", action="append", default=[], metavar="SCHEMA=SOURCE",
+                        help="with --data: read a schema column from another column, e.g. --column prompt=instruction")
     parser.add_argument("--max-rows", type=int, default=None, help="with --data: read at most this many rows")
     parser.add_argument("--batch-size", type=int, default=0, help="default: the config's eval_batch_size")
     parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>].json)")
@@ -54,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = default_device()
     scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="eval-rm")
     if args.data:
-        spec = DatasetSpec(path=args.data, split=args.split, max_rows=args.max_rows)
+        columns = dict(item.split("=", 1) for item in args.column if "=" in item)
+        if len(columns) != len(args.column):
+            raise SystemExit(f"--column: expected SCHEMA=SOURCE (e.g. prompt=instruction), got {args.column}")
+        spec = DatasetSpec(path=args.data, name=args.name, split=args.split, columns=columns, max_rows=args.max_rows)
         world = run_world(cfg) if args.data.startswith("world:") else None
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
         source, name = args.data, "-on-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.data).stem or args.data)

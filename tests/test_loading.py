@@ -272,9 +272,11 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
     stop the whole dataset. A ranked list with duplicates is still an error (above)."""
     path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"},
                                                  {"prompt": "q", "chosen": "good", "rejected": "bad"},
-                                                 {"prompt": "r", "chosen": "fine", "rejected": "  "}])
+                                                 {"prompt": "r", "chosen": "fine", "rejected": "  "},
+                                                 {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.",  # hh, one empty
+                                                  "rejected": "\n\nHuman: Hi\n\nAssistant:"}])
     assert load(path, "preferences")["responses"] == [["good", "bad"]]
-    assert "2 of 3 preference rows skipped: their replies are equal, one is empty" in capsys.readouterr().out
+    assert "3 of 4 preference rows skipped: their replies are equal, one is empty" in capsys.readouterr().out
     only = write_rows(tmp_path / "none.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
     with pytest.raises(DataError, match="every preference row had equal replies, an empty one"):
         load(only, "preferences")

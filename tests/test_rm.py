@@ -215,8 +215,10 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
         sa, sb = scorer.score([prompt, prompt], [a, b]).tolist()
         ordered.append({"prompt": prompt, "chosen": a if sa > sb else b, "rejected": b if sa > sb else a})
     agree = tmp_path / "agree.jsonl"
-    agree.write_text("".join(json.dumps(r) + "\n" for r in ordered))
-    assert evaluate.main(run + ["--data", str(agree), "--split", "train"])["accuracy"] == 1.0
+    agree.write_text("".join(json.dumps({"question": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+                             + "\n" for r in ordered))
+    assert evaluate.main(run + ["--data", str(agree), "--split", "train", "--column", "prompt=question"])[
+        "accuracy"] == 1.0
     flipped = tmp_path / "flipped.jsonl"
     flipped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
                                for r in ordered))
@@ -232,7 +234,7 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
     del config["pipeline_stage"]
     (outside / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="no trained scalar head"):
-        evaluate.main(run + ["--reward-model", str(outside), "--data", str(agree)])
+        evaluate.main(run + ["--reward-model", str(outside), "--data", str(flipped)])
 
 
 def test_ranking_metrics_by_deciding_criterion_by_hand():
