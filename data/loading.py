@@ -11,6 +11,9 @@ the data raises `DataError` naming the file, the row and the column, before trai
 Sources (`DatasetSpec.path`):
 - `world:<split>`: `<world_dir>/<split>.jsonl` as written by `data.world.write_world`.
 - a local `.jsonl` / `.json` (JSON lines or one JSON array of objects) / `.parquet` file.
+- a local `.csv` file with a header row, every column read as text (for the flat forms: `text`, `prompt` +
+  `completion`, `prompt` + `chosen` + `rejected`; lists such as `responses` need JSON or parquet). Rows are
+  numbered from the first one after the header.
 - a local `.txt` file: one `text` row per non-empty line (blank lines are skipped; row
   numbers in errors are line numbers). Map it to another schema with
   e.g. `columns={"prompt": "text"}`.
@@ -27,6 +30,7 @@ Rows are numbered from 1 in error messages. `split` applies to hub datasets and 
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -42,7 +46,7 @@ import pyarrow.parquet
 from pipeline.tokenizer import HH_REPLY, prompt_messages, prompt_text
 
 WORLD_PREFIX = "world:"
-LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 ROLES = ("system", "user", "assistant")
 
 
@@ -472,6 +476,9 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
     if part.builder == "parquet":
         _check_parquet(part)
     try:
+        if part.builder == "csv":
+            return datasets.load_dataset("csv", data_files=part.data_files, split="train", streaming=streaming,
+                                         **_csv_as_text(part.data_files))
         if part.data_files is not None:
             return datasets.load_dataset(part.builder, data_files=part.data_files, split="train",
                                          streaming=streaming)
@@ -482,6 +489,14 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
         hint = f" (nor is there a local file or directory {part.builder})" if part.data_files is None else ""
         raise DataError(part.description, f"cannot read {_format_name(part)}{hint}: "
                                           f"{type(error).__name__}: {error}") from error
+
+
+def _csv_as_text(path: str) -> dict[str, Any]:
+    """Every CSV column read as the text it holds: pandas would make "42" a number and "NA" or "" missing."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({name: _STRING for name in header}), "keep_default_na": False,
+            "na_filter": False}
 
 
 def _check_parquet(part: _Part) -> None:
@@ -495,7 +510,8 @@ def _check_parquet(part: _Part) -> None:
 
 
 def _format_name(part: _Part) -> str:
-    return {"json": "as JSON", "parquet": "as parquet", "text": "as text"}.get(part.builder, "the dataset")
+    return {"json": "as JSON", "parquet": "as parquet", "csv": "as CSV", "text": "as text"}.get(part.builder,
+                                                                                                 "the dataset")
 
 
 def _raise_json_problem(path: str) -> None:

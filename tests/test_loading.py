@@ -109,6 +109,26 @@ def test_pairs_with_column_mapping(tmp_path):
     assert dataset[0] == {"prompt": "q", "responses": ["yes", "no"]}
 
 
+def test_csv_columns_are_read_as_the_text_they_hold(tmp_path):
+    """A spreadsheet of pairs: "4" stays the text 4, "NA" stays NA, quoted commas and line breaks survive."""
+    path = tmp_path / "pairs.csv"
+    path.write_text('prompt,chosen,rejected\n"What is 2, plus 2?",4,"I think ""five""\nor so"\nSay NA.,NA,no\n')
+    assert load(path, "preferences")[:] == {"prompt": ["What is 2, plus 2?", "Say NA."],
+                                            "responses": [["4", 'I think "five"\nor so'], ["NA", "no"]]}
+    completions = tmp_path / "sft.csv"
+    completions.write_text("question,answer\nWhat is 2 plus 2?,04\n")
+    assert load(completions, "sft", columns={"prompt": "question", "completion": "answer"})[0]["messages"][1] == \
+        {"role": "assistant", "content": "04"}
+    gap = tmp_path / "gap.csv"
+    gap.write_text("prompt,chosen,rejected\nq1,a,b\nq2,,b\n")  # an empty cell: no reply, the pair says nothing
+    assert len(load(gap, "preferences")) == 1
+    blank = tmp_path / "blank.csv"
+    blank.write_text("prompt,completion\nq1,a\n,b\n")
+    with pytest.raises(DataError) as error:
+        load(blank, "sft")
+    assert_data_error(error, blank, row=2, column="prompt")
+
+
 def test_json_array_file_directory_and_max_rows(tmp_path):
     folder = tmp_path / "prompts"
     folder.mkdir()
@@ -460,9 +480,9 @@ def test_corrupt_parquet(tmp_path):
 
 
 def test_unsupported_file_and_unknown_schema(tmp_path):
-    path = tmp_path / "table.csv"
+    path = tmp_path / "table.xlsx"
     path.write_text("prompt\nhello\n")
-    with pytest.raises(DataError, match="table.csv.*unsupported file type '.csv'"):
+    with pytest.raises(DataError, match="table.xlsx.*unsupported file type '.xlsx'"):
         load(path, "prompts")
     with pytest.raises(ValueError, match="unknown schema 'chat'"):
         load(path, "chat")
