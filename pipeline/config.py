@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import difflib
 import math
-import re
 import types
 import typing
 from pathlib import Path
@@ -36,21 +35,27 @@ class ConfigError(ValueError):
     """A config file or override does not fit its dataclass."""
 
 
-class FieldError(ConfigError):
-    """A dataclass's own check of one of its fields; loading names the field with its full dotted key."""
+def _naming(keys: tuple[str, ...]) -> str:
+    return f"key '{keys[0]}'" if len(keys) == 1 else "keys " + ", ".join(f"'{k}'" for k in keys)
 
-    def __init__(self, key: str, problem: str):
-        super().__init__(f"key '{key}': {problem}")
-        self.key, self.problem = key, problem
+
+class FieldError(ConfigError):
+    """A dataclass's own check of one of its fields, or of several together (`key` a tuple); loading names them
+    with their full dotted keys, and the override that set them."""
+
+    def __init__(self, key: str | tuple[str, ...], problem: str):
+        self.keys = (key,) if isinstance(key, str) else tuple(key)
+        super().__init__(f"{_naming(self.keys)}: {problem}")
+        self.problem = problem
 
 
 class _CheckFailed(ConfigError):
-    """A dataclass's own check (`__post_init__`) refused the values; `key` is the full dotted key it names, if one.
+    """A dataclass's own check (`__post_init__`) refused the values; `keys` are the full dotted keys it names.
     Such a check may span keys, so with overrides it is judged on the final combination."""
 
-    def __init__(self, where: str, key: str | None, problem: str):
-        super().__init__(f"{where}: key '{key}': {problem}" if key else f"{where}: {problem}")
-        self.key, self.problem = key, problem
+    def __init__(self, where: str, keys: tuple[str, ...], problem: str):
+        super().__init__(f"{where}: {_naming(keys)}: {problem}" if keys else f"{where}: {problem}")
+        self.keys, self.problem = keys, problem
 
 
 def _type_name(tp: Any) -> str:
@@ -146,16 +151,14 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
     try:
         return cls(**kwargs)
     except FieldError as e:
-        raise _CheckFailed(where, f"{prefix}{e.key}", e.problem) from None
+        raise _CheckFailed(where, tuple(f"{prefix}{key}" for key in e.keys), e.problem) from None
     except _CheckFailed:
         raise
-    except ConfigError as e:  # a check that names its key(s) in its message: "key 'eval_fraction': ..."
-        one_key = re.match(r"key '([^']+)': (.*)", str(e), re.DOTALL)
-        if one_key:
-            raise _CheckFailed(where, one_key.group(1), one_key.group(2)) from None
-        raise _CheckFailed(where, None, str(e)) from None
+    except ConfigError as e:  # a check that names no field
+        raise _CheckFailed(where, (), str(e)) from None
     except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
-        raise _CheckFailed(where, prefix.rstrip(".") or None, str(e)) from None
+        section = prefix.rstrip(".")
+        raise _CheckFailed(where, (section,) if section else (), str(e)) from None
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -242,12 +245,13 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     except _CheckFailed as e:
         if not overrides:
             raise
-        # name the override(s) that set the refused key or its section, else the file if it fails alone
+        # name the override(s) that set the refused keys or their section, else the file if it fails alone
         last = {item.partition("=")[0]: item for item in overrides}  # a key given twice: its last value counts
-        setting = [f"'{item}'" for key, item in last.items() if e.key and _same_branch(key, e.key)]
+        setting = [f"'{item}'" for key, item in last.items() if any(_same_branch(key, k) for k in e.keys)]
         source = (f"override {setting[0]}" if len(setting) == 1 else f"overrides {', '.join(setting)}" if setting
                   else f"{where} with its overrides" if file_passes else where)
-        raise ConfigError(f"{source}: key '{e.key}': {e.problem}" if e.key else f"{source}: {e.problem}") from None
+        raise ConfigError(f"{source}: {_naming(e.keys)}: {e.problem}" if e.keys else f"{source}: {e.problem}") \
+            from None
 
 
 def _build_step(cls: type, tree: dict, where: str, base_dir: Path, checks: bool) -> bool:

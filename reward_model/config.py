@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data.loading import DatasetSpec
-from pipeline.config import ConfigError
+from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig
 from pipeline.runs import StageConfig
 from pipeline.model import LoraSpec
@@ -94,7 +94,7 @@ class RewardModelConfig(StageConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.responses_per_prompt < 2:
-            raise ConfigError(f"key 'responses_per_prompt': must be >= 2 (a ranking needs two responses), "
-                              f"got {self.responses_per_prompt}")
+            raise FieldError("responses_per_prompt", f"must be >= 2 (a ranking needs two responses), "
+                                                     f"got {self.responses_per_prompt}")
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ConfigError(f"key 'eval_fraction': must be in (0, 1), got {self.eval_fraction}")
+            raise FieldError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")

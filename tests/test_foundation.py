@@ -83,8 +83,8 @@ def test_a_check_across_keys_judges_the_overrides_together_and_names_the_one_to_
 
     cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["rollout_batch_size=2", "minibatch_size=2", "grad_accum=1"])
     assert (cfg.rollout_batch_size, cfg.minibatch_size, cfg.grad_accum) == (2, 2, 1)
-    with pytest.raises(ConfigError, match=r"ppo.yaml with its overrides: keys 'rollout_batch_size' \(6\), "
-                                          r"'minibatch_size' \(4\).*each must divide"):
+    with pytest.raises(ConfigError, match=r"^override 'rollout_batch_size=6': keys 'rollout_batch_size', "
+                                          r"'minibatch_size', 'grad_accum': each must divide the one before, got 6, 4"):
         load_config(PPOStageConfig, MICRO / "ppo.yaml", ["rollout_batch_size=6"])
     # a file that fails a check alone can be put right on the command line
     bad = write(tmp_path / "ppo.yaml", (MICRO / "ppo.yaml").read_text().replace("minibatch_size: 4", "minibatch_size: 3")

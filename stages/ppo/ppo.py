@@ -39,7 +39,7 @@ from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
                                  save_training_checkpoint, unwrap, write_text_atomic)
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
@@ -56,7 +56,7 @@ from stages.ppo.ppo_math import compute_rewards, explained_variance, gae, kl_con
     masked_whiten, shape_scores
 
 
-FP16_UNSUPPORTED = ("key 'precision': PPO cannot run in fp16 (the policy and the critic have two optimizers, and "
+FP16_UNSUPPORTED = ("PPO cannot run in fp16 (the policy and the critic have two optimizers, and "
                     "accelerate's one GradScaler would unscale and update twice per step); use bf16 or fp32")
 
 
@@ -148,18 +148,18 @@ class PPOStageConfig(StageConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.sampling.temperature <= 0:
-            raise ConfigError("key 'sampling.temperature': PPO samples its rollouts; expected > 0")
+            raise FieldError("sampling.temperature", "PPO samples its rollouts; expected > 0")
         if self.sampling.top_k or self.sampling.top_p < 1.0:
             # the ratio and the KL are computed from the full softmax; a truncated sampler is another policy
-            raise ConfigError(f"keys 'sampling.top_k' ({self.sampling.top_k}) / 'sampling.top_p' "
-                              f"({self.sampling.top_p}): PPO's log-probabilities must be those of the sampler; "
-                              "set top_k: 0 and top_p: 1.0 (use temperature to sharpen)")
+            raise FieldError(("sampling.top_k", "sampling.top_p"),
+                             f"PPO's log-probabilities must be those of the sampler; set top_k: 0 and top_p: 1.0 "
+                             f"(use temperature to sharpen), got {self.sampling.top_k} and {self.sampling.top_p}")
         if self.precision == "fp16":
-            raise ConfigError(FP16_UNSUPPORTED)
+            raise FieldError("precision", FP16_UNSUPPORTED)
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
-            raise ConfigError(f"keys 'rollout_batch_size' ({self.rollout_batch_size}), 'minibatch_size' "
-                              f"({self.minibatch_size}), 'grad_accum' ({self.grad_accum}): each must divide "
-                              "the one before")
+            raise FieldError(("rollout_batch_size", "minibatch_size", "grad_accum"),
+                             f"each must divide the one before, got {self.rollout_batch_size}, "
+                             f"{self.minibatch_size}, {self.grad_accum}")
 
 
 def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, seed: int) -> list[int]:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = stage_paths(cfg, "ppo")
     require_ddp("ppo")
     if accelerate_precision(cfg) == "fp16":  # precision: auto under `accelerate launch --mixed_precision fp16`
-        raise ConfigError(FP16_UNSUPPORTED)
+        raise ConfigError(f"key 'precision': {FP16_UNSUPPORTED}")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     device, rank, n_ranks = accelerator.device, accelerator.process_index, accelerator.num_processes
     torch.manual_seed(cfg.seed)
