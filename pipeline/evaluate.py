@@ -172,19 +172,27 @@ def load_policy(path: str, trust_remote_code: bool = False, device: torch.device
 # ---- the evaluation ------------------------------------------------------------------------------------------
 
 def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: SamplingConfig = EVAL_SAMPLING,
-                        seed: int = 0, batch_size: int = 64, scorer=None) -> EvalResult:
-    """The held-out evaluation of `make eval` and `make report`: gold judge, and the RM too when given.
+                        seed: int = 0, batch_size: int = 64, scorer=None, reward: StageConfig | None = None,
+                        ) -> EvalResult:
+    """The held-out evaluation of `make eval`, `make report` and PPO's own: gold judge, and the RM too when given.
 
-    With a `scorer` (reward_model.scoring.RewardScorer) the summary gains `rm/score` (normalised by the RM's
-    mean and std over SFT samples, the units PPO optimises) and each sample its `rm_score`.
+    With a `scorer` (reward_model.scoring.RewardScorer) the summary gains `rm/score` and each sample its
+    `rm_score`: normalised by the RM's mean and std over SFT samples, and scored as PPO's config `reward` rewards
+    (when it is one): a reply cut at the length cap gets its `missing_eos_penalty`, for the RM reads it as a
+    finished turn; then `reward_clip`.
     """
     result = evaluate_policy(model, tokenizer, rows, judge, sampling, batch_size=batch_size, seed=seed)
     if scorer is not None and result.samples:
         scores = scorer.score([s["prompt"] for s in result.samples], [s["response"] for s in result.samples],
-                              batch_size=batch_size, normalize=True).tolist()
-        for sample, score in zip(result.samples, scores):
+                              batch_size=batch_size, normalize=True, max_length=getattr(reward, "rm_max_length", 0))
+        if hasattr(reward, "missing_eos_penalty"):
+            from stages.ppo.ppo_math import shape_scores
+
+            ended = torch.tensor([s["ended"] for s in result.samples])
+            scores = shape_scores(scores, ended, reward.missing_eos_penalty, reward.reward_clip)
+        for sample, score in zip(result.samples, scores.tolist()):
             sample["rm_score"] = score
-        result.summary["rm/score"] = sum(scores) / len(scores)
+        result.summary["rm/score"] = scores.mean().item()
     return result
 
 
@@ -276,7 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
           flush=True)
-    result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer)
+    result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer,
+                                 reward=cfg)
 
     print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
     print(eval_tables(result))

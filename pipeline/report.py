@@ -112,23 +112,17 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], sampling: 
 
 
 def measure_rm(cfg, scorer) -> dict:
-    """Re-score the RM's held-out rankings: pairwise accuracy, gold agreement, noise ceiling, and the
-    (normalised) scores of the chosen and rejected response of every held-out pair."""
-    from pipeline.config import load_config
-    from reward_model.config import RewardModelConfig
-    from reward_model.train import add_gold_criteria, load_rankings, ranking_metrics, score_rankings
+    """Re-score the RM's held-out rankings (those `make eval-rm` scores): pairwise accuracy, gold agreement, noise
+    ceiling, and the (normalised) scores of the preferred and the other response of every held-out pair."""
+    from reward_model.evaluate import held_out_rankings
+    from reward_model.train import labeled_pairs, ranking_metrics, score_rankings
 
-    rm_cfg = load_config(RewardModelConfig, stage_paths(cfg, "rm").config_file,
-                         [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
-    _, held_out, source = load_rankings(rm_cfg)
-    add_gold_criteria(rm_cfg, held_out)
-    scores = score_rankings(scorer.model, scorer.tokenizer, held_out, rm_cfg.max_length, rm_cfg.eval_batch_size,
-                            scorer.device)
-    normalised = [[(x - scorer.mean) / scorer.std for x in s] for s in scores]
-    chosen = [s[i] for s in normalised for i in range(len(s)) for j in range(i + 1, len(s))]
-    rejected = [s[j] for s in normalised for i in range(len(s)) for j in range(i + 1, len(s))]
+    held_out, source = held_out_rankings(cfg)
+    scores = score_rankings(scorer.model, scorer.tokenizer, held_out, scorer.max_length, 64, scorer.device)
+    pairs = [((s[i] - scorer.mean) / scorer.std, (s[j] - scorer.mean) / scorer.std)
+             for s, row in zip(scores, held_out) for i, j in labeled_pairs(row)]
     return {**ranking_metrics(scores, held_out), "rankings": len(held_out), "source": source,
-            "chosen": chosen, "rejected": rejected}
+            "chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs]}
 
 
 def ppo_rollout_sampling(cfg) -> SamplingConfig:
@@ -508,7 +502,7 @@ def main(argv: list[str] | None = None) -> Path:
         model, tokenizer = load_policy(str(stage_paths(cfg, stage).final), cfg.trust_remote_code, device, "report")
         print(f"[report] {stage}: answering {len(rows)} held-out prompts", flush=True)
         results[stage] = evaluate_checkpoint(model, tokenizer, rows, judge, sampling, cfg.seed, args.batch_size,
-                                             ppo_scorer)
+                                             ppo_scorer, reward=cfg)
         facts["policies"][stage] = results[stage].summary
         if stage in ("sft", "ppo"):
             models[stage] = (model, tokenizer)
@@ -563,7 +557,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"below was measured just now on the same {len(rows)} held-out world prompts "
               f"({relative(world / 'eval_prompts.jsonl', run)}),",
               f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>` gives the same numbers.",
-              "Gold scores are in [0, 1] (the world's judge); RM scores are normalised (PPO's reward units).", "",
+              "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term",
+              "(normalised; a reply cut at the length cap scores `missing_eos_penalty`).", "",
               "## At a glance", "",
               markdown_table(["stage", "measured", "verdict"], glance) if glance else "_No stage has finished._", ""]
     footer = [f"_Measured in {facts['report_seconds']:.0f}s._", ""]

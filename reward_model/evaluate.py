@@ -23,14 +23,28 @@ import json
 import re
 from pathlib import Path
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.config import load_config
 from pipeline.evaluate import default_device, load_run_config, resolve_checkpoint, run_world
-from pipeline.runs import run_dir, run_main, stage_paths
+from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
 from reward_model.train import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
                                 headline_metrics, load_rankings, ranking_metrics, score_rankings, score_stats)
+
+
+def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
+    """The rankings the run's RM training held out (with gold criteria where the world judges them) and where they
+    came from: split with the settings it ran with (its resolved config.yaml), in the run's world as it is."""
+    trained_config = stage_paths(cfg, "rm").config_file
+    if not trained_config.exists():
+        raise DataError(str(trained_config), f"no RM training in run '{cfg.run_name}' to take held-out rankings "
+                                             "from (this file does not exist): train it (make rm), or pass --data")
+    trained = load_config(RewardModelConfig, trained_config, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
+    world = run_world(trained)
+    _, rows, source = load_rankings(trained, world=world)
+    add_gold_criteria(trained, rows, world=world)
+    return rows, source
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,21 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
         world = run_world(cfg) if args.data.startswith("world:") else None
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
         source, name = args.data, "-on-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.data).stem or args.data)
+        if all(row.get("gold_scores") for row in rows):  # world rankings: the judge names each pair's criterion
+            add_gold_criteria(cfg, rows, world=run_world(cfg))
     else:
-        # the held-out split of the RM training this run made, with the settings it ran with (its resolved
-        # config, not the recipe's file), in the run's world as it is
-        trained_config = stage_paths(cfg, "rm").config_file
-        if not trained_config.exists():
-            raise SystemExit(f"no RM training in run '{cfg.run_name}' ({trained_config} does not exist) to take its "
-                             "held-out rankings from: train it (make rm), or pass --data")
-        trained = load_config(RewardModelConfig, trained_config)
-        trained.runs_dir, trained.run_name = cfg.runs_dir, cfg.run_name  # where the run is now
-        _, rows, source = load_rankings(trained, world=run_world(trained))
+        rows, source = held_out_rankings(cfg)
         source, name = f"the held-out rankings of {source}", ""
     if not rows:
         raise SystemExit(f"eval-rm: no rankings in {source}")
-    if all(row.get("gold_scores") for row in rows):  # the world's rankings: their judge names each pair's criterion
-        add_gold_criteria(cfg, rows, world=run_world(cfg))
     print(f"[eval-rm] {rm_path}: {len(rows):,} rankings from {source}", flush=True)
     scores = score_rankings(scorer.model, scorer.tokenizer, rows, scorer.max_length,
                             args.batch_size or cfg.eval_batch_size, device)

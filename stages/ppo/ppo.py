@@ -40,7 +40,8 @@ from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
                                  save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
-from pipeline.evaluation import evaluate_policy, family_table, load_judge, load_prompts, win_rate
+from pipeline.evaluate import evaluate_checkpoint
+from pipeline.evaluation import family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
     set_special_token_ids
@@ -270,14 +271,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def answer(model) -> tuple:
         with fp32_forward(model) as fp32_model:  # as a plain from_pretrained load answers
-            result = evaluate_policy(fp32_model, tokenizer, eval_rows, judge, eval_sampling, cfg.eval_batch_size,
-                                     cfg.seed)
-        replies = [s["response"] for s in result.samples]
-        scores = rm.score(eval_prompts, replies, normalize=True, max_length=cfg.rm_max_length)
-        # as PPO rewards them: the RM reads a reply cut at the length cap as a finished turn, so without this a
-        # policy that learnt to run on would gain here what training penalises
-        ended = torch.tensor([s["ended"] for s in result.samples])
-        return result, shape_scores(scores, ended, cfg.missing_eos_penalty, cfg.reward_clip).tolist()
+            # RM scores as training rewards them: a policy that learnt to run on gains nothing here either
+            result = evaluate_checkpoint(fp32_model, tokenizer, eval_rows, judge, eval_sampling, cfg.seed,
+                                         cfg.eval_batch_size, scorer=rm, reward=cfg)
+        return result, [s["rm_score"] for s in result.samples]
 
     def eval_kl(model) -> float:
         """Mean KL(policy || SFT) per reply on eval prompts: exact per-token KL summed along sampled replies, both
