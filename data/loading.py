@@ -376,13 +376,33 @@ def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
 
 
 def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
-    """Apply the schema-column -> source-column mapping to one row."""
+    """Apply the schema-column -> source-column mapping to one row. A source `list.field` reads `field` from each
+    record of a list column: raw UltraFeedback's
+    {responses: completions.response, ratings: completions.overall_score}."""
     if not columns:
         return row
     mapped = {k: v for k, v in row.items() if k not in columns.values()}
     for target, source in columns.items():
-        mapped[target] = row.get(source)
+        mapped[target] = _source_value(row, target, source)
     return mapped
+
+
+def _source_value(row: dict[str, Any], target: str, source: str) -> Any:
+    if source in row or "." not in source:
+        return row.get(source)
+    outer, field_name = source.split(".", 1)
+    records = row.get(outer)
+    if records is None:
+        return None
+    if not isinstance(records, (list, tuple)) or not all(isinstance(r, dict) for r in records):
+        raise _Invalid(target, f"'{source}' reads '{field_name}' from each record of '{outer}', which is "
+                               f"{_describe(records)}, not a list of records")
+    return [r.get(field_name) for r in records]
+
+
+def _has_source(source: str, present: list[str]) -> bool:
+    """The source column is in the data (for `list.field`, the list column)."""
+    return source in present or source.split(".", 1)[0] in present
 
 
 # ---------------------------------------------------------------- sources
@@ -642,14 +662,14 @@ def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns:
     if present is None:
         return  # streaming source with unknown columns: checked on the first row instead
     for target, source in columns.items():
-        if source not in present:
+        if not _has_source(source, present):
             raise DataError(part.description, f"not found (DatasetSpec.columns maps '{target}' to it); "
                                               f"found columns: {', '.join(present)}",
                             row=1, column=source)
 
 
 def _optional_present(source_columns: list[str], schema: Schema, columns: dict[str, str]) -> tuple[str, ...]:
-    available = set(source_columns) | {t for t, s in columns.items() if s in source_columns}
+    available = set(source_columns) | {t for t, s in columns.items() if _has_source(s, source_columns)}
     return tuple(c for c in schema.optional if c in available)
 
 
@@ -676,7 +696,10 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     first_row = next(iter(_guarded(first_part, first_stream)), None)
     if first_row is None:
         raise DataError(first_part.description, "no rows (empty dataset)")
-    mapped_first = map_columns(first_row, spec.columns)
+    try:
+        mapped_first = map_columns(first_row, spec.columns)
+    except _Invalid:
+        mapped_first = {}  # the first row's own check below says what is wrong with it
     # ratings make ties, so they are kept even where the first row has none (later rows may)
     optional = tuple(c for c in schema.optional if mapped_first.get(c) is not None or c == "ratings")
 

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")
     parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
-    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/<stage or directory>[-first<N>].json)")
+    parser.add_argument("--out", help="JSON output file "
+                                      "(default: runs/<run>/eval/<stage or directory>[-first<N>].json)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args)

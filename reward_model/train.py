@@ -32,8 +32,8 @@ from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, restore_scaler, save_final, save_training_checkpoint,
-                                 scaler_state, write_text_atomic)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, restore_scaler, save_final,
+                                 save_training_checkpoint, scaler_state, write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \

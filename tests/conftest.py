@@ -41,9 +41,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "micro") -> None:
-    """Run a stage's main() on a micro config with runs under `runs_dir`."""
-    main(["--config", str(MICRO / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
+def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "micro",
+              recipe: Path = MICRO) -> None:
+    """Run a stage's main() on a recipe's config (micro unless told) with runs under `runs_dir`."""
+    main(["--config", str(recipe / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
 
 
 @pytest.fixture(scope="session")

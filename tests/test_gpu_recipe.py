@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_stage
 
 GPU = REPO / "configs" / "gpu"
 SMALL_MODEL = ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
@@ -69,20 +69,21 @@ def hub(tmp_path_factory) -> Path:
                          "messages": [user, {"content": chosen, "role": "assistant"}],
                          "score_chosen": 8.0, "score_rejected": 3.0})
         parquet(root / "ultrafeedback_binarized" / "data" / f"{split}-00000-of-00001.parquet", rows)
-    # a user's UltraFeedback copy with all 4 completions of an instruction and their ratings, in any order
+    # openbmb/UltraFeedback: each instruction's 4 completions as records, each with its rating, in any order
     rows = []
     for i in range(120):
         reply = sentence(rng, 5)
-        order = rng.sample(range(4), 4)
-        completions = [f"{reply} {good}", f"{reply} Thanks.", f"{reply} Fine.", f"{reply} {bad}"]
-        rows.append({"instruction": f"Explain {rng.choice(WORDS)} {i}.", "responses": [completions[k] for k in order],
-                     "ratings": [[5.0, 3.0, 3.0, 1.0][k] for k in order]})
-    parquet(root / "ultrafeedback_rated.parquet", rows)
+        replies = [f"{reply} {good}", f"{reply} Thanks.", f"{reply} Fine.", f"{reply} {bad}"]
+        completions = [{"model": f"m{k}", "response": replies[k], "overall_score": [5.0, 3.0, 3.0, 1.0][k]}
+                       for k in rng.sample(range(4), 4)]
+        rows.append({"source": "evol_instruct", "instruction": f"Explain {rng.choice(WORDS)} {i}.",
+                     "completions": completions})
+    parquet(root / "UltraFeedback" / "data" / "train-00000-of-00001.parquet", rows)
     return root
 
 
-def run(main, config: str, runs_dir: Path, *overrides: str) -> None:
-    main(["--config", str(GPU / config), f"runs_dir={runs_dir}", "run_name=gpu", *overrides])
+def run(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "gpu") -> None:
+    run_stage(main, config, runs_dir, *overrides, run_name=run_name, recipe=GPU)
 
 
 def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys):
@@ -104,7 +105,8 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
     out = capsys.readouterr().out
     assert "160 demonstrations, 24 held out" in out  # train_sft and test_sft, each only its own split
     sft_final = runs / "gpu" / "sft" / "final"
-    assert AutoModelForCausalLM.from_pretrained(sft_final).config.vocab_size == len(AutoTokenizer.from_pretrained(sft_final))
+    vocab = AutoModelForCausalLM.from_pretrained(sft_final).config.vocab_size
+    assert vocab == len(AutoTokenizer.from_pretrained(sft_final))
 
     rm_overrides = ["max_length=256", "batch_size=8", "grad_accum=1", "eval_every=100", "checkpoint_every=100",
                     "eval_batch_size=16", "epochs=3", "learning_rate=3e-3"]
@@ -118,20 +120,22 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
     text = conversation_text(tokenizer, "\n\nHuman: Hi?\n\nAssistant: Hello.\n\nHuman: Why?\n\nAssistant:", "Because.")
     assert text.count("<|user|>") == 2 and text.count("<|assistant|>") == 2  # an hh prompt is read as its turns
 
-    run(rm_train.main, "rm.yaml", runs, "run_name=gpu_uf", f"init_from={sft_final}",
+    run(rm_train.main, "rm.yaml", runs, f"init_from={sft_final}",
         f"train_data.path={hub / 'ultrafeedback_binarized'}", "train_data.split=train_prefs",
-        f"eval_data.path={hub / 'ultrafeedback_binarized'}", "eval_data.split=test_prefs", *rm_overrides)
+        f"eval_data.path={hub / 'ultrafeedback_binarized'}", "eval_data.split=test_prefs", *rm_overrides,
+        run_name="gpu_uf")
     assert "120 training rankings (120 pairs) and 30 held out" in capsys.readouterr().out
     uf = json.loads((runs / "gpu_uf" / "rm" / "eval.json").read_text())
     assert uf["accuracy"] >= 0.9, uf
     assert AutoModelForSequenceClassification.from_pretrained(runs / "gpu_uf" / "rm" / "final").config.num_labels == 1
 
     # K = 4 rated completions: the K-way loss over the 5 pairs that are no ties (the two 3s are one)
-    run(rm_train.main, "rm.yaml", runs, "run_name=gpu_rated", f"init_from={sft_final}",
-        f"train_data.path={hub / 'ultrafeedback_rated.parquet'}", "train_data.columns.prompt=instruction",
-        "eval_data=null", "eval_fraction=0.2", *rm_overrides)
+    run(rm_train.main, "rm.yaml", runs, f"init_from={sft_final}",
+        f"train_data.path={hub / 'UltraFeedback'}", "train_data.columns.prompt=instruction",
+        "train_data.columns.responses=completions.response", "train_data.columns.ratings=completions.overall_score",
+        "eval_data=null", "eval_fraction=0.2", *rm_overrides, run_name="gpu_rated")
     out = capsys.readouterr().out
-    assert "96 training rankings (480 pairs) and 24 held out" in out, out
+    assert "96 training rankings (480 pairs) and 24 held out from " in out, out
     rated = json.loads((runs / "gpu_rated" / "rm" / "eval.json").read_text())
     assert rated["pairs"] == 24 * 5 and rated["accuracy"] >= 0.9, rated
 

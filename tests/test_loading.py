@@ -412,12 +412,14 @@ def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix
     with pytest.raises(DataError) as error:
         load(bad, "preferences")
     assert "expected a list of 3 finite numbers aligned with 'responses'" in assert_data_error(error, bad, 1, "ratings")
-    nan = write_rows(tmp_path / f"nan{suffix}", [{"prompt": "p", "responses": ["a", "b"], "ratings": [3.0, float("nan")]}])
+    nan = write_rows(tmp_path / f"nan{suffix}",
+                     [{"prompt": "p", "responses": ["a", "b"], "ratings": [3.0, float("nan")]}])
     with pytest.raises(DataError) as error:  # UltraFeedback's "N/A" ratings become NaN through pandas
         load(nan, "preferences")
     assert_data_error(error, nan, 1, "ratings")
     # streamed, rows after a first one without ratings still sort by theirs
-    mixed = write_rows(tmp_path / f"mixed{suffix}", [{"prompt": "r", "responses": ["x", "y"], "ratings": None}, rows[0]])
+    mixed = write_rows(tmp_path / f"mixed{suffix}",
+                       [{"prompt": "r", "responses": ["x", "y"], "ratings": None}, rows[0]])
     streamed = list(load(mixed, "preferences", streaming=True))
     assert streamed[1]["responses"] == ["best", "ok", "fine", "bad"] and streamed[1]["ratings"] == [5.0, 3.0, 3.0, 1.0]
     # beside a file without ratings (a strict ranking), the rated file keeps its ties
@@ -426,6 +428,28 @@ def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix
     write_rows(tmp_path / "both" / f"ranked{suffix}", [{"prompt": "r", "responses": ["x", "y"]}])
     both = load(tmp_path / "both", "preferences")
     assert sorted(both["ratings"], key=str) == [None, [5.0, 3.0, 3.0, 1.0]]
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_raw_ultrafeedback_completions_map_to_rated_responses(tmp_path, suffix):
+    """openbmb/UltraFeedback keeps each instruction's completions as a list of records; `list.field` reaches in."""
+    completions = [{"model": "a", "response": "fine", "overall_score": 6.5},
+                   {"model": "b", "response": "best", "overall_score": 9.0},
+                   {"model": "c", "response": "poor", "overall_score": 2.0}]
+    path = write_rows(tmp_path / f"uf{suffix}", [{"instruction": "Explain tides.", "completions": completions}])
+    columns = {"prompt": "instruction", "responses": "completions.response", "ratings": "completions.overall_score"}
+    assert load(path, "preferences", columns=columns)[0] == {
+        "prompt": "Explain tides.", "responses": ["best", "fine", "poor"], "ratings": [9.0, 6.5, 2.0]}
+    flat = write_rows(tmp_path / f"flat{suffix}", [{"instruction": "Explain tides.", "completions": "just text"}])
+    with pytest.raises(DataError) as error:
+        load(flat, "preferences", columns=columns)
+    assert "not a list of records" in assert_data_error(error, flat, 1, "responses")
+    with pytest.raises(DataError, match="not a list of records"):
+        load(flat, "preferences", columns=columns, streaming=True)
+    assert list(load(path, "preferences", columns=columns, streaming=True))[0]["responses"] == ["best", "fine", "poor"]
+    with pytest.raises(DataError) as error:
+        load(path, "preferences", columns={**columns, "responses": "answers.response"})
+    assert_data_error(error, path, 1, "answers.response")
 
 
 def test_gold_scores_not_aligned(tmp_path):
