@@ -204,8 +204,8 @@ def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
         before, side = (chosen_before, "chosen") if chosen_before else (rejected_before, "rejected")
         if has_prompt:
             prompt = _prompt(row["prompt"], "prompt")
-            given = _stripped(prompt_messages(prompt))
-            if before and given not in (_stripped(before), _stripped(before[-1:])):
+            # only a side that carries its conversation has turns to compare (string pairs skip the parse)
+            if before and _stripped(prompt_messages(prompt)) not in (_stripped(before), _stripped(before[-1:])):
                 raise _Invalid(side, "its turns before the reply are neither the row's 'prompt' nor end with it")
         elif not before:
             raise _Invalid("prompt", "missing; 'chosen' and 'rejected' hold no conversation before their replies "
