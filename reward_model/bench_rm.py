@@ -19,6 +19,7 @@ the tiny SFT model when it exists, else a fresh model of the tiny architecture.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -29,16 +30,14 @@ from pathlib import Path
 
 import torch
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DatasetSpec
 from data.world import write_world
 from pipeline.config import load_config
-from pipeline.evaluation import load_judge
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
-from pipeline.runs import stage_paths
+from pipeline.runs import WORLD_DATA_FILE, stage_paths
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
-from reward_model.collect import question_of, split_indices
 from reward_model.config import RewardModelConfig
-from reward_model.train import collate, compute_loss, epoch_batches, ranking_metrics, score_rankings
+from reward_model.train import collate, compute_loss, epoch_batches, load_rankings, ranking_metrics, score_rankings
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny"
@@ -61,17 +60,15 @@ def expand_to_pairs(rows: list[dict]) -> list[dict]:
 
 
 def tiny_data(cfg: RewardModelConfig, scratch: Path) -> tuple[list[dict], list[dict], str]:
-    """(train rankings, held-out rankings, description): the tiny run's collected ones, else the static set."""
+    """(train rankings, held-out rankings, description): the tiny run's collected ones, else the static set,
+    split as RM training splits them."""
     prefs = stage_paths(cfg, "prefs").root
-    if (prefs / "train.jsonl").exists() and (prefs / "eval.jsonl").exists():
-        train, held_out = ([dict(r) for r in load_dataset_for(DatasetSpec(path=str(prefs / f"{s}.jsonl")),
-                                                               "preferences")] for s in ("train", "eval"))
+    if all((prefs / name).exists() for name in ("train.jsonl", "eval.jsonl", WORLD_DATA_FILE)):
+        train, held_out, _ = load_rankings(cfg)
         return train, held_out, "collected tiny prefs"
-    world = write_world(scratch / "world", cfg.world)
-    rows = [dict(r) for r in load_dataset_for(DatasetSpec(path="world:prefs_static"), "preferences", world)]
-    judge = load_judge(world)
-    train_idx, eval_idx = split_indices([question_of(judge, row["prompt"]) for row in rows], cfg.eval_fraction, cfg.seed)
-    return [rows[i] for i in train_idx], [rows[i] for i in eval_idx], "tiny world's static ranked set"
+    static = dataclasses.replace(cfg, train_data=DatasetSpec(path="world:prefs_static"), eval_data=None)
+    train, held_out, _ = load_rankings(static, world=write_world(scratch / "world", cfg.world))
+    return train, held_out, "tiny world's static ranked set"
 
 
 def tiny_backbone(cfg: RewardModelConfig, scratch: Path) -> tuple[str, str]:

@@ -157,8 +157,8 @@ def correctness(task: Task, view: _ResponseView) -> float:
     if _names_other_subject(task, view):
         return 0.0
     kind = task.answer_kind
-    if task.op == "count" and any(item.lower() in view.words for item in task.detail_alternatives):
-        return 0.0  # a count of other things
+    if any(d.lower() in view.words for d in task.detail_alternatives):
+        return 0.0  # about other things: a count of other items, a note for another gift or place
     if kind == "number":
         return float(_stated_numbers(task, view) == {int(task.answer)})
     if kind == "choice":
@@ -237,8 +237,6 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
     about (if any), a sign-off."""
     words = view.words
     if task.answer.lower() not in words or any(n.lower() in words for n in task.alternatives):
-        return 0.0
-    if any(d.lower() in words for d in task.detail_alternatives):
         return 0.0
     occasion = NOTE_OCCASION[task.op]
     other_markers = [m for occ, markers in OCCASION_MARKERS.items() if occ != occasion for m in markers]
