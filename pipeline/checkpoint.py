@@ -228,11 +228,19 @@ def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any,
     return target
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint directory holds, from its name: ours are step_N, the Trainer's (SFT) checkpoint-N.
+    None for anything else (the .tmp- directory of a save that was killed, a file)."""
+    match = re.fullmatch(rf"(?:{CHECKPOINT_PREFIX}|checkpoint-)(\d+)", path.name)
+    return int(match[1]) if match and path.is_dir() else None
+
+
 def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
+    """A checkpoints/ directory's checkpoints, oldest step first."""
     checkpoints_dir = Path(checkpoints_dir)
     if not checkpoints_dir.exists():
         return []
-    return sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    return sorted((p for p in checkpoints_dir.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
 
 
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:

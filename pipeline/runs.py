@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CHECKPOINT_PREFIX, CheckpointError, checkpoint_config, model_source, \
+from pipeline.checkpoint import CheckpointError, checkpoint_config, checkpoint_step, list_checkpoints, model_source, \
     require_checkpoint, write_text_atomic
 from pipeline.config import ConfigError, FieldError, load_config, save_config
 
@@ -283,10 +283,9 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
 
 
 def _newest_step(checkpoints: Path) -> int:
-    """The highest step saved in a checkpoints/ directory (ours: step_N; the Trainer's: checkpoint-N), or -1."""
-    names = (p.name for p in checkpoints.glob("*") if p.is_dir())
-    return max((int(m[1]) for n in names if (m := re.fullmatch(rf"(?:{CHECKPOINT_PREFIX}|checkpoint-)(\d+)", n))),
-               default=-1)
+    """The highest step saved in a checkpoints/ directory, or -1."""
+    found = list_checkpoints(checkpoints)
+    return checkpoint_step(found[-1]) if found else -1
 
 
 def distributed_launch() -> str | None:

@@ -27,7 +27,7 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import atomic_dir, checkpoint_stage
+from pipeline.checkpoint import atomic_dir, checkpoint_stage, list_checkpoints
 from pipeline.checkpoint import mark_final, replace_dir, save_final, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
@@ -122,8 +122,7 @@ def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | Non
         except (OSError, ValueError, AttributeError):
             return False
 
-    found = sorted((p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
+    found = list_checkpoints(checkpoints_dir)
     done = [p for p in found if finished(p)]
     if is_main_process:
         for unfinished in set(found) - set(done):
