@@ -35,10 +35,9 @@ import yaml
 
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import is_hub_id
-from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.runs import StageConfig, name_run_after_recipe, run_dir, run_main, stage_paths, world_dir
+from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
 
 STAGE_CONFIGS = {
     "pretrain": "stages.pretrain.pretrain:PretrainConfig",
@@ -66,12 +65,7 @@ def config_class(config_path: str | None) -> type:
 
 def load_run_config(config_path: str | None, overrides: list[str]) -> StageConfig:
     """The stage YAML (checked by its stage's config class) with overrides; exits with a message on errors."""
-    try:
-        cfg = load_config(config_class(config_path), config_path, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
-    name_run_after_recipe(cfg, config_path)
-    return cfg
+    return load_stage_config(config_class(config_path), config_path, overrides)
 
 
 def shared_config(cfg: StageConfig) -> StageConfig:

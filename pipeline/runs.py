@@ -340,11 +340,16 @@ def parse_stage_args(config_cls: type, argv: list[str] | None = None, descriptio
     parser.add_argument("--config", help="YAML config, e.g. configs/tiny/pretrain.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     args = parser.parse_args(argv)
+    return load_stage_config(config_cls, args.config, args.overrides)
+
+
+def load_stage_config(config_cls: type, config_path: str | None, overrides: list[str]):
+    """The YAML with its overrides, checked by `config_cls`, its run named; exits with a message on errors."""
     try:
-        cfg = load_config(config_cls, args.config, args.overrides)
+        cfg = load_config(config_cls, config_path, overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    name_run_after_recipe(cfg, args.config)
+    name_run_after_recipe(cfg, config_path)
     return cfg
 
 
