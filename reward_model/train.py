@@ -80,10 +80,8 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
         prompts = [question_of(judge, row["prompt"]) for row in train]
     else:
         prompts = [row["prompt"] for row in train]
-    if len(set(prompts)) < 2:
-        raise DataError(cfg.train_data.path, f"only {len(set(prompts))} distinct prompt, column 'prompt'; a "
-                        "held-out split needs two or more (or set eval_data)")
-    train_idx, eval_idx = split_indices(prompts, cfg.eval_fraction, cfg.seed)
+    train_idx, eval_idx = split_indices(prompts, cfg.eval_fraction, cfg.seed, cfg.train_data.path,
+                                        "prompt, column 'prompt' (or set eval_data)")
     return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
 
 

@@ -285,10 +285,13 @@ def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_p
     judge = load_judge(world)
     questions = [question_of(judge, p) for p in prompts]
     assert len(set(questions)) < len(prompts)  # the world asks some questions in several phrasings
-    train_idx, eval_idx = split_indices(questions, 0.3, seed=0)
+    train_idx, eval_idx = split_indices(questions, 0.3, seed=0, source="test")
     assert sorted(train_idx + eval_idx) == list(range(len(prompts))) and train_idx and eval_idx
     assert not {questions[i] for i in train_idx} & {questions[i] for i in eval_idx}
     assert question_of(judge, "Tell me a joke.") == "Tell me a joke."  # a prompt the world does not know
+    one_question = [questions[0]] * 3  # three phrasings of one question: nothing to hold out
+    with pytest.raises(DataError, match=r"data error in prompts.jsonl: only 1 distinct question"):
+        split_indices(one_question, 0.3, seed=0, source="prompts.jsonl", what="question")
     # the RM trained on the world's static rankings (train_data, no eval_data) holds out whole questions too
     for seed in range(6):  # micro's static set asks one question twice: some seeds split it by text
         cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=w", f"seed={seed}",
