@@ -86,9 +86,7 @@ WEIGHTS_DTYPE = torch.float32
 
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
-    if spec.pretrained:
-        if Path(spec.pretrained).exists():  # one of our checkpoints must hold a language model, not a reward model
-            require_checkpoint(spec.pretrained, POLICY_STAGES, "pretrain (key 'model.pretrained')", "model.pretrained")
+    if spec.pretrained:  # which stage made it is the caller's to check (pretraining does, before loading data)
         with loading_from(spec.pretrained, "key 'model.pretrained'"):
             model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code,
                                                          dtype=WEIGHTS_DTYPE)

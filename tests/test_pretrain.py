@@ -272,6 +272,9 @@ def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_r
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(CheckpointError, match=r"key 'model.pretrained'\): checkpoint .* was made by the 'rm' stage"):
         run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_rm}", "max_steps=2")
+    # refused under the key that named it, before the data is read (the corpus here does not exist)
+    with pytest.raises(CheckpointError, match=r"key 'init_from'\): checkpoint .* was made by the 'rm' stage"):
+        run_stage(main, "pretrain.yaml", tmp_path, f"init_from={micro_rm}", "data.path=no/such/corpus.txt")
     with pytest.raises(ConfigError, match=r"^key 'init_from': runs/x/fnal does not exist"):
         run_stage(main, "pretrain.yaml", tmp_path, "init_from=runs/x/fnal", "max_steps=2")
     with pytest.raises(ConfigError, match=r"key 'init_from': .* both name pretraining's starting checkpoint"):
