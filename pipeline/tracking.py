@@ -6,6 +6,8 @@ input (`use_artifact`), so the lineage graph shows the chain; offline (wandb ref
 the upstream run id and checkpoint path go into the run config instead.
 
 With no credentials W&B runs offline and the stage prints the `wandb sync` command at the end.
+A resumed stage continues its interrupted attempt's W&B run when online (its id is kept in wandb_run.json);
+wandb cannot continue an offline run, so offline each attempt is a run of its own.
 `WANDB_MODE=disabled` turns it off. Keys and tokens are never logged.
 """
 from __future__ import annotations
@@ -26,6 +28,9 @@ from transformers import TrainerCallback
 
 from pipeline.checkpoint import write_text_atomic
 from pipeline.config import to_dict
+
+# beside a stage's metrics.jsonl: the W&B run its latest attempt logs to, which a resumed attempt continues
+WANDB_RUN_FILE = "wandb_run.json"
 
 
 def wandb_mode() -> str:
@@ -65,12 +70,17 @@ class Tracker:
         logs the steps after its checkpoint again, and a fresh run starts the file over."""
         self.stage, self.is_main, self.metrics_file = stage, is_main, Path(metrics_file)
         self.run = None
+        # steps the W&B run already holds: a resumed run continues the interrupted one's W&B run, which has the
+        # steps up to the kill; the replayed ones are not sent again (W&B would drop them, warning at each)
+        self.wandb_holds_through = -1
         if not is_main:
             return
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        logged_through = -1
         if self.metrics_file.exists():
-            kept = [line for line in self.metrics_file.read_text().splitlines()
-                    if start_step and _step_of(line) is not None and _step_of(line) <= start_step]
+            steps = [(line, _step_of(line)) for line in self.metrics_file.read_text().splitlines()]
+            logged_through = max((step for _, step in steps if step is not None), default=-1)
+            kept = [line for line, step in steps if start_step and step is not None and step <= start_step]
             write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
         self.mode = wandb_mode()
         if self.mode == "disabled":
@@ -81,9 +91,19 @@ class Tracker:
         upstream_info = {name: _upstream_record(path) for name, path in (upstream or {}).items()}
         if upstream_info and self.mode != "online":
             config["upstream"] = upstream_info
+        run_record = self.metrics_file.parent / WANDB_RUN_FILE
+        resumed_id = _resumable_run_id(run_record) if start_step and self.mode == "online" else None
         self.run = wandb.init(project=cfg.wandb_project, group=cfg.run_name, job_type=stage,
                               name=f"{cfg.run_name}-{stage}", config=config, dir=str(self.metrics_file.parent),
-                              mode=self.mode, reinit="finish_previous")
+                              mode=self.mode, reinit="finish_previous",
+                              id=resumed_id, resume="allow" if resumed_id else None)
+        if resumed_id:
+            self.wandb_holds_through = logged_through
+            print(f"[{stage}] W&B: continuing run {resumed_id} from step {start_step}")
+        elif start_step:  # wandb cannot resume an offline run (it ignores resume= there)
+            print(f"[{stage}] W&B: this resumed attempt is a run of its own ({self.run.id}); W&B continues a run "
+                  "only online")
+        write_text_atomic(run_record, json.dumps({"id": self.run.id, "mode": self.mode}) + "\n")
         if self.mode == "online":
             for name, info in upstream_info.items():
                 if info.get("artifact"):
@@ -109,7 +129,7 @@ class Tracker:
             return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
-        if self.run is not None:
+        if self.run is not None and step > self.wandb_holds_through:
             self.run.log(clean, step=step)
         if console:
             shown = clean if console_keys is None else {k: clean[k] for k in console_keys if k in clean}
@@ -121,7 +141,7 @@ class Tracker:
             return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, "table": key, "columns": columns, "rows": rows}) + "\n")
-        if self.run is not None:
+        if self.run is not None and step > self.wandb_holds_through:
             import wandb
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
@@ -147,6 +167,15 @@ class Tracker:
         if self.mode == "offline":
             offline_dir = Path(run_dir).parent
             print(f"[{self.stage}] W&B ran offline. To upload this run: {_wandb_command()} sync {offline_dir}")
+
+
+def _resumable_run_id(run_record: Path) -> str | None:
+    """The W&B run an interrupted attempt of this stage logged to online (WANDB_RUN_FILE), if any."""
+    try:
+        record = json.loads(run_record.read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("id") if isinstance(record, dict) and record.get("mode") == "online" else None
 
 
 def _write_run_record(final_dir: Path, run: Any, stage: str) -> None:

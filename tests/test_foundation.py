@@ -409,6 +409,40 @@ def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_st
     assert metrics.read_text() == ""
 
 
+def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_replayed_steps(tmp_path, monkeypatch):
+    """Each resume opened a new W&B run, so the dashboard showed every interrupted attempt as a run of its own."""
+    import wandb
+
+    from pipeline.tracking import Tracker
+
+    class FakeRun:  # no W&B server here: record what the stage asks of wandb
+        def __init__(self, **kwargs):
+            self.init, self.id, self.logged = kwargs, kwargs.get("id") or f"run{len(runs)}", []
+
+        def log(self, metrics, step):
+            self.logged.append(step)
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(FakeRun(**kwargs)) or runs[-1])
+    monkeypatch.setenv("WANDB_MODE", "online")
+    metrics = tmp_path / "pretrain" / "metrics.jsonl"
+    first = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)
+    for step in (10, 20, 30):  # checkpointed at 20, killed after 30
+        first.log({"train/loss": 1.0 / step}, step=step, console=False)
+    resumed = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)
+    assert runs[1].init["id"] == "run0" and runs[1].init["resume"] == "allow"
+    for step in (30, 40):
+        resumed.log({"train/loss": 1.0 / step}, step=step, console=False)
+    assert runs[1].logged == [40]  # W&B has step 30 from the interrupted attempt
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [10, 20, 30, 40]
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # a fresh start is a new W&B run
+    assert runs[2].init["id"] is None and runs[2].init["resume"] is None
+
+    monkeypatch.setenv("WANDB_MODE", "offline")  # wandb cannot resume offline runs: a run of its own
+    offline = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)
+    assert runs[3].init["id"] is None and offline.wandb_holds_through == -1
+
+
 def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
     target = tmp_path / "final"
     with atomic_dir(target) as tmp:

@@ -263,6 +263,49 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     assert (stage / "final" / "config.json").exists()
 
 
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretrain, tmp_path):
+    """The kill test above compares one step's loss, taken before any optimizer step: a resume that lost the
+    optimizer, the schedule or the RNG passed it. Here the whole continuation must match."""
+    from safetensors.torch import load_file
+
+    args = [f"init_from={micro_pretrain}", *QUICK, "max_steps=12", "checkpoint_every=3", "keep_checkpoints=10"]
+    main(sft_args(tmp_path, "whole", *args))
+    stage = tmp_path / "whole" / "sft"
+    uninterrupted = load_file(stage / "final" / "model.safetensors")
+    # as if killed after step 7: the checkpoints after 6 and final/ were never written
+    for lost in ("final", "checkpoints/checkpoint-9", "checkpoints/checkpoint-12"):
+        shutil.rmtree(stage / lost)
+    main(sft_args(tmp_path, "whole", *args, "resume=true"))
+    resumed = load_file(stage / "final" / "model.safetensors")
+    assert uninterrupted.keys() == resumed.keys()
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_pretrain, tmp_path, monkeypatch):
+    """The Trainer stepped on a NaN gradient, saved the NaN weights at the next checkpoint and logged the loss as
+    the mean of earlier ones; the run stopped only at the next logging step."""
+    from safetensors.torch import load_file
+    from trl import SFTTrainer
+
+    compute_loss = SFTTrainer.compute_loss
+
+    def nan_at_step_3(self, model, inputs, *args, **kwargs):
+        loss = compute_loss(self, model, inputs, *args, **kwargs)
+        if self.state.global_step == 2:  # the third optimizer step
+            loss = loss * float("nan") if not isinstance(loss, tuple) else (loss[0] * float("nan"), *loss[1:])
+        return loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", nan_at_step_3)
+    with pytest.raises(FloatingPointError, match=r"\[sft\] gradient norm is nan at step 3 .*Lower learning_rate"):
+        main(sft_args(tmp_path, "nan", f"init_from={micro_pretrain}", *QUICK, "max_steps=20", "checkpoint_every=2",
+                      "log_every=10"))
+    checkpoints = tmp_path / "nan" / "sft" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-2"]
+    weights = load_file(checkpoints / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
 def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     def checkpoint(step: int, state: str | None) -> None:
         path = tmp_path / f"checkpoint-{step}"

@@ -27,7 +27,7 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import atomic_dir, checkpoint_stage, list_checkpoints
+from pipeline.checkpoint import atomic_dir, checkpoint_stage, checkpoint_step, list_checkpoints
 from pipeline.checkpoint import mark_final, replace_dir, save_final, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
@@ -37,7 +37,7 @@ from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, par
 from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
     world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
-from pipeline.tracking import Tracker, TrackerCallback
+from pipeline.tracking import Tracker, TrackerCallback, stop_if_not_finite
 
 
 @dataclass
@@ -108,6 +108,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=max(1, cfg.keep_checkpoints),
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
         report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), not as earlier losses' mean
         dataloader_pin_memory=torch.cuda.is_available())
 
 
@@ -180,6 +181,25 @@ class ProgressBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
+class StopOnNonFiniteGradients(TrainerCallback):
+    """Stop before the optimizer step on a NaN/inf gradient, as the other stages do (stop_if_not_finite). The
+    Trainer would apply it, save the NaN weights at the next checkpoint, and log the loss as the mean of earlier
+    ones. The squared norm is summed over ranks (sharded gradients under FSDP), so every rank stops alike."""
+
+    def __init__(self):
+        self.scaler = None  # the Trainer's fp16 GradScaler, once the Trainer exists: an overflow is its to handle
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)
+        stop_if_not_finite(squares.sqrt(), "sft", state.global_step + 1,
+                           "Lower learning_rate or check the demonstrations.", self.scaler)
+
+
 def comparison(sft: dict[str, float], pretrained: dict[str, float]) -> list[dict]:
     """Per family and overall: SFT's gold score and correctness next to the pretrained model's, and the
     correctness of blind guessing (`chance`)."""
@@ -232,16 +252,18 @@ def main(argv: list[str] | None = None) -> None:
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process)
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
-                      start_step=int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0)
+                      start_step=checkpoint_step(Path(checkpoint)) if checkpoint else 0)
     if state.is_main_process:
         write_resolved_config(cfg, paths)
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
     peft_config = cfg.lora.peft_config("CAUSAL_LM") if cfg.lora.enabled else None
+    nan_guard = StopOnNonFiniteGradients()
     trainer = SFTTrainer(model=model, args=training_arguments(cfg, paths.checkpoints), train_dataset=train_data,
                          eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[gold, TrackerCallback(tracker)])  # gold first: its time is not training time
+                         callbacks=[gold, TrackerCallback(tracker), nan_guard])  # gold first: not training time
+    nan_guard.scaler = trainer.accelerator.scaler
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
 
