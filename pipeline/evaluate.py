@@ -182,7 +182,7 @@ def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: Sam
         if hasattr(reward, "missing_eos_penalty"):
             from stages.ppo.ppo_math import shape_scores
 
-            ended = torch.tensor([s["ended"] for s in result.samples])
+            ended = torch.tensor([s["ended"] for s in result.samples], device=scores.device)
             scores = shape_scores(scores, ended, reward.missing_eos_penalty, reward.reward_clip)
         for sample, score in zip(result.samples, scores.tolist()):
             sample["rm_score"] = score

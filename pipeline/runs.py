@@ -312,15 +312,14 @@ def weights_sharded() -> str | None:
 
 
 def require_ddp(stage: str) -> None:
-    """Pretraining, the RM and PPO run their own training loops with the whole model on every rank: they sample,
-    evaluate and save on the main process (which would hang or save one shard under FSDP / ZeRO-3), and do not set
+    """Pretraining, collection, the RM and PPO run their own loops with the whole model on every rank: they sample,
+    evaluate and save outside the Trainer (which would hang or use one shard under FSDP / ZeRO-3), and do not set
     DeepSpeed's engine up. Refuse any other launch before anything is built."""
     launch = distributed_launch()
     if launch:
         raise ConfigError(f"{stage} runs in one process or under DDP (configs/accelerate/ddp.yaml), not under "
-                          f"{launch}: it samples, evaluates and saves on the main process with the whole model, in its "
-                          f"own training loop. Of the stages, only SFT (the Trainer's loop) runs under FSDP and "
-                          f"DeepSpeed.")
+                          f"{launch}: it samples, evaluates and saves with the whole model on each process, in its "
+                          f"own loop. Of the stages, only SFT (the Trainer's loop) runs under FSDP and DeepSpeed.")
 
 
 def run_main(main) -> None:

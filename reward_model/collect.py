@@ -28,7 +28,7 @@ from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, prompts_that_fit, sample
 from pipeline.model import POLICY_STAGES, load_causal_lm
-from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, model_path, \
+from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, model_path, require_ddp, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker
@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             # it on every later make (an earlier collection's record keeps its own date)
             os.utime(record)
         return
+    require_ddp("prefs")
     accelerator = Accelerator()
     torch.manual_seed(cfg.seed)
     K = cfg.responses_per_prompt

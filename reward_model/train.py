@@ -25,15 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, restore_scaler, save_final,
-                                 save_training_checkpoint, scaler_state, write_text_atomic)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, restore_scaler,
+                                 save_final, save_training_checkpoint, scaler_state, write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
@@ -327,7 +327,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
     paths = stage_paths(cfg, "rm")
     require_ddp("rm")
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
+    # ranks score their micro-batches in as many forward passes as their responses need (rankings differ in size):
+    # DDP's buffer broadcast before each forward pass would pair up unlike calls across ranks and hang. The
+    # buffers (rotary frequencies) are constants, the same on every rank.
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg),
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     torch.manual_seed(cfg.seed)
     n_procs, rank = accelerator.num_processes, accelerator.process_index
 
@@ -482,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # the held-out responses are the SFT policy's samples on prompts the RM never trained on: what PPO will show it
     reward_stats = score_stats("reward", distinct_reply_scores(scores, eval_rows))
     reward_mean, reward_std = reward_stats["reward_mean"], reward_stats["reward_std"]
+    # every rank prints it: under DDP the ranks must agree
+    print(f"[rm] rank {accelerator.process_index} parameter fingerprint {parameter_fingerprint(model)}")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)

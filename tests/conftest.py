@@ -5,6 +5,7 @@ Stages run in-process through their `main(argv)`, exactly as `python -m stages.X
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -21,15 +22,32 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Each test starts with no accelerate state: a stage run in-process fixes the precision for the process, and
+    a later test's stage asking for another one failed in whichever order the tests ran."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def run_in_own_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
-    """Run `command` from the repo root in its own process group; on timeout kill the whole group (launcher and
-    every rank), so a hung rank never outlives the test."""
+    """Run `command` from the repo root in its own process group; on timeout kill the launcher and every process
+    under it, so a hung rank never outlives the test (torch's launcher starts each rank in a session of its own,
+    out of reach of the group)."""
+    import psutil
+
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
         os.killpg(proc.pid, signal.SIGKILL)
+        for rank in ranks:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                rank.kill()
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(command[:8])} ... did not finish within {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
@@ -43,7 +61,11 @@ def free_port() -> int:
 
 def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str = "micro",
               recipe: Path = MICRO) -> None:
-    """Run a stage's main() on a recipe's config (micro unless told) with runs under `runs_dir`."""
+    """Run a stage's main() on a recipe's config (micro unless told) with runs under `runs_dir`, in a fresh
+    accelerate state (the session fixtures run one stage after another inside one test's setup)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
     main(["--config", str(recipe / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
 
 

@@ -164,6 +164,7 @@ def test_model_sources_local_hub_and_default_upstream(tmp_path):
 ])
 def test_stages_with_their_own_loop_refuse_fsdp_and_deepspeed(launch, expected, monkeypatch, tmp_path):
     from pipeline.runs import weights_sharded
+    from reward_model.collect import main as collect
     from reward_model.train import main as train_rm
     from stages.ppo.ppo import main as ppo
     from stages.pretrain.pretrain import main as pretrain
@@ -174,7 +175,7 @@ def test_stages_with_their_own_loop_refuse_fsdp_and_deepspeed(launch, expected, 
         monkeypatch.setenv(name, value)
     assert weights_sharded() == (None if expected.endswith("2") else expected)  # SFT's question
     runs = tmp_path / "runs"
-    for main, config in ((pretrain, "pretrain.yaml"), (train_rm, "rm.yaml"), (ppo, "ppo.yaml")):
+    for main, config in ((pretrain, "pretrain.yaml"), (collect, "rm.yaml"), (train_rm, "rm.yaml"), (ppo, "ppo.yaml")):
         with pytest.raises(ConfigError, match=rf"under DDP \(configs/accelerate/ddp.yaml\), not under {expected}:"):
             main(["--config", str(MICRO / config), f"runs_dir={runs}"])
     assert not runs.exists()  # stopped before writing anything
@@ -589,7 +590,9 @@ def test_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, native, ex
     assert resolve_precision(StageConfig()) == expected
     import yaml
 
-    assert yaml.safe_load((REPO / "configs" / "accelerate" / "single_gpu.yaml").read_text())["mixed_precision"] == "no"
+    for gpu_config in ("single_gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode"):
+        launch = yaml.safe_load((REPO / "configs" / "accelerate" / f"{gpu_config}.yaml").read_text())
+        assert launch["mixed_precision"] == "no", gpu_config  # bf16 there forced emulated bf16 on a V100 node
 
 
 def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):

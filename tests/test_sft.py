@@ -306,6 +306,26 @@ def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_ddp_on_the_cpu_logs_and_saves_from_one_rank(micro_pretrain, tmp_path):
+    """On CPU DDP every rank took itself for the main process until the Trainer set the state up: each wrote every
+    metrics row (and would each have opened a W&B run and moved checkpoints aside)."""
+    from conftest import free_port, run_in_own_group
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "stages.sft",
+               *sft_args(tmp_path, "ddp", f"init_from={micro_pretrain}", *QUICK, "max_steps=6", "log_every=1")]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    run = run_in_own_group(command, env, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    stage = tmp_path / "ddp" / "sft"
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r and "train/samples_per_second" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6], steps
+    assert run.stdout.count("M parameters (") == 1  # the size line, from the main process alone
+    assert (stage / "final" / "model.safetensors").exists()
+
+
 def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     def checkpoint(step: int, state: str | None) -> None:
         path = tmp_path / f"checkpoint-{step}"

@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     if sharding and cfg.lora.enabled:
         raise ConfigError(f"key 'lora.enabled': merging the adapters into final/ needs the whole model on the main "
                           f"process, which {sharding} does not hold there; launch LoRA with DDP")
+    # first: the arguments set the distributed state up (CPU DDP included) and ZeRO-3's sharded loading
+    arguments = training_arguments(cfg, paths.checkpoints)
     state = PartialState()
     set_seed(cfg.seed)
 
@@ -260,8 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
     peft_config = cfg.lora.peft_config("CAUSAL_LM") if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
-    trainer = SFTTrainer(model=model, args=training_arguments(cfg, paths.checkpoints), train_dataset=train_data,
-                         eval_dataset=eval_data, processing_class=tokenizer, peft_config=peft_config,
+    trainer = SFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+                         processing_class=tokenizer, peft_config=peft_config,
                          callbacks=[gold, TrackerCallback(tracker), nan_guard])  # gold first: not training time
     nan_guard.scaler = trainer.accelerator.scaler
     trainer.remove_callback(ProgressCallback)
