@@ -259,12 +259,28 @@ def restore_scaler(scaler: Any, state: dict) -> None:
         scaler.load_state_dict(state["scaler"])
 
 
-def load_training_state(checkpoint: str | Path) -> dict:
-    """Read training state back (tensors and plain containers only) and restore the RNG streams."""
+def resume_settings(cfg: Any, keys: tuple[str, ...], processes: int) -> dict:
+    """The settings through which a step number maps to the data it read and to its place in the schedule. A
+    training checkpoint records them (state["settings"]); a run resuming from it must share them."""
+    return {**{key: getattr(cfg, key) for key in keys}, "processes": processes}
+
+
+def load_training_state(checkpoint: str | Path, settings: dict | None = None) -> dict:
+    """Read training state back (tensors and plain containers only) and restore the RNG streams. With `settings`
+    (resume_settings now), refuse a checkpoint saved under others: the resumed run would silently read other data
+    than the interrupted one would have (more processes, a larger batch) or follow another schedule."""
     path = Path(checkpoint) / "training_state.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"cannot read training state {path}: {e}") from None
+    saved = state.get("settings") or {}
+    changed = [key for key in settings or {} if key in saved and saved[key] != settings[key]]
+    if changed:
+        what = "; ".join(f"{'the number of processes' if key == 'processes' else f'key {key!r}'} was {saved[key]} "
+                         f"there, {settings[key]} now" for key in changed)
+        raise ConfigError(f"cannot resume from {checkpoint}: {what}. Which data each step reads, and its place in "
+                          f"the schedule, follow from these: set them back to resume, or start over without "
+                          f"resume=true.")
     set_rng_state(state["rng"])
     return state

@@ -33,7 +33,8 @@ from transformers import get_scheduler
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, restore_scaler,
-                                 save_final, save_training_checkpoint, scaler_state, write_text_atomic)
+                                 resume_settings, save_final, save_training_checkpoint, scaler_state,
+                                 write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
@@ -367,8 +368,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
     start_step = 0
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed"), n_procs)
     if checkpoint is not None:
-        state = load_training_state(checkpoint)
+        state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         restore_scaler(accelerator.scaler, state)
@@ -472,7 +474,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                          **scaler_state(accelerator.scaler)},
+                                          "settings": settings, **scaler_state(accelerator.scaler)},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
 

@@ -24,11 +24,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """Each test starts with no accelerate state: a stage run in-process fixes the precision for the process, and
-    a later test's stage asking for another one failed in whichever order the tests ran."""
-    yield
+    """Each test starts with no accelerate state (after the session fixtures it uses, which are set up first): a
+    stage run in-process fixes the precision for the process, and a later stage asking for another one failed."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 

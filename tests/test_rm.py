@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from data.loading import DataError
 from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
 from data.world import FAMILIES
 from pipeline.evaluation import load_judge
 from pipeline.model import load_scalar_model
@@ -352,6 +353,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     uninterrupted = load_file(final / "model.safetensors")
     assert [p.name for p in (final.parent / "checkpoints").iterdir() if p.is_dir()] == ["step_00000002"]
     shutil.rmtree(final)
+    # another batch size would read other rankings at each step than the interrupted run: refused, by key
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000002: key 'batch_size' was 8 there, 4 now"):
+        train.main(args + ["resume=true", "batch_size=4"])
     capsys.readouterr()
     train.main(args + ["resume=true"])  # continues from step 2 of 4
     assert "resuming at step 2" in capsys.readouterr().out

@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, save_final,
-                                 save_training_checkpoint, unwrap, write_text_atomic)
+from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, resume_settings,
+                                 save_final, save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.evaluation import family_table, load_judge, load_prompts, win_rate
@@ -238,8 +238,10 @@ def main(argv: list[str] | None = None) -> None:
 
         ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     start_step = 0
+    settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
+                                     "critic_warmup_steps", "ptx_batch_size", "ptx_block_size"), n_ranks)
     if checkpoint is not None:
-        state = load_training_state(checkpoint)
+        state = load_training_state(checkpoint, settings)
         policy_opt.load_state_dict(state["policy_optimizer"])
         critic_opt.load_state_dict(state["critic_optimizer"])
         kl_ctl.load_state_dict(state["kl_controller"])
@@ -416,7 +418,8 @@ def main(argv: list[str] | None = None) -> None:
                 save_training_checkpoint(
                     paths.checkpoints, done, unwrap(policy), tokenizer,
                     {"policy_optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
-                     "kl_controller": kl_ctl.state_dict(), **({"ema": ema.state_dict()} if ema is not None else {})},
+                     "kl_controller": kl_ctl.state_dict(), "settings": settings,
+                     **({"ema": ema.state_dict()} if ema is not None else {})},
                     cfg.keep_checkpoints, extra_models={"critic": unwrap(critic).rm})
             accelerator.wait_for_everyone()
 

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint,
-                                 require_checkpoint, restore_scaler, save_final, save_training_checkpoint, scaler_state)
+                                 require_checkpoint, restore_scaler, resume_settings, save_final,
+                                 save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     start_step = 0
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed"), accelerator.num_processes)
     if checkpoint is not None:
-        state = load_training_state(checkpoint)
+        state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
-                                         {"optimizer": optimizer.state_dict(), **scaler_state(accelerator.scaler)},
+                                         {"optimizer": optimizer.state_dict(), "settings": settings,
+                                          **scaler_state(accelerator.scaler)},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             throughput.rate()  # nor saving

@@ -109,7 +109,8 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
         report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), not as earlier losses' mean
-        dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_pin_memory=torch.cuda.is_available(),
+        ddp_find_unused_parameters=False)  # every trainable weight takes part in each step: no extra graph pass
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
