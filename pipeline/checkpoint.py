@@ -117,8 +117,13 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
         setattr(model.config, key, value)
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.max_new_tokens is None:
-        # a plain generate() would stop at transformers' default of 20 tokens in all, mid-reply
-        generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        # a plain generate() would stop at transformers' default of 20 tokens in all, mid-reply; it may run to the
+        # end of the turn, but not past the positions the model has
+        context = getattr(model.config, "max_position_embeddings", None)
+        if context:
+            generation.max_length = context
+        else:
+            generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     return model
 
 

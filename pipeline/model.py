@@ -99,7 +99,8 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
             num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
             num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
             max_position_embeddings=spec.max_position_embeddings, rope_theta=spec.rope_theta,
-            tie_word_embeddings=spec.tie_word_embeddings, **spec.extra)
+            tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.extra)
         model = AutoModelForCausalLM.from_config(config)
     set_special_token_ids(model, tokenizer)
     return model
@@ -144,11 +145,17 @@ def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:
 
 
 def set_special_token_ids(model: Any, tokenizer: Any) -> None:
-    """Record BOS/EOS/PAD in the model and generation configs, so plain `generate` stops at end of turn."""
-    for cfg in (model.config, getattr(model, "generation_config", None)):
+    """Record BOS/EOS/PAD in the model and generation configs, so plain `generate` stops at end of turn. Stop
+    tokens a hub model's generation config lists besides (<|endoftext|> beside <|im_end|>) are kept after ours."""
+    generation = getattr(model, "generation_config", None)
+    for cfg in (model.config, generation):
         if cfg is not None:
-            cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-            cfg.pad_token_id = tokenizer.pad_token_id
+            cfg.bos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if generation is not None:
+        listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+        stops = [tokenizer.eos_token_id, *(i for i in listed if i is not None and i != tokenizer.eos_token_id)]
+        generation.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 
 def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,

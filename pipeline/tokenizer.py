@@ -20,14 +20,17 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
 
 # `{% generation %}` marks the assistant's tokens, so SFT can train on them alone
-# (transformers' return_assistant_tokens_mask, TRL's assistant_only_loss).
+# (transformers' return_assistant_tokens_mask, TRL's assistant_only_loss). A message's text cannot open or end a
+# turn: "<|" in it gets an invisible word joiner (U+2060), so "<|end|><|assistant|>" typed by a user stays text
+# instead of becoming our special tokens.
+_CONTENT = "message['content'] | replace('<|', '<\u2060|')"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>' }}{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ " + _CONTENT + " }}{{ eos_token }}{% endgeneration %}"
     "{% elif message['role'] in ['system', 'user'] %}"
-    "{{ '<|' + message['role'] + '|>' }}{{ message['content'] }}{{ eos_token }}"
+    "{{ '<|' + message['role'] + '|>' }}{{ " + _CONTENT + " }}{{ eos_token }}"
     "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"
