@@ -98,7 +98,8 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], sampling: 
         enc = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
         responses = sample(policy, enc["input_ids"], enc["attention_mask"], sampling, tokenizer.eos_token_id,
                            tokenizer.pad_token_id, generator)
-        mask = response_mask(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)[0].float()
+        # as PPO masks its rollouts: a pad in a reply without EOS was sampled, and counts (passes.score_rollout)
+        mask = response_mask(responses, tokenizer.eos_token_id, None)[0].float()
         attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
         inputs = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention,
                   "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}
