@@ -513,7 +513,8 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
 
 def _csv_as_text(path: str) -> dict[str, Any]:
     """Every CSV column read as the text it holds: pandas would make "42" a number and "NA" or "" missing."""
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which is not part of the first name
+    with open(path, newline="", encoding="utf-8-sig") as f:
         header = next(csv.reader(f), [])
     return {"features": datasets.Features({name: _STRING for name in header}), "keep_default_na": False,
             "na_filter": False}
@@ -596,13 +597,16 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
         raise DataError(part.description, "no rows (empty dataset)")
     _check_mapped_columns_exist(part, raw.column_names, columns)
     optional = _optional_present(raw.column_names, schema, columns)
-    normalised = raw.map(
-        _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
-        features=schema.output_features(optional),
-        fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
-                   "optional": optional, "skip_blank": part.skips_blank_lines},
-        desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
-    )
+    try:  # the reader keeps bytes as it found them: text that is not UTF-8 fails only once a row is read
+        normalised = raw.map(
+            _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+            features=schema.output_features(optional),
+            fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
+                       "optional": optional, "skip_blank": part.skips_blank_lines},
+            desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
+        )
+    except UnicodeDecodeError as error:
+        raise _not_utf8(part, error) from None
     if len(normalised) == 0:
         raise DataError(part.description, "no rows (only blank lines)" if part.skips_blank_lines else
                         "no rows (every preference row had equal replies, an empty one, or only equal ratings)")
@@ -723,6 +727,11 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     return datasets.IterableDataset.from_generator(generate, features=schema.output_features(optional))
 
 
+def _not_utf8(part: _Part, error: UnicodeDecodeError) -> DataError:
+    byte = error.object[error.start:error.start + 1].hex()
+    return DataError(part.description, f"not UTF-8 text (byte 0x{byte}: {error.reason}); save the file as UTF-8")
+
+
 def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
     """Iterate a raw stream, turning read failures into DataErrors naming the part."""
     iterator = iter(stream)
@@ -733,6 +742,8 @@ def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str
             return
         except DataError:
             raise
+        except UnicodeDecodeError as error:
+            raise _not_utf8(part, error) from None
         except Exception as error:
             if part.builder == "json":
                 _raise_json_problem(part.description)

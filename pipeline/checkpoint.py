@@ -178,7 +178,8 @@ def require_checkpoint(path: str | Path, allowed_stages: tuple[str, ...], needed
         raise CheckpointError(f"{needed_by}: checkpoint {path} does not exist. Run the earlier stage first "
                               f"(the Makefile does this for you), or set {config_key} to a checkpoint path.")
     if not (path / "config.json").exists():
-        raise CheckpointError(f"{needed_by}: {path} has no config.json; it is not a Hugging Face checkpoint.")
+        inside = " Its model is in model/: name that directory." if (path / "model" / "config.json").exists() else ""
+        raise CheckpointError(f"{needed_by}: {path} has no config.json; it is not a Hugging Face checkpoint.{inside}")
     stage = checkpoint_stage(path)
     if stage is not None and stage not in allowed_stages:
         raise CheckpointError(f"{needed_by}: checkpoint {path} was made by the '{stage}' stage, but "

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final
+from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final, save_training_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
 from pipeline.runs import parse_stage_args
@@ -214,6 +214,8 @@ def test_a_zero_step_or_batch_count_names_its_key(stage, override):
     ("rm", "sampling.max_new_tokens=0", "must be 1 or more"),
     ("sft", "run_name=exp+lora", "use letters, digits"),  # W&B refused the artifact name after training
     ("ppo", "run_name=a/b", "use letters, digits"),
+    ("pretrain", "max_steps=0", "must be 1 or more"),  # saved the untrained model as pretrain/final/
+    ("ppo", "max_steps=-1", "must be 1 or more"),  # saved the SFT policy unchanged as ppo/final/
 ])
 def test_a_value_out_of_range_names_its_full_key(stage, override, problem):
     from reward_model.config import RewardModelConfig
@@ -224,6 +226,15 @@ def test_a_value_out_of_range_names_its_full_key(stage, override, problem):
     key = override.partition("=")[0]
     with pytest.raises(ConfigError, match=rf"override '{re.escape(override)}': key '{re.escape(key)}': .*{problem}"):
         load_config(config_cls[stage], MICRO / f"{stage}.yaml", [override])
+
+
+def test_a_config_path_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(MICRO))}: is a directory; expected a YAML file"):
+        load_config(PretrainConfig, MICRO, [])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("run_name: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml: not UTF-8 text \(byte 13\); save it as UTF-8"):
+        load_config(PretrainConfig, latin, [])
 
 
 @pytest.mark.parametrize("text", ["2", "2024-06-01", "on", "1e-3"])
@@ -401,6 +412,20 @@ def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
         require_checkpoint(tmp_path / "rm_final", ("pretrain",), "sft")
     with pytest.raises(CheckpointError, match="does not exist"):
         require_checkpoint(tmp_path / "missing", ("pretrain",), "sft")
+    step = save_training_checkpoint(tmp_path / "checkpoints", 4, model, tokenizer, {})  # a training checkpoint
+    with pytest.raises(CheckpointError, match=r"has no config.json; .* Its model is in model/: name that directory"):
+        require_checkpoint(step, ("pretrain",), "sft")
+
+
+def test_ctrl_c_ends_a_command_with_how_to_resume_not_a_traceback(capsys):
+    from pipeline.runs import run_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stop:
+        run_main(interrupted)
+    assert stop.value.code == 130 and "resume=true" in capsys.readouterr().err
 
 
 def test_a_scalar_model_from_a_policy_checkpoint_says_its_head_is_new_and_names_any_other_missing_weight(

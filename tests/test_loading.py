@@ -127,6 +127,18 @@ def test_csv_columns_are_read_as_the_text_they_hold(tmp_path):
     with pytest.raises(DataError) as error:
         load(blank, "sft")
     assert_data_error(error, blank, row=2, column="prompt")
+    excel = tmp_path / "excel.csv"  # a spreadsheet's "CSV UTF-8" starts with a byte-order mark
+    excel.write_bytes("prompt,completion\nq1,a\n".encode("utf-8-sig"))
+    assert load(excel, "sft")[0]["messages"][0] == {"role": "user", "content": "q1"}
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_text_that_is_not_utf8_is_a_data_error_naming_the_file(tmp_path, streaming):
+    """Latin-1 text passed the reader and ended in a UnicodeDecodeError traceback from deep inside datasets."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"text": "café"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=rf"data error in {latin}: not UTF-8 text \(byte 0xe9"):
+        load(latin, "text", streaming=streaming)
 
 
 def test_json_array_file_directory_and_max_rows(tmp_path):

@@ -148,6 +148,8 @@ class PPOStageConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_steps < 1:  # 0 steps would save the SFT policy unchanged as ppo/final/
+            raise FieldError("max_steps", f"must be 1 or more, got {self.max_steps}")
         if self.sampling.temperature <= 0:
             raise FieldError("sampling.temperature", "PPO samples its rollouts; expected > 0")
         if self.sampling.top_k or self.sampling.top_p < 1.0:

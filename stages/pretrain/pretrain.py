@@ -72,6 +72,8 @@ class PretrainConfig(StageConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.max_steps < 1:  # 0 steps would save the fresh model as pretrain/final/
+            raise FieldError("max_steps", f"must be 1 or more, got {self.max_steps}")
         if self.init_from:  # every stage's key for its starting checkpoint; pretraining's own is model.pretrained
             if self.model.pretrained and self.model.pretrained != self.init_from:
                 raise FieldError("init_from", f"{self.init_from} and model.pretrained ({self.model.pretrained}) both "
