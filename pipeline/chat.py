@@ -121,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     chat = Conversation(model, tokenizer, sampling, args.system, torch.Generator(device=device).manual_seed(seed))
 
     if args.prompt is not None:
-        for piece in chat.reply(args.prompt):
-            print(piece, end="", flush=True)
+        try:
+            for piece in chat.reply(args.prompt):
+                print(piece, end="", flush=True)
+        except ValueError as e:  # a message longer than the model's context
+            raise SystemExit(f"--prompt: {e}") from None
         print()
         return
 

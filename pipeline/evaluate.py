@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import is_hub_id
+from pipeline.checkpoint import is_hub_id, write_text_atomic
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
 from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
@@ -84,7 +84,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingCo
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 means greedy")
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="0: off")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="1.0: off")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=at_least_one, default=defaults.max_new_tokens)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -249,18 +249,33 @@ def _not_negative(text: str) -> int:
     return value
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type for counts (batch sizes, token budgets): argparse names the flag in its error."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
+    return value
+
+
+def check_output(path: str | None) -> None:
+    """Refuse an --out that is a directory before any work, rather than after it."""
+    if path and Path(path).is_dir():
+        raise SystemExit(f"--out {path}: is a directory; name a JSON file")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=_not_negative, default=0, help="evaluate the first N prompts only (0: all)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")
     parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
     parser.add_argument("--out", help="JSON output file "
                                       "(default: runs/<run>/eval/<stage or directory>[-first<N>].json)")
     args = parser.parse_intermixed_args(argv)
+    check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args)
 
@@ -291,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
               "sampling": dataclasses.asdict(sampling), "reward_model": rm_path,
               "summary": result.summary, "samples": result.samples}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
     print(f"\n[eval] figures and every answer in {out}")
     return report
 

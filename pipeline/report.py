@@ -31,8 +31,8 @@ import yaml
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from pipeline.evaluate import (CRITERIA, add_sampling_arguments, default_device, describe_sampling,  # noqa: E402
-                               evaluate_checkpoint, family_counts, load_policy, load_run_config,
+from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, default_device,  # noqa: E402
+                               describe_sampling, evaluate_checkpoint, family_counts, load_policy, load_run_config,
                                markdown_table, run_reward_model, run_world, sampling_from_args,
                                shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N held-out prompts (0: all)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--samples", type=int, default=4, help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=int, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)

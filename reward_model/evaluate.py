@@ -24,8 +24,10 @@ import re
 from pathlib import Path
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
+from pipeline.checkpoint import write_text_atomic
 from pipeline.config import load_config
-from pipeline.evaluate import default_device, load_run_config, resolve_checkpoint, run_world
+from pipeline.evaluate import at_least_one, check_output, default_device, load_run_config, resolve_checkpoint, \
+    run_world
 from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
@@ -59,10 +61,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="with --data: the hub dataset's config name")
     parser.add_argument("--column", action="append", default=[], metavar="SCHEMA=SOURCE",
                         help="with --data: read a schema column from another column, e.g. --column prompt=instruction")
-    parser.add_argument("--max-rows", type=int, default=None, help="with --data: read at most this many rows")
-    parser.add_argument("--batch-size", type=int, default=0, help="default: the config's eval_batch_size")
+    parser.add_argument("--max-rows", type=at_least_one, default=None,
+                        help="with --data: read at most this many rows")
+    parser.add_argument("--batch-size", type=at_least_one, default=None,
+                        help="default: the config's eval_batch_size")
     parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>].json)")
     args = parser.parse_intermixed_args(argv)
+    check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
     if not isinstance(cfg, RewardModelConfig):
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")
@@ -98,12 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
           f"the rest {result['rest_mean']:.3f} +- {result['rest_std']:.3f}")
     for line in describe_by_criterion(result):
         print(f"[eval-rm] {line}")
-    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"rm-{label}{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {"reward_model": rm_path, "data": source, "rankings": len(rows), **result,
               "scores": [{"prompt": row["prompt"], "responses": row["responses"], "scores": s}
                          for row, s in zip(rows, scores)]}
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = Path(args.out) if args.out else run_dir(cfg) / "eval" / f"rm-{label}{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(report, indent=1) + "\n")
     print(f"[eval-rm] figures and every score in {out}")
     return report
 

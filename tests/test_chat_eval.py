@@ -127,6 +127,13 @@ def test_one_shot_prompt_prints_the_answer_alone(micro_ppo, micro_runs, capsys):
     chat.main(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={micro_runs}", "run_name=micro", "--stage", "ppo",
                "--prompt", question, "--temperature", "0", "--max-new-tokens", str(MAX_NEW)])
     assert capsys.readouterr().out == greedy(model, tokenizer, question) + "\n"
+    # a message longer than the model's context, and flags out of range: a message, not a traceback
+    args = ["--config", str(MICRO / "ppo.yaml"), f"runs_dir={micro_runs}", "run_name=micro", "--stage", "ppo"]
+    with pytest.raises(SystemExit, match=r"^--prompt: the message is \d+ tokens; the model's context is"):
+        chat.main([*args, "--prompt", question * model.config.max_position_embeddings])
+    with pytest.raises(SystemExit) as error:
+        chat.main([*args, "--prompt", question, "--max-new-tokens", "0"])
+    assert error.value.code == 2 and "--max-new-tokens: expected 1 or more, got 0" in capsys.readouterr().err
 
 
 def test_sampled_chat_is_seeded_and_history_fits_the_context(micro_ppo):

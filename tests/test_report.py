@@ -140,6 +140,13 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
         evaluate.main(run_args(micro_runs) + ["--stage", str(micro_rm)])
     with pytest.raises(SystemExit, match="unknown key 'max_stepz'"):
         evaluate.main(run_args(micro_runs) + ["max_stepz=3", "--stage", "sft"])
+    # flags out of range stop at once (a batch of 0 ended in a traceback, and -3 new tokens scored empty replies)
+    for flag, value in (("--batch-size", "0"), ("--max-new-tokens", "-3")):
+        with pytest.raises(SystemExit) as error:
+            evaluate.main(run_args(micro_runs) + ["--stage", "sft", flag, value])
+        assert error.value.code == 2
+    with pytest.raises(SystemExit, match=rf"--out {tmp_path}: is a directory; name a JSON file"):
+        evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--out", str(tmp_path)])
 
 
 def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tmp_path):
