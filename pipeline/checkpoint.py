@@ -266,9 +266,21 @@ def restore_scaler(scaler: Any, state: dict) -> None:
 
 
 def resume_settings(cfg: Any, keys: tuple[str, ...], processes: int) -> dict:
-    """The settings through which a step number maps to the data it read and to its place in the schedule. A
-    training checkpoint records them (state["settings"]); a run resuming from it must share them."""
-    return {**{key: getattr(cfg, key) for key in keys}, "processes": processes}
+    """The settings through which a step number maps to the data it read and to its place in the schedule (or, for
+    a section such as `model`, which the checkpoint's own weights decide on resume). A training checkpoint
+    records them (state["settings"]); a run resuming from it must share them. A section counts by its plain
+    fields, as dotted keys."""
+    import dataclasses
+
+    settings = {}
+    for key in keys:
+        value = getattr(cfg, key)
+        if dataclasses.is_dataclass(value):
+            settings.update({f"{key}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)
+                             if isinstance(getattr(value, f.name), (int, float, str, bool, type(None)))})
+        else:
+            settings[key] = value
+    return {**settings, "processes": processes}
 
 
 def load_training_state(checkpoint: str | Path, settings: dict | None = None) -> dict:

@@ -100,7 +100,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
             num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
             max_position_embeddings=spec.max_position_embeddings, rope_theta=spec.rope_theta,
             tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec.extra)
+            eos_token_id=tokenizer.eos_token_id, **spec.extra)  # no pad id: it would freeze the pad embedding
         model = AutoModelForCausalLM.from_config(config)
     set_special_token_ids(model, tokenizer)
     return model

@@ -29,8 +29,8 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError, checkpoint_config, checkpoint_step, list_checkpoints, model_source, \
-    require_checkpoint, write_text_atomic
+from pipeline.checkpoint import CheckpointError, checkpoint_config, checkpoint_step, latest_checkpoint, \
+    list_checkpoints, model_source, require_checkpoint, write_text_atomic
 from pipeline.config import ConfigError, FieldError, load_config, save_config
 
 # what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
@@ -280,6 +280,16 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
                   f"(to continue that run instead, move that directory back to {checkpoints} and pass resume=true)")
     checkpoints.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(lineage) + "\n")
+
+
+def checkpoint_to_resume(cfg: StageConfig, checkpoints: Path, stage: str, is_main_process: bool) -> Path | None:
+    """With resume=true, the newest training checkpoint; saying so when there is none (the run starts fresh)."""
+    if not cfg.resume:
+        return None
+    found = latest_checkpoint(checkpoints)
+    if found is None and is_main_process:
+        print(f"[{stage}] resume=true but no checkpoint in {checkpoints}: starting fresh")
+    return found
 
 
 def _newest_step(checkpoints: Path) -> int:

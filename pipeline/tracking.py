@@ -31,6 +31,8 @@ from pipeline.config import to_dict
 
 # beside a stage's metrics.jsonl: the W&B run its latest attempt logs to, which a resumed attempt continues
 WANDB_RUN_FILE = "wandb_run.json"
+# a fresh start's predecessor: the metrics of the stage's earlier run, kept until the next fresh start
+EARLIER_METRICS_FILE = "metrics.earlier.jsonl"
 
 
 def wandb_mode() -> str:
@@ -80,6 +82,10 @@ class Tracker:
         if self.metrics_file.exists():
             steps = [(line, _step_of(line)) for line in self.metrics_file.read_text().splitlines()]
             logged_through = max((step for _, step in steps if step is not None), default=-1)
+            if not start_step and steps:  # a fresh start: the earlier run's metrics stay, beside (it may fail)
+                earlier = self.metrics_file.with_name(EARLIER_METRICS_FILE)
+                os.replace(self.metrics_file, earlier)
+                print(f"[{stage}] starting fresh: the earlier run's metrics moved to {earlier}")
             kept = [line for line, step in steps if start_step and step is not None and step <= start_step]
             write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
         self.mode = wandb_mode()

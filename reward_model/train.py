@@ -32,14 +32,14 @@ from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, restore_scaler,
+from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler,
                                  resume_settings, save_final, save_training_checkpoint, scaler_state,
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
-from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
-    write_resolved_config
+from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
+    init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, \
+    world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import question_of, split_indices
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     check_world_lineage(cfg, init, world, "rm")
     if cfg.train_data is None:
         check_world_lineage(cfg, source, world, "rm", config_key="")
-    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "rm", accelerator.is_main_process)
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
     lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)

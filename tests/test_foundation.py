@@ -472,6 +472,9 @@ def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_st
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [10, 20]
     Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # started over
     assert metrics.read_text() == ""
+    # the earlier run's rows stay beside: a fresh rerun that fails (a NaN, bad data) no longer loses them
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.earlier.jsonl").read_text().splitlines()] \
+        == [10, 20]
 
 
 def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_replayed_steps(tmp_path, monkeypatch):

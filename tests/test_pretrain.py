@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,24 @@ def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretr
     (_, before), = eval_losses(micro_pretrain.parent / "metrics.jsonl")[-1:]
     (_, after), = eval_losses(final.parent / "metrics.jsonl")
     assert after < before + 0.1, (before, after)  # it goes on from what the checkpoint knows
+
+
+def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path):
+    """The checkpoint's weights decide the model on resume: a changed model spec was ignored without a word (the
+    run's config.yaml then described another model than final/), and another batch size read other data."""
+    from pipeline.config import ConfigError
+    from stages.pretrain.pretrain import main
+
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "checkpoint_every=2", "eval_every=100",
+              run_name="spec")
+    shutil.rmtree(tmp_path / "spec" / "pretrain" / "final")
+    for override, saved, now in (("model.num_hidden_layers=3", 2, 3), ("batch_size=8", 16, 8)):
+        key = override.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"cannot resume from .*step_00000002: key '{key}' was {saved} there, "
+                                              rf"{now} now"):
+            run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", override, run_name="spec")
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", run_name="spec")  # as it was: resumes
+    assert (tmp_path / "spec" / "pretrain" / "final" / "config.json").exists()
 
 
 def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_rm: Path, tmp_path: Path):

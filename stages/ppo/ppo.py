@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, parameter_fingerprint, resume_settings,
+from pipeline.checkpoint import (load_training_state, parameter_fingerprint, resume_settings,
                                  save_final, save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
@@ -46,9 +46,9 @@ from pipeline.generation import SamplingConfig, decode_responses, prompts_that_f
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
     set_special_token_ids
 from pipeline.packing import PackedCorpus
-from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, end_stage, init_checkpoint, \
-    learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
-    world_dir, world_lineage, write_resolved_config
+from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
+    init_checkpoint, learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, \
+    start_checkpoints, world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     rm_path = model_path(cfg, "reward_model", "rm", SCALAR_STAGES, "ppo (key 'reward_model')")
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
-    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "ppo", accelerator.is_main_process)
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens

@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (latest_checkpoint, load_training_state, model_source, parameter_fingerprint,
+from pipeline.checkpoint import (load_training_state, model_source, parameter_fingerprint,
                                  require_checkpoint, restore_scaler, resume_settings, save_final,
                                  save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
@@ -27,8 +27,9 @@ from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
     non_embedding_parameters, set_special_token_ids
-from pipeline.runs import StageConfig, accelerate_precision, end_stage, parse_stage_args, stage_paths, world_dir, \
-    learned_world_data, require_ddp, run_main, start_checkpoints, world_lineage, write_resolved_config
+from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, parse_stage_args, \
+    stage_paths, world_dir, learned_world_data, require_ddp, run_main, start_checkpoints, world_lineage, \
+    write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     texts = load_dataset_for(cfg.data, "text", world_dir=world)
 
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
-    checkpoint = latest_checkpoint(paths.checkpoints) if cfg.resume else None
+    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "pretrain", accelerator.is_main_process)
     if checkpoint is not None:
         tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
     elif cfg.model.tokenizer or cfg.model.pretrained:  # a pretrained model keeps the vocabulary it learned
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     start_step = 0
-    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed"), accelerator.num_processes)
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed", "model"),
+                               accelerator.num_processes)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])
