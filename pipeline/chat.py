@@ -44,6 +44,10 @@ def stream_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, eos_
             return
 
 
+class MessageTooLong(ValueError):
+    """A message that leaves no room for a reply within the model's context."""
+
+
 class Conversation:
     """Multi-turn history in the chat format, and replies streamed as text."""
 
@@ -83,7 +87,7 @@ class Conversation:
                   file=sys.stderr, flush=True)
         if budget <= 0:
             self.messages.pop()
-            raise ValueError(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
+            raise MessageTooLong(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
         device = next(self.model.parameters()).device
         tokens: list[int] = []
         shown = ""
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             for piece in chat.reply(args.prompt):
                 print(piece, end="", flush=True)
-        except ValueError as e:  # a message longer than the model's context
+        except MessageTooLong as e:
             raise SystemExit(f"--prompt: {e}") from None
         print()
         return
@@ -156,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(piece, end="", flush=True)
         except KeyboardInterrupt:
             print(" [interrupted]", end="")
-        except ValueError as e:
+        except MessageTooLong as e:
             print(f"({e})", end="")
         print(flush=True)
 

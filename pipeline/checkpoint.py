@@ -272,14 +272,16 @@ def resume_settings(cfg: Any, keys: tuple[str, ...], processes: int) -> dict:
     fields, as dotted keys."""
     import dataclasses
 
+    def plain(value: Any) -> Any:  # what torch.load(weights_only=True) reads back
+        return value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+
     settings = {}
     for key in keys:
         value = getattr(cfg, key)
         if dataclasses.is_dataclass(value):
-            settings.update({f"{key}.{f.name}": getattr(value, f.name) for f in dataclasses.fields(value)
-                             if isinstance(getattr(value, f.name), (int, float, str, bool, type(None)))})
+            settings.update({f"{key}.{f.name}": plain(getattr(value, f.name)) for f in dataclasses.fields(value)})
         else:
-            settings[key] = value
+            settings[key] = plain(value)
     return {**settings, "processes": processes}
 
 

@@ -242,19 +242,19 @@ def eval_tables(result: EvalResult) -> str:
             + markdown_table(["family", "prompts", "gold score", "correctness", "chance"], families))
 
 
-def _not_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 (all) or more, got {value}")
-    return value
+def int_at_least(lowest: int, meaning: str = ""):
+    """An argparse type for a count of `lowest` or more (`meaning`: what `lowest` means, e.g. "all"); argparse
+    names the flag in its error."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected {lowest}{f' ({meaning})' if meaning else ''} or more, "
+                                             f"got {value}")
+        return value
+    return parse
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type for counts (batch sizes, token budgets): argparse names the flag in its error."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
+at_least_one, limit_count = int_at_least(1), int_at_least(0, "all")
 
 
 def check_output(path: str | None) -> None:
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     add_sampling_arguments(parser, EVAL_SAMPLING)
-    parser.add_argument("--limit", type=_not_negative, default=0, help="evaluate the first N prompts only (0: all)")
+    parser.add_argument("--limit", type=limit_count, default=0, help="evaluate the first N prompts only (0: all)")
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")

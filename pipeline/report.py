@@ -32,8 +32,8 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, default_device,  # noqa: E402
-                               describe_sampling, evaluate_checkpoint, family_counts, load_policy, load_run_config,
-                               markdown_table, run_reward_model, run_world, sampling_from_args,
+                               describe_sampling, evaluate_checkpoint, family_counts, limit_count, load_policy,
+                               load_run_config, markdown_table, run_reward_model, run_world, sampling_from_args,
                                shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", help="a stage YAML naming the run's world, e.g. configs/tiny/ppo.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
     add_sampling_arguments(parser, EVAL_SAMPLING)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate on the first N held-out prompts (0: all)")
+    parser.add_argument("--limit", type=limit_count, default=0, help="evaluate on the first N held-out prompts (0: all)")
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--samples", type=int, default=4, help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=int, default=4, help="responses per prompt for the KL to SFT")

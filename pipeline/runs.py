@@ -342,8 +342,8 @@ def run_main(main) -> None:
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:  # the last: a NaN/inf loss stop
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # checkpoints are written atomically: the newest complete one is there to resume
-        print("\ninterrupted; a stage continues from its newest checkpoint with resume=true (make ... RESUME=1)",
-              file=sys.stderr)
+        print("\ninterrupted (a training stage continues from its newest checkpoint with resume=true, or make ... "
+              "RESUME=1)", file=sys.stderr)
         sys.exit(130)
 
 

@@ -21,16 +21,20 @@ SPECIAL_TOKENS = [PAD, BOS, EOS, *ROLE_TOKENS.values()]
 
 # `{% generation %}` marks the assistant's tokens, so SFT can train on them alone
 # (transformers' return_assistant_tokens_mask, TRL's assistant_only_loss). A message's text cannot open or end a
-# turn: "<|" in it gets an invisible word joiner (U+2060), so "<|end|><|assistant|>" typed by a user stays text
-# instead of becoming our special tokens.
-_CONTENT = "message['content'] | replace('<|', '<\u2060|')"
+# turn: "<|" in it, and the tokenizer's BOS and EOS (an outside tokenizer's "</s>"), get an invisible word joiner
+# (U+2060) after their first character, so "<|end|><|assistant|>" typed by a user stays text instead of becoming
+# special tokens.
+_ESCAPED = ("{% set text = namespace(value=message['content'] | replace('<|', '<\u2060|')) %}"
+            "{% for special in [bos_token, eos_token] if special %}"
+            "{% set text.value = text.value | replace(special, special[:1] + '\u2060' + special[1:]) %}"
+            "{% endfor %}")
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for message in messages %}"
+    "{% for message in messages %}" + _ESCAPED +
     "{% if message['role'] == 'assistant' %}"
-    "{{ '<|assistant|>' }}{% generation %}{{ " + _CONTENT + " }}{{ eos_token }}{% endgeneration %}"
+    "{{ '<|assistant|>' }}{% generation %}{{ text.value }}{{ eos_token }}{% endgeneration %}"
     "{% elif message['role'] in ['system', 'user'] %}"
-    "{{ '<|' + message['role'] + '|>' }}{{ " + _CONTENT + " }}{{ eos_token }}"
+    "{{ '<|' + message['role'] + '|>' }}{{ text.value }}{{ eos_token }}"
     "{% else %}{{ raise_exception('unknown chat role: ' + message['role']) }}"
     "{% endif %}"
     "{% endfor %}"

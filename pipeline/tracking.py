@@ -82,13 +82,19 @@ class Tracker:
         if self.metrics_file.exists():
             steps = [(line, _step_of(line)) for line in self.metrics_file.read_text().splitlines()]
             logged_through = max((step for _, step in steps if step is not None), default=-1)
-            if not start_step and steps:  # a fresh start: the earlier run's metrics stay, beside (it may fail)
-                earlier = self.metrics_file.with_name(EARLIER_METRICS_FILE)
+            earlier = self.metrics_file.with_name(EARLIER_METRICS_FILE)
+            # a fresh start: the earlier run's metrics stay beside (this one may fail), unless an even earlier
+            # run kept there got further, as checkpoints.earlier/ keeps the run that got furthest
+            if not start_step and steps and logged_through >= _last_step(earlier):
                 os.replace(self.metrics_file, earlier)
                 print(f"[{stage}] starting fresh: the earlier run's metrics moved to {earlier}")
             kept = [line for line, step in steps if start_step and step is not None and step <= start_step]
             write_text_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
         self.mode = wandb_mode()
+        # in checkpoints/, so it moves with them to checkpoints.earlier/ and back; a fresh start forgets it
+        run_record = self.metrics_file.parent / "checkpoints" / WANDB_RUN_FILE
+        if not start_step:
+            run_record.unlink(missing_ok=True)
         if self.mode == "disabled":
             return
         import wandb
@@ -97,19 +103,19 @@ class Tracker:
         upstream_info = {name: _upstream_record(path) for name, path in (upstream or {}).items()}
         if upstream_info and self.mode != "online":
             config["upstream"] = upstream_info
-        run_record = self.metrics_file.parent / WANDB_RUN_FILE
         resumed_id = _resumable_run_id(run_record) if start_step and self.mode == "online" else None
         self.run = wandb.init(project=cfg.wandb_project, group=cfg.run_name, job_type=stage,
                               name=f"{cfg.run_name}-{stage}", config=config, dir=str(self.metrics_file.parent),
                               mode=self.mode, reinit="finish_previous",
                               id=resumed_id, resume="allow" if resumed_id else None)
         if resumed_id:
-            self.wandb_holds_through = logged_through
+            self.wandb_holds_through = self.run.step - 1  # what the run holds, whichever attempts sent it
             print(f"[{stage}] W&B: continuing run {resumed_id} from step {start_step}")
         elif start_step:  # wandb cannot resume an offline run (it ignores resume= there)
             print(f"[{stage}] W&B: this resumed attempt is a run of its own ({self.run.id}); W&B continues a run "
                   "only online")
-        write_text_atomic(run_record, json.dumps({"id": self.run.id, "mode": self.mode}) + "\n")
+        if run_record.parent.is_dir():  # a stage that checkpoints (and so can resume)
+            write_text_atomic(run_record, json.dumps({"id": self.run.id, "mode": self.mode}) + "\n")
         if self.mode == "online":
             for name, info in upstream_info.items():
                 if info.get("artifact"):
@@ -195,6 +201,13 @@ def _upstream_record(path: Path) -> dict:
     record_file = Path(path) / "pipeline_run.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     return {"path": str(Path(path).resolve()) if Path(path).exists() else str(path), **record}
+
+
+def _last_step(metrics_file: Path) -> int:
+    """The highest step in a metrics file, -1 for none."""
+    if not metrics_file.is_file():
+        return -1
+    return max((s for s in map(_step_of, metrics_file.read_text().splitlines()) if s is not None), default=-1)
 
 
 def _step_of(line: str) -> int | None:

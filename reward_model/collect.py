@@ -35,14 +35,15 @@ from pipeline.tracking import Tracker
 from reward_model.config import RewardModelConfig
 
 
-def split_indices(groups: list, eval_fraction: float, seed: int, source: str,
-                  what: str = "prompt") -> tuple[list[int], list[int]]:
+def split_indices(groups: list, eval_fraction: float, seed: int, source: str, what: str = "prompt",
+                  hint: str = "") -> tuple[list[int], list[int]]:
     """A seeded held-out split of rows by group: (train indices, eval indices). Rows of one group (the phrasings
     of one question, the rows of one prompt) land on one side; `eval_fraction` of the groups are held out, and
-    both sides are non-empty. Fewer than 2 groups is a DataError naming `source` and `what` the groups are."""
+    both sides are non-empty. Fewer than 2 groups is a DataError naming `source`, `what` the groups are (a noun)
+    and a `hint`."""
     distinct = list(dict.fromkeys(groups))
     if len(distinct) < 2:
-        raise DataError(source, f"only {len(distinct)} distinct {what}; a held-out split needs two or more")
+        raise DataError(source, f"only {len(distinct)} distinct {what}; a held-out split needs two or more{hint}")
     random.Random(f"rm-split/{seed}").shuffle(distinct)
     n_eval = min(max(1, round(eval_fraction * len(distinct))), len(distinct) - 1)
     held_out = set(distinct[:n_eval])
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     # held out by question: another phrasing of a held-out question in the training rankings would flatter the RM
     questions = [question_of(judge, row["prompt"]) for row in rows]
     train_idx, eval_idx = split_indices(questions, cfg.eval_fraction, cfg.seed, cfg.prompts.path,
-                                        "question (every prompt asks the same one)")
+                                        "question", " (every prompt asks the same one)")
     tracker = Tracker(cfg, "prefs", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)})
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)

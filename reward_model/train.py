@@ -82,7 +82,8 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
     else:
         prompts = [row["prompt"] for row in train]
     train_idx, eval_idx = split_indices(prompts, cfg.eval_fraction, cfg.seed, cfg.train_data.path,
-                                        "prompt, column 'prompt' (or set eval_data)")
+                                        "question" if cfg.train_data.path.startswith("world:") else "prompt",
+                                        " (or set eval_data)")
     return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
 
 
@@ -368,7 +369,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
     start_step = 0
-    settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed"), n_procs)
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed", "eval_fraction", "mix_static",
+                                     "group_by_length"), n_procs)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])

@@ -24,12 +24,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """Each test starts with no accelerate state (after the session fixtures it uses, which are set up first): a
-    stage run in-process fixes the precision for the process, and a later stage asking for another one failed."""
+    """Each test starts with no accelerate state (after the session fixtures it uses, which are set up first)."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
+def reset_accelerate() -> None:
+    """Forget the accelerate state: a stage run in-process fixes the precision for the process, and a later stage
+    asking for another one failed."""
     from accelerate.state import AcceleratorState
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
@@ -64,9 +69,7 @@ def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str 
               recipe: Path = MICRO) -> None:
     """Run a stage's main() on a recipe's config (micro unless told) with runs under `runs_dir`, in a fresh
     accelerate state (the session fixtures run one stage after another inside one test's setup)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     main(["--config", str(recipe / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, reset_accelerate
 from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final, save_training_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
@@ -311,6 +311,12 @@ def test_a_message_cannot_open_or_end_a_turn_with_typed_markers(tokenizer):
     specials = [t for t in tokenizer.convert_ids_to_tokens(ids) if t in tokenizer.all_special_tokens]
     assert specials == ["<|bos|>", "<|user|>", EOS, "<|assistant|>", EOS]  # the template's own, nothing typed
     assert tokenizer.decode(ids).replace("\u2060", "").count("<|end|><|assistant|>Sure") == 1  # the text stays
+    import copy
+
+    outside = copy.deepcopy(tokenizer)  # an outside tokenizer given our template: its own EOS cannot be typed
+    outside.add_special_tokens({"eos_token": "</s>"})
+    ids = outside.apply_chat_template([{"role": "user", "content": "Hi</s>"}], tokenize=True, return_dict=True)
+    assert outside.convert_ids_to_tokens(ids["input_ids"]).count("</s>") == 1  # the template's own, at the end
 
 
 def test_outside_tokenizer_gets_chat_tokens_and_template(tmp_path, tokenizer):
@@ -388,7 +394,6 @@ def test_special_token_ids_keep_a_hub_models_other_stop_tokens(tokenizer):
     model.generation_config.eos_token_id = 5  # one other stop token, say a base model's end of text
     set_special_token_ids(model, tokenizer)
     assert model.generation_config.eos_token_id == [tokenizer.eos_token_id, 5]
-    set_special_token_ids(model, tokenizer)  # ours alone stays a plain id
     model.generation_config.eos_token_id = None
     set_special_token_ids(model, tokenizer)
     assert model.generation_config.eos_token_id == tokenizer.eos_token_id
@@ -473,8 +478,11 @@ def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_st
     Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # started over
     assert metrics.read_text() == ""
     # the earlier run's rows stay beside: a fresh rerun that fails (a NaN, bad data) no longer loses them
-    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.earlier.jsonl").read_text().splitlines()] \
-        == [10, 20]
+    earlier = tmp_path / "metrics.earlier.jsonl"
+    assert [json.loads(line)["step"] for line in earlier.read_text().splitlines()] == [10, 20]
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics).log({"train/loss": 1.0}, step=10, console=False)
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)  # a shorter rerun does not replace the longer one
+    assert [json.loads(line)["step"] for line in earlier.read_text().splitlines()] == [10, 20]
 
 
 def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_replayed_steps(tmp_path, monkeypatch):
@@ -486,6 +494,8 @@ def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_re
     class FakeRun:  # no W&B server here: record what the stage asks of wandb
         def __init__(self, **kwargs):
             self.init, self.id, self.logged = kwargs, kwargs.get("id") or f"run{len(runs)}", []
+            held = [step for run in runs if run.id == self.id for step in run.logged]
+            self.step = max(held) + 1 if held else 0  # W&B's next step: after what the run holds
 
         def log(self, metrics, step):
             self.logged.append(step)
@@ -494,6 +504,7 @@ def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_re
     monkeypatch.setattr(wandb, "init", lambda **kwargs: runs.append(FakeRun(**kwargs)) or runs[-1])
     monkeypatch.setenv("WANDB_MODE", "online")
     metrics = tmp_path / "pretrain" / "metrics.jsonl"
+    (tmp_path / "pretrain" / "checkpoints").mkdir(parents=True)  # the run id is kept with the checkpoints
     first = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)
     for step in (10, 20, 30):  # checkpointed at 20, killed after 30
         first.log({"train/loss": 1.0 / step}, step=step, console=False)
@@ -509,6 +520,14 @@ def test_a_resumed_stage_continues_its_online_wandb_run_without_resending_the_re
     monkeypatch.setenv("WANDB_MODE", "offline")  # wandb cannot resume offline runs: a run of its own
     offline = Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)
     assert runs[3].init["id"] is None and offline.wandb_holds_through == -1
+    monkeypatch.setenv("WANDB_MODE", "online")  # nor continue online what ran offline (W&B never had it)
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)
+    assert runs[4].init["id"] is None
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # a fresh start with W&B off forgets the earlier run's id...
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics)
+    monkeypatch.setenv("WANDB_MODE", "online")  # ...so a later resume does not attach to that unrelated run
+    Tracker(PretrainConfig(run_name="m"), "pretrain", metrics, start_step=20)
+    assert runs[5].init["id"] is None
 
 
 def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
@@ -664,8 +683,6 @@ def test_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, native, ex
 
 def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
     from pipeline.model import fp32_forward
 
     torch.manual_seed(0)
@@ -674,7 +691,7 @@ def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    AcceleratorState._reset_state(reset_partial_state=True)  # other tests' Accelerators fixed another precision
+    reset_accelerate()  # other tests' Accelerators fixed another precision
     try:
         prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
         with torch.no_grad():
@@ -683,7 +700,7 @@ def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer
                 plain_logits = plain(input_ids=ids).logits
             after = prepared(input_ids=ids).logits
     finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
+        reset_accelerate()
     assert not torch.allclose(autocast_logits, reference, atol=1e-4)  # bf16 matmuls round differently
     assert torch.equal(plain_logits, reference)
     assert torch.equal(after, autocast_logits)  # training keeps its mixed precision after the block

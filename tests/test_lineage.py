@@ -9,9 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState
 
-from conftest import MICRO
+from conftest import MICRO, reset_accelerate
 from data.loading import DatasetSpec
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import CheckpointError
@@ -137,7 +136,7 @@ def test_each_stage_refuses_an_upstream_made_from_another_world(stage, micro_rm,
     # naming the SFT checkpoint in init_from accepts it (a warning), so the next check is the one that stops
     named = [f"init_from={runs / 'r' / 'sft' / 'final'}"] if stage in ("ppo_rm", "rm_prefs") else []
     monkeypatch.setenv("RECIPE", "micro")
-    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests' Accelerators fixed a precision
+    reset_accelerate()  # earlier tests' Accelerators fixed a precision
     with pytest.raises(CheckpointError) as error:
         main(["--config", str(MICRO / config), f"runs_dir={runs}", "run_name=r", "world.seed=1", *named])
     message = str(error.value)
@@ -231,7 +230,7 @@ def test_a_resumed_stage_refuses_checkpoints_that_learned_from_another_world(mic
     runs = stale_run(tmp_path, {"pretrain": micro_pretrain.parent})
     shutil.rmtree(runs / "r" / "pretrain" / "final")  # interrupted before the end: only its checkpoints are left
     kept = sorted(p.name for p in (runs / "r" / "pretrain" / "checkpoints").iterdir())
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(CheckpointError) as error:
         pretrain(["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={runs}", "run_name=r", "world.seed=1",
                   "resume=true"])
@@ -247,7 +246,7 @@ def test_a_fresh_start_that_fails_on_its_input_leaves_the_earlier_checkpoints_in
 
     earlier = tmp_path / "r" / "ppo" / "checkpoints" / "step_00000002"
     earlier.mkdir(parents=True)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(ConfigError, match="key 'reward_model': .*no-such-rm"):
         ppo(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={tmp_path}", "run_name=r", f"init_from={micro_sft}",
              f"reward_model={tmp_path / 'no-such-rm'}"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MICRO, REPO, free_port, run_stage
+from tests.conftest import MICRO, REPO, free_port, reset_accelerate, run_stage
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -247,12 +247,11 @@ def test_wandb_offline_logs_metrics_group_and_job_type(tmp_path: Path, monkeypat
 def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretrain: Path, tmp_path: Path, key):
     """model.pretrained without model.tokenizer used to train a fresh BPE, whose ids index the checkpoint's
     embeddings as if they were its own: the pretrained knowledge was scrambled, with no warning."""
-    from accelerate.state import AcceleratorState
     from transformers import AutoTokenizer
 
     from stages.pretrain.pretrain import main
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     run_stage(main, "pretrain.yaml", tmp_path, f"{key}={micro_pretrain}", "model.vocab_size=300",
               "max_steps=2", "eval_every=2", "learning_rate=1e-4", run_name="continued")
     final = tmp_path / "continued" / "pretrain" / "final"
@@ -282,13 +281,11 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
 
 def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_rm: Path, tmp_path: Path):
     """A reward model's backbone loaded as a language model with no complaint (tied embeddings: nothing missing)."""
-    from accelerate.state import AcceleratorState
-
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError, load_config
     from stages.pretrain.pretrain import PretrainConfig, main
 
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(CheckpointError, match=r"key 'model.pretrained'\): checkpoint .* was made by the 'rm' stage"):
         run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_rm}", "max_steps=2")
     # refused under the key that named it, before the data is read (the corpus here does not exist)
@@ -302,8 +299,6 @@ def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_r
 
 def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: Path):
     """Too little text for one validation block used to pass here and crash at the first evaluation."""
-    from accelerate.state import AcceleratorState
-
     from data.loading import DataError
     from stages.pretrain.pretrain import main
 
@@ -312,7 +307,7 @@ def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: P
     # one 32-token block
     corpus.write_text("".join(json.dumps({"text": f"Zorbi is teal. {i} plus {i} is {2 * i}."}) + "\n"
                               for i in range(50)))
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     with pytest.raises(DataError) as error:
         run_stage(main, "pretrain.yaml", tmp_path, f"data.path={corpus}", "val_fraction=0.02", "block_size=32",
                   "seed=1", run_name="small")

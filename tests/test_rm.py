@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import reset_accelerate
 from data.loading import DataError
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError
@@ -522,9 +523,7 @@ def test_a_cut_off_recollection_leaves_no_record_and_rm_training_refuses_it(micr
         collect.main(args + ["max_prompts=12", "seed=1"])
     assert (prefs / "eval.jsonl").read_text() == (micro_prefs / "eval.jsonl").read_text()  # the old one
     assert not (prefs / "world_data.json").exists()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # two stages in one process: each sets its precision
+    reset_accelerate()  # two stages in one process: each sets its precision
     with pytest.raises(DataError, match=rf"{prefs}: the last collection did not finish .*Collect again"):
         train.main(args)
     assert not (tmp_path / "t" / "rm" / "final").exists()

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MICRO, REPO
+from conftest import MICRO, REPO, reset_accelerate
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import load_config
@@ -146,6 +146,7 @@ def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
     out = model.generate(**inputs, do_sample=False)
     assert out[0, -1] == tokenizer.eos_token_id
     context = model.config.max_position_embeddings
+    assert model.generation_config.max_length == context and model.generation_config.max_new_tokens is None
     long_prompt = torch.cat([inputs["input_ids"][:, :1], inputs["input_ids"][:, 1:].repeat(1, context)], 1)
     long_prompt = long_prompt[:, -(context - 8):]
     torch.manual_seed(0)
@@ -367,9 +368,7 @@ def test_demonstrations_cut_to_nothing_by_max_length_are_counted_not_dropped_sil
                                                                                         capsys):
     """TRL drops a conversation whose assistant reply starts after max_length; the stage used to say nothing and
     count it among the demonstrations."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
     data = tmp_path / "chats.jsonl"
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     long_system = [{"role": "system", "content": " ".join(["rule"] * 200)}, *short]

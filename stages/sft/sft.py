@@ -109,8 +109,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
         report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), not as earlier losses' mean
-        dataloader_pin_memory=torch.cuda.is_available(),
-        ddp_find_unused_parameters=False)  # every trainable weight takes part in each step: no extra graph pass
+        dataloader_pin_memory=torch.cuda.is_available())
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
@@ -191,7 +190,10 @@ class StopOnNonFiniteGradients(TrainerCallback):
         self.scaler = None  # the Trainer's fp16 GradScaler, once the Trainer exists: an overflow is its to handle
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        # an FSDP2 gradient is a DTensor: its local shard (the sum over ranks below adds the shards up). Under
+        # DeepSpeed the engine steps inside backward and keeps no .grad: nothing to check here, it is unguarded
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in model.parameters() if p.grad is not None]
         if not grads:
             return
         squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
