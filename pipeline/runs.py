@@ -16,6 +16,7 @@ This module is the one place that knows the layout; stages and the Makefile go t
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -136,7 +137,7 @@ def stage_paths(cfg: StageConfig, stage: str) -> StagePaths:
 def model_path(cfg: StageConfig, key: str, default_stage: str, allowed_stages: tuple[str, ...], needed_by: str) -> str:
     """The model the config key `key` names (a local checkpoint or a hub id), else `default_stage`'s final/ in this
     run, which must exist. A local one is refused here, before any data or model loads, if another stage made it."""
-    value = getattr(cfg, key)
+    value = functools.reduce(getattr, key.split("."), cfg)  # a dotted key reads its section's field
     path = model_source(value, key) if value else str(stage_paths(cfg, default_stage).final)
     if not value or Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by, config_key=key)

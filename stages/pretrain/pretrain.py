@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -19,16 +18,15 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (load_training_state, model_source, parameter_fingerprint,
-                                 require_checkpoint, restore_scaler, resume_settings, save_final,
-                                 save_training_checkpoint, scaler_state)
+from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler, resume_settings,
+                                 save_final, save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
     non_embedding_parameters, set_special_token_ids
-from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, parse_stage_args, \
-    stage_paths, world_dir, learned_world_data, require_ddp, run_main, start_checkpoints, world_lineage, \
+from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, learned_world_data, \
+    model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
     write_resolved_config
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
@@ -97,8 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     require_ddp("pretrain")
     if cfg.model.pretrained:  # before the data loads: a mistyped path or a reward model fails fast, under its key
         key = "init_from" if cfg.init_from else "model.pretrained"
-        if Path(model_source(cfg.model.pretrained, key)).exists():  # ours must hold a language model, not an RM
-            require_checkpoint(cfg.model.pretrained, POLICY_STAGES, f"pretrain (key '{key}')", key)
+        model_path(cfg, key, "pretrain", POLICY_STAGES, f"pretrain (key '{key}')")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 
