@@ -231,6 +231,9 @@ def save_training_checkpoint(checkpoints_dir: str | Path, step: int, model: Any,
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / "training_state.pt")
     for old in list_checkpoints(checkpoints_dir)[:-max(1, keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
+    # the half-written copies a killed run left of later steps this run may never reach again (full-size each)
+    for leftover in checkpoints_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 

@@ -459,9 +459,11 @@ def test_checkpoint_pruning_always_keeps_the_newest(tmp_path, tokenizer, keep_la
 
     model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=2, intermediate_size=64), tokenizer)
+    (tmp_path / ".tmp-step_00000009-4242").mkdir(parents=True)  # a save of step 9 that a kill cut short
     for step in (1, 2, 3):
         save_training_checkpoint(tmp_path, step, model, tokenizer, {}, keep_last=keep_last)
     assert [p.name[-8:] for p in list_checkpoints(tmp_path)] == kept
+    assert not list(tmp_path.glob(".tmp-*"))  # gone with the next save, though step 9 is never saved again
 
 
 def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_steps(tmp_path):
