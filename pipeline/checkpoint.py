@@ -117,13 +117,11 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
         setattr(model.config, key, value)
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.max_new_tokens is None:
-        # a plain generate() would stop at transformers' default of 20 tokens in all, mid-reply; it may run to the
-        # end of the turn, but not past the positions the model has
-        context = getattr(model.config, "max_position_embeddings", None)
-        if context:
-            generation.max_length = context
-        else:
-            generation.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        # a plain generate() would stop at transformers' default of 20 tokens in all, mid-reply. Not max_length:
+        # transformers then warns at every generate(max_new_tokens=...). Half the context at most, so a prompt of
+        # up to the other half leaves the reply within the model's positions.
+        context = getattr(model.config, "max_position_embeddings", None) or 2 * DEFAULT_MAX_NEW_TOKENS
+        generation.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, context // 2)
     return model
 
 

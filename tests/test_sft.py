@@ -141,17 +141,11 @@ def test_final_checkpoint_chats_in_plain_transformers(micro_sft):
     report = json.loads((micro_sft.parent / "eval.json").read_text())
     assert {"arithmetic", "fact", "word", "polite", "overall"} <= {r["family"] for r in report["families"]}
     # with no length given, plain generate() runs to the end of the turn (transformers' default stops at 20
-    # tokens in all, which cut replies mid-sentence), and never past the model's positions (a fixed 128 new
-    # tokens did, after a long prompt)
+    # tokens in all, which cut replies mid-sentence); a prompt of up to half the model's positions leaves the
+    # reply within them (a fixed 128 new tokens ran past micro's 128 positions)
     out = model.generate(**inputs, do_sample=False)
     assert out[0, -1] == tokenizer.eos_token_id
-    context = model.config.max_position_embeddings
-    assert model.generation_config.max_length == context and model.generation_config.max_new_tokens is None
-    long_prompt = torch.cat([inputs["input_ids"][:, :1], inputs["input_ids"][:, 1:].repeat(1, context)], 1)
-    long_prompt = long_prompt[:, -(context - 8):]
-    torch.manual_seed(0)
-    out = model.generate(long_prompt, attention_mask=torch.ones_like(long_prompt), do_sample=True, temperature=5.0)
-    assert context - 8 < out.shape[1] <= context
+    assert model.generation_config.max_new_tokens == model.config.max_position_embeddings // 2 == 64
 
 
 def test_sft_learns_the_demonstrations_and_beats_the_pretrained_model(micro_sft):
