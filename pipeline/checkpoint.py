@@ -122,6 +122,7 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
         # up to the other half leaves the reply within the model's positions.
         context = getattr(model.config, "max_position_embeddings", None) or 2 * DEFAULT_MAX_NEW_TOKENS
         generation.max_new_tokens = min(DEFAULT_MAX_NEW_TOKENS, context // 2)
+        generation.max_length = None  # one a hub model (or an earlier final/) set would still make it warn
     return model
 
 

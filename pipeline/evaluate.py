@@ -246,7 +246,10 @@ def int_at_least(lowest: int, meaning: str = ""):
     """An argparse type for a count of `lowest` or more (`meaning`: what `lowest` means, e.g. "all"); argparse
     names the flag in its error."""
     def parse(text: str) -> int:
-        value = int(text)
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < lowest:
             raise argparse.ArgumentTypeError(f"expected {lowest}{f' ({meaning})' if meaning else ''} or more, "
                                              f"got {value}")

@@ -78,14 +78,12 @@ class Tracker:
         if not is_main:
             return
         self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        logged_through = -1
         if self.metrics_file.exists():
             steps = [(line, _step_of(line)) for line in self.metrics_file.read_text().splitlines()]
-            logged_through = max((step for _, step in steps if step is not None), default=-1)
             earlier = self.metrics_file.with_name(EARLIER_METRICS_FILE)
-            # a fresh start: the earlier run's metrics stay beside (this one may fail), unless an even earlier
-            # run kept there got further, as checkpoints.earlier/ keeps the run that got furthest
-            if not start_step and steps and logged_through >= _last_step(earlier):
+            # a fresh start: the earlier run's metrics stay beside, since this one may fail (they are those of
+            # the final/ in place, if that run finished)
+            if not start_step and steps:
                 os.replace(self.metrics_file, earlier)
                 print(f"[{stage}] starting fresh: the earlier run's metrics moved to {earlier}")
             kept = [line for line, step in steps if start_step and step is not None and step <= start_step]
@@ -201,13 +199,6 @@ def _upstream_record(path: Path) -> dict:
     record_file = Path(path) / "pipeline_run.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     return {"path": str(Path(path).resolve()) if Path(path).exists() else str(path), **record}
-
-
-def _last_step(metrics_file: Path) -> int:
-    """The highest step in a metrics file, -1 for none."""
-    if not metrics_file.is_file():
-        return -1
-    return max((s for s in map(_step_of, metrics_file.read_text().splitlines()) if s is not None), default=-1)
 
 
 def _step_of(line: str) -> int | None:
