@@ -296,7 +296,15 @@ def load_training_state(checkpoint: str | Path, settings: dict | None = None) ->
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise CheckpointError(f"cannot read training state {path}: {e}") from None
-    saved = state.get("settings") or {}
+    check_resume_settings(checkpoint, state.get("settings"), settings)
+    set_rng_state(state["rng"])
+    return state
+
+
+def check_resume_settings(checkpoint: str | Path, saved: dict | None, settings: dict | None) -> None:
+    """Refuse to resume from `checkpoint`, saved under the resume_settings `saved`, with other `settings` now
+    (checkpoints from before settings were recorded pass)."""
+    saved = saved or {}
     changed = [key for key in settings or {} if key in saved and saved[key] != settings[key]]
     if changed:
         what = "; ".join(f"{'the number of processes' if key == 'processes' else f'key {key!r}'} was {saved[key]} "
@@ -304,5 +312,3 @@ def load_training_state(checkpoint: str | Path, settings: dict | None = None) ->
         raise ConfigError(f"cannot resume from {checkpoint}: {what}. Which data each step reads, and its place in "
                           f"the schedule, follow from these: set them back to resume, or start over without "
                           f"resume=true.")
-    set_rng_state(state["rng"])
-    return state

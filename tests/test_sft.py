@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import MICRO, REPO, reset_accelerate
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from stages.sft.sft import SFTStageConfig, main, resume_checkpoint, training_arguments
 
 QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
@@ -276,6 +276,9 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     # as if killed after step 7: the checkpoints after 6 and final/ were never written
     for lost in ("final", "checkpoints/checkpoint-9", "checkpoints/checkpoint-12"):
         shutil.rmtree(stage / lost)
+    # the Trainer itself resumed under another batch size without a word, reading other data at each step
+    with pytest.raises(ConfigError, match=r"cannot resume from .*checkpoint-6: key 'batch_size' was 16 there, 8 now"):
+        main(sft_args(tmp_path, "whole", *args, "resume=true", "batch_size=8"))
     main(sft_args(tmp_path, "whole", *args, "resume=true"))
     resumed = load_file(stage / "final" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()

@@ -27,8 +27,8 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import atomic_dir, checkpoint_stage, checkpoint_step, list_checkpoints
-from pipeline.checkpoint import mark_final, replace_dir, save_final, write_text_atomic
+from pipeline.checkpoint import atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step, list_checkpoints
+from pipeline.checkpoint import mark_final, replace_dir, resume_settings, save_final, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
@@ -181,6 +181,22 @@ class ProgressBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
+RESUME_SETTINGS_FILE = "pipeline_resume_settings.json"
+
+
+class RecordResumeSettings(TrainerCallback):
+    """Beside each Trainer checkpoint, the settings a resume from it must share (resume_settings): the Trainer
+    itself resumes under another batch size or process count without a word, reading other data per step."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_text_atomic(checkpoint / RESUME_SETTINGS_FILE, json.dumps(self.settings) + "\n")
+
+
 class StopOnNonFiniteGradients(TrainerCallback):
     """Stop before the optimizer step on a NaN/inf gradient, as the other stages do (stop_if_not_finite). The
     Trainer would apply it, save the NaN weights at the next checkpoint, and log the loss as the mean of earlier
@@ -254,6 +270,11 @@ def main(argv: list[str] | None = None) -> None:
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
     checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "seed", "max_length", "packing", "num_epochs"),
+                               state.num_processes)
+    if checkpoint is not None:
+        record = Path(checkpoint) / RESUME_SETTINGS_FILE
+        check_resume_settings(checkpoint, json.loads(record.read_text()) if record.is_file() else None, settings)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process)
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
@@ -267,7 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     nan_guard = StopOnNonFiniteGradients()
     trainer = SFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
                          processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[gold, TrackerCallback(tracker), nan_guard])  # gold first: not training time
+                         # gold first: its time is not training time
+                         callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
     nan_guard.scaler = trainer.accelerator.scaler
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
