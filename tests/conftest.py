@@ -59,6 +59,17 @@ def run_in_own_group(command: list[str], env: dict, timeout: float) -> subproces
     return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
+def launch_two_ranks(module: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m module args` as two DDP ranks on the CPU (gloo), as the README shows, W&B off."""
+    import sys
+
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", module, *args]
+    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1"}
+    return run_in_own_group(command, env, timeout)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -696,7 +696,6 @@ def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         reference = model(input_ids=ids).logits
-    reset_accelerate()  # other tests' Accelerators fixed another precision
     try:
         prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
         with torch.no_grad():

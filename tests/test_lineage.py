@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MICRO, reset_accelerate
+from conftest import MICRO
 from data.loading import DatasetSpec
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import CheckpointError
@@ -136,7 +136,6 @@ def test_each_stage_refuses_an_upstream_made_from_another_world(stage, micro_rm,
     # naming the SFT checkpoint in init_from accepts it (a warning), so the next check is the one that stops
     named = [f"init_from={runs / 'r' / 'sft' / 'final'}"] if stage in ("ppo_rm", "rm_prefs") else []
     monkeypatch.setenv("RECIPE", "micro")
-    reset_accelerate()  # earlier tests' Accelerators fixed a precision
     with pytest.raises(CheckpointError) as error:
         main(["--config", str(MICRO / config), f"runs_dir={runs}", "run_name=r", "world.seed=1", *named])
     message = str(error.value)
@@ -230,7 +229,6 @@ def test_a_resumed_stage_refuses_checkpoints_that_learned_from_another_world(mic
     runs = stale_run(tmp_path, {"pretrain": micro_pretrain.parent})
     shutil.rmtree(runs / "r" / "pretrain" / "final")  # interrupted before the end: only its checkpoints are left
     kept = sorted(p.name for p in (runs / "r" / "pretrain" / "checkpoints").iterdir())
-    reset_accelerate()
     with pytest.raises(CheckpointError) as error:
         pretrain(["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={runs}", "run_name=r", "world.seed=1",
                   "resume=true"])
@@ -246,7 +244,6 @@ def test_a_fresh_start_that_fails_on_its_input_leaves_the_earlier_checkpoints_in
 
     earlier = tmp_path / "r" / "ppo" / "checkpoints" / "step_00000002"
     earlier.mkdir(parents=True)
-    reset_accelerate()
     with pytest.raises(ConfigError, match="key 'reward_model': .*no-such-rm"):
         ppo(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={tmp_path}", "run_name=r", f"init_from={micro_sft}",
              f"reward_model={tmp_path / 'no-such-rm'}"])

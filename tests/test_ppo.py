@@ -16,7 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MICRO, REPO, free_port, run_in_own_group
+from conftest import MICRO, REPO, launch_two_ranks
 from pipeline.config import load_config
 from pipeline.generation import encode_prompts
 from pipeline.model import load_scalar_model
@@ -261,10 +261,8 @@ def test_settings_ppo_cannot_honour_are_refused_by_key(micro_sft, micro_rm, tmp_
 
 
 def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path):
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "stages.ppo",
-               *ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2", "eval_prompts=4")]
-    run = run_in_own_group(command, {**ENV, "ACCELERATE_USE_CPU": "1"}, timeout=300)
+    run = launch_two_ranks("stages.ppo", ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2",
+                                                  "eval_prompts=4"))
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "ppo"
     fingerprints = dict(re.findall(r"rank (\d+) policy fingerprint (\w+)", run.stdout))

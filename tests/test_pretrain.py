@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import MICRO, REPO, free_port, reset_accelerate, run_stage
+from tests.conftest import MICRO, REPO, launch_two_ranks, run_stage
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -170,10 +170,7 @@ def test_ddp_two_ranks_identical_parameters_and_equal_to_one_process(tmp_path: P
     env = {**stage_env(), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     settings = ["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={tmp_path}", "max_steps=12",
                 "checkpoint_every=6", "eval_every=6", "precision=fp32"]
-    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "stages.pretrain", *settings, "run_name=ddp",
-               "batch_size=8"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = launch_two_ranks("stages.pretrain", [*settings, "run_name=ddp", "batch_size=8"])
     assert result.returncode == 0, result.stderr[-3000:]
     fingerprints = dict(re.findall(r"rank (\d+) parameter fingerprint (\w+)", result.stdout))
     assert set(fingerprints) == {"0", "1"}, result.stdout
@@ -251,7 +248,6 @@ def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretr
 
     from stages.pretrain.pretrain import main
 
-    reset_accelerate()
     run_stage(main, "pretrain.yaml", tmp_path, f"{key}={micro_pretrain}", "model.vocab_size=300",
               "max_steps=2", "eval_every=2", "learning_rate=1e-4", run_name="continued")
     final = tmp_path / "continued" / "pretrain" / "final"
@@ -285,7 +281,6 @@ def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_r
     from pipeline.config import ConfigError, load_config
     from stages.pretrain.pretrain import PretrainConfig, main
 
-    reset_accelerate()
     with pytest.raises(CheckpointError, match=r"key 'model.pretrained'\): checkpoint .* was made by the 'rm' stage"):
         run_stage(main, "pretrain.yaml", tmp_path, f"model.pretrained={micro_rm}", "max_steps=2")
     # refused under the key that named it, before the data is read (the corpus here does not exist)
@@ -307,7 +302,6 @@ def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: P
     # one 32-token block
     corpus.write_text("".join(json.dumps({"text": f"Zorbi is teal. {i} plus {i} is {2 * i}."}) + "\n"
                               for i in range(50)))
-    reset_accelerate()
     with pytest.raises(DataError) as error:
         run_stage(main, "pretrain.yaml", tmp_path, f"data.path={corpus}", "val_fraction=0.02", "block_size=32",
                   "seed=1", run_name="small")

@@ -381,23 +381,18 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
 def test_ddp_ranks_scoring_rankings_of_different_sizes_train_alike(micro_sft, tmp_path):
     """Rankings differ in size (collection drops duplicate samples), so ranks score their micro-batches in different
     numbers of forward passes: DDP's buffer broadcast before each pass paired unlike calls across ranks and hung."""
-    import os
     import re
-    import sys
 
-    from conftest import free_port, run_in_own_group
+    from conftest import launch_two_ranks
 
     data = tmp_path / "ranked.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"Question {i}?", "responses": [f"Answer {j} to {i}." for j in
                                                                                  range(2 + i % 3)]}) + "\n"
                             for i in range(40)))
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "reward_model.train", "--config", str(MICRO_RM),
-               f"runs_dir={tmp_path}", "run_name=ddp", f"init_from={micro_sft}", f"train_data.path={data}",
-               "forward_chunk=1", "batch_size=4", "epochs=1", "eval_every=100", "log_every=1"]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1"}
-    run = run_in_own_group(command, env, timeout=240)
+    run = launch_two_ranks("reward_model.train", [
+        "--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=ddp", f"init_from={micro_sft}",
+        f"train_data.path={data}", "forward_chunk=1", "batch_size=4", "epochs=1", "eval_every=100", "log_every=1"],
+        timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     fingerprints = dict(re.findall(r"rank (\d+) parameter fingerprint (\w+)", run.stdout))
     assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"], run.stdout[-2000:]

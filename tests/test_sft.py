@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import MICRO, REPO, reset_accelerate
+from conftest import MICRO, REPO
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, load_config
@@ -313,14 +313,10 @@ def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_
 def test_ddp_on_the_cpu_logs_and_saves_from_one_rank(micro_pretrain, tmp_path):
     """On CPU DDP every rank took itself for the main process until the Trainer set the state up: each wrote every
     metrics row (and would each have opened a W&B run and moved checkpoints aside)."""
-    from conftest import free_port, run_in_own_group
+    from conftest import launch_two_ranks
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--main_process_port", str(free_port()), "-m", "stages.sft",
-               *sft_args(tmp_path, "ddp", f"init_from={micro_pretrain}", *QUICK, "max_steps=6", "log_every=1")]
-    env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1"}
-    run = run_in_own_group(command, env, timeout=240)
+    run = launch_two_ranks("stages.sft", sft_args(tmp_path, "ddp", f"init_from={micro_pretrain}", *QUICK,
+                                                  "max_steps=6", "log_every=1"), timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "sft"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
@@ -365,7 +361,6 @@ def test_demonstrations_cut_to_nothing_by_max_length_are_counted_not_dropped_sil
                                                                                         capsys):
     """TRL drops a conversation whose assistant reply starts after max_length; the stage used to say nothing and
     count it among the demonstrations."""
-    reset_accelerate()
     data = tmp_path / "chats.jsonl"
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     long_system = [{"role": "system", "content": " ".join(["rule"] * 200)}, *short]
