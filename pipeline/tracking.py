@@ -12,6 +12,7 @@ wandb cannot continue an offline run, so offline each attempt is a run of its ow
 """
 from __future__ import annotations
 
+import configparser
 import json
 import math
 import netrc
@@ -22,6 +23,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -36,17 +38,35 @@ EARLIER_METRICS_FILE = "metrics.earlier.jsonl"
 
 
 def wandb_mode() -> str:
-    """`WANDB_MODE` if set; otherwise online when credentials exist, offline when they do not."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
+    """`WANDB_MODE` if set (`dryrun` is wandb's old name for offline); otherwise online when credentials for the
+    W&B server exist, offline when they do not. Credentials: `WANDB_API_KEY`, `WANDB_IDENTITY_TOKEN_FILE`, or
+    a `wandb login` entry in the netrc file (`NETRC`, default ~/.netrc) for the server's host
+    (`WANDB_BASE_URL`, or the `base_url` that `wandb login --host` saved; default api.wandb.ai)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return "offline" if mode == "dryrun" else mode
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "online"
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or _saved_base_url() or "https://api.wandb.ai").hostname
+    netrc_file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     try:
-        if netrc.netrc().authenticators("api.wandb.ai"):
+        # an explicit path, as wandb reads it: Python's own lookup refuses a netrc others can read, wandb does not
+        if host and netrc.netrc(str(netrc_file)).authenticators(host):
             return "online"
-    except (FileNotFoundError, netrc.NetrcParseError):
+    except (OSError, netrc.NetrcParseError):  # none, unreadable or malformed: wandb cannot log in with it either
         pass
     return "offline"
+
+
+def _saved_base_url() -> str | None:
+    """The server `wandb login --host URL` saved in wandb's settings file, if any."""
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
+    settings = configparser.ConfigParser()
+    try:
+        settings.read(config_dir / "settings", encoding="utf-8")
+        return settings.get("default", "base_url", fallback=None)
+    except (OSError, UnicodeError, configparser.Error):
+        return None
 
 
 def _fmt(value: Any) -> str:

@@ -16,7 +16,7 @@ from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint,
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
 from pipeline.runs import parse_stage_args
-from pipeline.tokenizer import CHAT_TEMPLATE, EOS, load_tokenizer, train_tokenizer
+from pipeline.tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, load_tokenizer, train_tokenizer
 from stages.pretrain.pretrain import PretrainConfig, get_lr
 from tests.conftest import MICRO
 
@@ -336,9 +336,17 @@ def test_an_outside_tokenizer_keeps_its_own_special_tokens_beside_our_chat_token
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     outside = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>")
     outside.add_special_tokens({"additional_special_tokens": ["<tool>"]})
-    outside.save_pretrained(tmp_path)
-    loaded = load_tokenizer(str(tmp_path))
+    outside.save_pretrained(tmp_path / "with_eos")
+    loaded = load_tokenizer(str(tmp_path / "with_eos"))
     assert {"<tool>", "<|user|>", "<|assistant|>"} <= set(loaded.all_special_tokens)
+    # what it lacked is added (our template, a BOS, a pad); its own EOS stays
+    assert loaded.chat_template == CHAT_TEMPLATE
+    assert (loaded.bos_token, loaded.pad_token, loaded.eos_token) == (BOS, PAD, "<eos>")
+    assert loaded.pad_token_id not in (loaded.eos_token_id, loaded.unk_token_id)
+    # without an EOS of its own, it gets ours, which the template closes turns with
+    bare = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
+    bare.save_pretrained(tmp_path / "bare")
+    assert load_tokenizer(str(tmp_path / "bare")).eos_token == EOS
 
 
 def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp_path, tokenizer):
@@ -564,6 +572,8 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     with pytest.raises(FloatingPointError, match=r"eval/loss is inf at step 8"):  # passed before
         tracker.log({"eval/loss": float("inf")}, step=8)
     tracker.log({"policy/ratio_max": float("inf")}, step=9, console=False)  # not a loss: logged as it is
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 9 and last["policy/ratio_max"] == float("inf")
 
 
 NAN_ON_RANK_1 = """
@@ -756,3 +766,33 @@ def test_the_offline_sync_hint_names_a_wandb_the_shell_can_run(monkeypatch):
     assert command != "wandb" and Path(command).resolve() == (Path(sys.executable).parent / "wandb").resolve()
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent))
     assert _wandb_command() == "wandb"
+
+
+def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkeypatch):
+    """A self-hosted server, a netrc others can read (Python's own lookup refuses it, wandb does not) and an
+    identity token all log in; no credentials, an unreadable netrc or another host's entry run offline."""
+    from pipeline.tracking import wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    netrc_file = tmp_path / ".netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_mode() == "offline"  # no netrc at all
+    netrc_file.write_text("machine wandb.example.com\n  login user\n  password secret\n")
+    netrc_file.chmod(0o644)
+    assert wandb_mode() == "offline"  # an entry for another server
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert wandb_mode() == "online"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / "wandb-config").mkdir()
+    (tmp_path / "wandb-config" / "settings").write_text("[default]\nbase_url = https://wandb.example.com\n")
+    assert wandb_mode() == "online"  # the server `wandb login --host` saved
+    netrc_file.unlink()
+    netrc_file.mkdir()  # unreadable as a file: offline, not a crash in every stage
+    assert wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode() == "offline"  # wandb's old name for it: the sync hint is printed

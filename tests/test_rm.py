@@ -422,6 +422,10 @@ def test_lora_adapters_are_merged_into_a_plain_final_checkpoint(micro_sft, micro
     sft = load_file(micro_sft / "model.safetensors")
     q_proj = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(weights[q_proj], sft[q_proj])  # the merged adapter changed the backbone
+    # ... and only through the adapters: what LoRA does not wrap is the SFT model's, untouched (a full
+    # fine-tune that ignored lora.enabled would move these too)
+    for untouched in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(weights[untouched], sft[untouched]), untouched
     assert math.isfinite(json.loads((final / "config.json").read_text())["reward_std"])
 
 
