@@ -12,6 +12,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from conftest import REPO, run_stage
 
@@ -144,4 +145,10 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
         "sampling.max_new_tokens=8", "rm_max_length=256", "eval_prompts=4", "eval_every=2", "eval_batch_size=4",
         "checkpoint_every=2")
     assert "40 prompts" in capsys.readouterr().out
-    assert AutoModelForCausalLM.from_pretrained(runs / "gpu" / "ppo" / "final") is not None
+    ppo_final = runs / "gpu" / "ppo" / "final"
+    assert json.loads((ppo_final / "config.json").read_text())["pipeline_stage"] == "ppo"
+    ppo_weights = AutoModelForCausalLM.from_pretrained(ppo_final).state_dict()
+    sft_weights = AutoModelForCausalLM.from_pretrained(sft_final).state_dict()
+    assert any(not torch.equal(ppo_weights[name], sft_weights[name]) for name in sft_weights)  # PPO moved it
+    rows = [json.loads(line) for line in (runs / "gpu" / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "objective/kl" in row] == [1, 2]  # both PPO steps ran and logged

@@ -67,7 +67,9 @@ def test_a_changed_world_file_refuses_the_run_checkpoint_and_warns_for_a_named_o
 
     named = StageConfig(runs_dir=str(tmp_path), run_name="r", init_from=str(pretrain))
     check_world_lineage(named, pretrain, world, "sft")
-    assert "warning:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"warning: sft: {pretrain} learned from a world that has changed" in err \
+        and "Using it, since init_from names it." in err
 
 
 def test_preferences_ranked_with_other_annotator_noise_are_refused(tmp_path):

@@ -456,8 +456,9 @@ def test_raw_ultrafeedback_completions_map_to_rated_responses(tmp_path, suffix):
     with pytest.raises(DataError) as error:
         load(flat, "preferences", columns=columns)
     assert "not a list of records" in assert_data_error(error, flat, 1, "responses")
-    with pytest.raises(DataError, match="not a list of records"):
+    with pytest.raises(DataError) as error:
         load(flat, "preferences", columns=columns, streaming=True)
+    assert "not a list of records" in assert_data_error(error, flat, 1, "responses")
     assert list(load(path, "preferences", columns=columns, streaming=True))[0]["responses"] == ["best", "fine", "poor"]
     with pytest.raises(DataError) as error:
         load(path, "preferences", columns={**columns, "responses": "answers.response"})

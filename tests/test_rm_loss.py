@@ -108,7 +108,7 @@ def test_flat_layout_with_group_sizes():
     assert abs(float(loss) - (g0 + nls(2.0)) / 2) < 1e-12
     loss2d, _ = ranking_loss(torch.tensor([[1.0, 0.0]], dtype=torch.float64))
     assert abs(float(loss2d) - nls(1.0)) < 1e-12
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="group_sizes sum to 6 but got 5 scores"):
         ranking_loss(flat, [3, 3])
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -376,5 +377,6 @@ def test_reward_model_checkpoint_is_refused(tmp_path):
     fake_rm = tmp_path / "rm_final"
     fake_rm.mkdir()
     (fake_rm / "config.json").write_text(json.dumps({"model_type": "llama", "pipeline_stage": "rm"}))
-    with pytest.raises(CheckpointError, match="made by the 'rm' stage"):
+    with pytest.raises(CheckpointError, match=rf"^sft: checkpoint {re.escape(str(fake_rm))} was made by the 'rm' "
+                                              r"stage, but sft needs one from: pretrain"):
         main(sft_args(tmp_path, "refuse", f"init_from={fake_rm}", *QUICK))

@@ -104,7 +104,7 @@ def test_a_world_written_by_other_generator_code_is_rewritten(tmp_path, monkeypa
 
 def test_write_world_refuses_to_overwrite_a_non_world_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a world directory"):
+    with pytest.raises(FileExistsError, match=rf"^{re.escape(str(tmp_path))} exists and is not a world directory"):
         write_world(tmp_path, SMALL)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
