@@ -122,7 +122,7 @@ eval-rm: | $(SETUP_STAMP)
 	$(PY) -m reward_model.evaluate --config configs/$(RECIPE)/rm.yaml run_name=$(RUN) $(ARGS)
 
 chat: | $(SETUP_STAMP)
-	$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
+	@$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
 
 # ---- checks -----------------------------------------------------------------------------------------
 # pytest exits 5 when it collects no tests. With a filter in ARGS (-k that matches nothing) say so and pass;

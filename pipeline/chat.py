@@ -108,6 +108,12 @@ class Conversation:
                               .strip()})
 
 
+def readable(text: str) -> str:
+    """Text as typed, with bytes that are not UTF-8 (read or passed as surrogate escapes) shown as U+FFFD: the
+    tokenizer refuses lone surrogates, and the session would end with its history."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
@@ -122,11 +128,12 @@ def main(argv: list[str] | None = None) -> None:
     device = default_device()
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "chat")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    chat = Conversation(model, tokenizer, sampling, args.system, torch.Generator(device=device).manual_seed(seed))
+    chat = Conversation(model, tokenizer, sampling, readable(args.system),
+                        torch.Generator(device=device).manual_seed(seed))
 
     if args.prompt is not None:
         try:
-            for piece in chat.reply(args.prompt):
+            for piece in chat.reply(readable(args.prompt)):
                 print(piece, end="", flush=True)
         except MessageTooLong as e:
             raise SystemExit(f"--prompt: {e}") from None
@@ -137,10 +144,12 @@ def main(argv: list[str] | None = None) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    if hasattr(sys.stdin, "reconfigure"):  # a byte that is not UTF-8 reaches readable(), not a UnicodeDecodeError
+        sys.stdin.reconfigure(errors="surrogateescape")
     print(f"Chatting with {label} ({path}); {describe_sampling(sampling)}.\n{HELP}", flush=True)
     while True:
         try:
-            text = input("you> ").strip()
+            text = readable(input("you> ")).strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return
@@ -166,4 +175,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted")

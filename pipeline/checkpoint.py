@@ -93,18 +93,28 @@ def unwrap(model: Any) -> Any:
 DEFAULT_MAX_NEW_TOKENS = 128  # as `make chat`
 
 
+# What a stage's final/ keeps of the launch that wrote it, beside the weights: the resolved config (dated when
+# that launch started) and its metrics so far. A later launch of the stage rewrites the stage's own config.yaml
+# and metrics.jsonl at its start, and may never finish: what reads about a final/ reads these copies.
+LAUNCH_RECORDS = {"config.yaml": "pipeline_config.yaml", "metrics.jsonl": "pipeline_metrics.jsonl"}
+
+
 def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, world_data: dict | None = None,
-               **config_extra: Any) -> Path:
+               launch_records: tuple[Path, ...] = (), **config_extra: Any) -> Path:
     """Write the stage's HF checkpoint atomically; `config_extra` lands in config.json (e.g. RM reward stats).
 
     `world_data`: what each stage of its chain learned from the run's world (pipeline.runs.world_lineage), so a
-    later stage can tell whether the world changed since. None also clears a record inherited from the upstream."""
+    later stage can tell whether the world changed since. None also clears a record inherited from the upstream.
+    `launch_records`: the stage's config.yaml and metrics.jsonl, copied in with their dates (LAUNCH_RECORDS)."""
     model = mark_final(model, stage, world_data, **config_extra)
     with atomic_dir(final_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
+        for record in map(Path, launch_records):
+            if record.is_file():
+                shutil.copy2(record, tmp / LAUNCH_RECORDS[record.name])
     return Path(final_dir)
 
 

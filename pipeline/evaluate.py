@@ -17,7 +17,8 @@ sampling), so the report's figures equal a separate `make eval` of the same chec
 Config: the stage YAML the Makefile hands over (configs/<recipe>/ppo.yaml) is read by that stage's own
 config class (chosen by the file name, see STAGE_CONFIGS), so every key in it and every `key=value` override
 is checked as usual. Only the run's shared settings (run_name, runs_dir, seed, world, trust_remote_code) are
-used here; what to evaluate and how to sample are `--flags`.
+used here; what to evaluate and how to sample are `--flags`. RM scores (`--rm`) are shaped as the run's PPO
+shaped its rewards, with the settings its ppo/final was trained with (`run_ppo_settings`).
 """
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import is_hub_id, write_text_atomic
-from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, load_judge, load_prompts
+from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, held_out_prompts, load_judge
 from pipeline.generation import SamplingConfig
+from pipeline.config import ConfigError, load_config
 from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
 
 STAGE_CONFIGS = {
@@ -132,19 +133,53 @@ def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stag
                 if (path / "model" / "config.json").exists() else ""
             sys.exit(f"{flag} {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)"
                      + inner)
-        label = path.parent.name if path.name == "final" else path.name
-        return str(path), label
+        return str(path), checkpoint_label(cfg, path)
     if "/" in stage_or_path and is_hub_id(stage_or_path):  # 'owner/name' (a bare word is a mistyped stage)
         return stage_or_path, stage_or_path.replace("/", "--")
     stages = f"one of {', '.join(POLICY_STAGE_NAMES)} or " if flag == "--stage" else ""
     sys.exit(f"{flag} {stage_or_path}: expected {stages}an existing checkpoint directory; {path} does not exist")
 
 
-def run_reward_model(cfg: StageConfig) -> str:
-    """The RM the run's PPO optimised: `reward_model` in its resolved ppo/config.yaml, else runs/<run>/rm/final."""
-    config_file = stage_paths(cfg, "ppo").config_file
-    raw = (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
-    return raw.get("reward_model") or str(stage_paths(cfg, "rm").final)
+def checkpoint_label(cfg: StageConfig, path: Path) -> str:
+    """A checkpoint directory's label, which names its output file: where it sits under runs/ ('ppo' for this
+    run's ppo/final, 'exp2--ppo' for another run's, 'pretrain--step_00000480' for a training checkpoint), else
+    its own name. Two checkpoints never share a file unless they are one."""
+    resolved = path.resolve()
+    for base in (run_dir(cfg).resolve(), Path(cfg.runs_dir).resolve()):
+        if resolved.is_relative_to(base):
+            parts = [p for p in resolved.relative_to(base).parts if p not in ("final", "model", "checkpoints")]
+            if parts:
+                return "--".join(parts)
+    return path.parent.name if path.name == "final" else path.name
+
+
+def sampling_label(sampling: SamplingConfig, default: SamplingConfig = EVAL_SAMPLING) -> str:
+    """'' for the default sampling, else its settings that differ ('-temperature0.7-max_new_tokens8'): a sampled
+    or cut-short look keeps its own file beside the default evaluation."""
+    return "".join(f"-{key}{value:g}" for key, value in dataclasses.asdict(sampling).items()
+                   if value != getattr(default, key))
+
+
+def run_ppo_settings(cfg: StageConfig) -> StageConfig:
+    """The settings the run's PPO trained with (the resolved config of the launch that wrote ppo/final; before it
+    finished, of the latest launch): its RM, its rollout sampling and how it shaped rewards. `cfg` itself when
+    PPO has not started, or when `cfg` is no PPO config."""
+    config_file = stage_paths(cfg, "ppo").of_final("config.yaml")
+    if not config_file.exists() or not hasattr(cfg, "missing_eos_penalty"):
+        return cfg
+    try:
+        return load_config(type(cfg), config_file, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
+    except ConfigError as e:  # written by another version of the stage: the recipe's settings stand in
+        print(f"note: {config_file} does not read as today's PPO config ({e}); using {cfg.run_name}'s recipe "
+              "settings instead", file=sys.stderr)
+        return cfg
+
+
+def run_reward_model(cfg: StageConfig, ppo_settings: StageConfig | None = None) -> str:
+    """The RM the run's PPO optimised: its `reward_model` (`ppo_settings`: run_ppo_settings(cfg), if read
+    already), else runs/<run>/rm/final."""
+    settings = ppo_settings or run_ppo_settings(cfg)
+    return getattr(settings, "reward_model", "") or str(stage_paths(cfg, "rm").final)
 
 
 def default_device() -> torch.device:
@@ -276,7 +311,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also score the answers with the run's reward model (the one its PPO optimised)")
     parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
     parser.add_argument("--out", help="JSON output file "
-                                      "(default: runs/<run>/eval/<stage or directory>[-first<N>].json)")
+                                      "(default: runs/<run>/eval/<label>[-<sampling>][-first<N>].json; the label "
+                                      "is the stage, or where the checkpoint sits under runs/, e.g. "
+                                      "exp2--ppo, pretrain--step_00000480; <sampling>: settings that are not "
+                                      "the default, e.g. -temperature0.7)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
@@ -284,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     path, label = resolve_checkpoint(cfg, args.stage)
     world = run_world(cfg)
-    rows = load_prompts(world / "eval_prompts.jsonl")
+    rows = held_out_prompts(world)
     limited = 0 < args.limit < len(rows)
     rows = rows[:args.limit] if limited else rows
     device = default_device()
@@ -298,12 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
           flush=True)
     result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer,
-                                 reward=cfg)
+                                 reward=run_ppo_settings(cfg))
 
     print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
     print(eval_tables(result))
     # a quick look at the first N prompts keeps its own file: it must not replace a full evaluation
-    default_name = f"{label}-first{len(rows)}.json" if limited else f"{label}.json"
+    default_name = f"{label}{sampling_label(sampling)}{f'-first{len(rows)}' if limited else ''}.json"
     out = Path(args.out) if args.out else run_dir(cfg) / "eval" / default_name
     report = {"checkpoint": path, "label": label, "prompts": len(rows), "seed": cfg.seed,
               "sampling": dataclasses.asdict(sampling), "reward_model": rm_path,
@@ -315,4 +353,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted")

@@ -13,6 +13,7 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from data.loading import DataError
 from data.world import GoldJudge, World
 from pipeline.generation import SamplingConfig, generate_responses
 
@@ -41,6 +42,16 @@ def load_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     """Prompt rows ({prompt, family}) from a jsonl file such as the world's eval_prompts.jsonl."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return rows[:limit] if limit else rows
+
+
+def held_out_prompts(world: Path) -> list[dict]:
+    """The world's held-out evaluation prompts, which `make eval` and `make report` measure every policy on."""
+    path = world / "eval_prompts.jsonl"
+    rows = load_prompts(path)
+    if not rows:
+        raise DataError(str(path), "no held-out prompts to evaluate on (the run's world.eval_prompts is 0); "
+                                   "evaluation and the report need some")
+    return rows
 
 
 def judge_responses(judge: GoldJudge, rows: list[dict], responses: list[str],

@@ -26,16 +26,15 @@ from pathlib import Path
 
 import matplotlib
 import torch
-import yaml
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, default_device,  # noqa: E402
                                describe_sampling, evaluate_checkpoint, family_counts, limit_count, load_policy,
-                               load_run_config, markdown_table, run_reward_model, run_world, sampling_from_args,
-                               shared_config)
-from pipeline.evaluation import EVAL_SAMPLING, family_table, load_judge, load_prompts, win_rate  # noqa: E402
+                               load_run_config, markdown_table, run_ppo_settings, run_reward_model, run_world,
+                               sampling_from_args, shared_config)
+from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
 
@@ -51,8 +50,13 @@ def read_metrics(path: Path) -> list[dict]:
     """The scalar records of a metrics.jsonl (tables skipped); [] if the file is missing."""
     if not path.exists():
         return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if "table" not in r]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:  # blank, or the last line of a killed run, cut mid-write
+            continue
+    return [r for r in records if isinstance(r, dict) and "table" not in r]
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -126,29 +130,23 @@ def measure_rm(cfg, scorer) -> dict:
             "chosen": [c for c, _ in pairs], "rejected": [r for _, r in pairs]}
 
 
-def ppo_rollout_sampling(cfg) -> SamplingConfig:
-    """How the PPO run sampled its rollouts (its resolved config.yaml; the stage's defaults where unset)."""
-    config_file = stage_paths(cfg, "ppo").config_file
-    raw = (yaml.safe_load(config_file.read_text()) or {}) if config_file.exists() else {}
-    known = {f.name for f in dataclasses.fields(SamplingConfig)}
-    return SamplingConfig(**{k: v for k, v in (raw.get("sampling") or {}).items() if k in known})
-
-
 # ---- run facts -----------------------------------------------------------------------------------------------
 
 def stage_times(cfg) -> list[list]:
-    """Per stage: wall time of its last launch (config.yaml written at the start -> outputs at the end) and
+    """Per stage: wall time of the launch that wrote its output (config.yaml written at the start -> the output) and
     the training time the stage recorded, when it did."""
     rows = []
     for stage in STAGES:
         paths = stage_paths(cfg, stage)
         end_file = paths.root / "eval.jsonl" if stage == "prefs" else paths.final / "config.json"
-        if not paths.config_file.exists() or not end_file.exists():
+        # started: when the launch that wrote final/ wrote its config (final/ keeps a copy with that date)
+        start_file = paths.config_file if stage == "prefs" else paths.of_final("config.yaml")
+        if not start_file.exists() or not end_file.exists():
             # collection with train_data set leaves only a null record (make's marker): nothing was collected
             skipped = stage == "prefs" and read_json(paths.root / WORLD_DATA_FILE) is None
             rows.append([stage, "-", "-", "skipped: the RM trains on train_data" if skipped else "not run"])
             continue
-        wall = end_file.stat().st_mtime - paths.config_file.stat().st_mtime
+        wall = end_file.stat().st_mtime - start_file.stat().st_mtime
         train = read_json(paths.root / "eval.json").get("train_seconds")
         finished = datetime.datetime.fromtimestamp(end_file.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
         rows.append([stage, f"{wall:.1f}", f"{train:.1f}" if isinstance(train, (int, float)) else "-", finished])
@@ -448,12 +446,13 @@ def samples_section(rows: list[dict], results: dict, picked: list[int]) -> list:
 def run_facts_section(cfg, facts: dict) -> list:
     cfg_run = run_dir(cfg)
     lines = [markdown_table(["stage", "wall time (s)", "training (s)", "finished"], facts["times"], align="lrrl"), "",
-             "Wall time: from the stage writing its config.yaml to its final output (its last launch).", "",
+             "Wall time: from the stage writing its config.yaml to its final output (the launch that wrote it).", "",
              markdown_table(["hardware", ""], [[k, v] for k, v in facts["hardware"].items()]), "",
              markdown_table(["package", "version"], [[k, v] for k, v in facts["packages"].items()]), "",
              f"Git commit: `{facts['git']}`", "", "Resolved configs:", ""]
     for stage in STAGES:
-        config_file = stage_paths(cfg, stage).config_file
+        paths = stage_paths(cfg, stage)
+        config_file = paths.config_file if stage == "prefs" else paths.of_final("config.yaml")
         if config_file.exists():
             lines += [f"<details><summary>{stage}: {relative(config_file, cfg_run)}</summary>", "", "```yaml",
                       config_file.read_text().rstrip(), "```", "", "</details>", ""]
@@ -468,7 +467,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--limit", type=limit_count, default=0, help="evaluate on the first N held-out prompts (0: all)")
     parser.add_argument("--batch-size", type=at_least_one, default=64)
     parser.add_argument("--samples", type=int, default=4, help="held-out prompts shown with every model's answer")
-    parser.add_argument("--kl-samples", type=int, default=4, help="responses per prompt for the KL to SFT")
+    parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args)
@@ -483,7 +482,8 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- reward models: the RM stage's, and the one PPO optimised (the same unless ppo.yaml named another)
     from reward_model.scoring import RewardScorer
 
-    ppo_rm_path, ppo_sampling = run_reward_model(cfg), ppo_rollout_sampling(cfg)
+    ppo_settings = run_ppo_settings(cfg)  # as the run's ppo/final trained: its RM, rollout sampling, reward shaping
+    ppo_rm_path, ppo_sampling = run_reward_model(cfg, ppo_settings), ppo_settings.sampling
     scorers: dict[str, RewardScorer] = {}
     for path in (str(stage_paths(cfg, "rm").final), ppo_rm_path):
         if path not in scorers and (Path(path) / "config.json").exists():
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---- every policy answers the same held-out prompts; the gold judge and PPO's RM score the answers
     world = run_world(cfg)
-    rows = load_prompts(world / "eval_prompts.jsonl", args.limit or None)
+    rows = held_out_prompts(world)[:args.limit or None]
     judge = load_judge(world)
     facts = {"run": cfg.run_name, "prompts": len(rows), "seed": cfg.seed, "sampling": dataclasses.asdict(sampling),
              "policies": {}}
@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> Path:
         model, tokenizer = load_policy(str(stage_paths(cfg, stage).final), cfg.trust_remote_code, device, "report")
         print(f"[report] {stage}: answering {len(rows)} held-out prompts", flush=True)
         results[stage] = evaluate_checkpoint(model, tokenizer, rows, judge, sampling, cfg.seed, args.batch_size,
-                                             ppo_scorer, reward=cfg)
+                                             ppo_scorer, reward=ppo_settings)
         facts["policies"][stage] = results[stage].summary
         if stage in ("sft", "ppo"):
             models[stage] = (model, tokenizer)
@@ -529,8 +529,8 @@ def main(argv: list[str] | None = None) -> Path:
             rm_error = str(e)
 
     # ---- plots, then the report section by section
-    pretrain_records = read_metrics(stage_paths(cfg, "pretrain").metrics_file)
-    ppo_records = read_metrics(stage_paths(cfg, "ppo").metrics_file)
+    pretrain_records = read_metrics(stage_paths(cfg, "pretrain").of_final("metrics.jsonl"))
+    ppo_records = read_metrics(stage_paths(cfg, "ppo").of_final("metrics.jsonl"))
     plots = {"pretrain_loss": plot_pretrain(pretrain_records, out_dir / "pretrain_loss.png"),
              "gold_by_family": plot_families(results, out_dir / "gold_by_family.png") if results else None,
              "rm_scores": plot_rm(rm_measured["chosen"], rm_measured["rejected"], out_dir / "rm_scores.png")
@@ -600,4 +600,4 @@ def log_to_wandb(cfg, out_dir: Path, report_file: Path, plots: dict, facts: dict
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted")

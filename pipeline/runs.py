@@ -30,8 +30,8 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import CheckpointError, checkpoint_config, checkpoint_step, latest_checkpoint, \
-    list_checkpoints, model_source, require_checkpoint, write_text_atomic
+from pipeline.checkpoint import LAUNCH_RECORDS, CheckpointError, checkpoint_config, checkpoint_step, \
+    latest_checkpoint, list_checkpoints, model_source, require_checkpoint, write_text_atomic
 from pipeline.config import ConfigError, FieldError, load_config, save_config
 
 # what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
@@ -124,6 +124,17 @@ class StagePaths:
     @property
     def metrics_file(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def launch_records(self) -> tuple[Path, Path]:
+        """What save_final copies into final/: this launch's config.yaml and metrics.jsonl."""
+        return self.config_file, self.metrics_file
+
+    def of_final(self, name: str) -> Path:
+        """The stage's `name` (config.yaml or metrics.jsonl) as the launch that wrote final/ left it: its copy in
+        final/, else the stage's own (a final/ saved before the copies were kept)."""
+        copy = self.final / LAUNCH_RECORDS[name]
+        return copy if copy.is_file() else self.root / name
 
 
 def run_dir(cfg: StageConfig) -> Path:
@@ -333,9 +344,14 @@ def require_ddp(stage: str) -> None:
                           f"own loop. Of the stages, only SFT (the Trainer's loop) runs under FSDP and DeepSpeed.")
 
 
-def run_main(main) -> None:
+TRAINING_INTERRUPTED = ("interrupted (a training stage continues from its newest checkpoint with resume=true, or "
+                        "make ... RESUME=1)")
+
+
+def run_main(main, interrupted: str = TRAINING_INTERRUPTED) -> None:
     """A command's entry point: bad input (a config key, a data file, a checkpoint) ends the process with its
-    message instead of a traceback. Tests call main() itself and see the exception."""
+    message instead of a traceback, and Ctrl-C with `interrupted` (the training stages': how to resume). Tests
+    call main() itself and see the exception."""
     from data.loading import DataError
 
     try:
@@ -343,8 +359,7 @@ def run_main(main) -> None:
     except (ConfigError, CheckpointError, DataError, FloatingPointError) as e:  # the last: a NaN/inf loss stop
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # checkpoints are written atomically: the newest complete one is there to resume
-        print("\ninterrupted (a training stage continues from its newest checkpoint with resume=true, or make ... "
-              "RESUME=1)", file=sys.stderr)
+        print(f"\n{interrupted}", file=sys.stderr)
         sys.exit(130)
 
 

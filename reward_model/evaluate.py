@@ -35,10 +35,15 @@ from reward_model.train import (add_gold_criteria, best_and_rest, describe_accur
                                 headline_metrics, load_rankings, ranking_metrics, score_rankings, score_stats)
 
 
+def file_part(text: str) -> str:
+    """`text` as part of a file name: runs of other characters become '-'."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
 def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     """The rankings the run's RM training held out (with gold criteria where the world judges them) and where they
     came from: split with the settings it ran with (its resolved config.yaml), in the run's world as it is."""
-    trained_config = stage_paths(cfg, "rm").config_file
+    trained_config = stage_paths(cfg, "rm").of_final("config.yaml")  # the launch that wrote rm/final
     if not trained_config.exists():
         raise DataError(str(trained_config), f"no RM training in run '{cfg.run_name}' to take held-out rankings "
                                              "from (this file does not exist): train it (make rm), or pass --data")
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --data: read at most this many rows")
     parser.add_argument("--batch-size", type=at_least_one, default=None,
                         help="default: the config's eval_batch_size")
-    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>].json)")
+    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>[-<split>]].json)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
@@ -83,7 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
         spec = DatasetSpec(path=args.data, name=args.name, split=args.split, columns=columns, max_rows=args.max_rows)
         world = run_world(cfg) if args.data.startswith("world:") else None
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
-        source, name = args.data, "-on-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(args.data).stem or args.data)
+        source = args.data
+        name = f"-on-{file_part(Path(args.data).stem or args.data)}" + (
+            f"-{file_part(args.split)}" if args.split != "test" else "")
         if all(row.get("gold_scores") for row in rows):  # world rankings: the judge names each pair's criterion
             add_gold_criteria(cfg, rows, world=run_world(cfg))
     else:
@@ -114,4 +121,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, interrupted="interrupted")

@@ -498,8 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.lora.enabled:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
-                   rm_max_length=cfg.max_length,
-                   world_data=lineage)
+                   rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records)
         result = headline_metrics(metrics)
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")

@@ -120,6 +120,28 @@ def test_chat_streams_greedy_answers_keeps_history_resets_and_quits(micro_ppo, m
         term.close()
 
 
+def test_conversation_keeps_each_exchange_and_reset_forgets_them(micro_ppo, micro_runs):
+    """What the terminal test cannot show when a tiny model answers alike with or without context: the
+    history the next turn is prompted with, and that /reset empties it (back to the system message)."""
+    model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
+    question, follow_up = world_question(micro_runs, "arithmetic"), world_question(micro_runs, "fact")
+    talk = chat.Conversation(model, tokenizer, SamplingConfig(MAX_NEW, temperature=0.0), system="Be brief.")
+    first = "".join(talk.reply(question))
+    assert first.strip()
+    talk.messages.append({"role": "user", "content": follow_up})
+    ids, _, _ = talk.prompt_ids()  # what the second turn is prompted with
+    talk.messages.pop()
+    prompted = tokenizer.decode(ids[0])
+    assert question in prompted and first.strip() in prompted and follow_up in prompted  # the first exchange, then it
+    second = "".join(talk.reply(follow_up))
+    assert [(m["role"], m["content"]) for m in talk.messages] == [
+        ("system", "Be brief."), ("user", question), ("assistant", first.strip()), ("user", follow_up),
+        ("assistant", second.strip())]
+    talk.reset()
+    assert talk.messages == [{"role": "system", "content": "Be brief."}]
+
+
 def test_one_shot_prompt_prints_the_answer_alone(micro_ppo, micro_runs, capsys):
     model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
     tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
@@ -134,6 +156,10 @@ def test_one_shot_prompt_prints_the_answer_alone(micro_ppo, micro_runs, capsys):
     with pytest.raises(SystemExit) as error:
         chat.main([*args, "--prompt", question, "--max-new-tokens", "0"])
     assert error.value.code == 2 and "--max-new-tokens: expected 1 or more, got 0" in capsys.readouterr().err
+    # a byte that is not UTF-8 (argv and stdin carry it as a surrogate escape): the tokenizer refused it
+    assert chat.readable("caf\udcc3 ok") == "caf\ufffd ok" and chat.readable("café") == "café"
+    chat.main([*args, "--prompt", "What\udcff is 2 plus 3?", "--temperature", "0", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.endswith("\n")
 
 
 def test_sampled_chat_is_seeded_and_history_fits_the_context(micro_ppo):

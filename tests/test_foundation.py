@@ -429,7 +429,8 @@ def test_checkpoint_from_another_stage_is_refused(tmp_path, tokenizer):
     save_final(model, tokenizer, tmp_path / "rm_final", "rm")
     with pytest.raises(CheckpointError, match=r"made by the 'rm' stage.*sft needs one from: pretrain"):
         require_checkpoint(tmp_path / "rm_final", ("pretrain",), "sft")
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match=rf"^sft: checkpoint {re.escape(str(tmp_path / 'missing'))} does not "
+                                              r"exist\. Run the earlier stage first"):
         require_checkpoint(tmp_path / "missing", ("pretrain",), "sft")
     step = save_training_checkpoint(tmp_path / "checkpoints", 4, model, tokenizer, {})  # a training checkpoint
     with pytest.raises(CheckpointError, match=r"has no config.json; .* Its model is in model/: name that directory"):
@@ -445,6 +446,9 @@ def test_ctrl_c_ends_a_command_with_how_to_resume_not_a_traceback(capsys):
     with pytest.raises(SystemExit) as stop:
         run_main(interrupted)
     assert stop.value.code == 130 and "resume=true" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # chat, eval and report have nothing to resume
+        run_main(interrupted, interrupted="interrupted")
+    assert stop.value.code == 130 and capsys.readouterr().err == "\ninterrupted\n"
 
 
 def test_a_scalar_model_from_a_policy_checkpoint_says_its_head_is_new_and_names_any_other_missing_weight(

@@ -3,6 +3,7 @@ evaluation of the same checkpoints, evaluation of an outside checkpoint by path,
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -123,12 +124,35 @@ def test_eval_of_an_outside_checkpoint_given_by_path(micro_report, micro_runs, t
     evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--limit", "100000"])  # more than there are
     assert not (micro_runs / "micro" / "eval" / "outside-lm-first100000.json").exists()
     assert json.loads((micro_runs / "micro" / "eval" / "outside-lm.json").read_text())["prompts"] > 3
+    # a sampled look keeps its own file too, beside the greedy one
+    evaluate.main(run_args(micro_runs) + ["--stage", str(outside), "--limit", "3", "--temperature", "0.7"])
+    assert json.loads((micro_runs / "micro" / "eval" / "outside-lm-temperature0.7-first3.json").read_text())[
+        "sampling"]["temperature"] == 0.7
 
 
-def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
-    with pytest.raises(SystemExit, match="make ppo"):
+def test_eval_files_are_named_by_where_the_checkpoint_sits_and_how_it_sampled(tmp_path):
+    """Another run's ppo/final wrote over this run's ppo.json, and every training checkpoint over model.json."""
+    from pipeline.evaluation import EVAL_SAMPLING
+    from pipeline.generation import SamplingConfig
+    from pipeline.runs import StageConfig
+
+    runs = tmp_path / "runs"
+    cfg = StageConfig(runs_dir=str(runs), run_name="tiny")
+    assert evaluate.checkpoint_label(cfg, runs / "tiny" / "ppo" / "final") == "ppo"
+    assert evaluate.checkpoint_label(cfg, runs / "exp2" / "ppo" / "final") == "exp2--ppo"
+    step = runs / "tiny" / "pretrain" / "checkpoints" / "step_00000480" / "model"
+    assert evaluate.checkpoint_label(cfg, step) == "pretrain--step_00000480"
+    assert evaluate.checkpoint_label(cfg, tmp_path / "elsewhere" / "final") == "elsewhere"
+    assert evaluate.sampling_label(EVAL_SAMPLING) == ""
+    assert evaluate.sampling_label(SamplingConfig(max_new_tokens=8, temperature=0.7)) == \
+        "-max_new_tokens8-temperature0.7"
+
+
+def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"no 'ppo' checkpoint in run 'empty': \S*empty/ppo/final does not exist.*make ppo"):
         evaluate.main(run_args(tmp_path, "empty") + ["--stage", "ppo"])
-    with pytest.raises(SystemExit, match="does not exist"):
+    nowhere = re.escape(str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=rf"--stage {nowhere}: expected .*; {nowhere} does not exist"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(tmp_path / "nowhere")])
     training_checkpoint = tmp_path / "step_00000040"  # its model sits in model/
     (training_checkpoint / "model").mkdir(parents=True)
@@ -136,7 +160,7 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
     with pytest.raises(SystemExit, match=r"no config.json\) \(a training checkpoint keeps its model in model/"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(training_checkpoint)])
     # a reward model is no policy (main raises; on the command line run_main turns it into the message)
-    with pytest.raises(CheckpointError, match="made by the 'rm' stage"):
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(micro_rm))} was made by the 'rm' stage"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(micro_rm)])
     with pytest.raises(SystemExit, match="unknown key 'max_stepz'"):
         evaluate.main(run_args(micro_runs) + ["max_stepz=3", "--stage", "sft"])
@@ -144,7 +168,7 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path):
     for flag, value in (("--batch-size", "0"), ("--max-new-tokens", "-3")):
         with pytest.raises(SystemExit) as error:
             evaluate.main(run_args(micro_runs) + ["--stage", "sft", flag, value])
-        assert error.value.code == 2
+        assert error.value.code == 2 and f"{flag}: expected 1 or more, got {value}" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=rf"--out {tmp_path}: is a directory; name a JSON file"):
         evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--out", str(tmp_path)])
 
@@ -161,6 +185,43 @@ def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tm
     ppo_section = text[text.index("## PPO"):text.index("## Samples")]
     assert "Not run yet: rm/final is missing. Run `make rm`" in rm_section
     assert "Not run yet: ppo/final is missing. Run `make ppo`" in ppo_section
-    assert "better than pretrained" in text or "no better than pretrained" in text
+    figures = json.loads((partial / "report" / "report.json").read_text())["policies"]
+    better = figures["sft"]["gold/score"] > figures["pretrain"]["gold/score"]
+    assert bool(re.search(r"\| no better than pretrained\s*\|", text)) == (not better)
+    assert bool(re.search(r"\| better than pretrained\s*\|", text)) == better
     assert (partial / "report" / "gold_by_family.png").exists()
     assert not (partial / "report" / "ppo_proxy_vs_gold.png").exists()
+
+
+def test_a_later_launch_that_has_not_finished_leaves_what_the_report_reads_of_final(micro_ppo, micro_runs, tmp_path):
+    """A fresh launch rewrites its stage's config.yaml and metrics.jsonl at its start: the report and `make eval`
+    read them about a final/ that launch never wrote (another RM, other reward shaping, an aborted curve)."""
+    import yaml
+
+    from pipeline.runs import stage_paths
+
+    later = tmp_path / "later"
+    later.mkdir()
+    for part in ("world", "sft", "prefs", "rm"):
+        (later / part).symlink_to(micro_runs / "micro" / part)
+    for part in ("pretrain", "ppo"):
+        shutil.copytree(micro_runs / "micro" / part, later / part, symlinks=True)
+    ppo, pretrain = later / "ppo", later / "pretrain"
+    assert (ppo / "final" / "pipeline_config.yaml").read_text() == (ppo / "config.yaml").read_text()
+    trained = yaml.safe_load((ppo / "config.yaml").read_text())
+    # the later launch: other settings, and a metrics file cut mid-line by a kill
+    (ppo / "config.yaml").write_text(yaml.safe_dump({**trained, "missing_eos_penalty": -7.0,
+                                                     "reward_model": str(tmp_path / "nowhere"),
+                                                     "sampling": {**trained["sampling"], "temperature": 0.3}}))
+    (pretrain / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/lo')
+
+    cfg = evaluate.load_run_config(str(MICRO / "ppo.yaml"), [f"runs_dir={tmp_path}", "run_name=later"])
+    settings = evaluate.run_ppo_settings(cfg)
+    assert settings.missing_eos_penalty == trained["missing_eos_penalty"] != -7.0
+    assert settings.sampling.temperature == trained["sampling"]["temperature"] != 0.3
+    assert evaluate.run_reward_model(cfg) == (trained["reward_model"] or str(later / "rm" / "final"))
+    curve = report.read_metrics(stage_paths(cfg, "pretrain").of_final("metrics.jsonl"))
+    assert any("eval/loss" in r for r in curve) and not any(r.get("train/loss") == 9.0 for r in curve)
+    assert report.read_metrics(pretrain / "metrics.jsonl") == [{"step": 1, "train/loss": 9.0}]  # the cut line skipped
+    times = {row[0]: row for row in report.stage_times(cfg)}
+    assert float(times["pretrain"][1]) > 0 and float(times["ppo"][1]) > 0  # from the finished launch's start

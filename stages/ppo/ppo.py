@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
             deliverable().save_pretrained(paths.root / "adapter")
         if ema is not None:
             save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", world_data)
-        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", world_data, ppo_ema=ema is not None)
+        save_final(plain(deliverable()), tokenizer, paths.final, "ppo", world_data, paths.launch_records,
+                   ppo_ema=ema is not None)
         if result is not None:
             write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})

@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain",
-                   world_data=lineage)
+                   world_data=lineage, launch_records=paths.launch_records)
         tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": time.perf_counter() - started})
         print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
               f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")

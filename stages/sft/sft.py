@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
             model = model.merge_and_unload()
-        save_final(model, tokenizer, paths.final, "sft", world_data=lineage)
+        save_final(model, tokenizer, paths.final, "sft", world_data=lineage, launch_records=paths.launch_records)
     if state.is_main_process:
         report = {"step": trainer.state.global_step, "eval_loss": gold.eval_loss, "train_seconds": train_seconds}
         tracker.summary({"eval/final_loss": gold.eval_loss, "time/train_seconds": train_seconds})
