@@ -325,9 +325,11 @@ def _turns(value: Any, column: str) -> list[dict[str, str]]:
 
 
 def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str, str]]:
-    """A prompt or completion column: a string (one `role` message) or a list of messages."""
+    """A prompt or completion column: a string (one `role` message; a user prompt that is an hh-rlhf transcript,
+    its turns, as every stage prompts the model with it) or a list of messages."""
     if isinstance(row[column], str):
-        return [{"role": role, "content": _string(row, column)}]
+        text = _string(row, column)
+        return prompt_messages(text) if role == "user" else [{"role": role, "content": text}]
     return _turns(row[column], column)
 
 

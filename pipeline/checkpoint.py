@@ -112,10 +112,15 @@ def save_final(model: Any, tokenizer: Any, final_dir: str | Path, stage: str, wo
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
-        for record in map(Path, launch_records):
-            if record.is_file():
-                shutil.copy2(record, tmp / LAUNCH_RECORDS[record.name])
+        copy_launch_records(tmp, launch_records)
     return Path(final_dir)
+
+
+def copy_launch_records(final_dir: Path, launch_records: tuple[Path, ...]) -> None:
+    """Copy a stage's config.yaml and metrics.jsonl into the final/ being written, with their dates."""
+    for record in map(Path, launch_records):
+        if record.is_file():
+            shutil.copy2(record, Path(final_dir) / LAUNCH_RECORDS[record.name])
 
 
 def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_extra: Any) -> Any:

@@ -369,8 +369,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
                               num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
     start_step = 0
+    # the data each step reads; and what the restored optimizer and scheduler state (the peak learning rate,
+    # weight decay, betas) and the saved adapter config (lora.*) would overrule without a word
     settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed", "eval_fraction", "mix_static",
-                                     "group_by_length"), n_procs)
+                                     "group_by_length", "learning_rate", "weight_decay", "adam_betas", "lora"),
+                               n_procs)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])

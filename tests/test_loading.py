@@ -318,6 +318,20 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
     assert_data_error(error, wrong_type, row=1, column="rejected")
 
 
+def test_an_hh_transcript_prompt_trains_sft_on_the_turns_every_stage_prompts_with(tmp_path):
+    """A prompt + completion row whose prompt is an hh-rlhf transcript became one user turn quoting it, while
+    evaluation and PPO prompt the model with its turns."""
+    transcript = "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: What is 2 plus 2?\n\nAssistant:"
+    path = write_rows(tmp_path / "hh_sft.jsonl", [{"prompt": transcript, "completion": " Four."},
+                                                  {"prompt": "What is 3 plus 3?", "completion": "Six."}])
+    rows = load(path, "sft")
+    assert rows[0]["messages"] == [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
+                                   {"role": "user", "content": "What is 2 plus 2?"},
+                                   {"role": "assistant", "content": " Four."}]
+    assert rows[1]["messages"] == [{"role": "user", "content": "What is 3 plus 3?"},
+                                   {"role": "assistant", "content": "Six."}]
+
+
 def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
     """Anthropic/hh-rlhf has only two whole transcripts per row: the shared conversation is the prompt, read by
     the models as its turns, not as one user message quoting them."""

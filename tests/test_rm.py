@@ -357,6 +357,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     # another batch size would read other rankings at each step than the interrupted run: refused, by key
     with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000002: key 'batch_size' was 8 there, 4 now"):
         train.main(args + ["resume=true", "batch_size=4"])
+    # the restored scheduler would keep the old rate without a word
+    with pytest.raises(ConfigError, match=r"key 'learning_rate' was 0\.\d+ there, 0\.5 now"):
+        train.main(args + ["resume=true", "learning_rate=0.5"])
     capsys.readouterr()
     train.main(args + ["resume=true"])  # continues from step 2 of 4
     assert "resuming at step 2" in capsys.readouterr().out

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import MICRO, REPO
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
-from pipeline.config import ConfigError, load_config
-from stages.sft.sft import SFTStageConfig, main, resume_checkpoint, training_arguments
+from pipeline.config import ConfigError, FieldError, load_config
+from stages.sft.sft import RESUME_SETTINGS_FILE, SFTStageConfig, main, resume_checkpoint, training_arguments
 
 QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
 
@@ -201,6 +201,9 @@ def test_under_sharded_weights_final_is_the_trainers_gathered_save_with_our_reco
     start = AutoModelForCausalLM.from_pretrained(micro_pretrain).state_dict()
     assert any(not torch.equal(trained[k], start[k]) for k in start)
     assert not [p for p in final.parent.iterdir() if p.name.startswith(".tmp")]
+    # what final/ keeps of the launch that wrote it, as save_final keeps it on the other paths
+    assert (final / "pipeline_config.yaml").read_text() == (final.parent / "config.yaml").read_text()
+    assert (final / "pipeline_metrics.jsonl").is_file()
 
 
 def saved_steps(stage: Path) -> list[int]:
@@ -265,12 +268,16 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     assert (stage / "final" / "config.json").exists()
 
 
-def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretrain, tmp_path):
+@pytest.mark.parametrize("order", [[], ["group_by_length=true", "data.max_rows=64"]], ids=["random", "by_length"])
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretrain, tmp_path, order):
     """The kill test above compares one step's loss, taken before any optimizer step: a resume that lost the
-    optimizer, the schedule or the RNG passed it. Here the whole continuation must match."""
+    optimizer, the schedule or the RNG passed it. Here the whole continuation must match. By length, 64 rows
+    make 4 steps an epoch: the resume lands in the second, whose order the length-grouped sampler drew from
+    the global RNG before the checkpoint's was restored."""
     from safetensors.torch import load_file
 
-    args = [f"init_from={micro_pretrain}", *QUICK, "max_steps=12", "checkpoint_every=3", "keep_checkpoints=10"]
+    args = [f"init_from={micro_pretrain}", *QUICK, "max_steps=12", "checkpoint_every=3", "keep_checkpoints=10",
+            *order]
     main(sft_args(tmp_path, "whole", *args))
     stage = tmp_path / "whole" / "sft"
     uninterrupted = load_file(stage / "final" / "model.safetensors")
@@ -280,6 +287,9 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     # the Trainer itself resumed under another batch size without a word, reading other data at each step
     with pytest.raises(ConfigError, match=r"cannot resume from .*checkpoint-6: key 'batch_size' was 16 there, 8 now"):
         main(sft_args(tmp_path, "whole", *args, "resume=true", "batch_size=8"))
+    # the Trainer restores the saved scheduler over the config's: a new rate was ignored
+    with pytest.raises(ConfigError, match=r"key 'learning_rate' was 0\.001 there, 0\.0005 now"):
+        main(sft_args(tmp_path, "whole", *args, "resume=true", "learning_rate=5e-4"))
     main(sft_args(tmp_path, "whole", *args, "resume=true"))
     resumed = load_file(stage / "final" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
@@ -340,7 +350,13 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     checkpoint(9, '{"global_step": 9, "lo')  # killed mid-write
     checkpoint(12, None)                     # killed before the state was written
     assert resume_checkpoint(tmp_path, is_main_process=False) == str(tmp_path / "checkpoint-3")
-    assert len(list(tmp_path.iterdir())) == 4  # only the main process deletes
+    # where the run records its settings beside each checkpoint, one without the record was cut short after the
+    # Trainer's state (it would resume unchecked); a directory of checkpoints from before the record is kept
+    checkpoint(15, json.dumps({"global_step": 15}))
+    assert resume_checkpoint(tmp_path, is_main_process=False) == str(tmp_path / "checkpoint-15")
+    (tmp_path / "checkpoint-3" / RESUME_SETTINGS_FILE).write_text("{}")
+    assert resume_checkpoint(tmp_path, is_main_process=False) == str(tmp_path / "checkpoint-3")
+    assert len(list(tmp_path.iterdir())) == 5  # only the main process deletes
     assert resume_checkpoint(tmp_path, is_main_process=True) == str(tmp_path / "checkpoint-3")
     # the cut-short saves are gone: the Trainer's rotation would have kept them over checkpoint-3
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
@@ -380,3 +396,44 @@ def test_reward_model_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"^sft: checkpoint {re.escape(str(fake_rm))} was made by the 'rm' "
                                               r"stage, but sft needs one from: pretrain"):
         main(sft_args(tmp_path, "refuse", f"init_from={fake_rm}", *QUICK))
+
+
+def test_a_warmup_ratio_of_one_or_more_is_refused():
+    """transformers reads a warmup of 1 or more as a step count: warmup_ratio=1.0 warmed up for one step."""
+    with pytest.raises(FieldError, match=r"warmup_ratio.*\[0, 1\), got 1\.0"):
+        SFTStageConfig(warmup_ratio=1.0)
+
+
+def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_trains_them(tmp_path):
+    """An outside model without our role tokens gets them as new embedding rows, all but identical at the start
+    (mean-initialised). LoRA left them so (user and assistant turns marked alike): refused; full tuning trains them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.tokenizer import ROLE_TOKENS
+
+    texts = [f"What is {a} plus {b}? {a + b}." for a in range(8) for b in range(8)]
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    outside = tmp_path / "outside"
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="<unk>").save_pretrained(outside)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=core.get_vocab_size(), hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                 max_position_embeddings=128, tie_word_embeddings=True)).save_pretrained(outside)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"What is {a} plus {b}?", "completion": f"{a + b}."}) + "\n"
+                             for a in range(8) for b in range(8)))
+    args = [f"init_from={outside}", *QUICK, f"data.path={demos}", f"eval_data.path={demos}", "max_steps=6",
+            "batch_size=8", "learning_rate=1e-2"]
+    with pytest.raises(ConfigError, match=r"key 'lora.enabled': .*outside has no chat template, so its tokenizer got "
+                                          r"\d+ chat/pad token\(s\) whose embeddings LoRA cannot train"):
+        main(sft_args(tmp_path, "outside", *args, "lora.enabled=true", "lora.rank=4"))
+    main(sft_args(tmp_path, "outside", *args))
+    final = tmp_path / "outside" / "sft" / "final"
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    embeddings = AutoModelForCausalLM.from_pretrained(final).get_input_embeddings().weight
+    user, assistant = (embeddings[tokenizer.convert_tokens_to_ids(ROLE_TOKENS[r])] for r in ("user", "assistant"))
+    assert (user - assistant).abs().max() > 1e-3  # trained apart (at the start they differ by ~1e-9)

@@ -13,6 +13,7 @@ answer and to stop, never to imitate the user.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -24,12 +25,14 @@ from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
 from data.loading import DatasetSpec, load_dataset_for
-from pipeline.checkpoint import atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step, list_checkpoints
-from pipeline.checkpoint import mark_final, replace_dir, resume_settings, save_final, write_text_atomic
-from pipeline.config import ConfigError
+from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
+                                 copy_launch_records, list_checkpoints, mark_final, replace_dir, resume_settings,
+                                 save_final, write_text_atomic)
+from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
@@ -89,6 +92,11 @@ class SFTStageConfig(StageConfig):
     """How evaluation answers are sampled. Greedy by default: the policy's best guess, repeatable."""
     gold_batch_size: int = 64
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.warmup_ratio < 1.0:  # transformers reads a warmup of 1 or more as a step count
+            raise FieldError("warmup_ratio", f"must be a fraction of the steps in [0, 1), got {self.warmup_ratio}")
+
 
 def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
     """Our config as TRL's: assistant-only loss, checkpoints under runs/<run>/sft/, our tracking only."""
@@ -112,18 +120,56 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         dataloader_pin_memory=torch.cuda.is_available())
 
 
+RESUME_SETTINGS_FILE = "pipeline_resume_settings.json"  # beside each Trainer checkpoint (RecordResumeSettings)
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """transformers' length-grouped sampler, drawing each epoch's order from seed + epoch. Left alone it draws from
+    the global RNG as an epoch starts, which a resumed run has not restored by then: the resumed epoch read another
+    order than the interrupted one, and skipped the wrong batches. (The random strategy's sampler is accelerate's
+    seeded one already.)"""
+
+    def __init__(self, sampler: LengthGroupedSampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer's data loader calls it at each epoch's start
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class StageSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        return EpochSeededSampler(sampler, self.args.seed) if isinstance(sampler, LengthGroupedSampler) else sampler
+
+
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
     """The newest Trainer checkpoint whose trainer_state.json parses. The Trainer writes that file last, but
     not atomically: a run killed while saving leaves a checkpoint without it, or with it empty or cut short.
     The main process deletes such a checkpoint, since the Trainer's rotation would count it as the newest and
     delete finished ones in its place."""
-    def finished(path: Path) -> bool:
+    def saved(path: Path) -> bool:
         try:
             return isinstance(json.loads((path / "trainer_state.json").read_text()).get("global_step"), int)
         except (OSError, ValueError, AttributeError):
             return False
 
     found = list_checkpoints(checkpoints_dir)
+    # our settings record comes after the Trainer's state: where the run writes it, a checkpoint without it was
+    # cut short too (and would resume unchecked). Checkpoints from before the record existed have none.
+    recorded = any((p / RESUME_SETTINGS_FILE).is_file() for p in found)
+
+    def finished(path: Path) -> bool:
+        return saved(path) and (not recorded or (path / RESUME_SETTINGS_FILE).is_file())
+
     done = [p for p in found if finished(p)]
     if is_main_process:
         for unfinished in set(found) - set(done):
@@ -179,9 +225,6 @@ class ProgressBar(ProgressCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
-
-
-RESUME_SETTINGS_FILE = "pipeline_resume_settings.json"
 
 
 class RecordResumeSettings(TrainerCallback):
@@ -265,12 +308,27 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
-    model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
+    # packing flattens a batch into one row: flash attention keeps each example to itself without a dense mask
+    packed_attention = "flash_attention_2" if cfg.packing and torch.cuda.is_available() \
+        and importlib.util.find_spec("flash_attn") is not None else None
+    model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer,
+                           attn_implementation=packed_attention)
     set_special_token_ids(model, tokenizer)
+    if cfg.lora.enabled and getattr(model, "pipeline_new_tokens", 0):
+        # adapters leave the new rows at their start, the role markers all but identical; and TRL's fused LM head
+        # reads the head's weight directly, past peft's trainable-token wrappers
+        raise ConfigError(f"key 'lora.enabled': {init} has no chat template, so its tokenizer got "
+                          f"{model.pipeline_new_tokens} chat/pad token(s) whose embeddings LoRA cannot train. "
+                          "Fine-tune it in full (lora.enabled=false), or start from a checkpoint whose tokenizer "
+                          "has a chat template")
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
     checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
-    settings = resume_settings(cfg, ("batch_size", "grad_accum", "seed", "max_length", "packing", "num_epochs"),
+    # the data each step reads; and what the restored optimizer and scheduler state would overrule without a word
+    # (the peak learning rate, weight decay) and the saved adapter config (lora.*). A new max_steps or warmup
+    # reshapes the schedule from where it is, as in the other stages.
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "seed", "max_length", "packing", "num_epochs",
+                                     "group_by_length", "data", "learning_rate", "weight_decay", "lora"),
                                state.num_processes)
     if checkpoint is not None:
         record = Path(checkpoint) / RESUME_SETTINGS_FILE
@@ -286,10 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
     peft_config = cfg.lora.peft_config("CAUSAL_LM") if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
-    trainer = SFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
-                         processing_class=tokenizer, peft_config=peft_config,
-                         # gold first: its time is not training time
-                         callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
+    trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+                              processing_class=tokenizer, peft_config=peft_config,
+                              # gold first: its time is not training time
+                              callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
     nan_guard.scaler = trainer.accelerator.scaler
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
@@ -310,6 +368,14 @@ def main(argv: list[str] | None = None) -> None:
               + (f"; resuming from {checkpoint}" if checkpoint else ""))
         if cfg.resume and checkpoint is None:
             print(f"[sft] resume=true but no checkpoint in {paths.checkpoints}: starting from {init}")
+        attention = getattr(model.config, "_attn_implementation", None)
+        if cfg.packing and torch.cuda.is_available() and attention != "flash_attention_2":
+            # TRL flattens a packed batch into one row; only flash attention keeps each example's attention to
+            # itself without a dense batch-wide mask
+            print(f"[sft] warning: packing on a GPU with {attention} attention: each micro-batch is one row of "
+                  f"{cfg.batch_size} x {cfg.max_length} tokens under a dense block-diagonal mask, so attention "
+                  "costs grow with the whole batch. Install flash-attn (the model then loads with "
+                  "flash_attention_2), or set packing=false.")
 
     # ---- the baseline: the pretrained model, prompted exactly as the SFT model will be
     baseline = gold.run(trainer.model, 0, "baseline", log=checkpoint is None) \
@@ -334,6 +400,7 @@ def main(argv: list[str] | None = None) -> None:
         if state.is_main_process:
             (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: final/ holds safetensors only
             tokenizer.save_pretrained(staging)
+            copy_launch_records(staging, paths.launch_records)
             replace_dir(staging, paths.final)
     elif state.is_main_process:
         model = trainer.model
