@@ -30,6 +30,7 @@ import torch
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from pipeline.checkpoint import write_text_atomic  # noqa: E402
 from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, default_device,  # noqa: E402
                                describe_sampling, evaluate_checkpoint, family_counts, limit_count, load_policy,
                                load_run_config, markdown_table, run_ppo_settings, run_reward_model, run_world,
@@ -564,8 +565,9 @@ def main(argv: list[str] | None = None) -> Path:
               markdown_table(["stage", "measured", "verdict"], glance) if glance else "_No stage has finished._", ""]
     footer = [f"_Measured in {facts['report_seconds']:.0f}s._", ""]
     report_file = run / "report.md"
-    report_file.write_text("\n".join(header + sections + footer))
-    (out_dir / "report.json").write_text(json.dumps(facts, indent=1, default=str) + "\n")
+    # atomic: make takes an existing report.md for a finished one
+    write_text_atomic(out_dir / "report.json", json.dumps(facts, indent=1, default=str) + "\n")
+    write_text_atomic(report_file, "\n".join(header + sections + footer))
     log_to_wandb(cfg, out_dir, report_file, plots, facts, results)
     print(f"[report] {report_file}, plots in {out_dir} ({facts['report_seconds']:.0f}s)")
     return report_file

@@ -16,6 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO = REPO / "configs" / "micro"
+CPU_DDP_LAUNCH = ["--config_file", str(REPO / "configs" / "accelerate" / "cpu_ddp.yaml")]  # with ACCELERATE_USE_CPU=1
 
 # tests never talk to W&B unless a test opts in (the W&B test sets WANDB_MODE=offline itself)
 os.environ.setdefault("WANDB_MODE", "disabled")
@@ -60,10 +61,11 @@ def run_in_own_group(command: list[str], env: dict, timeout: float) -> subproces
 
 
 def launch_two_ranks(module: str, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m module args` as two DDP ranks on the CPU (gloo), as the README shows, W&B off."""
+    """`python -m module args` as two DDP ranks on the CPU (gloo), as the README shows, W&B off. With its own
+    config file: not the machine's default accelerate config (a GPU box's mixed_precision: fp16 would apply)."""
     import sys
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *CPU_DDP_LAUNCH,
                "--main_process_port", str(free_port()), "-m", module, *args]
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_CPU": "1"}

@@ -603,13 +603,13 @@ def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     import re
     import sys
 
-    from conftest import free_port, run_in_own_group
+    from conftest import CPU_DDP_LAUNCH, free_port, run_in_own_group
 
     script = tmp_path / "nan_on_rank_1.py"
     script.write_text(NAN_ON_RANK_1)
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    run = run_in_own_group([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                            "2", "--main_process_port", str(free_port()), str(script)], env, timeout=120)
+    run = run_in_own_group([sys.executable, "-m", "accelerate.commands.launch", *CPU_DDP_LAUNCH,
+                            "--main_process_port", str(free_port()), str(script)], env, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     stopped = re.findall(r"rank (\d) stopped: \[test\] gradient norm is nan at step 3 \(a non-finite loss on "
                          r"some micro-batch or rank\); stopping\. hint", run.stdout)
