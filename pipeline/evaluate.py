@@ -143,43 +143,48 @@ def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stag
 def checkpoint_label(cfg: StageConfig, path: Path) -> str:
     """A checkpoint directory's label, which names its output file: where it sits under runs/ ('ppo' for this
     run's ppo/final, 'exp2--ppo' for another run's, 'pretrain--step_00000480' for a training checkpoint), else
-    its own name. Two checkpoints never share a file unless they are one."""
-    resolved = path.resolve()
-    for base in (run_dir(cfg).resolve(), Path(cfg.runs_dir).resolve()):
-        if resolved.is_relative_to(base):
-            parts = [p for p in resolved.relative_to(base).parts if p not in ("final", "model", "checkpoints")]
-            if parts:
-                return "--".join(parts)
+    its own name (so two checkpoints outside runs/ with one name share a file: name it with --out)."""
+    # as given first (a run directory may be a link to elsewhere), then with links resolved
+    for place in (lambda p: Path(os.path.abspath(p)), lambda p: Path(p).resolve()):
+        where = place(path)
+        for base in (place(run_dir(cfg)), place(cfg.runs_dir)):
+            if where.is_relative_to(base):
+                parts = [p for p in where.relative_to(base).parts if p not in ("final", "model", "checkpoints")]
+                if parts:
+                    return "--".join(parts)
     return path.parent.name if path.name == "final" else path.name
 
 
 def sampling_label(sampling: SamplingConfig, default: SamplingConfig = EVAL_SAMPLING) -> str:
     """'' for the default sampling, else its settings that differ ('-temperature0.7-max_new_tokens8'): a sampled
     or cut-short look keeps its own file beside the default evaluation."""
-    return "".join(f"-{key}{value:g}" for key, value in dataclasses.asdict(sampling).items()
-                   if value != getattr(default, key))
+    return "".join(f"-{key}{format(value, '.12g') if isinstance(value, float) else value}"
+                   for key, value in dataclasses.asdict(sampling).items() if value != getattr(default, key))
 
 
 def run_ppo_settings(cfg: StageConfig) -> StageConfig:
     """The settings the run's PPO trained with (the resolved config of the launch that wrote ppo/final; before it
-    finished, of the latest launch): its RM, its rollout sampling and how it shaped rewards. `cfg` itself when
-    PPO has not started, or when `cfg` is no PPO config."""
+    finished, of the latest launch): its RM, its rollout sampling and how it shaped rewards. Before PPO has
+    started: `cfg` when it is the recipe's PPO config, else PPO's defaults."""
+    from stages.ppo.ppo import PPOStageConfig
+
     config_file = stage_paths(cfg, "ppo").of_final("config.yaml")
-    if not config_file.exists() or not hasattr(cfg, "missing_eos_penalty"):
-        return cfg
+    fallback = cfg if isinstance(cfg, PPOStageConfig) else \
+        PPOStageConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageConfig)})
+    if not config_file.exists():
+        return fallback
     try:
-        return load_config(type(cfg), config_file, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
+        return load_config(PPOStageConfig, config_file, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
     except ConfigError as e:  # written by another version of the stage: the recipe's settings stand in
-        print(f"note: {config_file} does not read as today's PPO config ({e}); using {cfg.run_name}'s recipe "
-              "settings instead", file=sys.stderr)
-        return cfg
+        print(f"note: {config_file} does not read as today's PPO config ({e}); using the recipe's settings instead",
+              file=sys.stderr)
+        return fallback
 
 
 def run_reward_model(cfg: StageConfig, ppo_settings: StageConfig | None = None) -> str:
     """The RM the run's PPO optimised: its `reward_model` (`ppo_settings`: run_ppo_settings(cfg), if read
     already), else runs/<run>/rm/final."""
-    settings = ppo_settings or run_ppo_settings(cfg)
-    return getattr(settings, "reward_model", "") or str(stage_paths(cfg, "rm").final)
+    return (ppo_settings or run_ppo_settings(cfg)).reward_model or str(stage_paths(cfg, "rm").final)
 
 
 def default_device() -> torch.device:
@@ -326,17 +331,17 @@ def main(argv: list[str] | None = None) -> dict:
     limited = 0 < args.limit < len(rows)
     rows = rows[:args.limit] if limited else rows
     device = default_device()
-    scorer, rm_path = None, None
+    scorer, rm_path, ppo_settings = None, None, run_ppo_settings(cfg)
     if args.rm:
         from reward_model.scoring import RewardScorer
 
-        rm_path = args.reward_model or run_reward_model(cfg)
+        rm_path = args.reward_model or run_reward_model(cfg, ppo_settings)
         scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
           flush=True)
     result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer,
-                                 reward=run_ppo_settings(cfg))
+                                 reward=ppo_settings)
 
     print(f"\nHeld-out evaluation of {label} ({path}) on {len(rows)} prompts\n")
     print(eval_tables(result))

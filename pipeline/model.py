@@ -136,14 +136,12 @@ def check_extra(spec: ModelSpec) -> None:
 
 def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:
     """Grow the embeddings of an outside model whose tokenizer was given our chat or pad tokens (load_tokenizer),
-    so those ids do not index past the table. The new rows start untrained; how many were added stays on the
-    model (`pipeline_new_tokens`), for LoRA cannot train them."""
+    so those ids do not index past the table. The new rows start untrained."""
     n_embeddings = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > n_embeddings:
         print(f"[{needed_by or 'model'}] {len(tokenizer) - n_embeddings} chat/pad token(s) added to the vocabulary "
               "(untrained embeddings)", file=sys.stderr)
         model.resize_token_embeddings(len(tokenizer))
-        model.pipeline_new_tokens = len(tokenizer) - n_embeddings
 
 
 def set_special_token_ids(model: Any, tokenizer: Any) -> None:
@@ -161,17 +159,13 @@ def set_special_token_ids(model: Any, tokenizer: Any) -> None:
 
 
 def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
-                   allowed_stages: tuple[str, ...] = POLICY_STAGES, tokenizer: Any = None,
-                   attn_implementation: str | None = None) -> torch.nn.Module:
+                   allowed_stages: tuple[str, ...] = POLICY_STAGES, tokenizer: Any = None) -> torch.nn.Module:
     """A policy checkpoint: a local stage output (checked for its stage) or any HF causal LM (path or hub id).
-    With `tokenizer`, the embeddings are grown to fit it (fit_embeddings). `attn_implementation`: None for
-    transformers' default."""
+    With `tokenizer`, the embeddings are grown to fit it (fit_embeddings)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with loading_from(path, needed_by):
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=WEIGHTS_DTYPE,
-                                                     **extra)
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=WEIGHTS_DTYPE)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer, needed_by)
     return model

@@ -63,6 +63,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
+# on a tokenizer load_tokenizer gave our role tokens: which (their embeddings start untrained)
+ADDED_ROLE_TOKENS = "pipeline_added_role_tokens"
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
                    turn_end_is_eos: bool = True) -> PreTrainedTokenizerFast:
     """Load an existing tokenizer (local path or hub id); give it our chat tokens and template if it lacks them.
@@ -76,6 +80,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
         if missing:
             # keep the special tokens it has (tool-call markers, ...): the default replaces the extra ones
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+            setattr(tokenizer, ADDED_ROLE_TOKENS, missing)
         if tokenizer.bos_token is None:
             tokenizer.add_special_tokens({"bos_token": BOS})
         if tokenizer.eos_token is None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
@@ -47,7 +47,8 @@ def wandb_mode() -> str:
         return "offline" if mode == "dryrun" else mode
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "online"
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or _saved_base_url() or "https://api.wandb.ai").hostname
+    # the netrc entry wandb writes and reads is the server's host with its port (localhost:8080)
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or _saved_base_url() or "https://api.wandb.ai").netloc
     netrc_file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     try:
         # an explicit path, as wandb reads it: Python's own lookup refuses a netrc others can read, wandb does not

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --data: read at most this many rows")
     parser.add_argument("--batch-size", type=at_least_one, default=None,
                         help="default: the config's eval_batch_size")
-    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>[-<split>]].json)")
+    parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>[-<name>][-<split>][-first<N>]].json)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
         world = run_world(cfg) if args.data.startswith("world:") else None
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
         source = args.data
-        name = f"-on-{file_part(Path(args.data).stem or args.data)}" + (
-            f"-{file_part(args.split)}" if args.split != "test" else "")
+        name = "".join([f"-on-{file_part(Path(args.data).stem or args.data)}",
+                        f"-{file_part(args.name)}" if args.name else "",
+                        f"-{file_part(args.split)}" if args.split != "test" else "",
+                        f"-first{args.max_rows}" if args.max_rows else ""])
         if all(row.get("gold_scores") for row in rows):  # world rankings: the judge names each pair's criterion
             add_gold_criteria(cfg, rows, world=run_world(cfg))
     else:

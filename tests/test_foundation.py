@@ -796,6 +796,13 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
     netrc_file.unlink()
     netrc_file.mkdir()  # unreadable as a file: offline, not a crash in every stage
     assert wandb_mode() == "offline"
+    # a local server: wandb keys its netrc entry by host and port
+    netrc_file.rmdir()
+    netrc_file.write_text("machine localhost\n  login user\n  password secret\n")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")
+    assert wandb_mode() == "offline"  # another tool's entry for the host alone
+    netrc_file.write_text("machine localhost:8080\n  login user\n  password secret\n")
+    assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "dryrun")

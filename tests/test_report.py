@@ -143,6 +143,10 @@ def test_eval_files_are_named_by_where_the_checkpoint_sits_and_how_it_sampled(tm
     step = runs / "tiny" / "pretrain" / "checkpoints" / "step_00000480" / "model"
     assert evaluate.checkpoint_label(cfg, step) == "pretrain--step_00000480"
     assert evaluate.checkpoint_label(cfg, tmp_path / "elsewhere" / "final") == "elsewhere"
+    (tmp_path / "elsewhere" / "ppo" / "final").mkdir(parents=True)
+    runs.mkdir()
+    (runs / "linked").symlink_to(tmp_path / "elsewhere")  # a run directory that is a link to another disk
+    assert evaluate.checkpoint_label(cfg, runs / "linked" / "ppo" / "final") == "linked--ppo"
     assert evaluate.sampling_label(EVAL_SAMPLING) == ""
     assert evaluate.sampling_label(SamplingConfig(max_new_tokens=8, temperature=0.7)) == \
         "-max_new_tokens8-temperature0.7"
@@ -218,6 +222,9 @@ def test_a_later_launch_that_has_not_finished_leaves_what_the_report_reads_of_fi
     cfg = evaluate.load_run_config(str(MICRO / "ppo.yaml"), [f"runs_dir={tmp_path}", "run_name=later"])
     settings = evaluate.run_ppo_settings(cfg)
     assert settings.missing_eos_penalty == trained["missing_eos_penalty"] != -7.0
+    # read the same through another stage's config (--config is any stage YAML of the run)
+    other = evaluate.load_run_config(str(MICRO / "sft.yaml"), [f"runs_dir={tmp_path}", "run_name=later"])
+    assert evaluate.run_ppo_settings(other) == settings
     assert settings.sampling.temperature == trained["sampling"]["temperature"] != 0.3
     assert evaluate.run_reward_model(cfg) == (trained["reward_model"] or str(later / "rm" / "final"))
     curve = report.read_metrics(stage_paths(cfg, "pretrain").of_final("metrics.jsonl"))

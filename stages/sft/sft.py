@@ -13,7 +13,6 @@ answer and to stop, never to imitate the user.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import time
@@ -39,7 +38,7 @@ from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
     world_lineage, write_resolved_config
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer
 from pipeline.tracking import Tracker, TrackerCallback, stop_if_not_finite
 
 
@@ -152,7 +151,8 @@ class StageSFTTrainer(SFTTrainer):
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
-    """The newest Trainer checkpoint whose trainer_state.json parses. The Trainer writes that file last, but
+    """The newest Trainer checkpoint whose trainer_state.json parses (and, where the run records them, with our
+    settings record beside it, written after). The Trainer writes that file last, but
     not atomically: a run killed while saving leaves a checkpoint without it, or with it empty or cut short.
     The main process deletes such a checkpoint, since the Trainer's rotation would count it as the newest and
     delete finished ones in its place."""
@@ -308,19 +308,15 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
-    # packing flattens a batch into one row: flash attention keeps each example to itself without a dense mask
-    packed_attention = "flash_attention_2" if cfg.packing and torch.cuda.is_available() \
-        and importlib.util.find_spec("flash_attn") is not None else None
-    model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer,
-                           attn_implementation=packed_attention)
+    model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
-    if cfg.lora.enabled and getattr(model, "pipeline_new_tokens", 0):
-        # adapters leave the new rows at their start, the role markers all but identical; and TRL's fused LM head
-        # reads the head's weight directly, past peft's trainable-token wrappers
-        raise ConfigError(f"key 'lora.enabled': {init} has no chat template, so its tokenizer got "
-                          f"{model.pipeline_new_tokens} chat/pad token(s) whose embeddings LoRA cannot train. "
-                          "Fine-tune it in full (lora.enabled=false), or start from a checkpoint whose tokenizer "
-                          "has a chat template")
+    if cfg.lora.enabled and getattr(tokenizer, ADDED_ROLE_TOKENS, None):
+        # adapters leave their embeddings at the untrained start, the role markers all but identical; and TRL's
+        # fused LM head reads the head's weight directly, past peft's trainable-token wrappers
+        raise ConfigError(f"key 'lora.enabled': {init} has no chat template, so its tokenizer got our role tokens "
+                          f"({', '.join(getattr(tokenizer, ADDED_ROLE_TOKENS))}), whose embeddings LoRA cannot "
+                          "train. Fine-tune it in full (lora.enabled=false), or start from a checkpoint whose "
+                          "tokenizer has a chat template")
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
     checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
@@ -368,14 +364,12 @@ def main(argv: list[str] | None = None) -> None:
               + (f"; resuming from {checkpoint}" if checkpoint else ""))
         if cfg.resume and checkpoint is None:
             print(f"[sft] resume=true but no checkpoint in {paths.checkpoints}: starting from {init}")
-        attention = getattr(model.config, "_attn_implementation", None)
-        if cfg.packing and torch.cuda.is_available() and attention != "flash_attention_2":
-            # TRL flattens a packed batch into one row; only flash attention keeps each example's attention to
-            # itself without a dense batch-wide mask
-            print(f"[sft] warning: packing on a GPU with {attention} attention: each micro-batch is one row of "
-                  f"{cfg.batch_size} x {cfg.max_length} tokens under a dense block-diagonal mask, so attention "
-                  "costs grow with the whole batch. Install flash-attn (the model then loads with "
-                  "flash_attention_2), or set packing=false.")
+        if cfg.packing and torch.cuda.is_available():
+            # TRL flattens a packed batch into one row; without flash attention a dense batch-wide mask keeps each
+            # example's attention to itself, at the cost of attending over the whole batch
+            print(f"[sft] note: packing flattens each micro-batch into one row of up to {cfg.batch_size} x "
+                  f"{cfg.max_length} tokens under a block-diagonal mask: attention then costs as for that whole "
+                  "row. With long max_length, packing=false (group_by_length=true against padding) may be faster.")
 
     # ---- the baseline: the pretrained model, prompted exactly as the SFT model will be
     baseline = gold.run(trainer.model, 0, "baseline", log=checkpoint is None) \
