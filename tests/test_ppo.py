@@ -181,12 +181,13 @@ def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_
     the reference left under the run's bf16 autocast, an unchanged policy showed a KL to itself."""
     from stages.ppo.ppo import main
 
-    main(ppo_args(tmp_path, "lora-ema", micro_sft, micro_rm, "max_steps=1", "critic_warmup_steps=1",
+    # step 1 trains the critic alone: its evaluation sees the policy unmoved
+    main(ppo_args(tmp_path, "lora-ema", micro_sft, micro_rm, "max_steps=2", "critic_warmup_steps=1",
                   "lora.enabled=true", "lora.rank=4", "ema_decay=0.5", "eval_every=1", "eval_prompts=6",
                   "precision=bf16",  # the run's autocast is what the bug came from, on any CPU
                   "sampling.max_new_tokens=2"))  # every reply is cut at the cap (checked below)
     evals = [r for r in metrics(tmp_path / "lora-ema" / "ppo") if "eval/kl_to_sft" in r]
-    assert len(evals) == 1 and evals[0]["eval/kl_to_sft"] == 0.0
+    assert [r["step"] for r in evals] == [1, 2] and evals[0]["eval/kl_to_sft"] == 0.0
     # the eval RM score is the reward PPO optimises: a reply cut at the cap scores missing_eos_penalty (-1), not
     # what the RM says of it read as a finished turn
     assert evals[0]["eval/ppo_eos_rate"] == 0.0
@@ -251,7 +252,16 @@ def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_p
 
 @pytest.mark.parametrize("override, key", [("sampling.top_k=20", "sampling.top_k"),
                                            ("sampling.top_p=0.9", "sampling.top_p"),
-                                           ("precision=fp16", "precision")])
+                                           ("precision=fp16", "precision"),
+                                           # the policy would never train: ppo/final the SFT model unchanged
+                                           ("critic_warmup_steps=100", "critic_warmup_steps"),
+                                           ("init_kl_coef=-0.1", "init_kl_coef"),
+                                           # the adaptive controller scales beta: from 0 it stays 0, no KL leash
+                                           ("init_kl_coef=0", "init_kl_coef"),
+                                           ("kl_horizon=0", "kl_horizon"),  # a ValueError traceback at start-up
+                                           ("grad_clip=0", "grad_clip"),  # every gradient zeroed
+                                           ("ema_decay=1", "ema_decay"),
+                                           ("lam=1.5", "lam")])
 def test_settings_ppo_cannot_honour_are_refused_by_key(micro_sft, micro_rm, tmp_path, override, key):
     from stages.ppo.ppo import main
 
@@ -299,6 +309,12 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
         == ["step_00000002"]
     killed = {r["step"]: r for r in metrics(stage) if "objective/kl" in r}
 
+    if options:  # the saved adapter and EMA would otherwise decide without a word, or fail with a traceback
+        for changed, key in (("lora.enabled=false", "lora.enabled"), ("ema_decay=0", "ema_decay")):
+            refused = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3",
+                                      changed], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+            assert refused.returncode == 1 and f"error: key '{key}': cannot resume from" in refused.stderr, \
+                refused.stderr[-2000:]
     second = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3"], cwd=REPO,
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -159,6 +159,27 @@ class PPOStageConfig(StageConfig):
                              f"(use temperature to sharpen), got {self.sampling.top_k} and {self.sampling.top_p}")
         if self.precision == "fp16":
             raise FieldError("precision", FP16_UNSUPPORTED)
+        if not 0 <= self.critic_warmup_steps < self.max_steps:  # else the policy never trains
+            raise FieldError(("critic_warmup_steps", "max_steps"), f"warmup must be 0 or more and leave steps for the "
+                             f"policy, got {self.critic_warmup_steps} of {self.max_steps}")
+        if self.init_kl_coef < 0:
+            raise FieldError("init_kl_coef", f"must be 0 or more (a negative beta rewards leaving SFT), got "
+                                              f"{self.init_kl_coef}")
+        if self.kl_target is not None:
+            if self.kl_target <= 0 or self.kl_horizon <= 0:
+                raise FieldError(("kl_target", "kl_horizon"), f"must be > 0, got {self.kl_target} and "
+                                                               f"{self.kl_horizon}")
+            if self.init_kl_coef == 0:  # the controller scales beta: from 0 it never moves
+                raise FieldError(("init_kl_coef", "kl_target"), "the adaptive controller scales beta, which stays 0 "
+                                                                 "from 0: start it above 0, or set kl_target: null")
+        for key, value, lowest, highest in (("gamma", self.gamma, 0.0, 1.0), ("lam", self.lam, 0.0, 1.0)):
+            if not lowest <= value <= highest:
+                raise FieldError(key, f"must be in [{lowest}, {highest}], got {value}")
+        for key in ("grad_clip", "cliprange", "cliprange_value", "adam_eps"):
+            if getattr(self, key) <= 0:  # clipping at 0 would zero every gradient / update
+                raise FieldError(key, f"must be > 0, got {getattr(self, key)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise FieldError("ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
             raise FieldError(("rollout_batch_size", "minibatch_size", "grad_accum"),
                              f"each must divide the one before, got {self.rollout_batch_size}, "
@@ -197,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
     checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "ppo", accelerator.is_main_process)
+    if checkpoint is not None and (checkpoint / "model" / "adapter_config.json").is_file() != cfg.lora.enabled:
+        saved = "with LoRA adapters" if cfg.lora.enabled is False else "without LoRA"
+        raise ConfigError(f"key 'lora.enabled': cannot resume from {checkpoint}, saved {saved}; set lora.enabled "
+                          f"back to {not cfg.lora.enabled} to resume, or start over without resume=true")
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
@@ -240,10 +265,18 @@ def main(argv: list[str] | None = None) -> None:
 
         ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
     start_step = 0
+    # the prompts each step reads; and what the restored optimizers (eps) and saved adapter (lora.*) would
+    # overrule without a word
     settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
-                                     "critic_warmup_steps", "ptx_batch_size", "ptx_block_size"), n_ranks)
+                                     "critic_warmup_steps", "ptx_batch_size", "ptx_block_size", "prompts",
+                                     "max_prompt_tokens", "adam_eps", "lora"), n_ranks)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
+        if (ema is not None) != ("ema" in state):
+            raise ConfigError(f"key 'ema_decay': cannot resume from {checkpoint}, saved "
+                              f"{'with' if 'ema' in state else 'without'} an EMA of the policy (final/ would hold "
+                              f"{'the online policy' if 'ema' in state else 'an EMA of the resumed steps alone'}); "
+                              "set ema_decay back, or start over without resume=true")
         policy_opt.load_state_dict(state["policy_optimizer"])
         critic_opt.load_state_dict(state["critic_optimizer"])
         kl_ctl.load_state_dict(state["kl_controller"])
