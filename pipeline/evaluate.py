@@ -220,10 +220,11 @@ def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: Sam
         scores = scorer.score([s["prompt"] for s in result.samples], [s["response"] for s in result.samples],
                               batch_size=batch_size, normalize=True, max_length=getattr(reward, "rm_max_length", 0))
         if hasattr(reward, "missing_eos_penalty"):
-            from stages.ppo.ppo_math import shape_scores
+            from stages.ppo.ppo_math import answered, shape_scores
 
             ended = torch.tensor([s["ended"] for s in result.samples], device=scores.device)
-            scores = shape_scores(scores, ended, reward.missing_eos_penalty, reward.reward_clip)
+            finished = answered(ended, [s["response"] for s in result.samples])
+            scores = shape_scores(scores, finished, reward.missing_eos_penalty, reward.reward_clip)
         for sample, score in zip(result.samples, scores.tolist()):
             sample["rm_score"] = score
         result.summary["rm/score"] = scores.mean().item()

@@ -146,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             batch = encode_prompts(tokenizer, [prompt for _, prompt in chunk], accelerator.device)
             tokens = sample(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling,
                             tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-            sampled += [(i, text) for (i, _), text in zip(chunk, decode_responses(tokenizer, tokens))]
+            ended = (tokens == tokenizer.eos_token_id).any(-1).tolist()
+            sampled += [(i, text, end) for (i, _), text, end in zip(chunk, decode_responses(tokenizer, tokens), ended)]
             new_tokens += int((tokens != tokenizer.pad_token_id).sum())
             progress.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
     sample_seconds = time.perf_counter() - started
@@ -157,9 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     # ---- ranking: the annotator orders each prompt's distinct responses, best first. Every rank ranks (the
     # same seeded annotator, the same gathered samples), so a bad outcome stops all of them, not rank 0 alone
     annotator = Annotator(judge, cfg.world.annotator_temperature, seed=cfg.seed)
+    # a reply cut at max_new_tokens is left out: the RM reads every reply as a finished turn (the chat template
+    # closes it), so it would learn from an end-of-turn the policy never produced; PPO gives such replies
+    # missing_eos_penalty, never an RM score
     by_prompt: list[list[str]] = [[] for _ in rows]
-    for i, text in sampled:
-        by_prompt[i].append(text)
+    unfinished = 0
+    for i, text, ended in sampled:
+        if ended:
+            by_prompt[i].append(text)
+        else:
+            unfinished += 1
     ranked, skipped, duplicates, empty = {}, 0, 0, 0
     for i, row in enumerate(tqdm(rows, desc="prefs: ranking", disable=not accelerator.is_main_process)):
         responses, n_duplicates, n_empty = distinct_responses(by_prompt[i])
@@ -175,9 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     train_out = [ranked[i] for i in train_idx if i in ranked]
     eval_out = [ranked[i] for i in eval_idx if i in ranked]
     if not train_out or not eval_out:
-        raise DataError(str(init), f"after dropping duplicates, {len(train_out)} training and {len(eval_out)} "
-                                   f"held-out prompts have 2+ distinct sampled responses; sample with a higher "
-                                   f"sampling.temperature or a larger responses_per_prompt")
+        raise DataError(str(init), f"after dropping duplicates and replies cut at sampling.max_new_tokens, "
+                                   f"{len(train_out)} training and {len(eval_out)} held-out prompts have 2+ distinct "
+                                   f"finished responses; sample with a higher sampling.temperature, a larger "
+                                   f"responses_per_prompt or sampling.max_new_tokens")
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     summary = {"prefs/prompts": len(rows), "prefs/train_prompts": len(train_out) - n_static,
                "prefs/static_prompts": n_static, "prefs/eval_prompts": len(eval_out),
                "prefs/skipped_prompts": skipped, "prefs/duplicates_dropped": duplicates,
-               "prefs/empty_dropped": empty, "prefs/responses_per_prompt": len(gold) / len(collected),
+               "prefs/empty_dropped": empty, "prefs/unfinished_dropped": unfinished,
+               "prefs/responses_per_prompt": len(gold) / len(collected),
                "prefs/gold_score_mean": sum(gold) / len(gold),
                **({"prefs/annotator_gold_agreement": agree / decided} if decided else {}),
                "perf/tokens_per_sec": tokens_per_sec, "time/sampling_seconds": sample_seconds}
@@ -226,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[prefs] {len(train_out)} training rankings ({n_static} static) -> {paths.root / 'train.jsonl'}, "
           f"{len(eval_out)} held out -> {paths.root / 'eval.jsonl'}")
     print(f"[prefs] {summary['prefs/responses_per_prompt']:.2f} distinct responses per prompt "
-          f"({duplicates} duplicates and {empty} empty dropped, {skipped} prompts skipped with < 2 left); "
+          f"({duplicates} duplicates, {empty} empty and {unfinished} cut at max_new_tokens dropped, {skipped} "
+          f"prompts skipped with < 2 left); "
           f"mean gold score {summary['prefs/gold_score_mean']:.3f}; annotator agrees with gold on "
           f"{agree / max(decided, 1):.1%} of {decided} decided pairs; {tokens_per_sec:,.0f} tokens/s")
     tracker.finish()

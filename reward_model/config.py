@@ -37,7 +37,7 @@ class RewardModelConfig(StageConfig):
     """Prompts longer than this (in tokens, chat template included) are dropped, with a count. 0: those that
     leave no room for sampling.max_new_tokens within the policy's max_position_embeddings."""
     generation_batch_size: int = 64
-    """Sequences per sampling batch (K copies of each prompt travel together)."""
+    """Sequences per sampling batch (a prompt's K copies may span two batches)."""
     eval_fraction: float = 0.1
     """Fraction of prompts held out: their rankings go to prefs/eval.jsonl and are never trained on. Also
     used to split `train_data` when no `eval_data` is given."""
@@ -79,7 +79,9 @@ class RewardModelConfig(StageConfig):
     margin: float = 0.0
     """m in -log sigmoid(r_i - r_j - m) (Llama 2): asks for a gap, not just an order. 0: plain Bradley-Terry."""
     center_coef: float = 0.0
-    """Weight of the reward-centering term coef * mean(r^2) (Eisenstein et al. 2023): keeps scores near 0."""
+    """Weight of the reward-centering term coef * mean over prompts of (the prompt's mean score)^2 (Eisenstein et
+    al. 2023, per ranking): keeps each prompt's scores centred on 0 without shrinking their differences. At K = 2
+    it is their (r_chosen + r_rejected)^2 / 4: TRL's center_rewards_coefficient c is center_coef 4c."""
     lora: LoraSpec = field(default_factory=LoraSpec)
     """LoRA adapters instead of full fine-tuning (same fields as SFT's). The scalar head is always trained in
     full, and the adapters are merged into final/, which stays a plain checkpoint."""

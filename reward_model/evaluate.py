@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import write_text_atomic
+from pipeline.checkpoint import checkpoint_config, write_text_atomic
 from pipeline.config import load_config
 from pipeline.evaluate import at_least_one, check_output, default_device, load_run_config, resolve_checkpoint, \
     run_world
@@ -32,7 +32,8 @@ from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
 from reward_model.train import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
-                                headline_metrics, load_rankings, ranking_metrics, score_rankings, score_stats)
+                                headline_metrics, load_rankings, prefs_fingerprint, ranking_metrics, score_rankings,
+                                score_stats)
 
 
 def file_part(text: str) -> str:
@@ -50,6 +51,12 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     trained = load_config(RewardModelConfig, trained_config, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
     world = run_world(trained)
     _, rows, source = load_rankings(trained, world=world)
+    trained_on = (checkpoint_config(stage_paths(cfg, "rm").final) or {}).get("rm_prefs_fingerprint")
+    if trained.train_data is None and trained_on and trained_on != prefs_fingerprint(source):
+        raise DataError(str(Path(source) / "eval.jsonl"), f"collected again since {stage_paths(cfg, 'rm').final} "
+                                                           "trained: its held-out questions are others now, some "
+                                                           "of which the RM trained on. Train the RM again (make "
+                                                           "rm), or pass --data")
     add_gold_criteria(trained, rows, world=world)
     return rows, source
 
@@ -89,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
         world = run_world(cfg) if args.data.startswith("world:") else None
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
         source = args.data
-        name = "".join([f"-on-{file_part(Path(args.data).stem or args.data)}",
+        # the whole path or hub id: runs/a/prefs/eval.jsonl and runs/b/prefs/eval.jsonl are two files
+        name = "".join([f"-on-{file_part(re.sub(r'[.](jsonl|json|parquet|csv|txt)$', '', args.data)).strip('-')}",
                         f"-{file_part(args.name)}" if args.name else "",
                         f"-{file_part(args.split)}" if args.split != "test" else "",
                         f"-first{args.max_rows}" if args.max_rows else ""])

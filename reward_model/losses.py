@@ -67,8 +67,10 @@ def ranked_pairs_loss(
             ``ranks_mask`` is accepted as a keyword alias.
         margin: scalar, or ``[G]`` per-group margin ``m`` in
             ``-log sigmoid(s_i - s_j - m)`` (Llama 2 style; 0 = plain BT).
-        center_coef: weight of the reward-centering term
-            ``center_coef * mean_{valid} s^2`` (Eisenstein et al. 2023).
+        center_coef: weight of the reward-centering term ``center_coef * mean_g (mean_{valid i} s_gi)^2``:
+            each prompt's mean score is pulled to 0, its responses' differences are left alone (Eisenstein
+            et al. 2023's ``(r_chosen + r_rejected)^2``, per group; at K = 2 it is that over 4, so TRL's
+            ``center_rewards_coefficient`` c is ``center_coef`` 4c).
         ratings: optional ``[G, K]`` labeler ratings (non-increasing along K); a pair the
             labeler rated alike is a tie and is left out of the loss and the stats.
 
@@ -82,7 +84,7 @@ def ranked_pairs_loss(
         ``(loss, stats)``; stats are detached 0-d tensors pooled over all
         valid pairs: ``accuracy`` (fraction with ``s_i > s_j``),
         ``margin_mean`` (mean ``s_i - s_j``), ``num_pairs``, and
-        ``center_loss`` (mean ``s^2`` over valid responses, unweighted).
+        ``center_loss`` (the centering term, unweighted).
     """
     if ranks_mask is not None:
         if valid is not None:
@@ -106,8 +108,9 @@ def ranked_pairs_loss(
     has_pairs = n_pairs > 0
     loss = torch.where(has_pairs, group_loss, zero).sum() / has_pairs.sum().clamp(min=1)
 
-    n_valid = valid.sum().clamp(min=1)
-    center = (s**2).sum() / n_valid  # padding entries are 0 in s
+    group_mean = s.sum(dim=1) / valid.sum(dim=1).clamp(min=1)  # padding entries are 0 in s
+    has_responses = valid.any(dim=1)
+    center = torch.where(has_responses, group_mean**2, zero).sum() / has_responses.sum().clamp(min=1)
     if center_coef:
         loss = loss + center_coef * center
 

@@ -38,8 +38,8 @@ from pipeline.checkpoint import (load_training_state, parameter_fingerprint, res
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
-    init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, \
-    world_lineage, write_resolved_config
+    file_fingerprint, init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
+    world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import question_of, split_indices
@@ -85,6 +85,12 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
                                         "question" if cfg.train_data.path.startswith("world:") else "prompt",
                                         " (or set eval_data)")
     return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
+
+
+def prefs_fingerprint(prefs: str | Path) -> str:
+    """Which collection of rankings (prefs/train.jsonl and eval.jsonl) an RM trained on: a new collection (another
+    seed or split) holds out other questions, some of which the RM trained on."""
+    return file_fingerprint(Path(prefs) / "train.jsonl", Path(prefs) / "eval.jsonl")
 
 
 def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device | str = "cpu",
@@ -501,7 +507,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.lora.enabled:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
-                   rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records)
+                   rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records,
+                   rm_prefs_fingerprint=prefs_fingerprint(source) if cfg.train_data is None else None)
         result = headline_metrics(metrics)
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")

@@ -512,6 +512,17 @@ def test_response_mask_multiple_eos_and_pad_equals_eos():
     assert has_eos.tolist() == [True, False]
 
 
+def test_an_empty_reply_is_no_answer_either():
+    """The RM never sees an empty turn (collection keeps answers only): its score would be a guess to exploit."""
+    from stages.ppo.ppo_math import answered
+
+    has_eos = torch.tensor([True, True, False, True])
+    assert answered(has_eos, ["Five.", "", "Fi", "  "]).tolist() == [True, False, False, False]
+    scores = torch.tensor([0.5, 3.0, 2.0, 4.0])
+    shaped = shape_scores(scores, answered(has_eos, ["Five.", "", "Fi", "  "]), -1.0, 5.0)
+    assert shaped.tolist() == [0.5, -1.0, -1.0, -1.0]
+
+
 def test_shape_scores_penalises_missing_eos_then_clips():
     scores = t([0.5, 7.0, -2.0, -9.0])
     has_eos = torch.tensor([True, True, False, True])

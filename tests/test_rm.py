@@ -56,7 +56,11 @@ def test_collected_prefs_are_ranked_distinct_responses_with_gold_scores(micro_pr
         assert row["gold_scores"] == [judge.score(row["prompt"], r).score for r in responses]
         for a, b in itertools.combinations(row["gold_scores"], 2):
             agree, disagree = agree + (a > b), disagree + (a < b)
-    assert sum(len(r["responses"]) == 4 for r in train_rows) >= len(train_rows) / 2  # most keep all K
+    # every sample is a ranked response or counted as dropped (duplicate, empty, cut at max_new_tokens); a prompt
+    # skipped with one response left is the only loss uncounted
+    kept = sum(len(r["responses"]) for r in train_rows + eval_rows)
+    dropped = sum(summary[f"prefs/{k}_dropped"] for k in ("duplicates", "empty", "unfinished"))
+    assert 40 * 4 - summary["prefs/skipped_prompts"] <= kept + dropped <= 40 * 4
     assert agree > disagree  # best first: the (noisy) annotator mostly agrees with gold
 
 
@@ -192,6 +196,25 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
     assert set(by_criterion) <= {"correctness", "on_task", "tone", "concision", "format"}
     for entry in by_criterion.values():  # collected rows carry their family: each criterion's pairs split by it
         assert sum(f["pairs"] for f in entry["by_family"].values()) == entry["pairs"]
+
+
+def test_eval_rm_refuses_preferences_collected_again_since_the_rm_trained(micro_rm, micro_runs, tmp_path):
+    """Another collection holds out other questions, some of which the RM trained on: its figures looked better."""
+    import shutil
+
+    from reward_model import evaluate
+
+    again = tmp_path / "again"
+    again.mkdir()
+    for part in ("world", "sft", "rm"):
+        (again / part).symlink_to(micro_runs / "micro" / part)
+    shutil.copytree(micro_runs / "micro" / "prefs", again / "prefs")
+    run = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=again"]
+    assert evaluate.main(run)["rankings"] > 1  # as collected: the RM's own held-out rankings
+    held_out = (again / "prefs" / "eval.jsonl").read_text().splitlines()
+    (again / "prefs" / "eval.jsonl").write_text("\n".join(held_out[1:]) + "\n")  # as if collected again
+    with pytest.raises(DataError, match=r"prefs/eval\.jsonl: collected again since .*rm/final trained"):
+        evaluate.main(run)
 
 
 def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(micro_rm, micro_runs, tmp_path, capsys):

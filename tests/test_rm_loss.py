@@ -130,18 +130,25 @@ def test_center_term():
     valid = torch.tensor([[True, True, True], [True, True, False]])
     base, _ = ranked_pairs_loss(scores, valid)
     loss, stats = ranked_pairs_loss(scores, valid, center_coef=0.01)
-    mean_sq = (4.0 + 0.0 + 1.0 + 1.0 + 1.0) / 5  # the padded 100 is excluded
-    assert abs(float(loss) - (float(base) + 0.01 * mean_sq)) < 1e-12
-    assert abs(float(stats["center_loss"]) - mean_sq) < 1e-12
-    # gradient of the centering term alone: 2 * coef * s / n_valid
+    # each prompt's mean score, squared, averaged over prompts; the padded 100 is excluded
+    centering = ((2.0 + 0.0 + 1.0) / 3) ** 2 / 2 + ((1.0 - 1.0) / 2) ** 2 / 2
+    assert abs(float(loss) - (float(base) + 0.01 * centering)) < 1e-12
+    assert abs(float(stats["center_loss"]) - centering) < 1e-12
+    # at K = 2 it is Eisenstein et al.'s (r_chosen + r_rejected)^2, over 4 (TRL's center_rewards_coefficient)
+    pair = torch.tensor([[1.5, -0.5]], dtype=torch.float64)
+    _, pair_stats = ranked_pairs_loss(pair, center_coef=1.0)
+    assert abs(float(pair_stats["center_loss"]) - (1.5 - 0.5) ** 2 / 4) < 1e-12
+    # gradient: the pair's mean is pulled to 0, d/ds_i (mean s)^2 = 2 * mean / K; their difference is untouched
     s = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
     l_c, _ = ranked_pairs_loss(s, center_coef=1.0)
     l_0, _ = ranked_pairs_loss(s.detach().clone().requires_grad_(True), center_coef=0.0)
     l_c.backward()
     sig = 1 / (1 + math.exp(1.0))  # d/dd [-log sigmoid(d)] = -sigmoid(-d)
-    assert abs(float(s.grad[0, 0]) - (-sig + 2 * 1.0 / 2)) < 1e-12
-    assert abs(float(s.grad[0, 1]) - (sig + 0.0)) < 1e-12
+    assert abs(float(s.grad[0, 0]) - (-sig + 2 * 0.5 / 2)) < 1e-12
+    assert abs(float(s.grad[0, 1]) - (sig + 2 * 0.5 / 2)) < 1e-12
     assert float(l_c.detach()) > float(l_0.detach())
+    shifted, _ = ranked_pairs_loss(torch.tensor([[0.5, -0.5]], dtype=torch.float64), center_coef=1.0)
+    assert abs(float(shifted) - nls(1.0)) < 1e-12  # centred already: the term adds nothing
 
 
 def test_accuracy_counts_ties_as_wrong():

@@ -110,7 +110,8 @@ def step_split_rows(sft: Path, rm: Path, runs: Path, note: str, quick: bool) -> 
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "stages.ppo", "--config", str(TINY / "ppo.yaml"),
                           f"runs_dir={runs}", "run_name=bench", f"init_from={sft}", f"reward_model={rm}",
-                          f"max_steps={steps}", "eval_prompts=0", "checkpoint_every=100000"],
+                          # every step a full PPO step: the recipe's critic-only warmup steps would dilute the split
+                          f"max_steps={steps}", "critic_warmup_steps=0", "eval_prompts=0", "checkpoint_every=100000"],
                          cwd=REPO, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise RuntimeError(f"PPO bench run failed:\n{run.stderr[-2000:]}")

@@ -5,8 +5,8 @@
 
 Each step, every rank samples replies to its own prompts with the KV cache; one forward pass each gives the
 policy's log-probs (of temperature-scaled logits), the SFT reference's log-probs and the critic's values, and the
-frozen RM scores each conversation. The reward is the normalised RM score (a constant if the reply never ended,
-then clipped) at the last token, minus beta * KL on every token. GAE gives advantages, whitened over all ranks;
+frozen RM scores each conversation. The reward is the normalised RM score (a constant if the reply never ended or
+is empty, then clipped) at the last token, minus beta * KL on every token. GAE gives advantages, whitened over all ranks;
 then several epochs of clipped policy and value updates on shuffled minibatches. The model passes are in
 passes.py, the maths in ppo_math.py; the details follow Ouyang et al. 2022 and Huang et al. 2024 ("N+").
 
@@ -53,8 +53,8 @@ from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.passes import TokenCritic, ppo_loss, rollout, trim_padding
-from stages.ppo.ppo_math import compute_rewards, explained_variance, gae, kl_controller, masked_mean, masked_sum, \
-    masked_whiten, shape_scores
+from stages.ppo.ppo_math import answered, compute_rewards, explained_variance, gae, kl_controller, masked_mean, \
+    masked_sum, masked_whiten, shape_scores
 
 
 FP16_UNSUPPORTED = ("PPO cannot run in fp16 (the policy and the critic have two optimizers, and "
@@ -116,7 +116,8 @@ class PPOStageConfig(StageConfig):
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL in the reward: k1 = log p - log p_ref (InstructGPT), or k3 (non-negative)."""
     missing_eos_penalty: float | None = -1.0
-    """Normalised score given instead of the RM's to a reply that hit the length cap without EOS (N+); null: off."""
+    """Normalised score given instead of the RM's to a reply that hit the length cap without EOS (N+), or that
+    is empty (an answer the RM never saw); null: off."""
     reward_clip: float = 5.0
     """Clip normalised scores to [-reward_clip, reward_clip]."""
     critic_warmup_steps: int = 0
@@ -376,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         gold = torch.tensor([judge.score(p, r).score for p, r in zip(prompts, replies)], device=device)
 
         # rewards: shaped score at the last token minus beta * KL on every token; GAE; global whitening
-        score = shape_scores(rm_score, data["has_eos"], cfg.missing_eos_penalty, cfg.reward_clip)
+        score = shape_scores(rm_score, answered(data["has_eos"], replies), cfg.missing_eos_penalty, cfg.reward_clip)
         beta = kl_ctl.value
         rewards, kl = compute_rewards(score, data["logprobs"], data["ref_logprobs"], mask, beta, cfg.kl_estimator)
         rlhf_reward = rewards.sum(1)  # score - beta * KL, per reply

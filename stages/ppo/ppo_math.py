@@ -188,6 +188,14 @@ def kl_penalty_per_token(logprobs: Tensor, ref_logprobs: Tensor, estimator: str 
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of 'k1', 'k2', 'k3'")
 
 
+def answered(has_eos: Tensor, replies: list[str]) -> Tensor:
+    """Replies the RM may score: ended with EOS and say something. An empty turn is no answer either; the RM
+    never learns what one is worth (collection keeps only answers), so its score would be anyone's guess and a
+    policy could learn to stop at once. Both get ``missing_eos_penalty`` in ``shape_scores``."""
+    said = torch.tensor([bool(r.strip()) for r in replies], device=has_eos.device)
+    return _as_bool(has_eos) & said
+
+
 def shape_scores(
     scores: Tensor,
     has_eos: Tensor,
