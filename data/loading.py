@@ -583,15 +583,16 @@ def load_dataset_for(spec: DatasetSpec, schema: str,
     for part in parts:
         if remaining is not None and remaining <= 0:
             break
-        dataset = _load_part(part, SCHEMAS[schema], spec.columns, remaining)
+        dataset, read = _load_part(part, SCHEMAS[schema], spec.columns, remaining)
         loaded.append((part, dataset))
-        if remaining is not None:
-            remaining -= len(dataset)
+        if remaining is not None:  # rows read from the source (blank lines too), as streaming counts them
+            remaining -= read
     return _concatenate(loaded)
 
 
 def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
-               max_rows: int | None) -> datasets.Dataset:
+               max_rows: int | None) -> tuple[datasets.Dataset, int]:
+    """The part's rows as `schema`, and how many rows of the source that read (at most `max_rows`)."""
     raw = _read(part, streaming=False)
     if max_rows is not None and len(raw) > max_rows:
         raw = raw.select(range(max_rows))
@@ -615,7 +616,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
     if schema.name == "preferences" and len(normalised) < len(raw):
         print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
               "their replies are equal, one is empty, or their ratings are all equal")
-    return normalised
+    return normalised, len(raw)
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,
@@ -710,11 +711,12 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     optional = tuple(c for c in schema.optional if mapped_first.get(c) is not None or c == "ratings")
 
     def generate() -> Iterator[dict[str, Any]]:
-        produced = 0
+        produced = read = 0
         for part, stream in streams:
             for number, row in enumerate(_guarded(part, stream), start=1):
-                if spec.max_rows is not None and produced >= spec.max_rows:
+                if spec.max_rows is not None and read >= spec.max_rows:  # rows read, as when not streaming
                     return
+                read += 1
                 if part.skips_blank_lines and not (row.get("text") or "").strip():
                     continue
                 try:

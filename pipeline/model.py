@@ -210,8 +210,11 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def non_embedding_parameters(model: torch.nn.Module) -> int:
-    """Parameters that cost FLOPs per token (for MFU): all but the input embedding table."""
-    return count_parameters(model) - model.get_input_embeddings().weight.numel()
+    """Parameters that cost FLOPs per token (for MFU): all but the input embedding table, a lookup. A table tied
+    to the LM head is counted once, and the head's matmul costs: then nothing is left out."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embeddings.weight
+    return count_parameters(model) - (0 if tied else embeddings.weight.numel())
 
 
 @contextlib.contextmanager

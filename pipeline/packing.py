@@ -44,8 +44,10 @@ class PackedCorpus:
         n_val = max(1, int(len(order) * val_fraction)) if len(order) > 1 else 0
         val_idx, train_idx = order[:n_val], order[n_val:]
         all_texts = texts["text"]
-        self.val_docs = [all_texts[i] for i in val_idx]
-        train_ids = self._pack([all_texts[i] for i in train_idx])
+        train_docs = [all_texts[i] for i in train_idx]
+        seen = set(train_docs)  # a corpus may repeat a document: a copy in validation would measure memory
+        self.val_docs = [all_texts[i] for i in val_idx if all_texts[i] not in seen]
+        train_ids = self._pack(train_docs)
         val_ids = self._pack(self.val_docs)
         self.train = self._blocks(train_ids)
         self.val = self._blocks(val_ids)[:val_blocks]
@@ -68,7 +70,9 @@ class PackedCorpus:
         ids: list[int] = []
         eos = self.tokenizer.eos_token_id
         for start in range(0, len(docs), 1000):
-            for row in self.tokenizer(docs[start:start + 1000], add_special_tokens=False)["input_ids"]:
+            # split_special_tokens: a document quoting "<|end|>" or "</s>" is text, not a document boundary
+            for row in self.tokenizer(docs[start:start + 1000], add_special_tokens=False,
+                                      split_special_tokens=True)["input_ids"]:
                 ids.extend(row)
                 ids.append(eos)
         return torch.tensor(ids, dtype=torch.long)
@@ -80,7 +84,7 @@ class PackedCorpus:
     def _stream_blocks(self, texts: Any) -> Iterator[torch.Tensor]:
         buffer: list[int] = []
         for row in texts:
-            buffer.extend(self.tokenizer(row["text"], add_special_tokens=False)["input_ids"])
+            buffer.extend(self.tokenizer(row["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"])
             buffer.append(self.tokenizer.eos_token_id)
             while len(buffer) >= self.block_size:
                 yield torch.tensor(buffer[: self.block_size], dtype=torch.long)

@@ -318,6 +318,17 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
     assert_data_error(error, wrong_type, row=1, column="rejected")
 
 
+def test_max_rows_counts_the_rows_read_alike_in_memory_and_streaming(tmp_path):
+    """In memory the cap counted raw lines of one file but kept rows of the next; streaming counted kept rows."""
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a1\n\n\n\na2\na3\n")
+    (folder / "b.txt").write_text("b1\nb2\nb3\nb4\n")
+    in_memory = [r["text"] for r in load(folder, "text", max_rows=6)]
+    streamed = [r["text"] for r in load(folder, "text", max_rows=6, streaming=True)]
+    assert in_memory == streamed == ["a1", "a2", "a3"]
+
+
 def test_an_hh_transcript_prompt_trains_sft_on_the_turns_every_stage_prompts_with(tmp_path):
     """A prompt + completion row whose prompt is an hh-rlhf transcript became one user turn quoting it, while
     evaluation and PPO prompt the model with its turns."""

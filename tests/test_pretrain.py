@@ -266,7 +266,9 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
     run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "checkpoint_every=2", "eval_every=100",
               run_name="spec")
     shutil.rmtree(tmp_path / "spec" / "pretrain" / "final")
-    for override, saved, now in (("model.num_hidden_layers=3", 2, 3), ("batch_size=8", 16, 8)):
+    # the split decides which documents train: a new val_fraction moved trained-on documents into validation
+    for override, saved, now in (("model.num_hidden_layers=3", 2, 3), ("batch_size=8", 16, 8),
+                                 ("val_fraction=0.1", 0.02, 0.1)):
         key = override.split("=")[0]
         with pytest.raises(ConfigError, match=rf"cannot resume from .*step_00000002: key '{key}' was {saved} there, "
                                               rf"{now} now"):
@@ -290,6 +292,52 @@ def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_r
         run_stage(main, "pretrain.yaml", tmp_path, "init_from=runs/x/fnal", "max_steps=2")
     with pytest.raises(ConfigError, match=r"key 'init_from': .* both name pretraining's starting checkpoint"):
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["init_from=gpt2", "model.pretrained=gpt2-medium"])
+
+
+def test_validation_leaves_out_copies_of_training_documents_and_quoted_special_tokens_stay_text():
+    """The world's corpus repeats some documents: a held-out copy of a trained-on one measured memory. And a
+    document quoting "<|end|>" was cut in two there, the quote read as the end of a document."""
+    import datasets
+
+    from pipeline.packing import PackedCorpus
+    from pipeline.tokenizer import train_tokenizer
+
+    docs = [f"Doc {i} is about the number {i}." for i in range(40)] + ["The same story again."] * 20
+    tokenizer = train_tokenizer(docs, 300)
+    corpus = PackedCorpus(datasets.Dataset.from_dict({"text": docs}), tokenizer, block_size=8, val_fraction=0.5)
+    assert corpus.val_docs and "The same story again." not in corpus.val_docs  # 10 of its copies were held out
+    quoting = PackedCorpus(datasets.Dataset.from_dict({"text": ["He typed <|end|> twice."] * 4}), tokenizer,
+                           block_size=4, val_fraction=0.5)
+    packed = torch.cat([quoting.train.flatten(), quoting.val.flatten()]).tolist()
+    assert packed.count(tokenizer.eos_token_id) <= 4  # one per document, at its end; none for the quote
+
+
+def test_pretraining_settings_that_cannot_work_are_refused_by_key(tmp_path: Path):
+    from pipeline.config import ConfigError, load_config
+    from stages.pretrain.pretrain import PretrainConfig, main
+
+    for override, key in (("val_fraction=1.0", "val_fraction"), ("val_fraction=-0.1", "val_fraction"),
+                          ("val_blocks=0", "val_blocks"), ("block_size=1", "block_size")):
+        with pytest.raises(ConfigError, match=rf"key '{key}': must be"):
+            load_config(PretrainConfig, MICRO / "pretrain.yaml", [override])
+    # longer than the model's positions: a Llama trained past them without a word
+    with pytest.raises(ConfigError, match=r"key 'block_size': 64 tokens per sequence, but the model has 32 "
+                                          r"positions \(model.max_position_embeddings\)"):
+        run_stage(main, "pretrain.yaml", tmp_path, "block_size=64", "model.max_position_embeddings=32",
+                  "max_steps=2", run_name="long")
+
+
+def test_mfu_counts_a_tied_lm_head_matmul():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.model import count_parameters, non_embedding_parameters
+
+    config = dict(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=2)
+    tied = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=True))
+    untied = LlamaForCausalLM(LlamaConfig(**config, tie_word_embeddings=False))
+    assert non_embedding_parameters(tied) == count_parameters(tied)  # the one table is the head's matmul
+    assert non_embedding_parameters(untied) == count_parameters(untied) - 100 * 16  # the lookup table is free
 
 
 def test_a_corpus_too_small_to_validate_on_is_a_data_error_naming_it(tmp_path: Path):

@@ -31,7 +31,10 @@ class WorldConfig:
     """Number of SFT demonstrations in `sft_train.jsonl`."""
 
     sft_eval_examples: int = 300
-    """Number of held-out, always-clean SFT demonstrations in `sft_eval.jsonl` (for eval loss)."""
+    """Number of always-clean SFT demonstrations in `sft_eval.jsonl` (for SFT's eval loss): prompts none of the
+    training demos use, but questions other phrasings in the training data may ask, with the answers the corpus
+    states. The loss measures the chat format and the demonstrators' flaws; what the model generalises is
+    measured on `eval_prompts`, held out by question."""
 
     demo_noise: float = 0.3
     """Fraction of SFT training demos that are flawed (wrong, rude, rambling or missing the final period)."""

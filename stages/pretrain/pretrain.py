@@ -9,6 +9,7 @@ Resume is the same path as a fresh start; only where the weights, optimizer and 
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler, resume_settings,
                                  save_final, save_training_checkpoint, scaler_state)
-from pipeline.config import FieldError
+from pipeline.config import ConfigError, FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
@@ -55,9 +56,11 @@ class PretrainConfig(StageConfig):
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     grad_clip: float = 1.0
     val_fraction: float = 0.02
-    """Fraction of documents held out for validation (in-memory corpora)."""
+    """Fraction of documents held out for validation (in-memory corpora); a held-out document whose text the
+    training documents repeat is left out of validation."""
     val_blocks: int = 64
-    """Validation blocks per evaluation (held-out tail of a streamed corpus)."""
+    """Validation blocks per evaluation, at most: of the held-out documents, or (a streamed corpus) the head of
+    the stream, which training then skips."""
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 200
@@ -73,6 +76,12 @@ class PretrainConfig(StageConfig):
         super().__post_init__()
         if self.max_steps < 1:  # 0 steps would save the fresh model as pretrain/final/
             raise FieldError("max_steps", f"must be 1 or more, got {self.max_steps}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise FieldError("val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        if self.val_blocks < 1:
+            raise FieldError("val_blocks", f"must be 1 or more, got {self.val_blocks}")
+        if self.block_size < 2:  # a block predicts its tokens from the ones before: one token predicts nothing
+            raise FieldError("block_size", f"must be 2 or more, got {self.block_size}")
         if self.init_from:  # every stage's key for its starting checkpoint; pretraining's own is model.pretrained
             if self.model.pretrained and self.model.pretrained != self.init_from:
                 raise FieldError("init_from", f"{self.init_from} and model.pretrained ({self.model.pretrained}) both "
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(corpus.val) < accelerator.num_processes:  # each process evaluates its share of the validation blocks
         raise DataError(cfg.data.path, f"{len(corpus.val)} validation block(s) of block_size={cfg.block_size} tokens "
                                        f"for {accelerator.num_processes} process(es), which need one each; add text, "
-                                       f"raise val_fraction or lower block_size")
+                                       f"raise val_fraction or val_blocks, or lower block_size")
 
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -128,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
     set_special_token_ids(model, tokenizer)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.block_size > positions:  # a Llama would train past them without a word, a GPT-2 crash
+        raise ConfigError(f"key 'block_size': {cfg.block_size} tokens per sequence, but the model has "
+                          f"{positions} positions (model.max_position_embeddings); lower block_size or raise that")
     lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 
@@ -138,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     start_step = 0
-    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed", "model"),
-                               accelerator.num_processes)
+    # what each step reads (the corpus, and the split that decides which documents train) and the model
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed", "model", "data",
+                                     "val_fraction", "val_blocks"), accelerator.num_processes)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])
@@ -191,8 +205,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- training loop
     flops_per_token = 6 * non_embedding_parameters(accelerator.unwrap_model(model))
-    throughput = Throughput()
     batches = corpus.train_batches(cfg.batch_size, cfg.grad_accum, start_step, accelerator)
+    # the first batch first: a streamed corpus resumed at step N reads the stream up to there, which is not training
+    batches = itertools.chain([next(batches)], batches)
+    throughput = Throughput()
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     desc="pretrain", disable=not accelerator.is_main_process)
     model.train()
