@@ -212,8 +212,8 @@ def evaluate_checkpoint(model, tokenizer, rows: list[dict], judge, sampling: Sam
 
     With a `scorer` (reward_model.scoring.RewardScorer) the summary gains `rm/score` and each sample its
     `rm_score`: normalised by the RM's mean and std over SFT samples, and scored as PPO's config `reward` rewards
-    (when it is one): a reply cut at the length cap gets its `missing_eos_penalty`, for the RM reads it as a
-    finished turn; then `reward_clip`.
+    (when it is one): a reply cut at the length cap, or empty, gets its `missing_eos_penalty` (the RM would read
+    the first as a finished turn, and never saw the second); then `reward_clip`.
     """
     result = evaluate_policy(model, tokenizer, rows, judge, sampling, batch_size=batch_size, seed=seed)
     if scorer is not None and result.samples:

@@ -37,6 +37,7 @@ class PackedCorpus:
             head = list(itertools.islice(self._stream_blocks(counted(texts)), val_blocks))
             self.val = torch.stack(head) if head else torch.empty(0, block_size, dtype=torch.long)
             self.val_docs: list[str] = []
+            self.val_dropped = 0
             self.train_tokens = -1  # unknown for a stream
             self.unigram_entropy = _unigram_entropy(self.val.flatten(), len(tokenizer))
             return
@@ -47,6 +48,7 @@ class PackedCorpus:
         train_docs = [all_texts[i] for i in train_idx]
         seen = set(train_docs)  # a corpus may repeat a document: a copy in validation would measure memory
         self.val_docs = [all_texts[i] for i in val_idx if all_texts[i] not in seen]
+        self.val_dropped = len(val_idx) - len(self.val_docs)
         train_ids = self._pack(train_docs)
         val_ids = self._pack(self.val_docs)
         self.train = self._blocks(train_ids)

@@ -560,7 +560,7 @@ def main(argv: list[str] | None = None) -> Path:
               f"({relative(world / 'eval_prompts.jsonl', run)}),",
               f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>` gives the same numbers.",
               "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term",
-              "(normalised; a reply cut at the length cap scores `missing_eos_penalty`).", "",
+              "(normalised; a reply cut at the length cap, or empty, scores `missing_eos_penalty`).", "",
               "## At a glance", "",
               markdown_table(["stage", "measured", "verdict"], glance) if glance else "_No stage has finished._", ""]
     footer = [f"_Measured in {facts['report_seconds']:.0f}s._", ""]

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     annotator = Annotator(judge, cfg.world.annotator_temperature, seed=cfg.seed)
     # a reply cut at max_new_tokens is left out: the RM reads every reply as a finished turn (the chat template
     # closes it), so it would learn from an end-of-turn the policy never produced; PPO gives such replies
-    # missing_eos_penalty, never an RM score
+    # missing_eos_penalty (N+; with it off, the RM's guess)
     by_prompt: list[list[str]] = [[] for _ in rows]
     unfinished = 0
     for i, text, ended in sampled:

@@ -32,7 +32,7 @@ from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
 from reward_model.train import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
-                                headline_metrics, load_rankings, prefs_fingerprint, ranking_metrics, score_rankings,
+                                headline_metrics, held_out_fingerprint, load_rankings, ranking_metrics, score_rankings,
                                 score_stats)
 
 
@@ -51,12 +51,12 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     trained = load_config(RewardModelConfig, trained_config, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
     world = run_world(trained)
     _, rows, source = load_rankings(trained, world=world)
-    trained_on = (checkpoint_config(stage_paths(cfg, "rm").final) or {}).get("rm_prefs_fingerprint")
-    if trained.train_data is None and trained_on and trained_on != prefs_fingerprint(source):
+    trained_on = (checkpoint_config(stage_paths(cfg, "rm").final) or {}).get("rm_held_out_prompts")
+    if trained.train_data is None and trained_on and trained_on != held_out_fingerprint(rows):
         raise DataError(str(Path(source) / "eval.jsonl"), f"collected again since {stage_paths(cfg, 'rm').final} "
-                                                           "trained: its held-out questions are others now, some "
-                                                           "of which the RM trained on. Train the RM again (make "
-                                                           "rm), or pass --data")
+                                                           "trained, holding out other prompts now, some of which "
+                                                           "the RM trained on. Train the RM again (make rm), or "
+                                                           "pass --data")
     add_gold_criteria(trained, rows, world=world)
     return rows, source
 

@@ -9,7 +9,8 @@ References
   (each prompt weighted equally) to avoid overfitting.
 * [Centering] Eisenstein et al. 2023, "Helping or Herding? Reward Model
   Ensembles Mitigate but do not Eliminate Reward Hacking": auxiliary
-  ``center_coef * r^2`` term pinning rewards near zero.
+  ``center_coef * (r_w + r_l)^2`` term pinning rewards near zero; here per
+  ranking, each prompt's mean score squared.
 * [Margin] Touvron et al. 2023 (Llama 2), sec. 3.2.2: ranking loss with a
   margin, ``-log sigmoid(r_w - r_l - m)``.
 """

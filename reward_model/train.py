@@ -17,6 +17,7 @@ agreement with gold and the annotator's noise ceiling.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -38,7 +39,7 @@ from pipeline.checkpoint import (load_training_state, parameter_fingerprint, res
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
-    file_fingerprint, init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
+    init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
@@ -87,10 +88,10 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
     return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
 
 
-def prefs_fingerprint(prefs: str | Path) -> str:
-    """Which collection of rankings (prefs/train.jsonl and eval.jsonl) an RM trained on: a new collection (another
-    seed or split) holds out other questions, some of which the RM trained on."""
-    return file_fingerprint(Path(prefs) / "train.jsonl", Path(prefs) / "eval.jsonl")
+def held_out_fingerprint(rows: list[dict]) -> str:
+    """Which prompts a collection held out (prefs/eval.jsonl): one collected with another seed or split holds out
+    others, some of which an RM trained on the first one learned from."""
+    return hashlib.sha256("\n".join(sorted(row["prompt"] for row in rows)).encode()).hexdigest()[:16]
 
 
 def collate(tokenizer, groups: list[dict], max_length: int, device: torch.device | str = "cpu",
@@ -508,7 +509,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
                    rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records,
-                   rm_prefs_fingerprint=prefs_fingerprint(source) if cfg.train_data is None else None)
+                   rm_held_out_prompts=held_out_fingerprint(eval_rows) if cfg.train_data is None else None)
         result = headline_metrics(metrics)
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")

@@ -306,10 +306,10 @@ def test_validation_leaves_out_copies_of_training_documents_and_quoted_special_t
     tokenizer = train_tokenizer(docs, 300)
     corpus = PackedCorpus(datasets.Dataset.from_dict({"text": docs}), tokenizer, block_size=8, val_fraction=0.5)
     assert corpus.val_docs and "The same story again." not in corpus.val_docs  # 10 of its copies were held out
-    quoting = PackedCorpus(datasets.Dataset.from_dict({"text": ["He typed <|end|> twice."] * 4}), tokenizer,
-                           block_size=4, val_fraction=0.5)
-    packed = torch.cat([quoting.train.flatten(), quoting.val.flatten()]).tolist()
-    assert packed.count(tokenizer.eos_token_id) <= 4  # one per document, at its end; none for the quote
+    assert corpus.val_dropped > 0 and len(corpus.val_docs) + corpus.val_dropped == 30  # half of 60 held out
+    packed = corpus._pack(["He typed <|end|> twice.", "And <|user|> once."]).tolist()
+    eos, user = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|user|>")
+    assert packed.count(eos) == 2 and packed[-1] == eos and user not in packed  # an EOS ends each, nothing else
 
 
 def test_pretraining_settings_that_cannot_work_are_refused_by_key(tmp_path: Path):

@@ -211,6 +211,10 @@ def test_eval_rm_refuses_preferences_collected_again_since_the_rm_trained(micro_
     shutil.copytree(micro_runs / "micro" / "prefs", again / "prefs")
     run = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=again"]
     assert evaluate.main(run)["rankings"] > 1  # as collected: the RM's own held-out rankings
+    # collected again with the same split (other samples of the same prompts): still the RM's held-out prompts
+    trained_rows = (again / "prefs" / "train.jsonl").read_text().splitlines()
+    (again / "prefs" / "train.jsonl").write_text("\n".join(trained_rows[1:]) + "\n")
+    assert evaluate.main(run)["rankings"] > 1
     held_out = (again / "prefs" / "eval.jsonl").read_text().splitlines()
     (again / "prefs" / "eval.jsonl").write_text("\n".join(held_out[1:]) + "\n")  # as if collected again
     with pytest.raises(DataError, match=r"prefs/eval\.jsonl: collected again since .*rm/final trained"):

@@ -192,7 +192,9 @@ def answered(has_eos: Tensor, replies: list[str]) -> Tensor:
     """Replies the RM may score: ended with EOS and say something. An empty turn is no answer either; the RM
     never learns what one is worth (collection keeps only answers), so its score would be anyone's guess and a
     policy could learn to stop at once. Both get ``missing_eos_penalty`` in ``shape_scores``."""
-    said = torch.tensor([bool(r.strip()) for r in replies], device=has_eos.device)
+    if len(replies) != has_eos.numel():
+        raise ValueError(f"{len(replies)} replies for {has_eos.numel()} EOS flags")
+    said = torch.tensor([bool(r.strip()) for r in replies], dtype=torch.bool, device=has_eos.device)
     return _as_bool(has_eos) & said
 
 

@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> None:
     corpus = PackedCorpus(texts, tokenizer, cfg.block_size, cfg.val_fraction, cfg.val_blocks, cfg.seed, cfg.data.path)
     if len(corpus.val) < accelerator.num_processes:  # each process evaluates its share of the validation blocks
         raise DataError(cfg.data.path, f"{len(corpus.val)} validation block(s) of block_size={cfg.block_size} tokens "
-                                       f"for {accelerator.num_processes} process(es), which need one each; add text, "
-                                       f"raise val_fraction or val_blocks, or lower block_size")
+                                       f"for {accelerator.num_processes} process(es), which need one each"
+                                       + (f" ({corpus.val_dropped} held-out document(s) left out as copies of "
+                                          "training ones)" if corpus.val_dropped else "")
+                                       + "; add text, raise val_fraction or val_blocks, or lower block_size")
 
     if checkpoint is not None:
         from transformers import AutoModelForCausalLM
@@ -151,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     start_step = 0
-    # what each step reads (the corpus, and the split that decides which documents train) and the model
-    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed", "model", "data",
-                                     "val_fraction", "val_blocks"), accelerator.num_processes)
+    # what each step reads (the corpus, and what decides which documents train: the held-out fraction of a corpus
+    # in memory, the held-out head of a stream) and the model
+    split = "val_blocks" if cfg.data.streaming else "val_fraction"
+    settings = resume_settings(cfg, ("batch_size", "grad_accum", "block_size", "seed", "model", "data", split),
+                               accelerator.num_processes)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])
@@ -207,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     flops_per_token = 6 * non_embedding_parameters(accelerator.unwrap_model(model))
     batches = corpus.train_batches(cfg.batch_size, cfg.grad_accum, start_step, accelerator)
     # the first batch first: a streamed corpus resumed at step N reads the stream up to there, which is not training
-    batches = itertools.chain([next(batches)], batches)
+    if start_step < cfg.max_steps:  # (a run resumed at its end trains nothing: no stream to re-read)
+        batches = itertools.chain([next(batches)], batches)
     throughput = Throughput()
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     desc="pretrain", disable=not accelerator.is_main_process)
