@@ -181,19 +181,11 @@ def world_fingerprints(world: Path, names: list[str]) -> dict[str, str]:
         if name == "annotator":
             config = WorldConfig.from_json((world / "world_config.json").read_text())
             return f"temperature {config.annotator_temperature}"
-        return file_fingerprint(world / ("world.json" if name == "world" else f"{name}.jsonl"))
+        file = world / ("world.json" if name == "world" else f"{name}.jsonl")
+        return hashlib.sha256(file.read_bytes()).hexdigest()[:16] if file.is_file() else "missing"
 
     return {name: fingerprint(name) for name in names}
 
-
-def file_fingerprint(*files: Path) -> str:
-    """A short sha256 of the files' bytes, one after another ("missing" if one is not there)."""
-    digest = hashlib.sha256()
-    for file in files:
-        if not Path(file).is_file():
-            return "missing"
-        digest.update(Path(file).read_bytes())
-    return digest.hexdigest()[:16]
 
 
 def world_lineage(stage: str, learned: dict[str, str] | None, *upstreams: str | Path) -> dict | None:

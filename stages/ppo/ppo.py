@@ -477,10 +477,6 @@ def main(argv: list[str] | None = None) -> None:
             tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"[ppo] final policy in {paths.final}" + (f"; evaluation in {paths.root}/eval.json" if result else ""))
         tracker.finish(paths.final)
-    # drop the DDP wrappers while the process group exists: a Reducer freed after destroy_process_group takes
-    # the last reference to the gloo group, whose destructor can then hang joining its threads (torch 2.13)
-    policy = critic = None
-    accelerator.free_memory()
     end_stage(accelerator)
 
 
