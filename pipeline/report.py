@@ -121,7 +121,8 @@ def measure_rm(cfg, scorer) -> dict:
     """Re-score the RM's held-out rankings (those `make eval-rm` scores): pairwise accuracy, gold agreement, noise
     ceiling, and the (normalised) scores of the preferred and the other response of every held-out pair."""
     from reward_model.evaluate import held_out_rankings
-    from reward_model.train import labeled_pairs, ranking_metrics, score_rankings
+    from reward_model.metrics import labeled_pairs, ranking_metrics
+    from reward_model.train import score_rankings
 
     held_out, source = held_out_rankings(cfg)
     scores = score_rankings(scorer.model, scorer.tokenizer, held_out, scorer.max_length, 64, scorer.device)
@@ -375,7 +376,7 @@ def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list
 
 
 def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None, run: Path) -> tuple[list, list]:
-    from reward_model.train import by_deciding_criterion, family_breakdown
+    from reward_model.metrics import by_deciding_criterion, family_breakdown
 
     if measured is None and error is None:
         return [NOT_RUN.format(what="rm/final", stage="rm")], []

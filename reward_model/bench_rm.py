@@ -37,7 +37,8 @@ from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, stage_paths
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from reward_model.config import RewardModelConfig
-from reward_model.train import collate, compute_loss, epoch_batches, load_rankings, ranking_metrics, score_rankings
+from reward_model.metrics import ranking_metrics
+from reward_model.train import collate, compute_loss, epoch_batches, load_rankings, score_rankings
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny"

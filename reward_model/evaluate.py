@@ -31,9 +31,9 @@ from pipeline.evaluate import at_least_one, check_output, default_device, load_r
 from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
-from reward_model.train import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
-                                headline_metrics, held_out_fingerprint, load_rankings, ranking_metrics, score_rankings,
-                                score_stats)
+from reward_model.metrics import (add_gold_criteria, best_and_rest, describe_accuracy, describe_by_criterion,
+                                   headline_metrics, ranking_metrics, score_stats)
+from reward_model.train import held_out_fingerprint, load_rankings, score_rankings
 
 
 def file_part(text: str) -> str:

@@ -21,6 +21,7 @@ from pipeline.evaluation import load_judge
 from pipeline.model import load_scalar_model
 from pipeline.tokenizer import load_tokenizer
 from reward_model import collect, train
+from reward_model import metrics as rm_metrics
 from reward_model.scoring import RewardScorer, conversation_text, encode_conversations, sequence_scores
 
 MICRO_RM = Path(__file__).resolve().parent.parent / "configs" / "micro" / "rm.yaml"
@@ -275,14 +276,14 @@ def test_ranking_metrics_by_deciding_criterion_by_hand():
     # a fact prompt where the RM puts the wrong answer first: its one pair is decided by correctness
     fact_row = {"prompt": "q", "responses": ["a", "c"], "gold_scores": [1.0, 0.6], "gold_criteria": [clean, wrong],
                 "family": "fact"}
-    metrics = train.ranking_metrics([[2.0, 0.0, 1.0], [0.0, 1.0]], [row, fact_row])
+    metrics = rm_metrics.ranking_metrics([[2.0, 0.0, 1.0], [0.0, 1.0]], [row, fact_row])
     # arithmetic pairs: (clean, filler) decided by concision, RM right; (clean, wrong) by correctness, right;
     # (filler, wrong) by correctness (0.4 vs 0.075 of weight), RM wrong
     assert metrics["gold_accuracy/concision"] == 1.0 and metrics["decided_pairs/concision"] == 1
     assert metrics["gold_accuracy/correctness"] == pytest.approx(1 / 3)
     assert metrics["decided_pairs/correctness"] == 3
     assert metrics["gold_accuracy"] == pytest.approx(2 / 4)
-    by_criterion = train.by_deciding_criterion(metrics)
+    by_criterion = rm_metrics.by_deciding_criterion(metrics)
     assert list(by_criterion) == ["correctness", "concision"]  # most pairs first
     assert by_criterion["correctness"]["by_family"] == {"arithmetic": {"gold_accuracy": 0.5, "pairs": 2},
                                                        "fact": {"gold_accuracy": 0.0, "pairs": 1}}
@@ -294,10 +295,10 @@ def test_ranking_metrics_report_gold_only_when_every_row_has_it():
     with_gold = {"prompt": "p", "responses": ["a", "b", "c"], "gold_scores": [1.0, 1.0, 0.5]}  # a gold tie
     without = {"prompt": "q", "responses": ["a", "b"]}  # e.g. a hand-added ranking
     scores = [[3.0, 2.0, 1.0], [0.0, 1.0]]
-    metrics = train.ranking_metrics(scores, [with_gold, without])
+    metrics = rm_metrics.ranking_metrics(scores, [with_gold, without])
     assert "noise_ceiling" not in metrics and "gold_accuracy" not in metrics
     assert metrics["accuracy"] == metrics["accuracy_all_pairs"] == pytest.approx(3 / 4)  # over every pair
-    gold_only = train.ranking_metrics(scores[:1], [with_gold])
+    gold_only = rm_metrics.ranking_metrics(scores[:1], [with_gold])
     assert gold_only["accuracy"] == 1.0 and gold_only["decided_pairs"] == 2
     assert gold_only["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)  # the tie is a coin flip
 
@@ -335,7 +336,7 @@ def test_an_rm_equal_to_gold_reaches_the_all_pairs_ceiling():
     """An RM tie counted as wrong while the ceiling counted a gold tie as a coin flip: an RM scoring exactly gold
     (two identical replies, say) fell short of the ceiling it matches."""
     row = {"prompt": "p", "responses": ["a", "b", "b"], "gold_scores": [1.0, 0.85, 0.85]}
-    metrics = train.ranking_metrics([[1.0, 0.85, 0.85]], [row])
+    metrics = rm_metrics.ranking_metrics([[1.0, 0.85, 0.85]], [row])
     assert metrics["accuracy_all_pairs"] == metrics["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)
     assert metrics["accuracy"] == metrics["noise_ceiling"] == 1.0
 
@@ -345,8 +346,8 @@ def test_reward_stats_count_each_distinct_reply_once():
     repeats over three rows must not count three times."""
     rows = [{"prompt": "Q?", "responses": ["Good.", f"Bad {k}."]} for k in range(3)]
     scores = [[3.0, 0.0], [3.0, 1.0], [3.0, 2.0]]
-    assert sorted(train.distinct_reply_scores(scores, rows)) == [0.0, 1.0, 2.0, 3.0]
-    stats = train.score_stats("reward", train.distinct_reply_scores(scores, rows))
+    assert sorted(rm_metrics.distinct_reply_scores(scores, rows)) == [0.0, 1.0, 2.0, 3.0]
+    stats = rm_metrics.score_stats("reward", rm_metrics.distinct_reply_scores(scores, rows))
     assert stats["reward_mean"] == pytest.approx(1.5)  # not 2.0, the mean over rows
 
 

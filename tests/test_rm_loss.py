@@ -172,7 +172,7 @@ def test_pairs_rated_alike_are_ties_left_out_of_the_loss():
 
 
 def test_held_out_metrics_skip_pairs_rated_alike():
-    from reward_model.train import ranking_metrics
+    from reward_model.metrics import ranking_metrics
 
     rows = [{"prompt": "p", "responses": ["a", "b", "c"], "ratings": [2.0, 1.0, 1.0]},
             {"prompt": "q", "responses": ["d", "e"]}]  # unrated: its order is strict
