@@ -271,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
                                      "critic_warmup_steps", "ptx_batch_size", "ptx_block_size", "prompts",
                                      "max_prompt_tokens", "adam_eps", "lora"), n_ranks)
+    # the prompt filter leaves room for the reply within the model's positions: another length keeps other prompts
+    settings["sampling.max_new_tokens"] = cfg.sampling.max_new_tokens
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         if (ema is not None) != ("ema" in state):
