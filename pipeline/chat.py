@@ -22,7 +22,7 @@ import torch
 from pipeline.checkpoint import DEFAULT_MAX_NEW_TOKENS
 from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
                                load_policy, load_run_config, resolve_checkpoint, sampling_from_args)
-from pipeline.generation import SamplingConfig, sample_steps
+from pipeline.generation import SamplingConfig, sample_steps, stop_token_ids
 from pipeline.runs import run_main
 
 CHAT_SAMPLING = SamplingConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.7, top_k=0, top_p=0.95)
@@ -31,16 +31,17 @@ CHAT_SAMPLING = SamplingConfig(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperatur
 HELP = "/reset starts a new conversation, /quit (or Ctrl-D) leaves."
 
 
-def stream_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, eos_token_id: int,
+def stream_tokens(model, input_ids: torch.Tensor, sampling: SamplingConfig, stops: list[int],
                   generator: torch.Generator | None = None) -> Iterator[int]:
-    """Sample one reply to a [1, T] prompt, yielding each token as soon as it is chosen (EOS included).
+    """Sample one reply to a [1, T] prompt, yielding each token as soon as it is chosen (the stop token included;
+    `stops`: stop_token_ids()).
 
     The same loop as batched generation (pipeline.generation.sample_steps), so a greedy reply equals make eval's.
     """
-    for token in sample_steps(model, input_ids, torch.ones_like(input_ids), sampling, eos_token_id, eos_token_id,
+    for token in sample_steps(model, input_ids, torch.ones_like(input_ids), sampling, stops, stops[0],
                               generator):
         yield int(token[0])
-        if int(token[0]) == eos_token_id:
+        if int(token[0]) in stops:
             return
 
 
@@ -94,7 +95,7 @@ class Conversation:
         try:
             for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
                     budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
-                    self.tokenizer.eos_token_id, self.generator):
+                    stop_token_ids(self.model, self.tokenizer), self.generator):
                 tokens.append(token)
                 text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
                 if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest

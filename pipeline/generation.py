@@ -1,12 +1,13 @@
 """Batched sampling with the KV cache: one code path for evaluation, preference collection and PPO rollouts.
 
-Prompts are left-padded so every row's next token sits in the last column. Sampling stops at EOS (our
-end-of-turn token) per row, and the loop ends when every row has stopped or the length cap is hit.
+Prompts are left-padded so every row's next token sits in the last column. Sampling stops per row at a stop
+token (our end-of-turn token, and any other the model's generation config lists, as plain `generate` does), and
+the loop ends when every row has stopped or the length cap is hit.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -51,11 +52,25 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a reply: the tokenizer's EOS (our end-of-turn token) first, then any other the model's
+    generation config lists (a hub model's <|endoftext|> beside <|im_end|>), where plain `generate` stops too."""
+    config = getattr(getattr(model, "module", model), "generation_config", None)  # under DDP: the wrapped model
+    listed = getattr(config, "eos_token_id", None)
+    listed = listed if isinstance(listed, (list, tuple)) else [listed]
+    return [tokenizer.eos_token_id, *(i for i in listed if i is not None and i != tokenizer.eos_token_id)]
+
+
+def _as_ids(stop_token_ids: int | Sequence[int]) -> list[int]:
+    return [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
+
+
 @torch.no_grad()
 def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
-                 eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None
+                 stop_token_ids: int | Sequence[int], pad_token_id: int, generator: torch.Generator | None = None
                  ) -> Iterator[torch.Tensor]:
-    """Yield each row's next token ([B]), step by step, for left-padded prompts. After EOS a row yields pad.
+    """Yield each row's next token ([B]), step by step, for left-padded prompts. After a stop token (EOS, or one of
+    `stop_token_ids`: see stop_token_ids()) a row yields pad.
 
     One loop serves batched sampling (`sample`) and streaming chat (a batch of one).
     """
@@ -65,6 +80,7 @@ def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     cache, logits = out.past_key_values, out.logits[:, -1, :]
     next_position = position_ids[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    stops = torch.tensor(_as_ids(stop_token_ids), device=input_ids.device)
     for _ in range(sampling.max_new_tokens):
         if sampling.temperature <= 0:
             token = logits.argmax(-1)
@@ -73,7 +89,7 @@ def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         yield token
-        finished |= token == eos_token_id
+        finished |= torch.isin(token, stops)
         if finished.all():
             return
         # finished rows keep decoding pad; their outputs are discarded, so their mask value does not matter
@@ -85,9 +101,10 @@ def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
 
 
 def sample(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
-           eos_token_id: int, pad_token_id: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample continuations of left-padded prompts. Returns [B, T_new] tokens; after EOS a row holds pad."""
-    steps = list(sample_steps(model, input_ids, attention_mask, sampling, eos_token_id, pad_token_id, generator))
+           stop_token_ids: int | Sequence[int], pad_token_id: int, generator: torch.Generator | None = None
+           ) -> torch.Tensor:
+    """Sample continuations of left-padded prompts. Returns [B, T_new] tokens; after a stop token a row holds pad."""
+    steps = list(sample_steps(model, input_ids, attention_mask, sampling, stop_token_ids, pad_token_id, generator))
     if not steps:
         return input_ids.new_empty(input_ids.size(0), 0)
     return torch.stack(steps, dim=1)
@@ -132,30 +149,39 @@ def prompts_that_fit(rows: list[dict], tokenizer, model, max_new_tokens: int, ma
     return kept
 
 
-def decode_responses(tokenizer, response_tokens: torch.Tensor) -> list[str]:
-    """Each sampled reply's text up to its end-of-turn token. Any other special token the policy emitted (a
-    stray `<|user|>`) stays in the text: the RM and the gold judge must see a broken turn to penalise it."""
+def decode_responses(tokenizer, response_tokens: torch.Tensor, stop_token_ids: int | Sequence[int] | None = None
+                     ) -> list[str]:
+    """Each sampled reply's text up to its stop token (default: EOS, our end-of-turn token). Any other special
+    token the policy emitted (a stray `<|user|>`) stays in the text: the RM and the gold judge must see a broken
+    turn to penalise it."""
+    stops = set(_as_ids(tokenizer.eos_token_id if stop_token_ids is None else stop_token_ids))
     texts = []
     for row in response_tokens.tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[:row.index(tokenizer.eos_token_id)]
-        texts.append(tokenizer.decode(row).strip())  # the sampler pads only after EOS: no pad is left here
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))
+        texts.append(tokenizer.decode(row[:end]).strip())  # the sampler pads only after a stop: no pad is left
     return texts
+
+
+def ended_with_stop(response_tokens: torch.Tensor, stop_token_ids: int | Sequence[int]) -> list[bool]:
+    """Whether each sampled reply ended with a stop token, rather than at the length cap."""
+    stops = torch.tensor(_as_ids(stop_token_ids), device=response_tokens.device)
+    return torch.isin(response_tokens, stops).any(-1).tolist()
 
 
 def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingConfig, batch_size: int = 32,
                        seed: int | None = None) -> tuple[list[str], list[bool]]:
-    """Answer each prompt in the chat format. Returns the responses and whether each ended with EOS."""
+    """Answer each prompt in the chat format. Returns the responses and whether each ended with a stop token."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     was_training = model.training
     model.eval()
     responses, ended = [], []
+    stops = stop_token_ids(model, tokenizer)
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-        tokens = sample(model, batch["input_ids"], batch["attention_mask"], sampling,
-                        tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-        responses += decode_responses(tokenizer, tokens)
-        ended += (tokens == tokenizer.eos_token_id).any(-1).tolist()
+        tokens = sample(model, batch["input_ids"], batch["attention_mask"], sampling, stops, tokenizer.pad_token_id,
+                        generator)
+        responses += decode_responses(tokenizer, tokens, stops)
+        ended += ended_with_stop(tokens, stops)
     model.train(was_training)
     return responses, ended

@@ -36,7 +36,7 @@ from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, d
                                load_run_config, markdown_table, run_ppo_settings, run_reward_model, run_world,
                                sampling_from_args, shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, win_rate  # noqa: E402
-from pipeline.generation import SamplingConfig, encode_prompts, sample  # noqa: E402
+from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
 
 STAGES = ("pretrain", "sft", "prefs", "rm", "ppo")
@@ -99,12 +99,13 @@ def kl_to_reference(policy, reference, tokenizer, prompts: list[str], sampling: 
     generator = torch.Generator(device=device).manual_seed(seed)
     temperature = sampling.temperature if sampling.temperature > 0 else 1.0
     exact, k1 = [], []
+    stops = stop_token_ids(policy, tokenizer)
     for start in range(0, len(prompts), batch_size):
         enc = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
-        responses = sample(policy, enc["input_ids"], enc["attention_mask"], sampling, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, generator)
+        responses = sample(policy, enc["input_ids"], enc["attention_mask"], sampling, stops, tokenizer.pad_token_id,
+                           generator)
         # as PPO masks its rollouts: a pad in a reply without EOS was sampled, and counts (passes.score_rollout)
-        mask = response_mask(responses, tokenizer.eos_token_id, None)[0].float()
+        mask = response_mask(responses, stops, None)[0].float()
         attention = torch.cat([enc["attention_mask"], mask.long()], dim=1)
         inputs = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention,
                   "position_ids": (attention.cumsum(-1) - 1).clamp(min=0)}

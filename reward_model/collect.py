@@ -26,7 +26,8 @@ from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
 from pipeline.checkpoint import write_text_atomic
 from pipeline.evaluation import load_judge
-from pipeline.generation import decode_responses, encode_prompts, prompts_that_fit, sample
+from pipeline.generation import decode_responses, encode_prompts, ended_with_stop, prompts_that_fit, sample, \
+    stop_token_ids
 from pipeline.model import POLICY_STAGES, load_causal_lm
 from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, model_path, require_ddp, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
@@ -140,14 +141,16 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator(device=accelerator.device).manual_seed(cfg.seed + accelerator.process_index)
         batches = range(0, len(my_jobs), cfg.generation_batch_size)
         sampled, new_tokens, started = [], 0, time.perf_counter()
+        stops = stop_token_ids(policy, tokenizer)
         progress = tqdm(batches, desc="prefs: sampling", disable=not accelerator.is_main_process)
         for start in progress:
             chunk = my_jobs[start:start + cfg.generation_batch_size]
             batch = encode_prompts(tokenizer, [prompt for _, prompt in chunk], accelerator.device)
-            tokens = sample(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling,
-                            tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-            ended = (tokens == tokenizer.eos_token_id).any(-1).tolist()
-            sampled += [(i, text, end) for (i, _), text, end in zip(chunk, decode_responses(tokenizer, tokens), ended)]
+            tokens = sample(policy, batch["input_ids"], batch["attention_mask"], cfg.sampling, stops,
+                            tokenizer.pad_token_id, generator)
+            ended = ended_with_stop(tokens, stops)
+            sampled += [(i, text, end) for (i, _), text, end in zip(chunk, decode_responses(tokenizer, tokens, stops),
+                                                                    ended)]
             new_tokens += int((tokens != tokenizer.pad_token_id).sum())
             progress.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - started):,.0f}")
     sample_seconds = time.perf_counter() - started

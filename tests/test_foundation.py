@@ -389,6 +389,32 @@ def test_decoded_replies_stop_at_end_of_turn_and_keep_stray_role_tokens(tokenize
     assert broken_text.startswith("Zorbi is teal.<|user|>") and broken_text.endswith("friend")
 
 
+def test_sampling_stops_at_every_stop_token_the_generation_config_lists(tokenizer):
+    """A hub model that ends a reply with its <|endoftext|> (listed in generation_config beside <|im_end|>) stops
+    there under plain generate; our sampler ran on to the length cap, so PPO penalised the reply as unfinished,
+    collection dropped it and eval counted no EOS."""
+    from pipeline.chat import stream_tokens
+    from pipeline.generation import SamplingConfig, encode_prompts, generate_responses, sample, stop_token_ids
+
+    model = build_causal_lm(ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=32), tokenizer).eval()
+    other_stop = 7
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_add(  # always the other stop token
+        -1, torch.tensor([other_stop]), torch.full((*out.shape[:-1], 1), 100.0)))
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    assert generate_responses(model, tokenizer, ["Hi?"], greedy)[1] == [False]  # not a stop token: the cap
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, other_stop]
+    stops = stop_token_ids(model, tokenizer)
+    assert stops == [tokenizer.eos_token_id, other_stop]
+    assert generate_responses(model, tokenizer, ["Hi?", "What is 2 plus 3?"], greedy) == (["", ""], [True, True])
+    enc = encode_prompts(tokenizer, ["Hi?", "What is 2 plus 3?"])
+    ours = sample(model, enc["input_ids"], enc["attention_mask"], greedy, stops, tokenizer.pad_token_id)
+    theirs = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert ours.tolist() == theirs[:, enc["input_ids"].size(1):].tolist() == [[other_stop]] * 2
+    assert list(stream_tokens(model, enc["input_ids"][:1], greedy, stops)) == [other_stop]
+
+
 def test_special_token_ids_keep_a_hub_models_other_stop_tokens(tokenizer):
     """A hub chat model that stops at either of two tokens lost all but ours: plain generate ran past the other."""
     from pipeline.model import set_special_token_ids

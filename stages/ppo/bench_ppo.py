@@ -64,7 +64,7 @@ def _tokens_per_sec(generate, enc: dict, tokenizer, repeats: int) -> float:
 
 def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict]:
     from pipeline.config import load_config
-    from pipeline.generation import SamplingConfig, encode_prompts, sample
+    from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids
     from pipeline.model import load_causal_lm
     from pipeline.tokenizer import load_tokenizer
     from stages.ppo.ppo import PPOStageConfig
@@ -76,14 +76,15 @@ def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict
     prompts = [json.loads(line)["prompt"] for line in (world / "ppo_prompts.jsonl").read_text().splitlines()[:n]]
     enc = encode_prompts(tokenizer, prompts)
     n_prompt, cap, repeats = enc["input_ids"].size(1), cfg.sampling.max_new_tokens, 2 if quick else 5
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    stops = stop_token_ids(model, tokenizer)
 
     def ours(sampling: SamplingConfig):
-        return lambda e: sample(model, e["input_ids"], e["attention_mask"], sampling, **ids,
+        return lambda e: sample(model, e["input_ids"], e["attention_mask"], sampling, stops, tokenizer.pad_token_id,
                                 generator=torch.Generator().manual_seed(0))
 
     def hf(**kwargs):
-        return lambda e: model.generate(**e, max_new_tokens=cap, **ids, **kwargs)[:, n_prompt:]
+        return lambda e: model.generate(**e, max_new_tokens=cap, eos_token_id=stops,
+                                        pad_token_id=tokenizer.pad_token_id, **kwargs)[:, n_prompt:]
 
     with torch.no_grad():
         greedy_ours, greedy_hf = ours(SamplingConfig(cap, 0.0))(enc), hf()(enc)

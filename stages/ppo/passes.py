@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.generation import encode_prompts, sample
+from pipeline.generation import encode_prompts, sample, stop_token_ids
 from stages.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, policy_loss, response_mask, value_loss
 
 if TYPE_CHECKING:
@@ -52,8 +52,8 @@ def rollout(policy, reference, critic, tokenizer, prompts: list[str], cfg: PPOSt
     """Sample replies to `prompts` (KV cache; stop at EOS or the length cap), then score them token by token."""
     enc = encode_prompts(tokenizer, prompts, next(policy.parameters()).device)
     started = time.perf_counter()
-    responses = sample(policy, enc["input_ids"], enc["attention_mask"], cfg.sampling, tokenizer.eos_token_id,
-                       tokenizer.pad_token_id, generator)
+    responses = sample(policy, enc["input_ids"], enc["attention_mask"], cfg.sampling,
+                       stop_token_ids(policy, tokenizer), tokenizer.pad_token_id, generator)
     seconds = time.perf_counter() - started
     return {**score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg), "generation_seconds": seconds}
 
@@ -66,7 +66,7 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
     """
     # our sampler writes pad only after EOS, so a pad in a reply without EOS was sampled: an action like any other
     # (no trailing-pad rule, which would hide it from the loss and, in an all-pad reply, from the RM score too)
-    mask, has_eos = response_mask(responses, tokenizer.eos_token_id, None)
+    mask, has_eos = response_mask(responses, stop_token_ids(policy, tokenizer), None)
     attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
     batch = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention_mask,
              "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses, "mask": mask,
