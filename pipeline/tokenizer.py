@@ -92,7 +92,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
         end_of_turn = _end_of_turn_token(tokenizer)
         if end_of_turn is not None and end_of_turn != tokenizer.eos_token:
             tokenizer.eos_token = end_of_turn
-    if tokenizer.pad_token is None:  # many causal-LM tokenizers ship without one
+    # a pad of its own: many causal-LM tokenizers ship without one, or with pad = EOS. In chat stages EOS ends the
+    # turn, and a scalar head (AutoModelForSequenceClassification) reads its score at the last token that is not
+    # pad: with pad = EOS the RM would never see whether the reply closed its turn
+    if tokenizer.pad_token is None or (turn_end_is_eos and tokenizer.pad_token == tokenizer.eos_token):
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
 

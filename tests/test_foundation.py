@@ -347,6 +347,13 @@ def test_an_outside_tokenizer_keeps_its_own_special_tokens_beside_our_chat_token
     bare = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>")
     bare.save_pretrained(tmp_path / "bare")
     assert load_tokenizer(str(tmp_path / "bare")).eos_token == EOS
+    # pad = EOS (as many set it) hid the turn's end from the RM, which reads its score at the last non-pad token
+    padded_with_eos = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>",
+                                              unk_token="<unk>")
+    padded_with_eos.save_pretrained(tmp_path / "pad_is_eos")
+    loaded = load_tokenizer(str(tmp_path / "pad_is_eos"))
+    assert (loaded.eos_token, loaded.pad_token) == ("<eos>", PAD)
+    assert load_tokenizer(str(tmp_path / "pad_is_eos"), turn_end_is_eos=False).pad_token == "<eos>"  # pretraining
 
 
 def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp_path, tokenizer):
