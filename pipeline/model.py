@@ -144,6 +144,15 @@ def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:
         model.resize_token_embeddings(len(tokenizer))
 
 
+def check_length_fits(model: Any, length: int, key: str, hint: str = "") -> None:
+    """Refuse sequences of `length` tokens (config `key`) beyond the model's positions: a Llama would run past
+    them without a word, on positions it never learnt, and a GPT-2 crashes mid-run with an IndexError."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and length > positions:
+        raise ConfigError(f"key {key!r}: {length} tokens per sequence, but the model has {positions} positions "
+                          f"(max_position_embeddings in its config); lower {key}{hint}")
+
+
 def set_special_token_ids(model: Any, tokenizer: Any) -> None:
     """Record BOS/EOS/PAD in the model and generation configs, so plain `generate` stops at end of turn. Stop
     tokens a hub model's generation config lists besides (<|endoftext|> beside <|im_end|>) are kept after ours."""

@@ -4,7 +4,8 @@ A response is scored as the whole chat turn (the user prompt, then the assistant
 end-of-turn token) by a scalar-head model, read at the last non-pad token. The RM stage stores the mean and
 std of its scores over SFT samples in the checkpoint's config (`reward_mean`, `reward_std`), so PPO can
 normalise rewards; a checkpoint without them normalises with (0, 1). It also stores the token length it was
-trained at (`rm_max_length`), which scoring uses unless told otherwise (else 512).
+trained at (`rm_max_length`), which scoring uses unless told otherwise (else 512, or the model's positions if
+fewer).
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ class RewardScorer:
         self.device = device
         self.mean = float(getattr(self.model.config, "reward_mean", 0.0))
         self.std = float(getattr(self.model.config, "reward_std", 1.0)) or 1.0
-        self.max_length = int(getattr(self.model.config, "rm_max_length", 0) or 512)
+        # an RM from elsewhere: 512 tokens, or its positions if it has fewer
+        positions = getattr(self.model.config, "max_position_embeddings", None) or 512
+        self.max_length = int(getattr(self.model.config, "rm_max_length", 0) or min(512, positions))
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str], batch_size: int = 64, normalize: bool = False,

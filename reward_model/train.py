@@ -36,7 +36,7 @@ from pipeline.checkpoint import (load_training_state, parameter_fingerprint, res
                                  resume_settings, save_final, save_training_checkpoint, scaler_state,
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
-from pipeline.model import POLICY_STAGES, SCALAR_STAGES, fp32_forward, load_scalar_model
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, fp32_forward, load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "rm", accelerator.is_main_process)
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = build_model(cfg, init, tokenizer, checkpoint)
+    check_length_fits(model, cfg.max_length, "max_length")
     lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process)
 

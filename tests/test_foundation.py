@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoConfig
 
-from conftest import REPO, reset_accelerate
+from conftest import REPO, reset_accelerate, run_stage
 from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final, save_training_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
@@ -840,3 +841,24 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     assert wandb_mode() == "offline"  # wandb's old name for it: the sync hint is printed
+
+
+@pytest.mark.parametrize("stage, key", [("sft", "max_length"), ("rm", "max_length"), ("ppo", "rm_max_length")])
+def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, micro_rm, tmp_path):
+    """A GPT-2 crashed mid-run with an IndexError on the first long example (a Llama ran on positions it never
+    learnt, without a word): refused by key before any training."""
+    from reward_model.train import main as rm
+    from stages.ppo.ppo import main as ppo
+    from stages.sft.sft import main as sft
+
+    micro = micro_rm.parent.parent
+    main, config, init = {"sft": (sft, "sft.yaml", [f"init_from={micro / 'pretrain' / 'final'}"]),
+                          "rm": (rm, "rm.yaml", [f"init_from={micro / 'sft' / 'final'}",
+                                                 "train_data.path=world:prefs_static"]),
+                          "ppo": (ppo, "ppo.yaml", [f"init_from={micro / 'sft' / 'final'}",
+                                                    f"reward_model={micro_rm}"])}[stage]
+    positions = AutoConfig.from_pretrained(micro_rm).max_position_embeddings
+    with pytest.raises(ConfigError, match=rf"key '{key}': {positions + 1} tokens per sequence, but the model has "
+                                          rf"{positions} positions"):
+        run_stage(main, config, tmp_path, *init, f"{key}={positions + 1}", run_name="long")
+    assert not (tmp_path / "long" / stage / "final").exists()

@@ -43,8 +43,8 @@ from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.evaluation import family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
-from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, fp32_forward, load_causal_lm, load_scalar_model, \
-    set_special_token_ids
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, check_length_fits, fp32_forward, load_causal_lm, \
+    load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, \
@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
     if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
         raise ConfigError(f"key 'reward_model': {rm_path} has a different tokenizer from the policy {sft_path}")
+    check_length_fits(rm.model, cfg.rm_max_length, "rm_max_length")
     policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora.enabled else sft_path, "ppo",
                             cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(policy, tokenizer)

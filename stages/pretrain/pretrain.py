@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler, resume_settings,
                                  save_final, save_training_checkpoint, scaler_state)
-from pipeline.config import ConfigError, FieldError
+from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
-    non_embedding_parameters, set_special_token_ids
+    check_length_fits, non_embedding_parameters, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, learned_world_data, \
     model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
     write_resolved_config
@@ -139,10 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
     set_special_token_ids(model, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    if positions and cfg.block_size > positions:  # a Llama would train past them without a word, a GPT-2 crash
-        raise ConfigError(f"key 'block_size': {cfg.block_size} tokens per sequence, but the model has "
-                          f"{positions} positions (model.max_position_embeddings); lower block_size or raise that")
+    check_length_fits(model, cfg.block_size, "block_size", " or raise model.max_position_embeddings")
     lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 

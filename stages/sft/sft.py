@@ -34,7 +34,8 @@ from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_s
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.model import POLICY_STAGES, LoraSpec, fp32_forward, load_causal_lm, set_special_token_ids
+from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, fp32_forward, load_causal_lm, \
+    set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
     world_lineage, write_resolved_config
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
+    check_length_fits(model, cfg.max_length, "max_length")
     if cfg.lora.enabled and getattr(tokenizer, ADDED_ROLE_TOKENS, None):
         # adapters leave their embeddings at the untrained start, the role markers all but identical; and TRL's
         # fused LM head reads the head's weight directly, past peft's trainable-token wrappers
