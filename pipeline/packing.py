@@ -1,4 +1,5 @@
-"""Packed language-modelling batches: documents tokenized, joined with EOS, cut into fixed-size blocks.
+"""Packed language-modelling batches: documents tokenized, joined with the model's end-of-text token (EOS as
+pretraining has it: text_end_token_id), cut into fixed-size blocks.
 
 Used by pretraining and by PPO-ptx (the pretraining-loss mix). The batch for a given step is a pure
 function of (seed, step, rank), so a resumed run sees exactly the batches an uninterrupted run would.
@@ -16,6 +17,7 @@ import torch
 from datasets import IterableDataset
 
 from data.loading import DataError
+from pipeline.tokenizer import text_end_token_id
 
 
 class PackedCorpus:
@@ -70,7 +72,7 @@ class PackedCorpus:
 
     def _pack(self, docs: list[str]) -> torch.Tensor:
         ids: list[int] = []
-        eos = self.tokenizer.eos_token_id
+        eos = text_end_token_id(self.tokenizer)
         for start in range(0, len(docs), 1000):
             # split_special_tokens: a document quoting "<|end|>" or "</s>" is text, not a document boundary
             for row in self.tokenizer(docs[start:start + 1000], add_special_tokens=False,
@@ -85,9 +87,10 @@ class PackedCorpus:
 
     def _stream_blocks(self, texts: Any) -> Iterator[torch.Tensor]:
         buffer: list[int] = []
+        text_end = text_end_token_id(self.tokenizer)
         for row in texts:
             buffer.extend(self.tokenizer(row["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"])
-            buffer.append(self.tokenizer.eos_token_id)
+            buffer.append(text_end)
             while len(buffer) >= self.block_size:
                 yield torch.tensor(buffer[: self.block_size], dtype=torch.long)
                 buffer = buffer[self.block_size:]

@@ -65,6 +65,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
 # on a tokenizer load_tokenizer gave our role tokens: which (their embeddings start untrained)
 ADDED_ROLE_TOKENS = "pipeline_added_role_tokens"
+TEXT_END = "text_end_token"  # in tokenizer_config.json: the end of text that an end-of-turn EOS replaced
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
@@ -91,6 +92,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
         # base model's <|endoftext|>): sampling stops, and SFT trains the turn's end, on EOS, so make them one
         end_of_turn = _end_of_turn_token(tokenizer)
         if end_of_turn is not None and end_of_turn != tokenizer.eos_token:
+            # the model's own end of text still separates documents (PPO-ptx packs pretraining text as pretraining
+            # did): kept in tokenizer_config.json, where transformers restores it as `tokenizer.text_end_token`
+            tokenizer.init_kwargs[TEXT_END] = tokenizer.eos_token
             tokenizer.eos_token = end_of_turn
     # a pad of its own: many causal-LM tokenizers ship without one, or with pad = EOS. In chat stages EOS ends the
     # turn, and a scalar head (AutoModelForSequenceClassification) reads its score at the last token that is not
@@ -98,6 +102,13 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
     if tokenizer.pad_token is None or (turn_end_is_eos and tokenizer.pad_token == tokenizer.eos_token):
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def text_end_token_id(tokenizer) -> int:
+    """The token that ends a document in packed text: EOS, or where a chat stage made the template's end-of-turn
+    token EOS (ChatML's <|im_end|>), the model's own end of text it replaced (<|endoftext|>)."""
+    token = tokenizer.init_kwargs.get(TEXT_END) or getattr(tokenizer, TEXT_END, None) or tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(str(token))
 
 
 def _end_of_turn_token(tokenizer) -> str | None:

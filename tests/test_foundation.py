@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from transformers import AutoConfig
@@ -374,6 +375,19 @@ def test_a_hub_template_ending_turns_with_another_token_makes_that_token_eos(tmp
     assert load_tokenizer(str(tmp_path / "ours")).eos_token == EOS  # our own template already ends turns with EOS
     # pretraining keeps the model's own EOS: it separates documents, it does not end chat turns
     assert load_tokenizer(str(tmp_path / "chatml"), turn_end_is_eos=False).eos_token == EOS
+    # and so does PPO-ptx's packed text, from a chat stage's tokenizer and from its saved copy (plain AutoTokenizer)
+    from pipeline.packing import PackedCorpus
+    from pipeline.tokenizer import text_end_token_id
+
+    loaded.save_pretrained(tmp_path / "sft_final")
+    for chat_tokenizer in (loaded, AutoTokenizer.from_pretrained(tmp_path / "sft_final"),
+                           load_tokenizer(str(tmp_path / "sft_final"))):
+        assert chat_tokenizer.eos_token == "<|im_end|>"
+        assert text_end_token_id(chat_tokenizer) == outside.convert_tokens_to_ids(EOS)
+        corpus = PackedCorpus(datasets.Dataset.from_dict({"text": ["a cat", "a dog"] * 20}), chat_tokenizer, 8,
+                              val_fraction=0.1)
+        assert outside.convert_tokens_to_ids(EOS) in corpus.train.flatten().tolist()
+        assert chat_tokenizer.eos_token_id not in corpus.train.flatten().tolist()
     # a template with text between the reply and its closing token names no end-of-turn token: EOS stays
     outside.chat_template = outside.chat_template.replace("{{ m['content'] }}<|im_end|>",
                                                           "{{ m['content'] }} <|im_end|>")
