@@ -68,12 +68,19 @@ class LoraSpec:
     """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
     ["all-linear"]: every linear layer except the LM head."""
 
-    def peft_config(self, task_type: str):
-        """The PEFT LoraConfig for this spec; task_type "CAUSAL_LM" (policies) or "SEQ_CLS" (RM: the new scalar
-        head stays fully trainable, as peft's modules_to_save)."""
+    def peft_config(self, task_type: str, model: torch.nn.Module):
+        """The PEFT LoraConfig for this spec on `model`; task_type "CAUSAL_LM" (policies) or "SEQ_CLS" (RM: the new
+        scalar head stays fully trainable, as peft's modules_to_save). Targets the model lacks are refused by key:
+        peft would fail with a traceback (the default names Llama's layers; GPT-2 calls them c_attn, c_fc, ...)."""
         from peft import LoraConfig
 
         targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
+        if targets != "all-linear":
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                             if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
+            if not set(targets) & set(linear):
+                raise ConfigError(f"key 'lora.target_modules': this model has none of {targets}; its linear "
+                                  f"layers are {linear}. Name some of those, or set it to ['all-linear']")
         return LoraConfig(task_type=task_type, r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=targets)
 
@@ -142,6 +149,20 @@ def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:
         print(f"[{needed_by or 'model'}] {len(tokenizer) - n_embeddings} chat/pad token(s) added to the vocabulary "
               "(untrained embeddings)", file=sys.stderr)
         model.resize_token_embeddings(len(tokenizer))
+
+
+def check_lora_can_train(tokenizer: Any, init: str) -> None:
+    """Refuse LoRA on a model whose chat role tokens are untrained embedding rows (untrained_role_tokens): adapters
+    leave them at their start, the role markers all but identical, and TRL's fused LM head reads the head's weight
+    directly, past peft's trainable-token wrappers."""
+    from pipeline.tokenizer import untrained_role_tokens
+
+    untrained = untrained_role_tokens(tokenizer)
+    if untrained:
+        raise ConfigError(f"key 'lora.enabled': {init} got our role tokens ({', '.join(untrained)}) where its "
+                          "tokenizer had no chat template, and no stage has trained their embeddings since; LoRA "
+                          "cannot train them. Fine-tune it in full (lora.enabled=false), as SFT then does, or start "
+                          "from a checkpoint whose tokenizer has a chat template")
 
 
 def check_length_fits(model: Any, length: int, key: str, hint: str = "") -> None:

@@ -63,7 +63,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     return tokenizer
 
 
-# on a tokenizer load_tokenizer gave our role tokens: which (their embeddings start untrained)
+# in tokenizer_config.json: the role tokens load_tokenizer added (their embeddings start untrained), until a stage
+# trains them in full (SFT; pretraining text has no chat turns)
 ADDED_ROLE_TOKENS = "pipeline_added_role_tokens"
 TEXT_END = "text_end_token"  # in tokenizer_config.json: the end of text that an end-of-turn EOS replaced
 
@@ -81,7 +82,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
         if missing:
             # keep the special tokens it has (tool-call markers, ...): the default replaces the extra ones
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-            setattr(tokenizer, ADDED_ROLE_TOKENS, missing)
+            tokenizer.init_kwargs[ADDED_ROLE_TOKENS] = missing
         if tokenizer.bos_token is None:
             tokenizer.add_special_tokens({"bos_token": BOS})
         if tokenizer.eos_token is None:
@@ -102,6 +103,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
     if tokenizer.pad_token is None or (turn_end_is_eos and tokenizer.pad_token == tokenizer.eos_token):
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def untrained_role_tokens(tokenizer) -> list[str]:
+    """Our role tokens that load_tokenizer gave this tokenizer (it had no chat template) and that no stage has
+    trained in full since: LoRA cannot train their embeddings."""
+    return list(tokenizer.init_kwargs.get(ADDED_ROLE_TOKENS) or [])
 
 
 def text_end_token_id(tokenizer) -> int:

@@ -36,7 +36,8 @@ from pipeline.checkpoint import (load_training_state, parameter_fingerprint, res
                                  resume_settings, save_final, save_training_checkpoint, scaler_state,
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
-from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, fp32_forward, load_scalar_model
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, check_lora_can_train, fp32_forward, \
+    load_scalar_model
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
@@ -179,7 +180,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
 
     if checkpoint is not None:
         return PeftModel.from_pretrained(model, checkpoint / "model", is_trainable=True)
-    return get_peft_model(model, lora.peft_config("SEQ_CLS"))
+    return get_peft_model(model, lora.peft_config("SEQ_CLS", model))
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -214,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         check_world_lineage(cfg, source, world, "rm", config_key="")
     checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "rm", accelerator.is_main_process)
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    if cfg.lora.enabled:
+        check_lora_can_train(tokenizer, init)
     model = build_model(cfg, init, tokenizer, checkpoint)
     check_length_fits(model, cfg.max_length, "max_length")
     lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)

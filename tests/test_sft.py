@@ -428,13 +428,35 @@ def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_tr
                              for a in range(8) for b in range(8)))
     args = [f"init_from={outside}", *QUICK, f"data.path={demos}", f"eval_data.path={demos}", "max_steps=6",
             "batch_size=8", "learning_rate=1e-2"]
-    with pytest.raises(ConfigError, match=r"key 'lora.enabled': .*outside has no chat template, so its tokenizer got "
-                                          r"our role tokens \(<\|system\|>, <\|user\|>, <\|assistant\|>\), whose "
-                                          r"embeddings LoRA cannot train"):
+    refusal = (r"key 'lora.enabled': .*{} got our role tokens \(<\|system\|>, <\|user\|>, <\|assistant\|>\) "
+               r"where its tokenizer had no chat template, and no stage has trained their embeddings since")
+    with pytest.raises(ConfigError, match=refusal.format("outside")):
         main(sft_args(tmp_path, "outside", *args, "lora.enabled=true", "lora.rank=4"))
+    # pretraining on from it gives the tokenizer a template, but its text trains no chat turn: still refused
+    from stages.pretrain.pretrain import main as pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(" ".join(texts[a * 8:a * 8 + 8]) + "\n" for a in range(8)))  # 8 documents
+    pretrain(["--config", str(MICRO / "pretrain.yaml"), f"runs_dir={tmp_path}", "run_name=continued",
+              f"model.pretrained={outside}", f"data.path={corpus}", "max_steps=2", "block_size=32", "val_fraction=0.25",
+              "checkpoint_every=1000"])
+    continued = tmp_path / "continued" / "pretrain" / "final"
+    with pytest.raises(ConfigError, match=refusal.format("final")):
+        main(sft_args(tmp_path, "continued", *args, f"init_from={continued}", "lora.enabled=true", "lora.rank=4"))
+    # LoRA targets the model lacks are refused by key (peft failed with a traceback)
+    with pytest.raises(ConfigError, match=r"key 'lora.target_modules': this model has none of \['c_attn'\]; its "
+                                          r"linear layers are \[.*'q_proj'"):
+        from pipeline.model import LoraSpec
+
+        LoraSpec(enabled=True, target_modules=["c_attn"]).peft_config(
+            "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
     main(sft_args(tmp_path, "outside", *args))
     final = tmp_path / "outside" / "sft" / "final"
     tokenizer = AutoTokenizer.from_pretrained(final)
     embeddings = AutoModelForCausalLM.from_pretrained(final).get_input_embeddings().weight
     user, assistant = (embeddings[tokenizer.convert_tokens_to_ids(ROLE_TOKENS[r])] for r in ("user", "assistant"))
     assert (user - assistant).abs().max() > 1e-3  # trained apart (at the start they differ by ~1e-9)
+    from pipeline.tokenizer import untrained_role_tokens
+
+    assert untrained_role_tokens(AutoTokenizer.from_pretrained(continued)) == ["<|system|>", "<|user|>", "<|assistant|>"]
+    assert untrained_role_tokens(tokenizer) == []  # SFT trained them: LoRA on from here is fine

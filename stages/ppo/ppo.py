@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
         from peft import PeftModel, get_peft_model
 
         policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
-            get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM"))
+            get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM", policy))
     else:
         ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code,
                                    tokenizer=tokenizer).to(device).eval().requires_grad_(False)

@@ -34,8 +34,8 @@ from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_s
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
-from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, fp32_forward, load_causal_lm, \
-    set_special_token_ids
+from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lora_can_train, fp32_forward, \
+    load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
     world_lineage, write_resolved_config
@@ -312,13 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
     check_length_fits(model, cfg.max_length, "max_length")
-    if cfg.lora.enabled and getattr(tokenizer, ADDED_ROLE_TOKENS, None):
-        # adapters leave their embeddings at the untrained start, the role markers all but identical; and TRL's
-        # fused LM head reads the head's weight directly, past peft's trainable-token wrappers
-        raise ConfigError(f"key 'lora.enabled': {init} has no chat template, so its tokenizer got our role tokens "
-                          f"({', '.join(getattr(tokenizer, ADDED_ROLE_TOKENS))}), whose embeddings LoRA cannot "
-                          "train. Fine-tune it in full (lora.enabled=false), or start from a checkpoint whose "
-                          "tokenizer has a chat template")
+    if cfg.lora.enabled:
+        check_lora_can_train(tokenizer, init)
 
     upstream = {checkpoint_stage(init) or "init": Path(init)} if Path(init).exists() else None
     checkpoint = resume_checkpoint(paths.checkpoints, state.is_main_process) if cfg.resume else None
@@ -340,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
-    peft_config = cfg.lora.peft_config("CAUSAL_LM") if cfg.lora.enabled else None
+    peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
     trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
                               processing_class=tokenizer, peft_config=peft_config,
@@ -386,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged in) with the chat template, and the figures
     state.wait_for_everyone()
+    tokenizer.init_kwargs.pop(ADDED_ROLE_TOKENS, None)  # trained in full now (LoRA on them was refused)
     if sharding:  # every rank takes part in the Trainer's save, which gathers the weights; the main one writes
         staging = paths.root / ".tmp-final-gathered"
         if state.is_main_process:  # what a save killed midway left
