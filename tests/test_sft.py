@@ -295,6 +295,16 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     assert uninterrupted.keys() == resumed.keys()
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6, msg=name)
+    if order:
+        return
+    # resumed at max_steps (its last checkpoint; final/ lost): the Trainer took a 13th step, saved and logged it
+    shutil.rmtree(stage / "final")
+    main(sft_args(tmp_path, "whole", *args, "resume=true"))
+    assert max(saved_steps(stage)) == 12
+    assert max(json.loads(line)["step"] for line in (stage / "metrics.jsonl").read_text().splitlines()) == 12
+    at_the_end = load_file(stage / "final" / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(at_the_end[name], weight, rtol=0, atol=0, msg=name)
 
 
 def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_pretrain, tmp_path, monkeypatch):

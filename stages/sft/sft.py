@@ -23,7 +23,7 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
-from transformers import ProgressCallback, TrainerCallback, set_seed
+from transformers import ProgressCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTConfig, SFTTrainer
 
@@ -149,6 +149,12 @@ class StageSFTTrainer(SFTTrainer):
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         return EpochSeededSampler(sampler, self.args.seed) if isinstance(sampler, LengthGroupedSampler) else sampler
+
+    def restore_finished(self, checkpoint: str) -> None:
+        """Take up a checkpoint at or past max_steps without training: train() would take one step past it first
+        (transformers checks the limit only after a step), and write that step's checkpoint and metrics."""
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
@@ -374,7 +380,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
     started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None and not sharding and 0 < cfg.max_steps <= checkpoint_step(Path(checkpoint)):
+        trainer.restore_finished(checkpoint)  # (sharded weights load inside train(), which takes the extra step)
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
         trainer.evaluate()
