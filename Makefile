@@ -10,7 +10,7 @@
 #   make chat STAGE=ppo       talk to a stage's model (ARGS="--temperature 0 --prompt '...'" for one greedy reply)
 #   make bench                throughput benchmarks, printed as a table
 #   make setup                only the venv (.venv; `. .venv/bin/activate` to use it in a shell)
-#   make clean                delete runs/ (every run's outputs and checkpoints) and wandb/
+#   make clean                delete runs/ (every run's outputs and checkpoints), wandb/ and .pytest_cache/
 #
 # Variables:
 #   PYTHON=python3.11         the Python setup makes the venv with (default: python3; 3.10 or newer)

@@ -324,6 +324,6 @@ def check_resume_settings(checkpoint: str | Path, saved: dict | None, settings: 
     if changed:
         what = "; ".join(f"{'the number of processes' if key == 'processes' else f'key {key!r}'} was {saved[key]} "
                          f"there, {settings[key]} now" for key in changed)
-        raise ConfigError(f"cannot resume from {checkpoint}: {what}. Which data each step reads, and its place in "
-                          f"the schedule, follow from these: set them back to resume, or start over without "
-                          f"resume=true.")
+        raise ConfigError(f"cannot resume from {checkpoint}: {what}. The resumed run would read other data at its "
+                          f"steps, follow another schedule, or have the restored state overrule the new value: set "
+                          f"them back to resume, or start over without resume=true.")

@@ -145,6 +145,10 @@ def run_benchmark(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
+    import argparse
+
     from pipeline.bench import print_table
 
-    print_table(run_benchmark(quick="--quick" in sys.argv))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a small subset: a smoke run, not a measurement")
+    print_table(run_benchmark(parser.parse_args().quick))
