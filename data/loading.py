@@ -156,7 +156,7 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
         if form == ("messages",):
             out = {"messages": _messages(row["messages"], "messages")}
         else:
-            turns = _turns_or_text(row, "prompt", "user") + _turns_or_text(row, "completion", "assistant")
+            turns = _turns_or_text(_with_input(row), "prompt", "user") + _turns_or_text(row, "completion", "assistant")
             out = {"messages": _messages(turns, "completion")}
     elif schema.name == "preferences":
         if form == ("prompt", "responses"):
@@ -322,6 +322,18 @@ def _turns(value: Any, column: str) -> list[dict[str, str]]:
                                    f"(role must be one of {', '.join(ROLES)}, content a string)")
         turns.append({"role": message["role"], "content": message["content"]})
     return turns
+
+
+def _with_input(row: dict[str, Any]) -> dict[str, Any]:
+    """An Alpaca-style row (instruction, input, output): its `input`, the text the instruction works on, follows
+    the prompt after a blank line, as in Alpaca's own prompt. Empty or missing, the prompt stands alone."""
+    extra = row.get("input")
+    if extra is None or (isinstance(extra, str) and not extra.strip()):
+        return row
+    if not isinstance(extra, str) or not isinstance(row["prompt"], str):
+        raise _Invalid("input", "expected a string to follow a string prompt (Alpaca's input), "
+                                f"got {type(extra).__name__} beside a {type(row['prompt']).__name__} prompt")
+    return {**row, "prompt": f"{row['prompt'].rstrip()}\n\n{extra.strip()}"}
 
 
 def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str, str]]:

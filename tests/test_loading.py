@@ -102,6 +102,21 @@ def test_prompts_with_column_mapping(tmp_path, suffix):
     assert dataset[1] == {"prompt": "What is 2 plus 2?", "family": "arithmetic"}
 
 
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_alpaca_rows_keep_their_input_after_the_instruction(tmp_path, suffix):
+    """Mapped as prompt=instruction, an Alpaca row's `input` (the text to work on) was dropped without a word."""
+    rows = [{"instruction": "Summarize the text.", "input": "Cats sleep a lot. They also purr.", "output": "Cats rest."},
+            {"instruction": "Name a colour.", "input": "", "output": "Teal."}]
+    dataset = load(write_rows(tmp_path / f"alpaca{suffix}", rows), "sft",
+                   columns={"prompt": "instruction", "completion": "output"})
+    assert [row["messages"][0]["content"] for row in dataset] == \
+        ["Summarize the text.\n\nCats sleep a lot. They also purr.", "Name a colour."]
+    bad = write_rows(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "c", "input": 3}])
+    with pytest.raises(DataError) as error:
+        load(bad, "sft")
+    assert_data_error(error, bad, 1, "input")
+
+
 def test_pairs_with_column_mapping(tmp_path):
     rows = [{"question": "q", "good": "yes", "bad": "no"}]
     dataset = load(write_rows(tmp_path / "pairs.jsonl", rows), "preferences",
