@@ -164,3 +164,42 @@ def prompt_text(turns: list[dict[str, str]]) -> str:
 def chat_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before it answers `prompt` (a user message, or an hh-rlhf transcript's turns)."""
     return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def trl_masks_replies(tokenizer) -> bool:
+    """Whether TRL's assistant-only loss can mark the replies in this tokenizer's chat template: the template has
+    `{% generation %}` markers (ours does), or is one TRL knows how to patch with them."""
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        return False
+    return True
+
+
+class TemplateError(ValueError):
+    """A chat template whose replies cannot be told apart from the rest of the conversation."""
+
+
+def reply_masks(tokenizer, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+    """`input_ids` and `assistant_masks` (1 on each assistant reply and its end-of-turn token) of a conversation in
+    the tokenizer's chat template, for templates TRL cannot mark (trl_masks_replies). A reply is where the
+    conversation rendered through it extends the conversation before it with the generation prompt; it ends at
+    the end-of-turn token (what the template writes after it, a newline, is never sampled)."""
+    def render(turns: list[dict[str, str]], prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
+
+    text, spans = render(messages), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], prompt=True), render(messages[:i + 1])
+        if not (through.startswith(before) and text.startswith(through)):
+            raise TemplateError("its chat template does not render each reply as an extension of the conversation "
+                                "before it (with the generation prompt)")
+        end = through.rfind(tokenizer.eos_token, len(before))
+        spans.append((len(before), end + len(tokenizer.eos_token) if end >= 0 else len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    masks = [int(any(start <= first < end for start, end in spans)) for first, _ in encoded["offset_mapping"]]
+    return {"input_ids": encoded["input_ids"], "assistant_masks": masks}

@@ -66,6 +66,61 @@ def test_labels_mask_every_non_assistant_token(micro_pretrain, tmp_path):
         assert spans == [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_chat_template_trl_cannot_mark_trains_on_the_replies_alone(micro_pretrain, tmp_path):
+    """A ChatML template without {% generation %} markers, which TRL has no patch for: SFT crashed in TRL. The
+    replies (each with its <|im_end|>) are now marked by rendering the conversation turn by turn."""
+    from trl import SFTTrainer
+
+    from pipeline.tokenizer import load_tokenizer, trl_masks_replies
+    from stages.sft.sft import with_reply_masks
+
+    outside = tmp_path / "outside"
+    shutil.copytree(micro_pretrain, outside)
+    tokenizer = AutoTokenizer.from_pretrained(outside)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(outside)
+    tokenizer = load_tokenizer(str(outside))
+    assert tokenizer.eos_token == "<|im_end|>" and not trl_masks_replies(tokenizer)
+    conversations = [[{"role": "system", "content": "Answer briefly."},
+                      {"role": "user", "content": "What is 12 plus 30?"},
+                      {"role": "assistant", "content": "12 plus 30 is 42."},
+                      {"role": "user", "content": "Reverse the word cat."},
+                      {"role": "assistant", "content": "The word cat reversed is tac."}],
+                     [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}]]
+    data = with_reply_masks(Dataset.from_list([{"messages": m} for m in conversations]), tokenizer, str(outside))
+    cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}", "max_length=128"])
+    arguments = training_arguments(cfg, tmp_path / "checkpoints")
+    arguments.assistant_only_loss = False
+    model = AutoModelForCausalLM.from_pretrained(outside)
+    model.resize_token_embeddings(len(tokenizer))
+    trainer = SFTTrainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                         processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(conversations))])
+    for row, messages in enumerate(conversations):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert batch["input_ids"][row, :len(ids)].tolist() == ids  # what plain apply_chat_template gives
+        trained = (batch["labels"][row] != -100).tolist()
+        starts = [i for i in range(len(trained)) if trained[i] and (i == 0 or not trained[i - 1])]
+        ends = [i + 1 for i in range(len(trained)) if trained[i] and (i + 1 == len(trained) or not trained[i + 1])]
+        assert [tokenizer.decode(batch["input_ids"][row, a:b]) for a, b in zip(starts, ends)] == \
+            [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+
+    main(sft_args(tmp_path, "chatml", f"init_from={outside}", *QUICK, "max_steps=2"))  # the stage runs through
+    assert AutoTokenizer.from_pretrained(tmp_path / "chatml" / "sft" / "final").chat_template == CHATML
+    # a template whose generation prompt is not how it opens a reply cannot be read: refused by key
+    tokenizer.chat_template = CHATML.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant:{% endif %}")
+    tokenizer.save_pretrained(outside)
+    with pytest.raises(ConfigError, match=r"key 'init_from': .*outside: its chat template does not render each "
+                                          r"reply as an extension"):
+        main(sft_args(tmp_path, "odd", f"init_from={outside}", *QUICK, "max_steps=2"))
+
+
 def test_group_by_length_batches_carry_less_padding(micro_pretrain, tmp_path):
     """The world's demos range from a few words to a rambling note: random batches are mostly padding, batches
     grouped by length much less. Both see every demonstration once per epoch."""

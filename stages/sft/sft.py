@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
@@ -39,7 +39,7 @@ from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lor
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
     world_lineage, write_resolved_config
-from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer
+from pipeline.tokenizer import ADDED_ROLE_TOKENS, TemplateError, load_tokenizer, reply_masks, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback, stop_if_not_finite
 
 
@@ -155,6 +155,18 @@ class StageSFTTrainer(SFTTrainer):
         (transformers checks the limit only after a step), and write that step's checkpoint and metrics."""
         self._load_from_checkpoint(checkpoint)
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
+def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str) -> Dataset | IterableDataset:
+    """The conversations tokenized, each reply marked for the loss (reply_masks), for a chat template TRL cannot
+    mark itself."""
+    first = next(iter(data))
+    try:
+        reply_masks(tokenizer, first["messages"])  # a template we cannot read fails here, by key
+    except TemplateError as e:
+        raise ConfigError(f"key 'init_from': {init}: {e}, and has no {{% generation %}} markers TRL could use. "
+                          "Give its tokenizer a chat template with them around each reply") from None
+    return data.map(lambda row: reply_masks(tokenizer, row["messages"]), remove_columns=list(first))
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
@@ -341,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
+    if not trl_masks_replies(tokenizer):  # a template without {% generation %} markers that TRL cannot patch
+        train_data, eval_data = (with_reply_masks(data, tokenizer, init) for data in (train_data, eval_data))
+        arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
     trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
