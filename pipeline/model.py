@@ -75,12 +75,13 @@ class LoraSpec:
         from peft import LoraConfig
 
         targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
-        if targets != "all-linear":
+        names = [name for name, _ in model.named_modules()]
+        # as peft matches a target: a module's whole name, or its end after a dot ("q_proj", "self_attn.q_proj")
+        if targets != "all-linear" and not any(n == t or n.endswith(f".{t}") for n in names for t in targets):
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                              if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
-            if not set(targets) & set(linear):
-                raise ConfigError(f"key 'lora.target_modules': this model has none of {targets}; its linear "
-                                  f"layers are {linear}. Name some of those, or set it to ['all-linear']")
+            raise ConfigError(f"key 'lora.target_modules': this model has none of {targets}; its linear layers "
+                              f"are {linear}. Name some of those, or set it to ['all-linear']")
         return LoraConfig(task_type=task_type, r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=targets)
 

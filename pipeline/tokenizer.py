@@ -69,12 +69,13 @@ ADDED_ROLE_TOKENS = "pipeline_added_role_tokens"
 TEXT_END = "text_end_token"  # in tokenizer_config.json: the end of text that an end-of-turn EOS replaced
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
-                   turn_end_is_eos: bool = True) -> PreTrainedTokenizerFast:
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, turn_end_is_eos: bool = True,
+                   keep_pad: bool = False) -> PreTrainedTokenizerFast:
     """Load an existing tokenizer (local path or hub id); give it our chat tokens and template if it lacks them.
 
     `turn_end_is_eos` (chat stages): make the token the template closes an assistant turn with EOS. Pretraining
-    passes False: it separates documents with EOS, which must stay the model's own end-of-text token."""
+    passes False: it separates documents with EOS, which must stay the model's own end-of-text token.
+    `keep_pad` (scoring with a trained RM): keep a pad equal to EOS, as the RM learnt to read its score there."""
     with loading_from(name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
@@ -100,7 +101,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False,
     # a pad of its own: many causal-LM tokenizers ship without one, or with pad = EOS. In chat stages EOS ends the
     # turn, and a scalar head (AutoModelForSequenceClassification) reads its score at the last token that is not
     # pad: with pad = EOS the RM would never see whether the reply closed its turn
-    if tokenizer.pad_token is None or (turn_end_is_eos and tokenizer.pad_token == tokenizer.eos_token):
+    pad_is_eos = turn_end_is_eos and not keep_pad and tokenizer.pad_token == tokenizer.eos_token
+    if tokenizer.pad_token is None or pad_is_eos:
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
 

@@ -51,7 +51,7 @@ class RewardScorer:
 
     def __init__(self, path: str, device: torch.device | str = "cpu", trust_remote_code: bool = False,
                  needed_by: str = "scoring"):
-        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.tokenizer = load_tokenizer(path, trust_remote_code, keep_pad=True)  # where its score was trained
         self.model = load_scalar_model(path, needed_by, self.tokenizer, trust_remote_code, allowed_stages=("rm",),
                                        trained_head=True).to(device).eval()
         self.model.requires_grad_(False)

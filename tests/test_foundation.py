@@ -860,7 +860,8 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
     assert wandb_mode() == "offline"  # wandb's old name for it: the sync hint is printed
 
 
-@pytest.mark.parametrize("stage, key", [("sft", "max_length"), ("rm", "max_length"), ("ppo", "rm_max_length")])
+@pytest.mark.parametrize("stage, key", [("sft", "max_length"), ("rm", "max_length"), ("ppo", "rm_max_length"),
+                                        ("ppo", "ptx_block_size")])
 def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, micro_rm, tmp_path):
     """A GPT-2 crashed mid-run with an IndexError on the first long example (a Llama ran on positions it never
     learnt, without a word): refused by key before any training."""
@@ -877,5 +878,6 @@ def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, mi
     positions = AutoConfig.from_pretrained(micro_rm).max_position_embeddings
     with pytest.raises(ConfigError, match=rf"key '{key}': {positions + 1} tokens per sequence, but the model has "
                                           rf"{positions} positions"):
-        run_stage(main, config, tmp_path, *init, f"{key}={positions + 1}", run_name="long")
+        run_stage(main, config, tmp_path, *init, f"{key}={positions + 1}", *(["ptx=true"] if "ptx" in key else []),
+                  run_name="long")
     assert not (tmp_path / "long" / stage / "final").exists()

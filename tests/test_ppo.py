@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import MICRO, REPO, launch_two_ranks
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.generation import encode_prompts
 from pipeline.model import load_scalar_model
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
@@ -133,6 +134,44 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
     # shorter sequences change matmul shapes, so only float round-off may differ
     for full, short in zip(grads, trimmed_grads, strict=True):
         torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_is_refused_on_role_tokens_no_stage_has_trained(micro_sft, micro_rm, tmp_path):
+    """A policy whose tokenizer got our role tokens (it had no chat template) and was never trained in full: LoRA
+    would leave those embedding rows at their untrained start, as in SFT and the RM."""
+    untrained = tmp_path / "untrained"
+    shutil.copytree(micro_sft, untrained)
+    config = json.loads((untrained / "tokenizer_config.json").read_text())
+    config["pipeline_added_role_tokens"] = ["<|user|>", "<|assistant|>"]  # as load_tokenizer marks them
+    (untrained / "tokenizer_config.json").write_text(json.dumps(config))
+    from stages.ppo.ppo import main
+
+    with pytest.raises(ConfigError, match=r"key 'lora.enabled': .*untrained got our role tokens \(<\|user\|>, "
+                                          r"<\|assistant\|>\)"):
+        main(ppo_args(tmp_path, "lora", untrained, micro_rm, "lora.enabled=true", "max_steps=1"))
+
+
+def test_a_rollout_reply_ends_at_any_stop_token_the_model_lists(micro_sft, micro_rm):
+    """A reply ended by a hub model's other stop token (<|endoftext|> beside <|im_end|>) was decoded with that token
+    and the pads after it: the RM and the judge read them, and a reply of only that token escaped the empty-reply
+    penalty."""
+    from stages.ppo.passes import rollout
+    from stages.ppo.ppo_math import answered
+
+    cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["sampling.max_new_tokens=6"])
+    tokenizer = load_tokenizer(str(micro_sft))
+    policy = AutoModelForCausalLM.from_pretrained(micro_sft).eval()
+    other_stop = tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS[1])  # BOS, as if it ended a turn
+    assert other_stop not in (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    policy.generation_config.eos_token_id = [tokenizer.eos_token_id, other_stop]
+    policy.lm_head.register_forward_hook(lambda module, args, out: out.index_add(  # always the other stop token
+        -1, torch.tensor([other_stop]), torch.full((*out.shape[:-1], 1), 100.0)))
+    critic = TokenCritic(load_scalar_model(str(micro_rm), "test", tokenizer))
+    data = rollout(policy, lambda: contextlib.nullcontext(policy), critic, tokenizer, ["Hi?", "What is 2 plus 3?"],
+                   cfg, torch.Generator().manual_seed(0))
+    assert data["replies"] == ["", ""] and data["has_eos"].all()
+    assert data["mask"].sum(1).tolist() == [1, 1]  # the stop token is the reply's one action
+    assert not any(answered(data["has_eos"], data["replies"]))  # empty: missing_eos_penalty, as a cut reply
 
 
 def test_ppo_updates_on_one_batch_follow_the_advantages_and_fit_the_returns(micro_sft, micro_rm):

@@ -124,6 +124,31 @@ def test_padding_does_not_change_a_score(micro_rm):
     assert scorer.score([short[0], long[0]], [short[1], long[1]])[0].item() == pytest.approx(alone, abs=1e-5)
 
 
+def test_an_rm_trained_with_pad_as_eos_is_scored_where_it_was_trained(micro_rm, tmp_path):
+    """A hub RM whose tokenizer pads with its EOS learnt to score the last token before it (transformers reads a
+    sequence-classification score at the last non-pad token). Scoring must keep that pad, as plain HF does."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    hub_rm = tmp_path / "hub_rm"
+    shutil.copytree(micro_rm, hub_rm)
+    plain_tokenizer = AutoTokenizer.from_pretrained(hub_rm)
+    plain_tokenizer.pad_token = plain_tokenizer.eos_token
+    plain_tokenizer.save_pretrained(hub_rm)
+    plain = AutoModelForSequenceClassification.from_pretrained(hub_rm)
+    plain.config.pad_token_id = plain_tokenizer.eos_token_id
+    plain.save_pretrained(hub_rm)
+    scorer = RewardScorer(str(hub_rm))
+    assert scorer.tokenizer.pad_token == scorer.tokenizer.eos_token
+    prompts, replies = ["What is 12 plus 30?", "Reverse the word cat."], ["42.", "The word cat reversed is tac."]
+    texts = [conversation_text(scorer.tokenizer, p, r) for p, r in zip(prompts, replies)]
+    batch = plain_tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.no_grad():
+        expected = plain(**batch).logits.squeeze(-1)
+    torch.testing.assert_close(scorer.score(prompts, replies), expected, atol=1e-5, rtol=1e-5)
+    # a stage that trains from such a tokenizer gives it a pad of its own (the new head learns to read EOS)
+    assert load_tokenizer(str(hub_rm)).pad_token != plain_tokenizer.eos_token
+
+
 # ---- errors before training ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows, row, column", [

@@ -93,7 +93,8 @@ def test_a_chat_template_trl_cannot_mark_trains_on_the_replies_alone(micro_pretr
                       {"role": "user", "content": "Reverse the word cat."},
                       {"role": "assistant", "content": "The word cat reversed is tac."}],
                      [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Teal."}]]
-    data = with_reply_masks(Dataset.from_list([{"messages": m} for m in conversations]), tokenizer, str(outside))
+    data = with_reply_masks(Dataset.from_list([{"messages": m} for m in conversations]), tokenizer, str(outside),
+                            "demos")
     cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}", "max_length=128"])
     arguments = training_arguments(cfg, tmp_path / "checkpoints")
     arguments.assistant_only_loss = False
@@ -111,6 +112,16 @@ def test_a_chat_template_trl_cannot_mark_trains_on_the_replies_alone(micro_pretr
         assert [tokenizer.decode(batch["input_ids"][row, a:b]) for a, b in zip(starts, ends)] == \
             [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
 
+    # a template that renders earlier replies otherwise (as thinking models drop their reasoning) is refused with
+    # the row whose conversation shows it, not a traceback (the first row, one turn, passes)
+    forgetful = tokenizer.chat_template.replace("{{ m['content'] }}", "{{ '...' if m['role'] == 'assistant' and not "
+                                                "loop.last else m['content'] }}")
+    forgetful_tokenizer = load_tokenizer(str(outside))
+    forgetful_tokenizer.chat_template = forgetful
+    rows = Dataset.from_list([{"messages": conversations[1]}, {"messages": conversations[0]}])
+    with pytest.raises(ConfigError, match=r"key 'init_from': .*does not render each reply as an extension .*"
+                                          r"\(conversation of row 2 in demos.jsonl\)"):
+        with_reply_masks(rows, forgetful_tokenizer, str(outside), "demos.jsonl")
     main(sft_args(tmp_path, "chatml", f"init_from={outside}", *QUICK, "max_steps=2"))  # the stage runs through
     assert AutoTokenizer.from_pretrained(tmp_path / "chatml" / "sft" / "final").chat_template == CHATML
     # a template whose generation prompt is not how it opens a reply cannot be read: refused by key
@@ -514,6 +525,9 @@ def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_tr
         from pipeline.model import LoraSpec
 
         LoraSpec(enabled=True, target_modules=["c_attn"]).peft_config(
+            "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
+    for as_peft_matches in (["self_attn.q_proj"], ["layers.0.mlp.up_proj"], ["embed_tokens"]):  # not refused
+        LoraSpec(enabled=True, target_modules=as_peft_matches).peft_config(
             "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
     main(sft_args(tmp_path, "outside", *args))
     final = tmp_path / "outside" / "sft" / "final"

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.generation import encode_prompts, sample, stop_token_ids
+from pipeline.generation import decode_responses, encode_prompts, sample, stop_token_ids
 from stages.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, policy_loss, response_mask, value_loss
 
 if TYPE_CHECKING:
@@ -49,13 +49,16 @@ def response_values(critic, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(policy, reference, critic, tokenizer, prompts: list[str], cfg: PPOStageConfig, generator) -> dict:
-    """Sample replies to `prompts` (KV cache; stop at EOS or the length cap), then score them token by token."""
+    """Sample replies to `prompts` (KV cache; stop at a stop token or the length cap), then score them token by
+    token. `replies`: their text up to the stop token, as the RM and the judge read it."""
     enc = encode_prompts(tokenizer, prompts, next(policy.parameters()).device)
     started = time.perf_counter()
-    responses = sample(policy, enc["input_ids"], enc["attention_mask"], cfg.sampling,
-                       stop_token_ids(policy, tokenizer), tokenizer.pad_token_id, generator)
+    stops = stop_token_ids(policy, tokenizer)
+    responses = sample(policy, enc["input_ids"], enc["attention_mask"], cfg.sampling, stops, tokenizer.pad_token_id,
+                       generator)
     seconds = time.perf_counter() - started
-    return {**score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg), "generation_seconds": seconds}
+    return {**score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg), "generation_seconds": seconds,
+            "replies": decode_responses(tokenizer, responses, stops)}
 
 
 @torch.no_grad()

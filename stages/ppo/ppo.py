@@ -42,14 +42,14 @@ from pipeline.checkpoint import (load_training_state, parameter_fingerprint, res
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.evaluation import family_table, load_judge, load_prompts, win_rate
-from pipeline.generation import SamplingConfig, decode_responses, prompts_that_fit
-from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, check_length_fits, fp32_forward, load_causal_lm, \
-    load_scalar_model, set_special_token_ids
+from pipeline.generation import SamplingConfig, prompts_that_fit
+from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, check_length_fits, check_lora_can_train, \
+    fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, \
     start_checkpoints, world_dir, world_lineage, write_resolved_config
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import PAD, load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.passes import TokenCritic, ppo_loss, rollout, trim_padding
@@ -145,7 +145,7 @@ class PPOStageConfig(StageConfig):
     keep_checkpoints: int = 2
     rm_max_length: int = 0
     """Token cap of a conversation as the RM reads it (cut on the left). 0: the length the RM was trained at
-    (`rm_max_length` in its config; 512 for an RM from elsewhere)."""
+    (`rm_max_length` in its config; for an RM from elsewhere 512, or its positions if fewer)."""
 
     def __post_init__(self):
         super().__post_init__()
@@ -224,13 +224,20 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"key 'lora.enabled': cannot resume from {checkpoint}, saved {saved}; set lora.enabled "
                           f"back to {not cfg.lora.enabled} to resume, or start over without resume=true")
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
+    if cfg.lora.enabled:
+        check_lora_can_train(tokenizer, sft_path)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
-    if rm.tokenizer.get_vocab() != tokenizer.get_vocab():  # the critic, made from the RM, reads policy tokens
+    # the critic, made from the RM, reads policy tokens (an RM keeps its own pad, which may be its EOS: the policy's
+    # tokenizer then has our pad besides, which the critic's embeddings grow to)
+    rm_vocab = rm.tokenizer.get_vocab()
+    if rm_vocab != {t: i for t, i in tokenizer.get_vocab().items() if t != PAD or t in rm_vocab}:
         raise ConfigError(f"key 'reward_model': {rm_path} has a different tokenizer from the policy {sft_path}")
     check_length_fits(rm.model, cfg.rm_max_length, "rm_max_length")
     policy = load_causal_lm(str(checkpoint / "model") if checkpoint and not cfg.lora.enabled else sft_path, "ppo",
                             cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(policy, tokenizer)
+    if cfg.ptx:
+        check_length_fits(policy, cfg.ptx_block_size, "ptx_block_size")
     rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
@@ -375,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                    prompt_indices(len(rows), step, rank, n_ranks, cfg.rollout_batch_size, cfg.seed)]
         with accelerator.autocast():
             data = rollout(unwrap(policy), reference, unwrap(critic), tokenizer, prompts, cfg, sampler)
-        replies, mask = decode_responses(tokenizer, data["responses"]), data["mask"]
+        replies, mask = data["replies"], data["mask"]
         rm_score = rm.score(prompts, replies, normalize=True, max_length=cfg.rm_max_length).to(device)
         gold = torch.tensor([judge.score(p, r).score for p, r in zip(prompts, replies)], device=device)
 

@@ -37,8 +37,8 @@ from pipeline.generation import SamplingConfig
 from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lora_can_train, fp32_forward, \
     load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
-from pipeline.runs import learned_world_data, resolve_precision, run_main, start_checkpoints, weights_sharded, \
-    world_lineage, write_resolved_config
+from pipeline.runs import distributed_launch, learned_world_data, resolve_precision, run_main, start_checkpoints, \
+    weights_sharded, world_lineage, write_resolved_config
 from pipeline.tokenizer import ADDED_ROLE_TOKENS, TemplateError, load_tokenizer, reply_masks, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback, stop_if_not_finite
 
@@ -157,16 +157,20 @@ class StageSFTTrainer(SFTTrainer):
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
-def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str) -> Dataset | IterableDataset:
+def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, source: str
+                     ) -> Dataset | IterableDataset:
     """The conversations tokenized, each reply marked for the loss (reply_masks), for a chat template TRL cannot
-    mark itself."""
-    first = next(iter(data))
-    try:
-        reply_masks(tokenizer, first["messages"])  # a template we cannot read fails here, by key
-    except TemplateError as e:
-        raise ConfigError(f"key 'init_from': {init}: {e}, and has no {{% generation %}} markers TRL could use. "
-                          "Give its tokenizer a chat template with them around each reply") from None
-    return data.map(lambda row: reply_masks(tokenizer, row["messages"]), remove_columns=list(first))
+    mark itself. A conversation the template does not render reply by reply is refused by key, with its row."""
+    def masked(row: dict, index: int) -> dict:
+        try:
+            return reply_masks(tokenizer, row["messages"])
+        except TemplateError as e:
+            raise ConfigError(f"key 'init_from': {init}: {e} (conversation of row {index + 1} in {source}), and "
+                              "has no {% generation %} markers TRL could use. Give its tokenizer a chat template "
+                              "with them around each reply") from None
+
+    masked(next(iter(data)), 0)  # a template we cannot read at all fails before the model trains
+    return data.map(masked, with_indices=True, remove_columns=list(next(iter(data))))
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
@@ -354,7 +358,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
     if not trl_masks_replies(tokenizer):  # a template without {% generation %} markers that TRL cannot patch
-        train_data, eval_data = (with_reply_masks(data, tokenizer, init) for data in (train_data, eval_data))
+        train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
+                                 for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
         arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
@@ -395,8 +400,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
     started = time.perf_counter()
-    if checkpoint is not None and not sharding and 0 < cfg.max_steps <= checkpoint_step(Path(checkpoint)):
-        trainer.restore_finished(checkpoint)  # (sharded weights load inside train(), which takes the extra step)
+    if checkpoint is not None and not distributed_launch() and 0 < cfg.max_steps <= checkpoint_step(Path(checkpoint)):
+        trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
         trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
