@@ -90,14 +90,19 @@ class Conversation:
             self.messages.pop()
             raise MessageTooLong(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
         device = next(self.model.parameters()).device
+        stops = stop_token_ids(self.model, self.tokenizer)
         tokens: list[int] = []
         shown = ""
         try:
             for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
                     budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
-                    stop_token_ids(self.model, self.tokenizer), self.generator):
+                    stops, self.generator):
+                if token in stops:
+                    break
                 tokens.append(token)
-                text_so_far = self.tokenizer.decode(tokens, skip_special_tokens=True).lstrip()
+                # as eval decodes a reply (decode_responses): a stray special token stays, the whitespace around
+                # the reply goes (trailing whitespace waits for what follows it)
+                text_so_far = self.tokenizer.decode(tokens).strip()
                 if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
                     continue
                 yield text_so_far[len(shown):]
@@ -105,8 +110,10 @@ class Conversation:
         except BaseException:
             self.messages.pop()  # an interrupted turn leaves no trace in the history
             raise
-        self.messages.append({"role": "assistant", "content": self.tokenizer.decode(tokens, skip_special_tokens=True)
-                              .strip()})
+        reply = self.tokenizer.decode(tokens).strip()
+        if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
+            yield reply[len(shown):]
+        self.messages.append({"role": "assistant", "content": reply})
 
 
 def readable(text: str) -> str:

@@ -160,10 +160,11 @@ def checkpoint_config(path: str | Path) -> dict | None:
 @contextlib.contextmanager
 def loading_from(path: str | Path, needed_by: str) -> Iterator[None]:
     """Around a `from_pretrained`: its OSError (a mistyped local path, which it then takes for a hub id; a hub id
-    it cannot fetch; a directory without the files) becomes a CheckpointError naming the path."""
+    it cannot fetch; a directory without the files) or ValueError (files it cannot read, a tokenizer that needs
+    sentencepiece) becomes a CheckpointError naming the path."""
     try:
         yield
-    except OSError as e:
+    except (OSError, ValueError) as e:
         where = "" if Path(path).exists() else " (no such local path, so it was looked up as a hub id)"
         raise CheckpointError(f"{needed_by}: cannot load {path}{where}: {str(e).strip().splitlines()[0]}") from e
 

@@ -299,6 +299,7 @@ def int_at_least(lowest: int, meaning: str = ""):
 
 
 at_least_one, limit_count = int_at_least(1), int_at_least(0, "all")
+EVAL_BATCH_SIZE = 64  # prompts per generate batch: sampled (not greedy) answers depend on it
 
 
 def check_output(path: str | None) -> None:
@@ -312,10 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     add_run_arguments(parser)
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=limit_count, default=0, help="evaluate the first N prompts only (0: all)")
-    parser.add_argument("--batch-size", type=at_least_one, default=64)
+    parser.add_argument("--batch-size", type=at_least_one, default=EVAL_BATCH_SIZE)
     parser.add_argument("--rm", action="store_true",
                         help="also score the answers with the run's reward model (the one its PPO optimised)")
-    parser.add_argument("--reward-model", metavar="PATH", help="with --rm: this reward model instead")
+    parser.add_argument("--reward-model", metavar="PATH",
+                        help="score with this reward model (a path, hub id, or 'rm': the run's) instead; implies --rm")
     parser.add_argument("--out", help="JSON output file "
                                       "(default: runs/<run>/eval/<label>[-<sampling>][-first<N>].json; the label "
                                       "is the stage, or where the checkpoint sits under runs/, e.g. "
@@ -333,10 +335,13 @@ def main(argv: list[str] | None = None) -> dict:
     rows = rows[:args.limit] if limited else rows
     device = default_device()
     scorer, rm_path, ppo_settings = None, None, run_ppo_settings(cfg)
-    if args.rm:
+    if args.rm or args.reward_model:  # naming a reward model asks for its scores
         from reward_model.scoring import RewardScorer
 
-        rm_path = args.reward_model or run_reward_model(cfg, ppo_settings)
+        configured = run_reward_model(cfg, ppo_settings)
+        # checked as eval-rm checks it: the run's RM by its stage name (a missing one says how to train it)
+        run_rm = configured == str(stage_paths(cfg, "rm").final)
+        rm_path, _ = resolve_checkpoint(cfg, args.reward_model or ("rm" if run_rm else configured), "--reward-model")
         scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",

@@ -6,6 +6,7 @@ the loop ends when every row has stopped or the length cap is hit.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -28,8 +29,8 @@ class SamplingConfig:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off)."""
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise FieldError("temperature", f"must be 0 (greedy) or above, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # NaN fails this too
+            raise FieldError("temperature", f"must be 0 (greedy) or a finite number above, got {self.temperature}")
         if self.top_k < 0:
             raise FieldError("top_k", f"must be 0 (off) or above, got {self.top_k}")
         if not 0 < self.top_p <= 1:  # top_p 0 would drop every token; greedy is temperature 0

@@ -31,10 +31,10 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.checkpoint import write_text_atomic  # noqa: E402
-from pipeline.evaluate import (CRITERIA, add_sampling_arguments, at_least_one, default_device,  # noqa: E402
-                               describe_sampling, evaluate_checkpoint, family_counts, limit_count, load_policy,
-                               load_run_config, markdown_table, run_ppo_settings, run_reward_model, run_world,
-                               sampling_from_args, shared_config)
+from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, add_sampling_arguments, at_least_one,  # noqa: E402
+                               default_device, describe_sampling, evaluate_checkpoint, family_counts, limit_count,
+                               load_policy, load_run_config, markdown_table, run_ppo_settings, run_reward_model,
+                               run_world, sampling_from_args, shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
@@ -402,7 +402,8 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
                                        [[c, v["pairs"], v["gold_accuracy"], family_breakdown(v["by_family"])]
                                         for c, v in criteria.items()], align="lrrl"), ""] \
         if criteria else []
-    return [f"Re-scored now on the held-out rankings ({relative(r['source'], run)}/), which the RM never trained on.",
+    source = relative(r["source"], run) + ("/" if Path(r["source"]).is_dir() else "")
+    return [f"Re-scored now on the held-out rankings ({source}), which the RM never trained on.",
             "", table, "", *by_criterion,
             image(plot, "RM scores of chosen and rejected responses", run)], \
         [["RM", f"held-out accuracy {r['accuracy']:.3f}{ceiling}", verdict]]
@@ -468,8 +469,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=limit_count, default=0, help="evaluate on the first N held-out prompts (0: all)")
-    parser.add_argument("--batch-size", type=at_least_one, default=64)
-    parser.add_argument("--samples", type=int, default=4, help="held-out prompts shown with every model's answer")
+    parser.add_argument("--batch-size", type=at_least_one, default=EVAL_BATCH_SIZE)
+    parser.add_argument("--samples", type=limit_count, default=4,
+                        help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
@@ -560,7 +562,9 @@ def main(argv: list[str] | None = None) -> Path:
               f"Written {datetime.datetime.now():%Y-%m-%d %H:%M} by `make report` in {run}. Every policy figure",
               f"below was measured just now on the same {len(rows)} held-out world prompts "
               f"({relative(world / 'eval_prompts.jsonl', run)}),",
-              f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>` gives the same numbers.",
+              f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>` gives the same numbers"
+              + (f" (with `--batch-size {args.batch_size}`: sampled answers depend on how the prompts are batched)."
+                 if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else "."),
               "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term",
               "(normalised; a reply cut at the length cap, or empty, scores `missing_eos_penalty`).", "",
               "## At a glance", "",

@@ -7,13 +7,13 @@ pretraining document ends the same way a reply does.
 from __future__ import annotations
 
 import re
-
+from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from pipeline.checkpoint import loading_from
+from pipeline.checkpoint import CheckpointError, loading_from
 
 BOS, EOS, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -66,6 +66,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 # in tokenizer_config.json: the role tokens load_tokenizer added (their embeddings start untrained), until a stage
 # trains them in full (SFT; pretraining text has no chat turns)
 ADDED_ROLE_TOKENS = "pipeline_added_role_tokens"
+# one of these in a directory makes it a tokenizer (fast, sentencepiece, BPE or WordPiece files)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                   "vocab.txt")
 TEXT_END = "text_end_token"  # in tokenizer_config.json: the end of text that an end-of-turn EOS replaced
 
 
@@ -76,6 +79,10 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, turn_end_
     `turn_end_is_eos` (chat stages): make the token the template closes an assistant turn with EOS. Pretraining
     passes False: it separates documents with EOS, which must stay the model's own end-of-text token.
     `keep_pad` (scoring with a trained RM): keep a pad equal to EOS, as the RM learnt to read its score there."""
+    local = Path(name_or_path)
+    if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from the model's config alone: every text encodes to nothing
+        raise CheckpointError(f"tokenizer: no tokenizer files in {name_or_path} (none of {', '.join(TOKENIZER_FILES)})")
     with loading_from(name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:

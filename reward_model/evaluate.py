@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [dict(r) for r in load_dataset_for(spec, "preferences", world_dir=world)]
         source = args.data
         # the whole path or hub id: runs/a/prefs/eval.jsonl and runs/b/prefs/eval.jsonl are two files
-        name = "".join([f"-on-{file_part(re.sub(r'[.](jsonl|json|parquet|csv|txt)$', '', args.data)).strip('-')}",
+        name = "".join([f"-on-{file_part(args.data).strip('-')}",
                         f"-{file_part(args.name)}" if args.name else "",
                         f"-{file_part(args.split)}" if args.split != "test" else "",
                         f"-first{args.max_rows}" if args.max_rows else ""])

@@ -181,3 +181,17 @@ def test_sampled_chat_is_seeded_and_history_fits_the_context(micro_ppo):
         ids, budget, _ = conversation.prompt_ids()
         assert ids.size(1) + budget <= model.config.max_position_embeddings
     assert conversation.messages[-1]["role"] == "assistant" and len(conversation.messages) < 24
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft"])
+def test_a_greedy_chat_reply_is_the_answer_eval_gives(micro_sft, micro_runs, stage):
+    """A weak model emits stray role tokens and runs to the length cap: chat dropped those tokens (eval keeps them,
+    for the judge) and kept a cut reply's trailing whitespace, so its reply differed from eval's."""
+    from pipeline.tokenizer import load_tokenizer
+
+    final = micro_runs / "micro" / stage / "final"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(final).eval(), load_tokenizer(str(final))
+    prompts = [r["prompt"] for r in load_prompts(micro_runs / "micro" / "world" / "eval_prompts.jsonl")][:24]
+    greedy = SamplingConfig(MAX_NEW, temperature=0.0)
+    answers, _ = generate_responses(model, tokenizer, prompts, greedy, batch_size=8)
+    assert ["".join(chat.Conversation(model, tokenizer, greedy).reply(p)) for p in prompts] == answers

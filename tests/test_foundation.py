@@ -212,7 +212,8 @@ def test_a_zero_step_or_batch_count_names_its_key(stage, override):
     ("rm", "adam_betas=[0.9, 1.5]", r"expected two numbers in \[0, 1\)"),
     ("rm", "run_name=a b/c", "use letters, digits"),  # the RM's config skipped the shared check
     ("rm", "sampling.top_p=0", "must be above 0 and at most 1"),  # dropped every token: NaN probabilities
-    ("sft", "gold_sampling.temperature=-0.5", "must be 0 \\(greedy\\) or above"),
+    ("sft", "gold_sampling.temperature=-0.5", "must be 0 \\(greedy\\) or a finite number above"),
+    ("sft", "gold_sampling.temperature=nan", "must be 0 \\(greedy\\) or a finite number above, got nan"),
     ("rm", "sampling.max_new_tokens=0", "must be 1 or more"),
     ("sft", "run_name=exp+lora", "use letters, digits"),  # W&B refused the artifact name after training
     ("ppo", "run_name=a/b", "use letters, digits"),

@@ -13,6 +13,7 @@ from PIL import Image
 from conftest import MICRO, run_stage
 from pipeline import evaluate, report
 from pipeline.checkpoint import CheckpointError
+from pipeline.config import ConfigError
 
 SECTIONS = ("## At a glance", "## Pretrain", "## SFT", "## Reward model", "## PPO", "## Samples", "## Run facts")
 PLOTS = ("pretrain_loss", "gold_by_family", "rm_scores", "ppo_proxy_vs_gold", "ppo_rollouts")
@@ -175,6 +176,26 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path, cap
         assert error.value.code == 2 and f"{flag}: expected 1 or more, got {value}" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=rf"--out {tmp_path}: is a directory; name a JSON file"):
         evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--out", str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"temperature.*got nan"):  # crashed in sampling
+        evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--temperature", "nan"])
+    # a model directory with no tokenizer: transformers built an empty one, every answer was empty and scored 0
+    sft_final = micro_runs / "micro" / "sft" / "final"
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        shutil.copy(sft_final / name, bare / name)
+    with pytest.raises(CheckpointError, match=rf"no tokenizer files in {re.escape(str(bare))}"):
+        evaluate.main(run_args(micro_runs) + ["--stage", str(bare), "--limit", "1"])
+    # --reward-model asks for RM scores by itself (it was ignored without --rm), and 'rm' names the run's RM,
+    # whose absence says how to train it (it was looked up as a hub id)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "world").symlink_to(micro_runs / "micro" / "world")
+    with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'fresh': .*make rm"):
+        evaluate.main(run_args(tmp_path, "fresh") + ["--stage", str(sft_final), "--reward-model", "rm"])
+    scored = evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--reward-model", "rm", "--limit", "2",
+                                                   "--out", str(tmp_path / "scored.json")])
+    assert scored["reward_model"] == str(micro_rm) and "rm/score" in scored["summary"]
 
 
 def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tmp_path):
@@ -182,6 +203,9 @@ def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tm
     partial.mkdir()
     for part in ("world", "pretrain", "sft"):
         (partial / part).symlink_to(micro_runs / "micro" / part)
+    with pytest.raises(SystemExit) as error:  # showed all but one sample
+        report.main(run_args(tmp_path, "partial") + ["--samples", "-1"])
+    assert error.value.code == 2
     text = report.main(run_args(tmp_path, "partial") + ["--limit", "5"]).read_text()
     for heading in SECTIONS:
         assert heading in text
