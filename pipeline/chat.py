@@ -107,12 +107,12 @@ class Conversation:
                     continue
                 yield text_so_far[len(shown):]
                 shown = text_so_far
+            reply = self.tokenizer.decode(tokens).strip()
+            if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
+                yield reply[len(shown):]
         except BaseException:
             self.messages.pop()  # an interrupted turn leaves no trace in the history
             raise
-        reply = self.tokenizer.decode(tokens).strip()
-        if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
-            yield reply[len(shown):]
         self.messages.append({"role": "assistant", "content": reply})
 
 

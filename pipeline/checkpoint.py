@@ -166,7 +166,12 @@ def loading_from(path: str | Path, needed_by: str) -> Iterator[None]:
         yield
     except (OSError, ValueError) as e:
         where = "" if Path(path).exists() else " (no such local path, so it was looked up as a hub id)"
-        raise CheckpointError(f"{needed_by}: cannot load {path}{where}: {str(e).strip().splitlines()[0]}") from e
+        # an OSError's first line says it (the rest is hub advice); a ValueError's fix may come later (custom code
+        # asks for trust_remote_code on its third line)
+        said = str(e).strip().splitlines()[0] if isinstance(e, OSError) else str(e).strip()
+        hint = " Set trust_remote_code: true in the config if you trust this code." \
+            if "trust_remote_code" in said else ""
+        raise CheckpointError(f"{needed_by}: cannot load {path}{where}: {said}{hint}") from e
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")

@@ -134,7 +134,8 @@ def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stag
             sys.exit(f"{flag} {stage_or_path}: {path} is not a Hugging Face checkpoint directory (no config.json)"
                      + inner)
         return str(path), checkpoint_label(cfg, path)
-    if "/" in stage_or_path and is_hub_id(stage_or_path):  # 'owner/name' (a bare word is a mistyped stage)
+    # 'owner/name'; a bare 'name' too, but for --stage, where a bare word is a mistyped stage name
+    if is_hub_id(stage_or_path) and ("/" in stage_or_path or flag != "--stage"):
         return stage_or_path, stage_or_path.replace("/", "--")
     stages = f"one of {', '.join(POLICY_STAGE_NAMES)} or " if flag == "--stage" else ""
     sys.exit(f"{flag} {stage_or_path}: expected {stages}an existing checkpoint directory; {path} does not exist")
@@ -339,9 +340,12 @@ def main(argv: list[str] | None = None) -> dict:
         from reward_model.scoring import RewardScorer
 
         configured = run_reward_model(cfg, ppo_settings)
-        # checked as eval-rm checks it: the run's RM by its stage name (a missing one says how to train it)
-        run_rm = configured == str(stage_paths(cfg, "rm").final)
-        rm_path, _ = resolve_checkpoint(cfg, args.reward_model or ("rm" if run_rm else configured), "--reward-model")
+        # a given one checked as eval-rm checks it; the run's own by its stage name (a missing one says how to
+        # train it); another the run's PPO named, as PPO took it
+        if args.reward_model or configured == str(stage_paths(cfg, "rm").final):
+            rm_path, _ = resolve_checkpoint(cfg, args.reward_model or "rm", "--reward-model")
+        else:
+            rm_path = configured
         scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",

@@ -75,13 +75,18 @@ class LoraSpec:
         from peft import LoraConfig
 
         targets = "all-linear" if self.target_modules == ["all-linear"] else self.target_modules
-        names = [name for name, _ in model.named_modules()]
-        # as peft matches a target: a module's whole name, or its end after a dot ("q_proj", "self_attn.q_proj")
-        if targets != "all-linear" and not any(n == t or n.endswith(f".{t}") for n in names for t in targets):
+        # as peft matches a target: a module's whole name, or its end after a dot ("q_proj", "self_attn.q_proj");
+        # of the layers it matches, peft adapts linear, embedding and convolution layers (not a block like "mlp")
+        adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+        matched = [module for name, module in model.named_modules()
+                   if targets != "all-linear" and any(name == t or name.endswith(f".{t}") for t in targets)]
+        if targets != "all-linear" and not any(isinstance(m, adaptable) or type(m).__name__ == "Conv1D"
+                                               for m in matched):
             linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
                              if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"})
-            raise ConfigError(f"key 'lora.target_modules': this model has none of {targets}; its linear layers "
-                              f"are {linear}. Name some of those, or set it to ['all-linear']")
+            raise ConfigError(f"key 'lora.target_modules': no layer of this model that LoRA can adapt is named "
+                              f"{targets}; its linear layers are {linear}. Name some of those, or set it to "
+                              "['all-linear']")
         return LoraConfig(task_type=task_type, r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                           target_modules=targets)
 

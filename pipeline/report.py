@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.checkpoint import write_text_atomic  # noqa: E402
 from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, add_sampling_arguments, at_least_one,  # noqa: E402
-                               default_device, describe_sampling, evaluate_checkpoint, family_counts, limit_count,
-                               load_policy, load_run_config, markdown_table, run_ppo_settings, run_reward_model,
-                               run_world, sampling_from_args, shared_config)
+                               default_device, describe_sampling, evaluate_checkpoint, family_counts, int_at_least,
+                               limit_count, load_policy, load_run_config, markdown_table, run_ppo_settings,
+                               run_reward_model, run_world, sampling_from_args, shared_config)
 from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> Path:
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=limit_count, default=0, help="evaluate on the first N held-out prompts (0: all)")
     parser.add_argument("--batch-size", type=at_least_one, default=EVAL_BATCH_SIZE)
-    parser.add_argument("--samples", type=limit_count, default=4,
+    parser.add_argument("--samples", type=int_at_least(0, "none"), default=4,
                         help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)

@@ -199,6 +199,9 @@ def reply_masks(tokenizer, messages: list[dict[str, str]]) -> dict[str, list[int
     def render(turns: list[dict[str, str]], prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
 
+    if not tokenizer.is_fast:  # the replies' tokens are found by their character offsets
+        raise TemplateError("its tokenizer is not a fast one, which gives the character offsets of its tokens")
+
     text, spans = render(messages), []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

@@ -882,3 +882,15 @@ def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, mi
         run_stage(main, config, tmp_path, *init, f"{key}={positions + 1}", *(["ptx=true"] if "ptx" in key else []),
                   run_name="long")
     assert not (tmp_path / "long" / stage / "final").exists()
+
+
+def test_a_checkpoint_with_custom_code_says_which_key_lets_it_run(tmp_path):
+    """transformers' refusal (a ValueError) names trust_remote_code on its third line: cut to its first line, the
+    one fix was lost."""
+    from pipeline.model import load_causal_lm
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mycustom", "architectures": ["XModel"],
+        "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}}))
+    with pytest.raises(CheckpointError, match=r"(?s)contains custom code.*Set trust_remote_code: true in the config"):
+        load_causal_lm(str(tmp_path), "test")

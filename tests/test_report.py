@@ -193,19 +193,20 @@ def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path, cap
     (fresh / "world").symlink_to(micro_runs / "micro" / "world")
     with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'fresh': .*make rm"):
         evaluate.main(run_args(tmp_path, "fresh") + ["--stage", str(sft_final), "--reward-model", "rm"])
+    assert evaluate.resolve_checkpoint(None, "my-rm", "--reward-model") == ("my-rm", "my-rm")  # a bare hub id
     scored = evaluate.main(run_args(micro_runs) + ["--stage", "sft", "--reward-model", "rm", "--limit", "2",
                                                    "--out", str(tmp_path / "scored.json")])
     assert scored["reward_model"] == str(micro_rm) and "rm/score" in scored["summary"]
 
 
-def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tmp_path):
+def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tmp_path, capsys):
     partial = tmp_path / "partial"
     partial.mkdir()
     for part in ("world", "pretrain", "sft"):
         (partial / part).symlink_to(micro_runs / "micro" / part)
     with pytest.raises(SystemExit) as error:  # showed all but one sample
         report.main(run_args(tmp_path, "partial") + ["--samples", "-1"])
-    assert error.value.code == 2
+    assert error.value.code == 2 and "--samples: expected 0 (none) or more, got -1" in capsys.readouterr().err
     text = report.main(run_args(tmp_path, "partial") + ["--limit", "5"]).read_text()
     for heading in SECTIONS:
         assert heading in text

@@ -520,14 +520,17 @@ def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_tr
     with pytest.raises(ConfigError, match=refusal.format("final")):
         main(sft_args(tmp_path, "continued", *args, f"init_from={continued}", "lora.enabled=true", "lora.rank=4"))
     # LoRA targets the model lacks are refused by key (peft failed with a traceback)
-    with pytest.raises(ConfigError, match=r"key 'lora.target_modules': this model has none of \['c_attn'\]; its "
-                                          r"linear layers are \[.*'q_proj'"):
+    with pytest.raises(ConfigError, match=r"key 'lora.target_modules': no layer of this model that LoRA can adapt "
+                                          r"is named \['c_attn'\]; its linear layers are \[.*'q_proj'"):
         from pipeline.model import LoraSpec
 
         LoraSpec(enabled=True, target_modules=["c_attn"]).peft_config(
             "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
     for as_peft_matches in (["self_attn.q_proj"], ["layers.0.mlp.up_proj"], ["embed_tokens"]):  # not refused
         LoraSpec(enabled=True, target_modules=as_peft_matches).peft_config(
+            "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
+    with pytest.raises(ConfigError, match=r"key 'lora.target_modules': no layer .* LoRA can adapt is named \['mlp'\]"):
+        LoraSpec(enabled=True, target_modules=["mlp"]).peft_config(  # a block, which peft refuses with a traceback
             "CAUSAL_LM", AutoModelForCausalLM.from_pretrained(outside))
     main(sft_args(tmp_path, "outside", *args))
     final = tmp_path / "outside" / "sft" / "final"
