@@ -309,13 +309,20 @@ def _text(value: Any, column: str) -> str:
     return value
 
 
+# ShareGPT's messages ({"from": "human", "value": ...}): who speaks, in our roles (as TRL converts them)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
 def _turns(value: Any, column: str) -> list[dict[str, str]]:
-    """A non-empty list of `{role, content}` messages, each checked (extra keys, such as a name, are dropped)."""
+    """A non-empty list of `{role, content}` messages (or ShareGPT's `{from, value}`), each checked (extra keys,
+    such as a name, are dropped)."""
     expected = "expected a list of {'role', 'content'} messages"
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid(column, f"{expected}, got {_describe(value)}")
     turns = []
     for i, message in enumerate(value):
+        if isinstance(message, dict) and message.get("role") is None and message.get("from") in SHAREGPT_ROLES:
+            message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
                 or message.get("role") not in ROLES:
             raise _Invalid(column, f"{expected}; message {i} is {_describe(message)} "

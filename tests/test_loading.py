@@ -117,6 +117,20 @@ def test_alpaca_rows_keep_their_input_after_the_instruction(tmp_path, suffix):
     assert_data_error(error, bad, 1, "input")
 
 
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_sharegpt_conversations_read_as_chat_messages(tmp_path, suffix):
+    """ShareGPT's {from, value} turns (human, gpt, system) were refused as messages without role and content."""
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                               {"from": "gpt", "value": "Hello."}]}]
+    dataset = load(write_rows(tmp_path / f"sharegpt{suffix}", rows), "sft", columns={"messages": "conversations"})
+    assert dataset[0]["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                      {"role": "assistant", "content": "Hello."}]
+    bad = write_rows(tmp_path / "bad.jsonl", [{"messages": [{"from": "narrator", "value": "Once"}]}])
+    with pytest.raises(DataError) as error:
+        load(bad, "sft")
+    assert_data_error(error, bad, 1, "messages")
+
+
 def test_pairs_with_column_mapping(tmp_path):
     rows = [{"question": "q", "good": "yes", "bad": "no"}]
     dataset = load(write_rows(tmp_path / "pairs.jsonl", rows), "preferences",
