@@ -82,7 +82,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, turn_end_
     local = Path(name_or_path)
     if local.is_dir() and not any((local / name).is_file() for name in TOKENIZER_FILES):
         # transformers would build an empty tokenizer from the model's config alone: every text encodes to nothing
-        raise CheckpointError(f"tokenizer: no tokenizer files in {name_or_path} (none of {', '.join(TOKENIZER_FILES)})")
+        raise CheckpointError(f"tokenizer: no tokenizer files in {name_or_path} "
+                              f"(none of {', '.join(TOKENIZER_FILES)})")
     with loading_from(name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.chat_template is None:
