@@ -47,6 +47,12 @@ from pipeline.tokenizer import HH_REPLY, prompt_messages, prompt_text
 
 WORLD_PREFIX = "world:"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+
+
+def _file_type(path: Path) -> str:
+    """A local file's type by its extension, read through a gzip layer (hh-rlhf ships train.jsonl.gz)."""
+    suffixes = path.suffixes
+    return suffixes[-2] if len(suffixes) >= 2 and suffixes[-1] == ".gz" else path.suffix
 ROLES = ("system", "user", "assistant")
 
 
@@ -147,6 +153,8 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
 
     Besides strings, the chat forms TRL calls conversational are read: a prompt, completion, chosen or
     rejected given as a list of `{role, content}` messages (UltraFeedback's and trl-lib's pairs)."""
+    if schema.name == "preferences":
+        row = _rated(row)
     form = _input_form(row, schema)
     if schema.name == "text":
         out = {"text": _string(row, "text")}
@@ -181,6 +189,34 @@ def _order_by_rating(out: dict[str, Any]) -> None:
     for column in ("responses", "ratings", "gold_scores"):
         if out.get(column) is not None:
             out[column] = [out[column][i] for i in order]
+
+
+def _rated(row: dict[str, Any]) -> dict[str, Any]:
+    """`ranks` (lower is better: Nectar's) as ratings. Of rated responses (UltraFeedback's 4 completions) an empty
+    one goes and a repeated one is kept once, with its best rating, as a pair with an empty or equal reply is
+    skipped; a list left with fewer than two says nothing."""
+    ranks = row.get("ranks")
+    if ranks is not None:
+        if not isinstance(ranks, (list, tuple)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in ranks):
+            raise _Invalid("ranks", f"expected a list of finite numbers (lower is better) aligned with "
+                                    f"'responses', got {_describe(ranks)}")
+        if row.get("ratings") is not None:
+            raise _Invalid("ranks", "given beside 'ratings'; map one of them")
+        row = {**row, "ratings": [-float(r) for r in ranks]}
+    responses, ratings = row.get("responses"), row.get("ratings")
+    if row.get("gold_scores") is not None or not isinstance(responses, (list, tuple)) \
+            or not isinstance(ratings, (list, tuple)) or len(responses) != len(ratings) \
+            or not all(isinstance(r, str) for r in responses) \
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in ratings):
+        return row  # nothing to tidy, or for the validators to refuse
+    best: dict[str, float] = {}
+    for response, rating in zip(responses, ratings):
+        if response.strip():
+            best[response] = max(rating, best.get(response, rating))
+    if len(best) < 2:
+        raise _NoPreference()
+    return {**row, "responses": list(best), "ratings": list(best.values())}
 
 
 class _NoPreference(Exception):
@@ -271,6 +307,8 @@ def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
                                  "that share their conversation up to an '\\n\\nAssistant:'")
     end = cut + len(HH_REPLY)
+    if any("\n\nHuman:" in side[end:] for side in (chosen, rejected)):
+        raise _NoPreference()  # the transcripts part before their last reply: no one prompt to rank replies to
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
@@ -311,6 +349,7 @@ def _text(value: Any, column: str) -> str:
 
 # ShareGPT's messages ({"from": "human", "value": ...}): who speaks, in our roles (as TRL converts them)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+OTHER_ROLE_NAMES = {"prompter": "user"}  # OpenAssistant's name for the user
 
 
 def _turns(value: Any, column: str) -> list[dict[str, str]]:
@@ -323,6 +362,8 @@ def _turns(value: Any, column: str) -> list[dict[str, str]]:
     for i, message in enumerate(value):
         if isinstance(message, dict) and message.get("role") is None and message.get("from") in SHAREGPT_ROLES:
             message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
+        elif isinstance(message, dict) and message.get("role") in OTHER_ROLE_NAMES:
+            message = {**message, "role": OTHER_ROLE_NAMES[message["role"]]}
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
                 or message.get("role") not in ROLES:
             raise _Invalid(column, f"{expected}; message {i} is {_describe(message)} "
@@ -396,6 +437,13 @@ def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
     raise ValueError(f"no validator for optional column {column!r}")
 
 
+def mapped_targets(schema: Schema) -> list[str]:
+    """The columns `columns` may map for a schema: its input and optional columns, and those a schema reads into
+    them (SFT's `input`, Alpaca's text to work on; preferences' `ranks`, lower is better)."""
+    extra = {"sft": ["input"], "preferences": ["ranks"]}.get(schema.name, [])
+    return list(dict.fromkeys([c for form in schema.input_forms for c in form] + list(schema.optional) + extra))
+
+
 def map_columns(row: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
     """Apply the schema-column -> source-column mapping to one row. A source `list.field` reads `field` from each
     record of a list column: raw UltraFeedback's
@@ -453,14 +501,14 @@ def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None) -> list[_Part
         return [_world_part(path[len(WORLD_PREFIX):], world_dir)]
     local = Path(path).expanduser()
     if local.is_dir():
-        files = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix in LOCAL_BUILDERS
+        files = sorted(p for p in local.rglob("*") if p.is_file() and _file_type(p) in LOCAL_BUILDERS
                        and not any(part.startswith(".") for part in p.relative_to(local).parts))
         if not files:
             raise DataError(str(local), f"directory has no {'/'.join(LOCAL_BUILDERS)} files")
         return [_file_part(f) for f in _files_of_split(local, files, spec.split)]
     if local.is_file():
         return [_file_part(local)]
-    if local.suffix in LOCAL_BUILDERS or path.startswith(("/", ".", "~")):
+    if _file_type(local) in LOCAL_BUILDERS or path.startswith(("/", ".", "~")):
         raise DataError(str(local), "file not found")
     return [_Part(f"hub dataset '{path}'" + (f" (config '{spec.name}')" if spec.name else "")
                   + f" split '{spec.split}'", path, name=spec.name, split=spec.split)]
@@ -472,8 +520,8 @@ SPLIT_WORDS = ("train", "test", "validation", "valid", "val", "dev", "eval")
 def _split_named(relative: Path) -> str | None:
     """The split a file in a dataset directory belongs to by its name or its folder's (train.jsonl,
     test/part.parquet, train_sft-00000-of-00003.parquet -> train_sft), or None."""
-    for part in (*relative.parent.parts, relative.stem):
-        name = re.sub(r"-\d+-of-\d+$", "", part)  # a shard's numbering
+    for part in (*relative.parent.parts, Path(relative.name.removesuffix(".gz")).stem):
+        name = re.sub(r"-\d+-of-\d+(-[0-9a-f]+)?$", "", part)  # a shard's numbering (and the hub's hash after it)
         if re.split(r"[_\-.]", name)[0].lower() in SPLIT_WORDS:
             return name
     return None
@@ -504,10 +552,10 @@ def _world_part(split: str, world_dir: str | Path | None) -> _Part:
 
 
 def _file_part(file: Path) -> _Part:
-    if file.suffix not in LOCAL_BUILDERS:
-        raise DataError(str(file), f"unsupported file type '{file.suffix}' "
-                                   f"(expected one of {', '.join(LOCAL_BUILDERS)})")
-    return _Part(str(file), LOCAL_BUILDERS[file.suffix], data_files=str(file))
+    if _file_type(file) not in LOCAL_BUILDERS:
+        raise DataError(str(file), f"unsupported file type '{_file_type(file)}' "
+                                   f"(expected one of {', '.join(LOCAL_BUILDERS)}, or one of them .gz)")
+    return _Part(str(file), LOCAL_BUILDERS[_file_type(file)], data_files=str(file))
 
 
 def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableDataset:
@@ -594,6 +642,11 @@ def load_dataset_for(spec: DatasetSpec, schema: str,
     if spec.max_rows is not None and spec.max_rows < 1:
         raise DataError("DatasetSpec", f"expected a positive number or None, got {spec.max_rows}",
                         column="max_rows")
+    readable = mapped_targets(SCHEMAS[schema])
+    for target in spec.columns:  # a mapped column no schema reads would be lost without a word (a typo too)
+        if target not in readable:
+            raise DataError("DatasetSpec", f"maps '{target}', which schema '{schema}' does not read; it reads "
+                                           f"{', '.join(readable)}", column=f"columns.{target}")
     parts = resolve_parts(spec, world_dir)
     if spec.streaming:
         return _load_streaming(parts, SCHEMAS[schema], spec)
@@ -634,7 +687,8 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
                         "no rows (every preference row had equal replies, an empty one, or only equal ratings)")
     if schema.name == "preferences" and len(normalised) < len(raw):
         print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
-              "their replies are equal, one is empty, or their ratings are all equal")
+              "their replies are equal, one is empty, their ratings are all equal, fewer than two distinct rated "
+              "replies are left, or (hh-rlhf transcripts) they part before their last reply")
     return normalised, len(raw)
 
 
@@ -696,6 +750,8 @@ def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns:
 
 def _optional_present(source_columns: list[str], schema: Schema, columns: dict[str, str]) -> tuple[str, ...]:
     available = set(source_columns) | {t for t, s in columns.items() if _has_source(s, source_columns)}
+    if "ranks" in available and schema.name == "preferences":  # read as ratings
+        available.add("ratings")
     return tuple(c for c in schema.optional if c in available)
 
 

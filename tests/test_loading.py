@@ -585,3 +585,52 @@ def test_error_in_a_directory_names_the_file_and_its_own_row(tmp_path):
     with pytest.raises(DataError) as error:
         load(tmp_path, "prompts")
     assert "expected a non-empty string" in assert_data_error(error, bad, row=2, column="prompt")
+
+
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_public_preference_sets_load_as_published(tmp_path, suffix):
+    """From an audit of public datasets' own schemas: Nectar ranks its answers (1 is best) and came out worst
+    first as ratings; one empty or repeated UltraFeedback completion stopped the whole run; a mapped column no
+    schema reads (Orca's system prompt) was dropped without a word."""
+    nectar = write_rows(tmp_path / f"nectar{suffix}", [{"prompt": "Explain tides.", "answers": [
+        {"answer": "the moon pulls", "model": "a", "rank": 1}, {"answer": "magnets", "model": "b", "rank": 3},
+        {"answer": "gravity and the sun", "model": "c", "rank": 2}]}])
+    assert load(nectar, "preferences", columns={"responses": "answers.answer", "ranks": "answers.rank"})[0] == {
+        "prompt": "Explain tides.", "responses": ["the moon pulls", "gravity and the sun", "magnets"],
+        "ratings": [-1.0, -2.0, -3.0]}
+    completions = [{"response": "fine", "overall_score": 6.0}, {"response": "", "overall_score": 9.0},
+                   {"response": "fine", "overall_score": 7.0}, {"response": "poor", "overall_score": 2.0}]
+    lone = [{"response": "same", "overall_score": 5.0}, {"response": "same", "overall_score": 4.0}]
+    uf = write_rows(tmp_path / f"uf{suffix}", [{"instruction": "Explain tides.", "completions": completions},
+                                               {"instruction": "Say hi.", "completions": lone}])
+    columns = {"prompt": "instruction", "responses": "completions.response", "ratings": "completions.overall_score"}
+    assert load(uf, "preferences", columns=columns)[:] == {  # the empty one gone, "fine" once at its best rating
+        "prompt": ["Explain tides."], "responses": [["fine", "poor"]], "ratings": [[7.0, 2.0]]}
+    orca = write_rows(tmp_path / f"orca{suffix}", [{"system": "Be kind.", "question": "q", "chosen": "a",
+                                                    "rejected": "b"}])
+    with pytest.raises(DataError, match=r"column 'columns.system'.*maps 'system', which schema 'preferences' does "
+                                        r"not read; it reads prompt, responses, chosen, rejected"):
+        load(orca, "preferences", columns={"prompt": "question", "system": "system"})
+
+
+def test_hub_downloads_read_as_shipped(tmp_path):
+    """A hub folder's shard names carry a hash after their numbering; hh-rlhf ships gzipped JSON lines;
+    OpenAssistant calls the user 'prompter'; an hh pair whose transcripts part before the last reply has no one
+    prompt (each side's reply held the other's later turns)."""
+    import gzip
+
+    alpaca = tmp_path / "alpaca" / "data"
+    alpaca.mkdir(parents=True)
+    write_rows(alpaca / "train-00000-of-00001-a09b74b3ef9c3b56.parquet", [{"prompt": "p", "completion": "c"}])
+    assert len(load(tmp_path / "alpaca", "sft")) == 1
+    hh = tmp_path / "hh" / "train.jsonl.gz"
+    hh.parent.mkdir()
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hey.\n\nHuman: Joke?\n\nAssistant: No.",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Yo.\n\nHuman: Joke?\n\nAssistant: Sure."}]
+    hh.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert load(hh.parent, "preferences")[:] == {"prompt": ["\n\nHuman: Hi\n\nAssistant:"],
+                                                 "responses": [["Hello.", "Go away."]]}
+    oasst = write_rows(tmp_path / "oasst.jsonl", [{"messages": [{"role": "prompter", "content": "Hi"},
+                                                                {"role": "assistant", "content": "Hello."}]}])
+    assert load(oasst, "sft")[0]["messages"][0] == {"role": "user", "content": "Hi"}
