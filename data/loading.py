@@ -31,6 +31,7 @@ Rows are numbered from 1 in error messages. `split` applies to hub datasets and 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 import os
@@ -49,10 +50,14 @@ WORLD_PREFIX = "world:"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
+GZIP_READABLE = (".jsonl", ".json", ".txt")  # read through gzip as they are (hh-rlhf ships train.jsonl.gz)
+
+
 def _file_type(path: Path) -> str:
-    """A local file's type by its extension, read through a gzip layer (hh-rlhf ships train.jsonl.gz)."""
+    """A local file's type by its extension; a gzipped JSON or text file is read as that."""
     suffixes = path.suffixes
-    return suffixes[-2] if len(suffixes) >= 2 and suffixes[-1] == ".gz" else path.suffix
+    return suffixes[-2] if len(suffixes) >= 2 and suffixes[-1] == ".gz" and suffixes[-2] in GZIP_READABLE \
+        else path.suffix
 ROLES = ("system", "user", "assistant")
 
 
@@ -159,7 +164,7 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
     if schema.name == "text":
         out = {"text": _string(row, "text")}
     elif schema.name == "prompts":
-        out = {"prompt": _prompt(row["prompt"], "prompt")}
+        out = {"prompt": _prompt(_with_input(row)["prompt"], "prompt")}
     elif schema.name == "sft":
         if form == ("messages",):
             out = {"messages": _messages(row["messages"], "messages")}
@@ -203,20 +208,28 @@ def _rated(row: dict[str, Any]) -> dict[str, Any]:
                                     f"'responses', got {_describe(ranks)}")
         if row.get("ratings") is not None:
             raise _Invalid("ranks", "given beside 'ratings'; map one of them")
+        if isinstance(row.get("responses"), (list, tuple)) and len(ranks) != len(row["responses"]):
+            raise _Invalid("ranks", f"expected {len(row['responses'])} ranks aligned with 'responses', got "
+                                    f"{len(ranks)}")
         row = {**row, "ratings": [-float(r) for r in ranks]}
-    responses, ratings = row.get("responses"), row.get("ratings")
-    if row.get("gold_scores") is not None or not isinstance(responses, (list, tuple)) \
-            or not isinstance(ratings, (list, tuple)) or len(responses) != len(ratings) \
-            or not all(isinstance(r, str) for r in responses) \
-            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in ratings):
+    responses, ratings, gold = row.get("responses"), row.get("ratings"), row.get("gold_scores")
+    if not isinstance(responses, (list, tuple)) or not isinstance(ratings, (list, tuple)) \
+            or len(responses) != len(ratings) or not all(isinstance(r, str) for r in responses) \
+            or not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in ratings) \
+            or (gold is not None and (not isinstance(gold, (list, tuple)) or len(gold) != len(responses))):
         return row  # nothing to tidy, or for the validators to refuse
-    best: dict[str, float] = {}
-    for response, rating in zip(responses, ratings):
-        if response.strip():
-            best[response] = max(rating, best.get(response, rating))
+    best: dict[str, int] = {}  # a reply (as compared: stripped) -> the index of its best-rated copy
+    for i, response in enumerate(responses):
+        key = response.strip()
+        if key and (key not in best or ratings[i] > ratings[best[key]]):
+            best[key] = i
     if len(best) < 2:
         raise _NoPreference()
-    return {**row, "responses": list(best), "ratings": list(best.values())}
+    kept = sorted(best.values())
+    tidy = {"responses": [responses[i] for i in kept], "ratings": [ratings[i] for i in kept]}
+    if gold is not None:
+        tidy["gold_scores"] = [gold[i] for i in kept]
+    return {**row, **tidy}
 
 
 class _NoPreference(Exception):
@@ -298,6 +311,9 @@ def _stripped(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": t["role"], "content": t["content"].strip()} for t in turns]
 
 
+_LATER_EXCHANGE = re.compile(r"\n\nHuman:.*\n\nAssistant:", re.DOTALL)  # a turn of each after the reply
+
+
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """hh-rlhf's raw pairs are two whole transcripts that agree up to their last "Assistant:": that shared part
     is the prompt (read as turns by pipeline.tokenizer.prompt_messages), the rest the two replies."""
@@ -307,7 +323,7 @@ def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
                                  "that share their conversation up to an '\\n\\nAssistant:'")
     end = cut + len(HH_REPLY)
-    if any("\n\nHuman:" in side[end:] for side in (chosen, rejected)):
+    if any(_LATER_EXCHANGE.search(side, end) for side in (chosen, rejected)):
         raise _NoPreference()  # the transcripts part before their last reply: no one prompt to rank replies to
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
@@ -360,9 +376,11 @@ def _turns(value: Any, column: str) -> list[dict[str, str]]:
         raise _Invalid(column, f"{expected}, got {_describe(value)}")
     turns = []
     for i, message in enumerate(value):
-        if isinstance(message, dict) and message.get("role") is None and message.get("from") in SHAREGPT_ROLES:
-            message = {"role": SHAREGPT_ROLES[message["from"]], "content": message.get("value")}
-        elif isinstance(message, dict) and message.get("role") in OTHER_ROLE_NAMES:
+        speaker = message.get("from") if isinstance(message, dict) and message.get("role") is None else None
+        if isinstance(speaker, str) and speaker in SHAREGPT_ROLES:
+            message = {"role": SHAREGPT_ROLES[speaker], "content": message.get("value")}
+        elif isinstance(message, dict) and isinstance(message.get("role"), str) \
+                and message["role"] in OTHER_ROLE_NAMES:
             message = {**message, "role": OTHER_ROLE_NAMES[message["role"]]}
         if not isinstance(message, dict) or not isinstance(message.get("content"), str) \
                 or message.get("role") not in ROLES:
@@ -381,7 +399,7 @@ def _with_input(row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(extra, str) or not isinstance(row["prompt"], str):
         raise _Invalid("input", "expected a string to follow a string prompt (Alpaca's input), "
                                 f"got {type(extra).__name__} beside a {type(row['prompt']).__name__} prompt")
-    return {**row, "prompt": f"{row['prompt'].rstrip()}\n\n{extra.strip()}"}
+    return {**row, "prompt": f"{row['prompt'].rstrip()}\n\n{extra.strip(chr(10)).rstrip()}"}  # indentation kept
 
 
 def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str, str]]:
@@ -439,8 +457,8 @@ def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
 
 def mapped_targets(schema: Schema) -> list[str]:
     """The columns `columns` may map for a schema: its input and optional columns, and those a schema reads into
-    them (SFT's `input`, Alpaca's text to work on; preferences' `ranks`, lower is better)."""
-    extra = {"sft": ["input"], "preferences": ["ranks"]}.get(schema.name, [])
+    them (SFT's and prompts' `input`, Alpaca's text to work on; preferences' `ranks`, lower is better)."""
+    extra = {"sft": ["input"], "prompts": ["input"], "preferences": ["ranks"]}.get(schema.name, [])
     return list(dict.fromkeys([c for form in schema.input_forms for c in form] + list(schema.optional) + extra))
 
 
@@ -554,7 +572,8 @@ def _world_part(split: str, world_dir: str | Path | None) -> _Part:
 def _file_part(file: Path) -> _Part:
     if _file_type(file) not in LOCAL_BUILDERS:
         raise DataError(str(file), f"unsupported file type '{_file_type(file)}' "
-                                   f"(expected one of {', '.join(LOCAL_BUILDERS)}, or one of them .gz)")
+                                   f"(expected one of {', '.join(LOCAL_BUILDERS)}, or "
+                                   f"{', '.join(GZIP_READABLE)} gzipped)")
     return _Part(str(file), LOCAL_BUILDERS[_file_type(file)], data_files=str(file))
 
 
@@ -604,11 +623,18 @@ def _format_name(part: _Part) -> str:
                                                                                                  "the dataset")
 
 
+def _open_text(path: str):
+    """A local text file to read, through gzip if it is gzipped."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
 def _raise_json_problem(path: str) -> None:
     """Find the first corrupt line/object in a JSON(L) file and raise a DataError for it."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with _open_text(path) as f:
         text = f.read()
-    if path.endswith(".json"):
+    if path.removesuffix(".gz").endswith(".json"):
         try:
             json.loads(text)
             return
@@ -684,7 +710,8 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
         raise _not_utf8(part, error) from None
     if len(normalised) == 0:
         raise DataError(part.description, "no rows (only blank lines)" if part.skips_blank_lines else
-                        "no rows (every preference row had equal replies, an empty one, or only equal ratings)")
+                        "no rows (every preference row said nothing: equal replies, an empty one, equal ratings, "
+                        "fewer than two distinct rated replies, or hh transcripts that part before the last reply)")
     if schema.name == "preferences" and len(normalised) < len(raw):
         print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
               "their replies are equal, one is empty, their ratings are all equal, fewer than two distinct rated "
@@ -723,9 +750,9 @@ def _file_row(source: str, record: int) -> int:
     """The line of a local JSON-lines file that holds its `record`-th record (1-based), so that validation
     errors count rows as a JSON syntax error does: the JSON reader skips blank lines, an editor does not.
     Other sources (parquet, hub splits, JSON arrays, text files, which keep blank lines) count records."""
-    if not source.endswith((".jsonl", ".json")) or not Path(source).is_file():
+    if not source.removesuffix(".gz").endswith((".jsonl", ".json")) or not Path(source).is_file():
         return record
-    with open(source, encoding="utf-8", errors="replace") as f:
+    with _open_text(source) as f:
         seen = 0
         for number, line in enumerate(f, start=1):
             if not line.strip():

@@ -339,7 +339,7 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
     assert load(path, "preferences")["responses"] == [["good", "bad"]]
     assert "3 of 4 preference rows skipped: their replies are equal, one is empty" in capsys.readouterr().out
     only = write_rows(tmp_path / "none.jsonl", [{"prompt": "p", "chosen": "same", "rejected": "same"}])
-    with pytest.raises(DataError, match="every preference row had equal replies, an empty one"):
+    with pytest.raises(DataError, match="every preference row said nothing: equal replies, an empty one"):
         load(only, "preferences")
     wrong_type = write_rows(tmp_path / "typed.jsonl", [{"prompt": "p", "chosen": "a", "rejected": 3}])
     with pytest.raises(DataError) as error:
@@ -634,3 +634,47 @@ def test_hub_downloads_read_as_shipped(tmp_path):
     oasst = write_rows(tmp_path / "oasst.jsonl", [{"messages": [{"role": "prompter", "content": "Hi"},
                                                                 {"role": "assistant", "content": "Hello."}]}])
     assert load(oasst, "sft")[0]["messages"][0] == {"role": "user", "content": "Hi"}
+
+
+def test_the_public_schema_readers_refuse_or_keep_what_they_should(tmp_path):
+    """From a review of the readers above: a wrong type is a data error, not a TypeError; a stray .csv.gz in a
+    folder is passed over as before; a gzipped file's bad line is named by its line; an hh reply that quotes
+    'Human:' is no later exchange; rated copies that differ in whitespace are one reply, with their gold scores;
+    a NaN rating is refused; ranks of another length name 'ranks'; Alpaca's input keeps its indentation, in
+    prompts too."""
+    import gzip
+
+    odd_role = write_rows(tmp_path / "odd.jsonl", [{"messages": [{"role": ["user"], "content": "Hi"},
+                                                                 {"role": "assistant", "content": "Hello."}]}])
+    with pytest.raises(DataError) as error:
+        load(odd_role, "sft")
+    assert_data_error(error, odd_role, 1, "messages")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_rows(folder / "data.jsonl", [{"prompt": "p"}])
+    (folder / "notes.csv.gz").write_bytes(gzip.compress(b"a,b\n1,2\n"))
+    assert load(folder, "prompts")["prompt"] == ["p"]
+    broken = tmp_path / "broken.jsonl.gz"
+    broken.write_bytes(gzip.compress(b'{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": \n'))
+    with pytest.raises(DataError, match=r"row 4: not valid JSON"):
+        load(broken, "prompts")
+    quoting = write_rows(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Say hi\n\nAssistant: Sure:\n\nHuman: Hello.",
+                                                  "rejected": "\n\nHuman: Say hi\n\nAssistant: No."}])
+    assert load(quoting, "preferences")[0]["responses"] == ["Sure:\n\nHuman: Hello.", "No."]
+    rated = write_rows(tmp_path / "rated.jsonl", [
+        {"prompt": "q", "responses": ["Same answer.", "other", "Same answer. "], "ratings": [3, 1, 5],
+         "gold_scores": [0.5, 0.1, 0.6]}])
+    assert load(rated, "preferences")[0] == {"prompt": "q", "responses": ["Same answer. ", "other"],
+                                             "ratings": [5.0, 1.0], "gold_scores": [0.6, 0.1]}
+    nan = write_rows(tmp_path / "nan.jsonl", [{"prompt": "q", "responses": ["a", "a", "b"],
+                                               "ratings": [float("nan"), 3, 1]}])
+    with pytest.raises(DataError) as error:
+        load(nan, "preferences")
+    assert_data_error(error, nan, 1, "responses")
+    short = write_rows(tmp_path / "short.jsonl", [{"prompt": "q", "responses": ["a", "b"], "ranks": [1]}])
+    with pytest.raises(DataError) as error:
+        load(short, "preferences")
+    assert "expected 2 ranks" in assert_data_error(error, short, 1, "ranks")
+    code = write_rows(tmp_path / "code.jsonl", [{"prompt": "Fix this.", "input": "    return x\n", "completion": "ok"}])
+    assert load(code, "sft")[0]["messages"][0]["content"] == "Fix this.\n\n    return x"
+    assert load(code, "prompts")[0]["prompt"] == "Fix this.\n\n    return x"
