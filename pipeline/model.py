@@ -7,6 +7,7 @@ at its last non-pad token. Checkpoints load with plain `from_pretrained`: no pro
 from __future__ import annotations
 
 import contextlib
+import json
 import difflib
 import sys
 from dataclasses import dataclass, field
@@ -200,6 +201,13 @@ def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
     With `tokenizer`, the embeddings are grown to fit it (fit_embeddings)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
+        # a scalar-head model from elsewhere (our own say which stage made them): as a causal LM its LM head would
+        # be the tied embeddings, or random, and it would answer in noise
+        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
+        if architectures and all(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+                                 for a in architectures):
+            raise CheckpointError(f"{needed_by}: {path} is a {architectures[0]} (a reward or classifier model), "
+                                  "not a causal language model")
     with loading_from(path, needed_by):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=WEIGHTS_DTYPE)
     if tokenizer is not None:

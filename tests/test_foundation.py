@@ -894,3 +894,19 @@ def test_a_checkpoint_with_custom_code_says_which_key_lets_it_run(tmp_path):
         "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XModel"}}))
     with pytest.raises(CheckpointError, match=r"(?s)contains custom code.*Set trust_remote_code: true in the config"):
         load_causal_lm(str(tmp_path), "test")
+
+
+def test_a_classifier_from_elsewhere_is_no_policy(micro_rm, tmp_path):
+    """An outside sequence-classification model (no record of a stage) loaded as a causal LM answered in noise
+    from a random or tied LM head, with only transformers' table of unexpected keys to say so."""
+    from pipeline.model import load_causal_lm
+
+    outside = tmp_path / "outside_rm"
+    shutil.copytree(micro_rm, outside)
+    config = json.loads((outside / "config.json").read_text())
+    config.pop("pipeline_stage")
+    (outside / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"outside_rm is a LlamaForSequenceClassification \(a reward or "
+                                              r"classifier model\), not a causal language model"):
+        load_causal_lm(str(outside), "test")
+    load_causal_lm(str(micro_rm.parent.parent / "sft" / "final"), "test")  # a policy loads
