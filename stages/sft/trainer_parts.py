@@ -1,0 +1,143 @@
+"""The pieces SFT plugs into TRL's SFTTrainer: a length-grouped order a resume reproduces, the checkpoint a resume
+takes up (and a finished one without the Trainer's extra step), reply masks for chat templates TRL cannot mark,
+the settings record beside each checkpoint, the NaN guard and the progress bar. The recipe is stages/sft/sft.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from datasets import Dataset, IterableDataset
+from transformers import ProgressCallback, TrainerCallback, TrainerState
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from trl import SFTTrainer
+
+from pipeline.checkpoint import list_checkpoints, write_text_atomic
+from pipeline.config import ConfigError
+from pipeline.tokenizer import TemplateError, reply_masks
+from pipeline.tracking import stop_if_not_finite
+
+
+RESUME_SETTINGS_FILE = "pipeline_resume_settings.json"  # beside each Trainer checkpoint (RecordResumeSettings)
+
+
+class EpochSeededSampler(torch.utils.data.Sampler):
+    """transformers' length-grouped sampler, drawing each epoch's order from seed + epoch. Left alone it draws from
+    the global RNG as an epoch starts, which a resumed run has not restored by then: the resumed epoch read another
+    order than the interrupted one, and skipped the wrong batches. (The random strategy's sampler is accelerate's
+    seeded one already.)"""
+
+    def __init__(self, sampler: LengthGroupedSampler, seed: int):
+        self.sampler, self.seed = sampler, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer's data loader calls it at each epoch's start
+        self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def __iter__(self):
+        return iter(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class StageSFTTrainer(SFTTrainer):
+    """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        return EpochSeededSampler(sampler, self.args.seed) if isinstance(sampler, LengthGroupedSampler) else sampler
+
+    def restore_finished(self, checkpoint: str) -> None:
+        """Take up a checkpoint at or past max_steps without training: train() would take one step past it first
+        (transformers checks the limit only after a step), and write that step's checkpoint and metrics."""
+        self._load_from_checkpoint(checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
+def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, source: str
+                     ) -> Dataset | IterableDataset:
+    """The conversations tokenized, each reply marked for the loss (reply_masks), for a chat template TRL cannot
+    mark itself. A conversation the template does not render reply by reply is refused by key, with its row."""
+    def masked(row: dict, index: int) -> dict:
+        try:
+            return reply_masks(tokenizer, row["messages"])
+        except TemplateError as e:
+            raise ConfigError(f"key 'init_from': {init}: {e} (conversation of row {index + 1} in {source}), and "
+                              "has no {% generation %} markers TRL could use. Give its tokenizer a chat template "
+                              "with them around each reply") from None
+
+    masked(next(iter(data)), 0)  # a template we cannot read at all fails before the model trains
+    return data.map(masked, with_indices=True, remove_columns=list(next(iter(data))))
+
+
+def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
+    """The newest Trainer checkpoint whose trainer_state.json parses (and, where the run records them, with our
+    settings record beside it, written after). The Trainer writes that file last, but
+    not atomically: a run killed while saving leaves a checkpoint without it, or with it empty or cut short.
+    The main process deletes such a checkpoint, since the Trainer's rotation would count it as the newest and
+    delete finished ones in its place."""
+    def saved(path: Path) -> bool:
+        try:
+            return isinstance(json.loads((path / "trainer_state.json").read_text()).get("global_step"), int)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    found = list_checkpoints(checkpoints_dir)
+    # our settings record comes after the Trainer's state: where the run writes it, a checkpoint without it was
+    # cut short too (and would resume unchecked). Checkpoints from before the record existed have none.
+    recorded = any((p / RESUME_SETTINGS_FILE).is_file() for p in found)
+
+    def finished(path: Path) -> bool:
+        return saved(path) and (not recorded or (path / RESUME_SETTINGS_FILE).is_file())
+
+    done = [p for p in found if finished(p)]
+    if is_main_process:
+        for unfinished in set(found) - set(done):
+            shutil.rmtree(unfinished, ignore_errors=True)
+    return str(done[-1]) if done else None
+
+
+class ProgressBar(ProgressCallback):
+    """The Trainer's tqdm bar with the latest loss as postfix; the Tracker prints the log lines themselves."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {}):
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+
+class RecordResumeSettings(TrainerCallback):
+    """Beside each Trainer checkpoint, the settings a resume from it must share (resume_settings): the Trainer
+    itself resumes under another batch size or process count without a word, reading other data per step."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_text_atomic(checkpoint / RESUME_SETTINGS_FILE, json.dumps(self.settings) + "\n")
+
+
+class StopOnNonFiniteGradients(TrainerCallback):
+    """Stop before the optimizer step on a NaN/inf gradient, as the other stages do (stop_if_not_finite). The
+    Trainer would apply it, save the NaN weights at the next checkpoint, and log the loss as the mean of earlier
+    ones. The squared norm is summed over ranks (sharded gradients under FSDP), so every rank stops alike."""
+
+    def __init__(self):
+        self.scaler = None  # the Trainer's fp16 GradScaler, once the Trainer exists: an overflow is its to handle
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # an FSDP2 gradient is a DTensor: its local shard (the sum over ranks below adds the shards up). Under
+        # DeepSpeed the engine steps inside backward and keeps no .grad: nothing to check here, it is unguarded
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                 for p in model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        squares = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(squares)
+        stop_if_not_finite(squares.sqrt(), "sft", state.global_step + 1,
+                           "Lower learning_rate or check the demonstrations.", self.scaler)
