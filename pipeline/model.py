@@ -190,8 +190,9 @@ def set_special_token_ids(model: Any, tokenizer: Any) -> None:
             cfg.bos_token_id, cfg.pad_token_id = tokenizer.bos_token_id, tokenizer.pad_token_id
     model.config.eos_token_id = tokenizer.eos_token_id
     if generation is not None:
-        listed = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-        stops = [tokenizer.eos_token_id, *(i for i in listed if i is not None and i != tokenizer.eos_token_id)]
+        from pipeline.generation import stop_token_ids
+
+        stops = stop_token_ids(model, tokenizer)
         generation.eos_token_id = stops if len(stops) > 1 else stops[0]
 
 

@@ -69,8 +69,9 @@ def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, sour
                               "has no {% generation %} markers TRL could use. Give its tokenizer a chat template "
                               "with them around each reply") from None
 
-    masked(next(iter(data)), 0)  # a template we cannot read at all fails before the model trains
-    return data.map(masked, with_indices=True, remove_columns=list(next(iter(data))))
+    first = next(iter(data))
+    masked(first, 0)  # a template we cannot read at all fails before the model trains
+    return data.map(masked, with_indices=True, remove_columns=list(first))
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
