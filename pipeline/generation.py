@@ -126,9 +126,11 @@ def encode_prompts(tokenizer, prompts: list[str], device: torch.device | str = "
 def prompts_that_fit(rows: list[dict], tokenizer, model, max_new_tokens: int, max_prompt_tokens: int, source: str,
                      needed_by: str, report: bool = True) -> list[dict]:
     """The rows whose chat-formatted prompt is at most `max_prompt_tokens` tokens long (0: whatever leaves room for
-    `max_new_tokens` within the model's positions). Longer prompts are dropped, with a count: past the positions a
-    model has, sampling breaks, and one long prompt pads its whole batch to its length."""
-    positions = getattr(model.config, "max_position_embeddings", None)
+    `max_new_tokens` within the model's positions; `model` may be a tuple of the models that read prompt and reply,
+    as PPO's policy and critic: then within the fewest positions). Longer prompts are dropped, with a count: past the
+    positions a model has, sampling breaks, and one long prompt pads its whole batch to its length."""
+    models = model if isinstance(model, tuple) else (model,)
+    positions = min((n for m in models if (n := getattr(m.config, "max_position_embeddings", None))), default=None)
     room = positions - max_new_tokens if positions else None
     if room is not None and room <= 0:
         raise ConfigError(f"key 'sampling.max_new_tokens': {max_new_tokens} new tokens leave no room for a prompt "

@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -610,3 +611,7 @@ def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp
     from pipeline.config import ConfigError
     with pytest.raises(ConfigError, match="key 'sampling.max_new_tokens'"):
         prompts_that_fit(rows, tokenizer, model, positions, 0, "p", "test")
+    # PPO's critic reads prompt and reply too: of several models, the one with the fewest positions sets the room
+    fewer = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=positions - 110))
+    with pytest.raises(DataError, match=rf"longer than {positions - 110 - 16} tokens"):
+        prompts_that_fit(rows, tokenizer, (model, fewer), 16, 0, "p", "test")

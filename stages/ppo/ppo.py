@@ -81,7 +81,8 @@ class PPOStageConfig(StageConfig):
     """Rollout sampling: length cap, temperature (> 0; log-probs use the same scaled logits, N+), top-k/top-p."""
     max_prompt_tokens: int = 0
     """Training prompts longer than this (in tokens, chat template included) are dropped, with a count. 0: those
-    that leave no room for sampling.max_new_tokens within the policy's max_position_embeddings."""
+    that leave no room for sampling.max_new_tokens within the max_position_embeddings of the policy and of the
+    RM (the critic reads prompt and reply as well)."""
     policy_lr: float = 1e-5
     critic_lr: float = 3e-5
     """Separate optimizers; the critic's targets move every step, so it learns faster."""
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(policy, tokenizer)
     if cfg.ptx:
         check_length_fits(policy, cfg.ptx_block_size, "ptx_block_size")
-    rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
+    # the critic (the RM's backbone) reads prompt and reply too: an RM with fewer positions caps them
+    rows = prompts_that_fit(rows, tokenizer, (policy, rm.model), cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
     start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process)
