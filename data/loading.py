@@ -523,6 +523,11 @@ def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None) -> list[_Part
                        and not any(part.startswith(".") for part in p.relative_to(local).parts))
         if not files:
             raise DataError(str(local), f"directory has no {'/'.join(LOCAL_BUILDERS)} files")
+        # `gunzip -k` leaves both: reading both would train on every row twice
+        both = [f for f in files if f.suffix == ".gz" and f.with_suffix("") in files]
+        if both:
+            raise DataError(str(both[0]), f"{both[0].with_suffix('').name} beside it in the same directory holds "
+                                          "the same data uncompressed, it seems; keep one of the two")
         return [_file_part(f) for f in _files_of_split(local, files, spec.split)]
     if local.is_file():
         return [_file_part(local)]

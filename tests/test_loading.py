@@ -631,6 +631,9 @@ def test_hub_downloads_read_as_shipped(tmp_path):
     hh.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
     assert load(hh.parent, "preferences")[:] == {"prompt": ["\n\nHuman: Hi\n\nAssistant:"],
                                                  "responses": [["Hello.", "Go away."]]}
+    (hh.parent / "train.jsonl").write_bytes(gzip.decompress(hh.read_bytes()))  # `gunzip -k`: the rows twice
+    with pytest.raises(DataError, match=r"train.jsonl.gz: train.jsonl beside it .* keep one of the two"):
+        load(hh.parent, "preferences")
     oasst = write_rows(tmp_path / "oasst.jsonl", [{"messages": [{"role": "prompter", "content": "Hi"},
                                                                 {"role": "assistant", "content": "Hello."}]}])
     assert load(oasst, "sft")[0]["messages"][0] == {"role": "user", "content": "Hi"}
