@@ -124,9 +124,13 @@ def copy_launch_records(final_dir: Path, launch_records: tuple[Path, ...]) -> No
 
 
 def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_extra: Any) -> Any:
-    """Record in the model's config what save_final records: the stage, its world lineage, `config_extra`."""
+    """Record in the model's config what save_final records: the stage, its world lineage, `config_extra`, and a
+    new id (a later stage's checkpoints record the id of the final/ they started from: output_id)."""
+    import uuid
+
     model = unwrap(model)
     model.config.pipeline_stage = stage
+    model.config.pipeline_output_id = uuid.uuid4().hex[:16]
     model.config.pipeline_world_data = world_data
     for key, value in config_extra.items():
         setattr(model.config, key, value)
@@ -144,6 +148,12 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
 def checkpoint_stage(path: str | Path) -> str | None:
     """The pipeline stage recorded in a checkpoint's config.json, or None for outside checkpoints."""
     return (checkpoint_config(path) or {}).get("pipeline_stage")
+
+
+def output_id(path: str | Path) -> str:
+    """What names the checkpoint a stage starts from, for its resume check: a final/'s id (each save_final gives
+    a new one, so a rebuilt upstream differs), else the path or hub id as given."""
+    return str((checkpoint_config(path) or {}).get("pipeline_output_id") or path)
 
 
 def checkpoint_config(path: str | Path) -> dict | None:

@@ -37,6 +37,8 @@ from pipeline.config import ConfigError, FieldError, load_config, save_config
 # what was learned from the run's world: beside collected preferences (prefs/), and in a stage's checkpoints/
 # for the run they belong to (start_checkpoints)
 WORLD_DATA_FILE = "world_data.json"
+# in a stage's checkpoints/: what the run they belong to started from (start_checkpoints)
+STARTS_FROM_FILE = "starts_from.json"
 
 # the stages in pipeline order (make builds each from the ones before it)
 STAGE_ORDER = ("pretrain", "sft", "prefs", "rm", "ppo")
@@ -248,18 +250,20 @@ def check_world_lineage(cfg: StageConfig, upstream: str | Path, world: Path | No
 
 
 def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage: dict | None, stage: str,
-                      is_main_process: bool) -> None:
+                      is_main_process: bool, starts_from: dict[str, str] | None = None) -> None:
     """Keep a stage's checkpoints/ to one run: the one it is training now.
 
     Resuming (`resume_from` is a checkpoint): refuse if the checkpoints learned from another version of the world
-    than the run holds now (`lineage`, as world_lineage gives it): continuing would mix the two.
+    than the run holds now (`lineage`, as world_lineage gives it), or started from other inputs than the run's
+    now (`starts_from`: name -> an upstream's output_id, or a fingerprint of the data): continuing would mix the
+    two, e.g. SFT steps of an old pretrain model continued on a rebuilt one's final/ and RM.
     Starting fresh: the main process moves an earlier run's checkpoints aside, to `checkpoints.earlier/`, with
     the stage's metrics.jsonl, and records `lineage` for the check above. Left in place, their higher step
     numbers would outrank the new run's: pruning would delete the new checkpoints, and a later resume would pick
     the old run's. Moved, not deleted: a fresh start that should have been a resume loses nothing. Of two earlier
     runs (a second fresh start), the one that got further is kept. Resuming from checkpoints moved back puts
     their metrics.jsonl back in the stage's directory."""
-    record = Path(checkpoints) / WORLD_DATA_FILE
+    record, starts_record = Path(checkpoints) / WORLD_DATA_FILE, Path(checkpoints) / STARTS_FROM_FILE
     metrics, kept_metrics = Path(checkpoints).parent / "metrics.jsonl", Path(checkpoints) / "metrics.jsonl"
     if resume_from is not None:
         if is_main_process and kept_metrics.is_file():  # checkpoints.earlier/ moved back to continue that run
@@ -273,6 +277,15 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
                     f"{stage}: {resume_from} learned from another version of the world than the run holds now (what "
                     f"its {', '.join(changed)} stage learned from has changed). Resuming would mix the two: run "
                     f"{stage} without resume=true to start over.")
+        saved_starts = json.loads(starts_record.read_text()) if starts_record.is_file() else {}
+        changed = [name for name, value in (starts_from or {}).items() if name in saved_starts
+                   and saved_starts[name] != value]
+        if changed:
+            raise CheckpointError(
+                f"{stage}: {resume_from} continues a run that started from another {' and '.join(changed)} than "
+                f"this one would ({', '.join(f'{name}: {saved_starts[name]} then, {starts_from[name]} now' for name in changed)}"
+                f"; an upstream stage was run again since). Resuming would mix the two: run {stage} without "
+                f"resume=true (RESUME=1) to start over.")
         return
     if not is_main_process:
         return
@@ -293,6 +306,7 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
                   f"(to continue that run instead, move that directory back to {checkpoints} and pass resume=true)")
     checkpoints.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(lineage) + "\n")
+    write_text_atomic(starts_record, json.dumps(starts_from or {}) + "\n")
 
 
 def checkpoint_to_resume(cfg: StageConfig, checkpoints: Path, stage: str, is_main_process: bool) -> Path | None:

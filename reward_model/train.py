@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler,
+from pipeline.checkpoint import (load_training_state, output_id, parameter_fingerprint, restore_scaler,
                                  resume_settings, save_final, save_training_checkpoint, scaler_state,
                                  write_text_atomic)
 from pipeline.evaluation import load_judge
@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = build_model(cfg, init, tokenizer, checkpoint)
     check_length_fits(model, cfg.max_length, "max_length")
     lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process)
+    # recollected preferences (or edited train_data files) would have the resumed steps read other rankings
+    rankings = hashlib.sha256(json.dumps([train_rows, eval_rows], sort_keys=True, default=str).encode()).hexdigest()
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process,
+                      starts_from={"init checkpoint": output_id(init), "rankings": rankings[:16]})
 
     # ---- optimizer and schedule: weight decay on matrices only; linear warmup, cosine decay
     trainable = [p for p in model.parameters() if p.requires_grad]

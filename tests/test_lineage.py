@@ -250,3 +250,44 @@ def test_a_fresh_start_that_fails_on_its_input_leaves_the_earlier_checkpoints_in
         ppo(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={tmp_path}", "run_name=r", f"init_from={micro_sft}",
              f"reward_model={tmp_path / 'no-such-rm'}"])
     assert earlier.is_dir()
+
+
+def test_a_resume_refuses_checkpoints_that_started_from_an_upstream_run_again_since(micro_rm, tmp_path, monkeypatch):
+    """SFT checkpoints of an old pretrain model were continued on a rebuilt one without a word; RM checkpoints
+    on recollected preferences."""
+    from conftest import run_stage
+    from pipeline.checkpoint import mark_final
+    from reward_model.train import main as train_rm
+    from stages.sft.sft import main as sft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    first = mark_final(model, "sft").config.pipeline_output_id
+    assert mark_final(model, "sft").config.pipeline_output_id != first  # each final/ its own id
+
+    micro = micro_rm.parents[1]
+    runs = tmp_path / "runs"
+    shutil.copytree(micro, runs / "r", ignore=shutil.ignore_patterns("ppo"))
+    for stage in ("sft", "rm"):
+        assert json.loads((runs / "r" / stage / "checkpoints" / "starts_from.json").read_text())
+
+    # pretrain run again since (a new final/ with its own id)
+    config_file = runs / "r" / "pretrain" / "final" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "pipeline_output_id": "rebuilt"}))
+    kept = sorted(p.name for p in (runs / "r" / "sft" / "checkpoints").iterdir())
+    with pytest.raises(CheckpointError) as error:
+        run_stage(sft, "sft.yaml", runs, "resume=true", run_name="r")
+    assert "continues a run that started from another init checkpoint" in str(error.value)
+    assert f"init checkpoint: {config['pipeline_output_id']} then, rebuilt now" in str(error.value)
+    assert "without resume=true" in str(error.value)
+    assert sorted(p.name for p in (runs / "r" / "sft" / "checkpoints").iterdir()) == kept
+
+    # preferences collected again: other rankings (the SFT model the RM starts from is unchanged)
+    train = runs / "r" / "prefs" / "train.jsonl"
+    train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
+    with pytest.raises(CheckpointError) as error:
+        run_stage(train_rm, "rm.yaml", runs, "resume=true", run_name="r")
+    assert "started from another rankings" in str(error.value) and "init checkpoint" not in str(error.value)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (load_training_state, parameter_fingerprint, resume_settings,
+from pipeline.checkpoint import (load_training_state, output_id, parameter_fingerprint, resume_settings,
                                  save_final, save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = prompts_that_fit(rows, tokenizer, (policy, rm.model), cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
-    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process)
+    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process,
+                      starts_from={"policy": output_id(sft_path), "reward model": output_id(rm_path)})
     ref_model = None
     if cfg.lora.enabled:
         from peft import PeftModel, get_peft_model

@@ -28,7 +28,7 @@ from trl import SFTConfig
 
 from data.loading import DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
-                                 copy_launch_records, mark_final, replace_dir, resume_settings,
+                                 copy_launch_records, mark_final, output_id, replace_dir, resume_settings,
                                  save_final, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         record = Path(checkpoint) / RESUME_SETTINGS_FILE
         check_resume_settings(checkpoint, json.loads(record.read_text()) if record.is_file() else None, settings)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process)
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
+                      starts_from={"init checkpoint": output_id(init)})
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
                       start_step=checkpoint_step(Path(checkpoint)) if checkpoint else 0)
     if state.is_main_process:
