@@ -42,6 +42,10 @@ RUNDIR := runs/$(RUN)
 SETUP_STAMP := $(VENV)/.installed-$(if $(HAS_GPU),cuda,cpu)
 export TOKENIZERS_PARALLELISM ?= false
 export RECIPE  # a stage that refuses a stale upstream names the make command that rebuilds it
+# cpu_ddp.yaml is two DDP processes on the CPU: without this accelerate makes each a run of its own
+ifneq ($(filter %cpu_ddp.yaml,$(ACCELERATE_CONFIG)),)
+export ACCELERATE_USE_CPU ?= 1
+endif
 
 # stage outputs: a stage is done when its final/ checkpoint exists
 PRETRAIN_OUT := $(RUNDIR)/pretrain/final/config.json
@@ -92,6 +96,8 @@ $(SETUP_STAMP): pyproject.toml
 	touch $@
 
 # ---- stages: naming a stage runs it; its missing upstream stages are built first ------------------
+# a stage writes final/ atomically: make, interrupted (Ctrl-C) after that, must not delete the finished output
+.PRECIOUS: $(PRETRAIN_OUT) $(SFT_OUT) $(PREFS_OUT) $(RM_OUT) $(PPO_OUT)
 all: $(REPORT_OUT)
 
 pretrain: | $(SETUP_STAMP)

@@ -394,7 +394,20 @@ def load_stage_config(config_cls: type, config_path: str | None, overrides: list
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     name_run_after_recipe(cfg, config_path)
+    refuse_ranks_that_run_alone()
     return cfg
+
+
+def refuse_ranks_that_run_alone() -> None:
+    """A multi-GPU launch (--multi_gpu, cpu_ddp.yaml) on a machine without GPUs and without ACCELERATE_USE_CPU=1
+    starts its processes, but accelerate makes each a run of its own: two rank-0 runs would train side by side
+    and write the same checkpoints. Exit before anything is built."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if world_size > 1 and not use_cpu and not torch.accelerator.is_available():
+        sys.exit(f"error: launched as {world_size} processes (WORLD_SIZE={world_size}), but accelerate found no "
+                 "GPU for them and made each a run of its own, which would write the same files. On a CPU-only "
+                 "machine set ACCELERATE_USE_CPU=1 (gloo DDP, configs/accelerate/cpu_ddp.yaml).")
 
 
 def name_run_after_recipe(cfg: StageConfig, config_path: str | None) -> None:

@@ -910,3 +910,60 @@ def test_a_classifier_from_elsewhere_is_no_policy(micro_rm, tmp_path):
                                               r"classifier model\), not a causal language model"):
         load_causal_lm(str(outside), "test")
     load_causal_lm(str(micro_rm.parent.parent / "sft" / "final"), "test")  # a policy loads
+
+
+def test_make_interrupted_after_a_stage_wrote_final_keeps_it(tmp_path):
+    """GNU make deletes a target whose recipe it interrupts when the file changed: Ctrl-C after a stage had
+    written final/ left it without config.json (and prefs/ without world_data.json)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    out = tmp_path / "t" / "pretrain" / "final" / "config.json"
+    # stands in for `accelerate launch`: writes the stage's output, then is still at work when Ctrl-C comes
+    stage = tmp_path / "stage.py"
+    stage.write_text(f"import pathlib, time\np = pathlib.Path({str(out)!r})\np.parent.mkdir(parents=True)\n"
+                     "p.write_text('{}')\ntime.sleep(60)\n")
+    stamp = tmp_path / "installed"
+    stamp.touch()
+    make = subprocess.Popen(["make", "-C", str(REPO), str(out), f"RUNDIR={tmp_path / 't'}", "RUN=t",
+                             f"SETUP_STAMP={stamp}", f"LAUNCH={sys.executable} {stage}"],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline and make.poll() is None:
+        time.sleep(0.2)
+    assert out.exists()
+    time.sleep(0.5)
+    os.killpg(make.pid, signal.SIGINT)  # as Ctrl-C: to the whole foreground group
+    output = make.communicate(timeout=60)[0]
+    assert make.returncode != 0
+    assert "Deleting file" not in output and out.is_file()
+
+
+def test_make_gives_cpu_ddp_its_cpu_flag_and_a_launch_without_it_is_refused(monkeypatch):
+    """Without ACCELERATE_USE_CPU=1 on a machine with no GPU, accelerate made each DDP process a run of its own:
+    two rank-0 runs writing the same checkpoints."""
+    import subprocess
+
+    from conftest import REPO
+    from pipeline.runs import StageConfig, load_stage_config
+
+    make = ["make", "-s", "-C", str(REPO), "--eval", "show: ; @echo use_cpu=$$ACCELERATE_USE_CPU", "show"]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    ddp = subprocess.run([*make, "ACCELERATE_CONFIG=configs/accelerate/cpu_ddp.yaml"], env=env, text=True,
+                         capture_output=True)
+    assert ddp.stdout.strip() == "use_cpu=1"
+    assert subprocess.run(make, env=env, text=True, capture_output=True).stdout.strip() == "use_cpu="
+
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if torch.accelerator.is_available():
+        pytest.skip("an accelerator here: the launch would be a real DDP run")
+    with pytest.raises(SystemExit) as error:
+        load_stage_config(StageConfig, None, ["run_name=x"])
+    assert "launched as 2 processes" in str(error.value) and "ACCELERATE_USE_CPU=1" in str(error.value)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    assert load_stage_config(StageConfig, None, ["run_name=x"]).run_name == "x"
