@@ -27,8 +27,16 @@ T = TypeVar("T")
 # grad_accum, epochs, ppo_epochs): 0 would fail mid-run with a bare ZeroDivisionError, or train on nothing.
 # max_new_tokens: a sampler asked for no tokens makes empty replies, and prompt-length checks assume room for one.
 COUNTS_FROM_ONE = ("every", "batch_size", "grad_accum", "epochs", "max_new_tokens")
-# learning rates (learning_rate, policy_lr, critic_lr): 0 or below trains nothing or climbs the loss
-POSITIVE = ("learning_rate", "_lr")
+# learning rates (learning_rate, policy_lr, critic_lr): 0 or below trains nothing or climbs the loss.
+# grad_clip: clipping to a norm of 0 zeroes every gradient, and below 0 turns it around.
+POSITIVE = ("learning_rate", "_lr", "grad_clip")
+# below 0 these train wrongly without an error (weight decay that grows the weights, a loss term that rewards what
+# it should penalise) or act as 0 (a count of prompts, a token limit, a chunk size, warmup steps)
+NOT_NEGATIVE = ("weight_decay", "_coef", "margin", "eval_prompts", "max_prompts", "max_prompt_tokens",
+                "rm_max_length", "forward_chunk", "warmup_steps", "keep_checkpoints", "peak_flops")
+# fractions: of the peak learning rate (min_lr_ratio, in [0, 1]); of the steps (warmup_ratio) and of the units
+# dropped (dropout), in [0, 1)
+FRACTIONS_TO_ONE = {"min_lr_ratio": True, "warmup_ratio": False, "dropout": False}  # key: 1 itself allowed
 
 
 class ConfigError(ValueError):
@@ -84,9 +92,7 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, str):  # a path to another YAML file
-            path = Path(value) if Path(value).is_absolute() else base_dir / value
-            if not path.exists() and Path(value).exists():
-                path = Path(value)
+            path = _section_file(value, base_dir, where, key, tp)
             try:
                 return load_config(tp, path)
             except _CheckFailed as e:  # that file's own values are wrong; no override can reach inside it
@@ -121,6 +127,13 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
             raise ConfigError(f"{where}: key '{key}': expected a finite number, got {value}")
         if value <= 0 and key.endswith(POSITIVE):
             raise ConfigError(f"{where}: key '{key}': must be above 0, got {value}")
+        to_one = FRACTIONS_TO_ONE.get(key.rsplit(".", 1)[-1])
+        if to_one is not None and not (0 <= value <= 1 if to_one else 0 <= value < 1):
+            raise ConfigError(f"{where}: key '{key}': must be a fraction in [0, 1{']' if to_one else ')'}, got "
+                              f"{value}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0 and key.endswith(NOT_NEGATIVE):
+        raise ConfigError(f"{where}: key '{key}': must be 0 or more, got {value}")
+    if tp is float and isinstance(value, float):
         return value
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{where}: key '{key}': expected true or false, got {value!r}")
@@ -171,18 +184,30 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _as_tree(cls: type, raw: dict, base_dir: Path) -> dict:
+def _as_tree(cls: type, raw: dict, base_dir: Path, where: str, prefix: str = "") -> dict:
     """Expand fields given as YAML paths into mappings, so a dotted override can reach inside them."""
     hints = typing.get_type_hints(cls)
     out = dict(raw)
     for key, value in raw.items():
         tp = hints.get(key)
         if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, str):
-            path = Path(value) if Path(value).is_absolute() else base_dir / value
-            if not path.exists() and Path(value).exists():
-                path = Path(value)
-            out[key] = _as_tree(tp, _read_yaml(path), path.parent)
+            path = _section_file(value, base_dir, where, f"{prefix}{key}", tp)
+            out[key] = _as_tree(tp, _read_yaml(path), path.parent, str(path), f"{prefix}{key}.")
     return out
+
+
+def _section_file(value: str, base_dir: Path, where: str, key: str, tp: type) -> Path:
+    """A section (a dataclass field) given as the path of a YAML file: relative to the file that names it, else to
+    the working directory. Anything else (`data=/path/t.jsonl`, meant for data.path) is named with its key."""
+    path = Path(value) if Path(value).is_absolute() else base_dir / value
+    if not path.exists() and Path(value).exists():
+        path = Path(value)
+    if path.suffix not in (".yaml", ".yml") or not path.is_file():
+        inner = "path" if "path" in {f.name for f in dataclasses.fields(tp)} else None
+        raise ConfigError(f"{where}: key '{key}': expected a mapping or a YAML file for {tp.__name__}, got "
+                          f"{value!r} ({'not found' if path.suffix in ('.yaml', '.yml') else 'not a .yaml file'})"
+                          + (f"; to name a dataset, set {key}.{inner}={value}" if inner else ""))
+    return path
 
 
 def _read_yaml(path: Path) -> dict:
@@ -225,8 +250,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     path = Path(path) if path else None
     raw = _read_yaml(path) if path else {}
     base_dir = path.parent if path else Path.cwd()
-    tree = _as_tree(cls, raw, base_dir)
     where = str(path) if path else "config"
+    tree = _as_tree(cls, raw, base_dir, where)
     overrides = overrides or []
     # Each step is built at once, so that an unknown key or a wrong type names the file or the override that
     # brought it. A check across keys waits for the final combination: `rollout_batch_size=8 minibatch_size=4`

@@ -52,6 +52,33 @@ class ModelSpec:
     pretrained: str = ""
     """Start pretraining from this causal-LM checkpoint (path or hub id) instead of random weights."""
 
+    def __post_init__(self) -> None:
+        from pipeline.config import FieldError
+        from pipeline.tokenizer import SPECIAL_TOKENS
+
+        # refused here, before any data is read: transformers would fail deep in model building, or build a
+        # model with no layers
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                    "intermediate_size", "max_position_embeddings"):
+            if getattr(self, key) < 1:
+                raise FieldError(key, f"must be 1 or more, got {getattr(self, key)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise FieldError(("hidden_size", "num_attention_heads"), f"each head gets hidden_size / "
+                             f"num_attention_heads dimensions: {self.hidden_size} is not a multiple of "
+                             f"{self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise FieldError(("num_attention_heads", "num_key_value_heads"), f"grouped-query attention shares each "
+                             f"key/value head among whole groups of heads: {self.num_attention_heads} is not a "
+                             f"multiple of {self.num_key_value_heads}")
+        if self.rope_theta <= 0:
+            raise FieldError("rope_theta", f"must be above 0, got {self.rope_theta}")
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise FieldError("vocab_size", f"the byte-level BPE holds the 256 bytes and {len(SPECIAL_TOKENS)} "
+                                           f"special tokens before any merge: use {256 + len(SPECIAL_TOKENS)} or "
+                                           f"more, got {self.vocab_size}")
+        if not self.pretrained:
+            check_architecture(self)
+
 
 @dataclass
 class LoraSpec:
@@ -68,6 +95,13 @@ class LoraSpec:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     """Modules to adapt (Llama/Qwen/Mistral names: every attention and MLP projection).
     ["all-linear"]: every linear layer except the LM head."""
+
+    def __post_init__(self) -> None:
+        from pipeline.config import FieldError
+
+        for key in ("rank", "alpha"):  # peft fails with a traceback at 0
+            if getattr(self, key) < 1:
+                raise FieldError(key, f"must be 1 or more, got {getattr(self, key)}")
 
     def peft_config(self, task_type: str, model: torch.nn.Module):
         """The PEFT LoraConfig for this spec on `model`; task_type "CAUSAL_LM" (policies) or "SEQ_CLS" (RM: the new
@@ -106,8 +140,7 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
                                                          dtype=WEIGHTS_DTYPE)
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
-    else:
-        check_extra(spec)
+    else:  # the spec's own check refused an architecture and extra keys that do not fit (check_architecture)
         config = AutoConfig.for_model(
             spec.architecture, vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
             num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
@@ -127,17 +160,21 @@ SPEC_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atten
                     "intermediate_size", "max_position_embeddings", "rope_theta", "tie_word_embeddings")
 
 
-def check_extra(spec: ModelSpec) -> None:
-    """A transformers config stores any keyword it does not know as a new attribute, so a typo in `model.extra`
-    (attention_dropuot) would change nothing, silently. Refuse keys the architecture's config does not have."""
-    try:
-        defaults = AutoConfig.for_model(spec.architecture)
-    except ValueError:
+def check_architecture(spec: ModelSpec) -> None:
+    """A model built from scratch: its architecture must be a transformers causal LM, and a typo in `model.extra`
+    (attention_dropuot), which a transformers config would store as a new attribute, changing nothing, is refused
+    with the keys the architecture's config does have."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if spec.architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         from transformers import CONFIG_MAPPING
 
-        close = difflib.get_close_matches(spec.architecture, list(CONFIG_MAPPING.keys()), n=1)
-        raise ConfigError(f"key 'model.architecture': {spec.architecture!r} is not a transformers model_type"
-                          + (f" (did you mean '{close[0]}'?)" if close else " (llama, qwen2, mistral, ...)")) from None
+        what = "a transformers causal language model" if spec.architecture in CONFIG_MAPPING else \
+            "a transformers model_type"
+        close = difflib.get_close_matches(spec.architecture, list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=1)
+        raise ConfigError(f"key 'model.architecture': {spec.architecture!r} is not {what}"
+                          + (f" (did you mean '{close[0]}'?)" if close else " (llama, qwen2, mistral, ...)"))
+    defaults = AutoConfig.for_model(spec.architecture)
     for key in spec.extra:
         if key in SPEC_CONFIG_KEYS:
             raise ConfigError(f"key 'model.extra.{key}': set it as model.{key}")

@@ -100,3 +100,5 @@ class RewardModelConfig(StageConfig):
                                                      f"got {self.responses_per_prompt}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise FieldError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:  # a prompt token and a response token at least; 0 failed in the tokenizer
+            raise FieldError("max_length", f"must be 2 or more, got {self.max_length}")

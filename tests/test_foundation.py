@@ -250,16 +250,59 @@ def test_a_text_key_on_the_command_line_keeps_the_text_as_typed(text):
 
 def test_a_typo_in_model_extra_is_refused_not_stored_as_a_new_attribute():
     """transformers configs keep unknown keywords as attributes: attention_dropuot left attention_dropout at 0."""
-    from pipeline.model import check_extra
-
     with pytest.raises(ConfigError, match=r"key 'model.extra.attention_dropuot': .* \(did you mean 'attention_dropout'"):
-        check_extra(ModelSpec(extra={"attention_dropuot": 0.1}))
+        ModelSpec(extra={"attention_dropuot": 0.1})
     with pytest.raises(ConfigError, match=r"key 'model.extra.vocab_size': set it as model.vocab_size"):
-        check_extra(ModelSpec(extra={"vocab_size": 99}))  # was a bare TypeError: multiple values for the keyword
+        ModelSpec(extra={"vocab_size": 99})  # was a bare TypeError: multiple values for the keyword
     with pytest.raises(ConfigError, match=r"key 'model.architecture': 'lama' .* \(did you mean 'llama'"):
-        check_extra(ModelSpec(architecture="lama"))
-    check_extra(ModelSpec(extra={"attn_implementation": "eager", "attention_dropout": 0.1, "rms_norm_eps": 1e-5}))
-    check_extra(ModelSpec(architecture="qwen2", extra={"sliding_window": 64}))
+        ModelSpec(architecture="lama")
+    with pytest.raises(ConfigError, match=r"key 'model.architecture': 't5' is not a transformers causal language"):
+        ModelSpec(architecture="t5")  # was a traceback from AutoModelForCausalLM
+    ModelSpec(extra={"attn_implementation": "eager", "attention_dropout": 0.1, "rms_norm_eps": 1e-5})
+    ModelSpec(architecture="qwen2", extra={"sliding_window": 64})
+    ModelSpec(architecture="t5", pretrained="some/causal-lm")  # the spec is not used then
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hidden_size=30", r"keys 'model.hidden_size', 'model.num_attention_heads': .* 30 is not a multiple of 4"),
+    ("model.num_key_value_heads=3", r"keys 'model.num_attention_heads', 'model.num_key_value_heads': .* 4 is not a "
+                                    r"multiple of 3"),
+    ("model.num_hidden_layers=0", r"key 'model.num_hidden_layers': must be 1 or more, got 0"),
+    ("model.vocab_size=100", r"key 'model.vocab_size': the byte-level BPE holds the 256 bytes"),
+    ("model.rope_theta=0", r"key 'model.rope_theta': must be above 0"),
+    ("grad_clip=-1", r"key 'grad_clip': must be above 0, got -1"),  # turned every gradient around
+    ("min_lr_ratio=1.5", r"key 'min_lr_ratio': must be a fraction in \[0, 1\], got 1.5"),
+    ("weight_decay=-0.1", r"key 'weight_decay': must be 0 or more"),
+    ("warmup_steps=-5", r"key 'warmup_steps': must be 0 or more"),
+])
+def test_a_model_spec_or_range_that_would_train_wrongly_is_refused_by_key(override, message):
+    """Were tracebacks from transformers (head sizes), a model with no layers, or a run that trained wrongly and
+    replaced final/ (a negative clip norm flips each gradient)."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", [override])
+
+
+def test_ranges_of_the_other_stages_are_refused_by_key():
+    from reward_model.config import RewardModelConfig
+    from stages.ppo.ppo import PPOStageConfig
+    from stages.sft.sft import SFTStageConfig
+
+    for cls, config, override, message in (
+            (RewardModelConfig, "rm.yaml", "warmup_ratio=1", r"key 'warmup_ratio': must be a fraction in \[0, 1\)"),
+            (RewardModelConfig, "rm.yaml", "lora.dropout=1.2", r"key 'lora.dropout': must be a fraction"),
+            (RewardModelConfig, "rm.yaml", "forward_chunk=-1", r"key 'forward_chunk': must be 0 or more"),
+            (PPOStageConfig, "ppo.yaml", "vf_coef=-0.1", r"key 'vf_coef': must be 0 or more"),
+            (PPOStageConfig, "ppo.yaml", "ptx_coef=-1", r"key 'ptx_coef': must be 0 or more"),
+            (PPOStageConfig, "ppo.yaml", "eval_prompts=-1", r"key 'eval_prompts': must be 0 or more"),
+            (SFTStageConfig, "sft.yaml", "gold_eval_prompts=-2", r"key 'gold_eval_prompts': must be 0 or more"),
+            (SFTStageConfig, "sft.yaml", "max_length=0", r"key 'max_length': must be 2 or more"),
+            (SFTStageConfig, "sft.yaml", "num_epochs=0 max_steps=-1", r"keys 'num_epochs', 'max_steps': .* must be above 0"),
+            (SFTStageConfig, "sft.yaml", "lora.rank=0", r"key 'lora.rank': must be 1 or more"),
+            (RewardModelConfig, "rm.yaml", "max_length=1", r"key 'max_length': must be 2 or more"),
+            (PPOStageConfig, "ppo.yaml", "reward_clip=0", r"key 'reward_clip': must be > 0"),
+            (PPOStageConfig, "ppo.yaml", "ptx_block_size=1", r"key 'ptx_block_size': must be 2 or more")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(cls, MICRO / config, override.split())
 
 
 def test_every_shipped_config_parses():
@@ -967,3 +1010,16 @@ def test_make_gives_cpu_ddp_its_cpu_flag_and_a_launch_without_it_is_refused(monk
     assert "launched as 2 processes" in str(error.value) and "ACCELERATE_USE_CPU=1" in str(error.value)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
     assert load_stage_config(StageConfig, None, ["run_name=x"]).run_name == "x"
+
+
+def test_a_dataset_path_given_for_its_whole_section_is_named_with_the_key_to_use():
+    """`data=/path/t.jsonl` (meant for data.path) said only 'config file not found: /path/t.jsonl'."""
+    from stages.sft.sft import SFTStageConfig
+
+    with pytest.raises(ConfigError, match=r"override 'data=/tmp/t.jsonl': key 'data': expected a mapping or a YAML "
+                                          r"file for DatasetSpec, .* set data.path=/tmp/t.jsonl"):
+        load_config(SFTStageConfig, MICRO / "sft.yaml", ["data=/tmp/t.jsonl"])
+    with pytest.raises(ConfigError, match=r"key 'model': expected a mapping or a YAML file for ModelSpec, got "
+                                          r"'absent.yaml' \(not found\)"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model=absent.yaml"])
+    assert load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model=model.yaml"]).model.hidden_size > 0

@@ -177,9 +177,11 @@ class PPOStageConfig(StageConfig):
         for key, value, lowest, highest in (("gamma", self.gamma, 0.0, 1.0), ("lam", self.lam, 0.0, 1.0)):
             if not lowest <= value <= highest:
                 raise FieldError(key, f"must be in [{lowest}, {highest}], got {value}")
-        for key in ("grad_clip", "cliprange", "cliprange_value", "adam_eps"):
-            if getattr(self, key) <= 0:  # clipping at 0 would zero every gradient / update
+        for key in ("cliprange", "cliprange_value", "adam_eps", "reward_clip"):
+            if getattr(self, key) <= 0:  # clipping at 0 would zero every update / reward
                 raise FieldError(key, f"must be > 0, got {getattr(self, key)}")
+        if self.ptx_block_size < 2:  # a block predicts its tokens from the ones before
+            raise FieldError("ptx_block_size", f"must be 2 or more, got {self.ptx_block_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise FieldError("ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         if self.rollout_batch_size % self.minibatch_size or self.minibatch_size % self.grad_accum:
