@@ -599,9 +599,14 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
     except Exception as error:  # datasets raises many types (even StopIteration); all mean "unreadable"
         if part.builder == "json":
             _raise_json_problem(part.description)
+        if "corresponds to no data" in str(error):  # datasets' words for a file with no rows in it
+            raise DataError(part.description, "no rows (only blank lines, or a header alone)") from error
         hint = f" (nor is there a local file or directory {part.builder})" if part.data_files is None else ""
+        # datasets wraps what went wrong in "An error occurred while generating the dataset": name the cause
+        cause = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and \
+            error.__cause__ is not None else error
         raise DataError(part.description, f"cannot read {_format_name(part)}{hint}: "
-                                          f"{type(error).__name__}: {error}") from error
+                                          f"{type(cause).__name__}: {cause}") from error
 
 
 def _csv_as_text(path: str) -> dict[str, Any]:
@@ -637,8 +642,12 @@ def _open_text(path: str):
 
 def _raise_json_problem(path: str) -> None:
     """Find the first corrupt line/object in a JSON(L) file and raise a DataError for it."""
-    with _open_text(path) as f:
-        text = f.read()
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except (OSError, EOFError) as error:  # gzip's BadGzipFile is an OSError; a cut-off file ends early
+        raise DataError(path, f"cannot read it through gzip ({type(error).__name__}: {error}): a corrupt or "
+                              "truncated download? Fetch it again") from None
     if path.removesuffix(".gz").endswith(".json"):
         try:
             json.loads(text)

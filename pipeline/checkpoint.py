@@ -171,10 +171,12 @@ def checkpoint_config(path: str | Path) -> dict | None:
 def loading_from(path: str | Path, needed_by: str) -> Iterator[None]:
     """Around a `from_pretrained`: its OSError (a mistyped local path, which it then takes for a hub id; a hub id
     it cannot fetch; a directory without the files) or ValueError (files it cannot read, a tokenizer that needs
-    sentencepiece) becomes a CheckpointError naming the path."""
+    sentencepiece) or SafetensorError (a weights file cut short) becomes a CheckpointError naming the path."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         where = "" if Path(path).exists() else " (no such local path, so it was looked up as a hub id)"
         # an OSError's first line says it (the rest is hub advice); a ValueError's fix may come later (custom code
         # asks for trust_remote_code on its third line)

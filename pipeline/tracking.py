@@ -274,6 +274,7 @@ class TrackerCallback(TrainerCallback):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.last_tokens, self.last_time = 0, time.perf_counter()
+        self.log = True  # off: the Trainer's logs are dropped (a step already logged)
 
     def _restart_clock(self, state) -> None:
         self.last_tokens, self.last_time = getattr(state, "num_input_tokens_seen", 0) or 0, time.perf_counter()
@@ -305,5 +306,5 @@ class TrackerCallback(TrainerCallback):
             now = time.perf_counter()
             metrics["perf/tokens_per_sec"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_tokens, self.last_time = tokens, now
-        if metrics:
+        if metrics and self.log:
             self.tracker.log(metrics, step=state.global_step)

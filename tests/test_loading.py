@@ -546,6 +546,29 @@ def test_blank_text_file_is_empty(tmp_path):
         load(path, "text")
 
 
+@pytest.mark.parametrize("name, content", [("blank.jsonl", "\n\n"), ("header.csv", "prompt,other\n")])
+def test_a_file_of_blank_lines_or_a_header_alone_has_no_rows(tmp_path, name, content):
+    """Was datasets' 'Instruction "train" corresponds to no data!'."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(DataError, match=rf"{name}: no rows \(only blank lines, or a header alone\)"):
+        load(path, "prompts")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.gz"])
+def test_a_corrupt_or_truncated_gzip_file_is_named(tmp_path, suffix):
+    """A download cut short raised a bare EOFError (JSON), or was named only 'DatasetGenerationError' (text)."""
+    import gzip
+
+    whole = gzip.compress(b'{"text": "a line of text"}\n' * 200)
+    path = tmp_path / f"cut{suffix}"
+    path.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError) as error:
+        load(path, "text")
+    message = assert_data_error(error, path, row=None, column=None)
+    assert "EOFError" in message and "DatasetGenerationError" not in message
+
+
 def test_missing_path(tmp_path):
     path = tmp_path / "does_not_exist.jsonl"
     with pytest.raises(DataError) as error:

@@ -273,6 +273,16 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
         with pytest.raises(ConfigError, match=rf"cannot resume from .*step_00000002: key '{key}' was {saved} there, "
                                               rf"{now} now"):
             run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", override, run_name="spec")
+    # a weights file cut short (a disk that filled up): named, not a SafetensorError traceback
+    weights = tmp_path / "spec" / "pretrain" / "checkpoints" / "step_00000002" / "model" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    from pipeline.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"pretrain \(resume=true\): cannot load .*step_00000002/model: .*"
+                                              r"incomplete metadata"):
+        run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", run_name="spec")
+    weights.write_bytes(whole)
     run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", run_name="spec")  # as it was: resumes
     assert (tmp_path / "spec" / "pretrain" / "final" / "config.json").exists()
 

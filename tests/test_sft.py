@@ -333,6 +333,15 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     assert len(summary) == 1 and "train/mean_loss" in summary[0] and "train/loss" not in summary[0]
     assert (stage / "final" / "config.json").exists()
 
+    # resumed again at its last step: nothing to train; the final evaluation is not logged a second time
+    last = resumed_from + 3
+    assert last in saved_steps(stage)
+    third = subprocess.run([*command, "resume=true", f"max_steps={last}"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr[-3000:]
+    lines = [json.loads(line) for line in stage.joinpath("metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "eval/loss" in r] == [last]
+
 
 @pytest.mark.parametrize("order", [[], ["group_by_length=true", "data.max_rows=64"]], ids=["random", "by_length"])
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretrain, tmp_path, order):
@@ -542,3 +551,15 @@ def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_tr
 
     assert untrained_role_tokens(AutoTokenizer.from_pretrained(continued)) == ["<|system|>", "<|user|>", "<|assistant|>"]
     assert untrained_role_tokens(tokenizer) == []  # SFT trained them: LoRA on from here is fine
+
+
+def test_demonstrations_all_cut_to_nothing_stop_the_run_naming_the_file(micro_pretrain, tmp_path):
+    """Every demonstration dropped: the Trainer failed on an empty dataloader with a traceback."""
+    data = tmp_path / "long.jsonl"
+    system = {"role": "system", "content": " ".join(["rule"] * 200)}
+    chat = [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    with pytest.raises(DataError, match=rf"{data}: no demonstration left: each has no assistant token within "
+                                        r"max_length=96"):
+        main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", "max_steps=1", *QUICK))
+    assert not (tmp_path / "long" / "sft" / "final").exists()

@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (load_training_state, parameter_fingerprint, restore_scaler, resume_settings,
-                                 save_final, save_training_checkpoint, scaler_state)
+from pipeline.checkpoint import (load_training_state, loading_from, parameter_fingerprint, restore_scaler,
+                                 resume_settings, save_final, save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
         from transformers import AutoModelForCausalLM
 
         # attn_implementation is a runtime choice the checkpoint does not keep: resume with the fresh start's kernel
-        model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=WEIGHTS_DTYPE,
-                                                     attn_implementation=cfg.model.extra.get("attn_implementation"))
+        with loading_from(checkpoint / "model", "pretrain (resume=true)"):
+            model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", dtype=WEIGHTS_DTYPE,
+                                                         attn_implementation=cfg.model.extra.get("attn_implementation"))
     else:
         model = build_causal_lm(cfg.model, tokenizer, cfg.trust_remote_code)
     set_special_token_ids(model, tokenizer)

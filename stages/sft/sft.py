@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
-from data.loading import DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
                                  copy_launch_records, mark_final, output_id, replace_dir, resume_settings,
                                  save_final, write_text_atomic)
@@ -97,6 +97,11 @@ class SFTStageConfig(StageConfig):
         super().__post_init__()
         if not 0.0 <= self.warmup_ratio < 1.0:  # transformers reads a warmup of 1 or more as a step count
             raise FieldError("warmup_ratio", f"must be a fraction of the steps in [0, 1), got {self.warmup_ratio}")
+        if self.max_length < 2:  # a prompt token and a reply token at least; 0 failed inside TRL
+            raise FieldError("max_length", f"must be 2 or more, got {self.max_length}")
+        if self.max_steps <= 0 and self.num_epochs <= 0:  # the Trainer would stop with a traceback
+            raise FieldError(("num_epochs", "max_steps"), f"with max_steps {self.max_steps} (off), num_epochs "
+                                                          f"decides: it must be above 0, got {self.num_epochs}")
 
 
 def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
@@ -135,6 +140,7 @@ class GoldEval(TrainerCallback):
         self.judge = load_judge(world) if rows else None
         self.result: EvalResult | None = None
         self.last_eval_step, self.eval_loss = -1, float("nan")
+        self.log = True  # off when a resumed run recomputes what its first launch logged
 
     def run(self, model, step: int, prefix: str, log: bool = True) -> EvalResult:
         """`log`: False when a resumed run recomputes what its first launch already logged (the baseline)."""
@@ -155,7 +161,7 @@ class GoldEval(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         self.last_eval_step, self.eval_loss = state.global_step, (metrics or {}).get("eval_loss", float("nan"))
         if state.is_world_process_zero and self.rows:
-            self.result = self.run(model, state.global_step, "gold")
+            self.result = self.run(model, state.global_step, "gold", log=self.log)
 
 
 def renamed(summary: dict[str, float], prefix: str) -> dict[str, float]:
@@ -245,8 +251,14 @@ def main(argv: list[str] | None = None) -> None:
     trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
                               processing_class=tokenizer, peft_config=peft_config,
                               # gold first: its time is not training time
-                              callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
+                              callbacks=[gold, trainer_logs := TrackerCallback(tracker), nan_guard,
+                                         RecordResumeSettings(settings)])
     nan_guard.scaler = trainer.accelerator.scaler
+    for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
+        if isinstance(data, Dataset) and len(data) == 0:  # the Trainer would fail on an empty dataloader
+            raise DataError(spec.path, f"no demonstration left: each has no assistant token within "
+                                       f"max_length={cfg.max_length} (TRL cuts at max_length and drops those); "
+                                       "raise max_length")
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
 
@@ -285,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
+        gold.log = trainer_logs.log = False  # the launch that trained logged this step's evaluation already
         trainer.evaluate()
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged in) with the chat template, and the figures
