@@ -134,9 +134,12 @@ class StagePaths:
 
     def of_final(self, name: str) -> Path:
         """The stage's `name` (config.yaml or metrics.jsonl) as the launch that wrote final/ left it: its copy in
-        final/, else the stage's own (a final/ saved before the copies were kept)."""
-        copy = self.final / LAUNCH_RECORDS[name]
-        return copy if copy.is_file() else self.root / name
+        final/ (collected preferences, which have no final/, keep theirs beside the rankings), else the stage's
+        own (an output saved before the copies were kept)."""
+        for copy in (self.final / LAUNCH_RECORDS[name], self.root / LAUNCH_RECORDS[name]):
+            if copy.is_file():
+                return copy
+        return self.root / name
 
 
 def run_dir(cfg: StageConfig) -> Path:
@@ -163,8 +166,17 @@ def init_checkpoint(cfg: StageConfig, stage: str, allowed_stages: tuple[str, ...
 
 
 def world_dir(cfg: StageConfig) -> Path:
-    """The run's synthetic world, written on first use (deterministic from the world config)."""
-    return write_world(run_dir(cfg) / "world", cfg.world)
+    """The run's synthetic world, written on first use (deterministic from the world config), and written again
+    when the config's world settings change: said, since a later stage of the run then refuses upstreams that
+    learned from the old one (check_world_lineage)."""
+    world = run_dir(cfg) / "world"
+    made_with = world / "world_config.json"
+    if made_with.is_file() and WorldConfig.from_json(made_with.read_text()) != cfg.world:
+        recipe = os.environ.get("RECIPE")
+        print(f"note: rewriting {world} for this config's world settings, which differ from those it was made "
+              f"with (a changed world.yaml; or a run made with another recipe than {recipe or 'this one'}: then "
+              f"pass that one's RECIPE=, which writes the run's own world back)", file=sys.stderr)
+    return write_world(world, cfg.world)
 
 
 def learned_world_data(world: Path | None, *specs, annotator: bool = False) -> dict[str, str] | None:
@@ -239,7 +251,7 @@ def check_world_lineage(cfg: StageConfig, upstream: str | Path, world: Path | No
                      for n in stale[first])
     whose = "learned" if first == made_by else f"was built on a {first} stage that learned"
     problem = (f"{needed_by}: {upstream} {whose} from a world that has changed since ({what} in {world}): the world "
-               f"config or the world generator differs")
+               f"config or the world generator differs (or this run was made with another recipe: pass its RECIPE=)")
     if getattr(cfg, config_key, None):
         print(f"warning: {problem}. Using it, since {config_key} names it.", file=sys.stderr)
         return

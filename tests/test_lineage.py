@@ -291,3 +291,18 @@ def test_a_resume_refuses_checkpoints_that_started_from_an_upstream_run_again_si
     with pytest.raises(CheckpointError) as error:
         run_stage(train_rm, "rm.yaml", runs, "resume=true", run_name="r")
     assert "started from another rankings" in str(error.value) and "init checkpoint" not in str(error.value)
+
+
+def test_a_world_written_again_for_other_settings_says_so_and_names_the_recipe(tmp_path, monkeypatch, capsys):
+    """`make sft RUN=x` without the RECIPE the run was made with rewrote the run's world without a word."""
+    from pipeline.runs import world_dir
+
+    monkeypatch.setenv("RECIPE", "tiny")
+    cfg = StageConfig(run_name="x", runs_dir=str(tmp_path), world=micro_world(seed=0))
+    world_dir(cfg)
+    world_dir(cfg)  # the same settings: nothing to say
+    assert "rewriting" not in capsys.readouterr().err
+    world_dir(dataclasses.replace(cfg, world=micro_world(seed=1)))
+    err = capsys.readouterr().err
+    assert f"rewriting {tmp_path / 'x' / 'world'}" in err and "another recipe than tiny" in err
+    assert json.loads((tmp_path / "x" / "world" / "world_config.json").read_text())["seed"] == 1
