@@ -6,6 +6,8 @@ prompts, ties counting half.
 """
 from __future__ import annotations
 
+import math
+
 import json
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -96,6 +98,16 @@ def win_rate(scores: list[float], baseline_scores: list[float]) -> float:
         return float("nan")
     wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, baseline_scores, strict=True))
     return wins / len(scores)
+
+
+def paired_gain(scores: list[float], baseline_scores: list[float]) -> tuple[float, float]:
+    """(mean gain over the baseline on the same prompts, its standard error): a verdict's noise on a few prompts."""
+    gains = [a - b for a, b in zip(scores, baseline_scores, strict=True)]
+    n = len(gains)
+    if n < 2:
+        return (gains[0] if gains else float("nan")), float("inf")
+    mean = sum(gains) / n
+    return mean, math.sqrt(sum((g - mean) ** 2 for g in gains) / (n - 1) / n)
 
 
 def family_table(summary: dict[str, float]) -> list[tuple[str, float, float]]:

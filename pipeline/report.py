@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -35,7 +36,8 @@ from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, add_sampling_arguments
                                default_device, describe_sampling, evaluate_checkpoint, family_counts, int_at_least,
                                limit_count, load_policy, load_run_config, markdown_table, run_ppo_settings,
                                run_reward_model, run_world, sampling_from_args, shared_config)
-from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, win_rate  # noqa: E402
+from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, paired_gain, \
+    win_rate  # noqa: E402
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
 
@@ -142,8 +144,8 @@ def stage_times(cfg) -> list[list]:
     for stage in STAGES:
         paths = stage_paths(cfg, stage)
         end_file = paths.root / "eval.jsonl" if stage == "prefs" else paths.final / "config.json"
-        # started: when the launch that wrote final/ wrote its config (final/ keeps a copy with that date)
-        start_file = paths.config_file if stage == "prefs" else paths.of_final("config.yaml")
+        # started: when the launch that wrote final/ (or the rankings) wrote its config; a copy keeps that date
+        start_file = paths.of_final("config.yaml")
         if not start_file.exists() or not end_file.exists():
             # collection with train_data set leaves only a null record (make's marker): nothing was collected
             skipped = stage == "prefs" and read_json(paths.root / WORLD_DATA_FILE) is None
@@ -359,6 +361,17 @@ def pretrain_section(cfg, records: list[dict], plot: Path | None, run: Path, fac
             image(plot, "pretraining loss", run)], glance
 
 
+def compare_verdict(scores: list[float], baseline_scores: list[float], baseline: str) -> str:
+    """Better or worse than `baseline` on the same prompts when the mean gold gain is beyond two standard errors;
+    else within noise (a micro run's few prompts decide nothing)."""
+    gain, se = paired_gain(scores, baseline_scores)
+    if gain > 2 * se:
+        return f"better than {baseline}"
+    if gain < -2 * se:
+        return f"worse than {baseline}"
+    return f"within noise of {baseline} (gain {gain:+.3f} ± {2 * se:.3f} over {len(scores)} prompts)"
+
+
 def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list]:
     if "sft" not in results:
         return [NOT_RUN.format(what="sft/final", stage="sft")], []
@@ -368,7 +381,7 @@ def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list
                 compare_table({}, s, ("pretrained", "SFT")), "", image(plot, "gold score by family", run)], \
             [["SFT", f"gold {s['gold/score']:.3f}", ""]]
     b = results["pretrain"].summary
-    verdict = "better than pretrained" if s["gold/score"] > b["gold/score"] else "no better than pretrained"
+    verdict = compare_verdict(results["sft"].scores, results["pretrain"].scores, "pretrained")
     return ["Gold judge on the held-out prompts; the pretrained model, prompted the same way, is the baseline.", "",
             compare_table(b, s, ("pretrained", "SFT")), "",
             family_compare(results["pretrain"], results["sft"], ("pretrained", "SFT")), "",
@@ -395,7 +408,11 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["accuracy over all pairs", r.get("accuracy_all_pairs")],
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
-    verdict = "above chance" if r["accuracy"] > 0.5 else "not above chance"
+    # two standard errors of a coin's accuracy over these pairs: above that, not luck
+    noise = 2 * 0.5 / math.sqrt(r["pairs"]) if r.get("pairs") else float("inf")
+    verdict = "above chance" if r["accuracy"] > 0.5 + noise else \
+        f"within noise of chance (±{noise:.3f} over {r.get('pairs', 0)} pairs)" if r["accuracy"] > 0.5 - noise \
+        else "below chance"
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement", "by task family (pairs)"],
@@ -421,9 +438,10 @@ def ppo_section(results: dict, facts: dict, plots: dict, run: Path) -> tuple[lis
         return ["_No SFT model to compare with (sft/final is missing)._", "", compare_table({}, s, ("SFT", "PPO")), "",
                 *curves], []
     b, kl, wins = results["sft"].summary, facts["kl_to_sft"], facts["win_rate_vs_sft"]
-    gain, rm_gain = s["gold/score"] - b["gold/score"], s.get("rm/score", 0.0) - b.get("rm/score", 0.0)
-    verdict = ("better than SFT" if gain > 0 and wins > 0.5 else
-               "RM up, gold not: over-optimised?" if rm_gain > 0 and gain <= 0 else "no better than SFT")
+    rm_gain = s.get("rm/score", 0.0) - b.get("rm/score", 0.0)
+    verdict = compare_verdict(results["ppo"].scores, results["sft"].scores, "SFT")
+    if rm_gain > 0 and verdict.startswith("worse"):
+        verdict = "RM up, gold down: over-optimised?"
     lines = ["Before (SFT) and after (PPO), same prompts and decoding.", "", compare_table(b, s, ("SFT", "PPO")), "",
              markdown_table(["metric", "value"], [["win rate vs SFT (gold, ties count half)", f"{wins:.1%}"],
                                                   ["KL to SFT, nats/response (exact)", kl["exact"]],
@@ -456,7 +474,7 @@ def run_facts_section(cfg, facts: dict) -> list:
              f"Git commit: `{facts['git']}`", "", "Resolved configs:", ""]
     for stage in STAGES:
         paths = stage_paths(cfg, stage)
-        config_file = paths.config_file if stage == "prefs" else paths.of_final("config.yaml")
+        config_file = paths.of_final("config.yaml")
         if config_file.exists():
             lines += [f"<details><summary>{stage}: {relative(config_file, cfg_run)}</summary>", "", "```yaml",
                       config_file.read_text().rstrip(), "```", "", "</details>", ""]

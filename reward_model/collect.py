@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from data.world import Annotator
-from pipeline.checkpoint import write_text_atomic
+from pipeline.checkpoint import copy_launch_records, write_text_atomic
 from pipeline.evaluation import load_judge
 from pipeline.generation import decode_responses, encode_prompts, ended_with_stop, prompts_that_fit, sample, \
     stop_token_ids
@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     write_jsonl_atomic(paths.root / "eval.jsonl", eval_out)
     # what the rankings came from in the world, with the SFT policy's chain, for the RM to check and carry
     learned = learned_world_data(world, cfg.prompts, annotator=True)
+    # the config these rankings were collected with, dated at its start, for the report: a later collection that
+    # is cut off has rewritten config.yaml
+    copy_launch_records(paths.root, (paths.config_file,))
     write_text_atomic(paths.root / WORLD_DATA_FILE, json.dumps(world_lineage("prefs", learned, init)) + "\n")
 
     # ---- what was collected: sample quality, and the annotator's agreement with gold (the noise ceiling)
