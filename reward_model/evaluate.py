@@ -58,7 +58,7 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
                                                            "the RM trained on. Train the RM again (make rm), or "
                                                            "pass --data")
     add_gold_criteria(trained, rows, world=world)
-    return rows, source
+    return rows, trained.eval_data.path if trained.eval_data is not None else source  # a held-out file of its own
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         n_pairs = sum(len(labeled_pairs(r)) for r in train_rows)
         tracker.summary({"model/trainable_parameters": n_train, "data/train_rankings": len(train_rows),
                          "data/train_pairs": n_pairs, "data/eval_rankings": len(eval_rows)})
-        print(f"[rm] {len(train_rows)} training rankings ({n_pairs} pairs) and {len(eval_rows)} held out from "
-              f"{source}; backbone {init}; {n_train / 1e6:.2f}M trainable parameters"
+        held_out = f" ({cfg.eval_data.path})" if cfg.eval_data is not None else ""
+        print(f"[rm] {len(train_rows)} training rankings ({n_pairs} pairs) from {source} and {len(eval_rows)} held "
+              f"out{held_out}; backbone {init}; {n_train / 1e6:.2f}M trainable parameters"
               + (f"; LoRA rank {cfg.lora.rank}" if cfg.lora.enabled else "")
               + (f"; resuming at step {start_step}" if start_step else ""))
         rankings = [*train_rows, *eval_rows]

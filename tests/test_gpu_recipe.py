@@ -125,7 +125,8 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
         f"train_data.path={hub / 'ultrafeedback_binarized'}", "train_data.split=train_prefs",
         f"eval_data.path={hub / 'ultrafeedback_binarized'}", "eval_data.split=test_prefs", *rm_overrides,
         run_name="gpu_uf")
-    assert "120 training rankings (120 pairs) and 30 held out" in capsys.readouterr().out
+    uf_path = hub / "ultrafeedback_binarized"  # the held-out split's file named, not the training one's alone
+    assert f"120 training rankings (120 pairs) from {uf_path} and 30 held out ({uf_path});" in capsys.readouterr().out
     uf = json.loads((runs / "gpu_uf" / "rm" / "eval.json").read_text())
     assert uf["accuracy"] >= 0.9, uf
     assert AutoModelForSequenceClassification.from_pretrained(runs / "gpu_uf" / "rm" / "final").config.num_labels == 1
@@ -136,7 +137,7 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
         "train_data.columns.responses=completions.response", "train_data.columns.ratings=completions.overall_score",
         "eval_data=null", "eval_fraction=0.2", *rm_overrides, run_name="gpu_rated")
     out = capsys.readouterr().out
-    assert "96 training rankings (480 pairs) and 24 held out from " in out, out
+    assert f"96 training rankings (480 pairs) from {hub / 'UltraFeedback'} and 24 held out;" in out, out
     rated = json.loads((runs / "gpu_rated" / "rm" / "eval.json").read_text())
     assert rated["pairs"] == 24 * 5 and rated["accuracy"] >= 0.9, rated
 

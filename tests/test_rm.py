@@ -615,3 +615,21 @@ def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp
     fewer = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=positions - 110))
     with pytest.raises(DataError, match=rf"longer than {positions - 110 - 16} tokens"):
         prompts_that_fit(rows, tokenizer, (model, fewer), 16, 0, "p", "test")
+
+
+def test_an_rm_with_its_own_eval_data_names_that_file_for_its_held_out_rankings(micro_rm, micro_runs, tmp_path,
+                                                                                 capsys):
+    """With eval_data set, RM training and eval-rm named the training file as the held-out rankings' source."""
+    from reward_model import evaluate
+
+    held_out = tmp_path / "held_out.jsonl"
+    shutil.copy(micro_runs / "micro" / "prefs" / "eval.jsonl", held_out)
+    args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=own",
+            f"init_from={micro_runs / 'micro' / 'sft' / 'final'}", "train_data.path=world:prefs_static",
+            f"eval_data.path={held_out}"]
+    reset_accelerate()
+    train.main([*args, "epochs=1"])
+    assert f"from world:prefs_static and {len(held_out.read_text().splitlines())} held out ({held_out})" in \
+        capsys.readouterr().out
+    evaluate.main(args[:4])
+    assert f"rankings from the held-out rankings of {held_out}" in capsys.readouterr().out
