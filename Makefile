@@ -110,10 +110,13 @@ sft: $(PRETRAIN_OUT)
 $(SFT_OUT): $(PRETRAIN_OUT)
 	$(call stage,stages.sft,sft,$(SFT_ARGS))
 
+# an RM given its own preference data (train_data.* in RM_ARGS, or in ARGS of `make rm`) collects nothing: collection
+# reads the same setting and only leaves the record make waits for
+RM_DATA_ARGS = $(filter train_data.% train_data=%,$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
 prefs: $(SFT_OUT)
 	$(call stage,reward_model.collect,rm,$(PREFS_ARGS),$(ARGS))
 $(PREFS_OUT): $(SFT_OUT)
-	$(call stage,reward_model.collect,rm,$(PREFS_ARGS))
+	$(call stage,reward_model.collect,rm,$(PREFS_ARGS) $(RM_DATA_ARGS))
 
 # the RM starts from SFT's final/ (and, by default, learns from rankings of its samples)
 rm: $(PREFS_OUT) $(SFT_OUT)

@@ -396,6 +396,9 @@ def parse_stage_args(config_cls: type, argv: list[str] | None = None, descriptio
     parser.add_argument("--config", help="YAML config, e.g. configs/tiny/pretrain.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     args = parser.parse_args(argv)
+    if not args.config:  # legal (every setting has a default), but rarely meant
+        print("note: no --config given: every setting not overridden is its default (run 'default'); a recipe's "
+              "config is e.g. --config configs/tiny/<stage>.yaml", file=sys.stderr)
     return load_stage_config(config_cls, args.config, args.overrides)
 
 

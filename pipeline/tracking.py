@@ -213,7 +213,7 @@ def _write_run_record(final_dir: Path, run: Any, stage: str) -> None:
     """Beside the checkpoint: which W&B run made it, so the next stage can record its lineage."""
     record = {"stage": stage, "wandb_run_id": run.id, "wandb_project": run.project,
               "artifact": f"{run.group}-{stage}:latest"}
-    (Path(final_dir) / "pipeline_run.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text_atomic(Path(final_dir) / "pipeline_run.json", json.dumps(record, indent=1) + "\n")
 
 
 def _upstream_record(path: Path) -> dict:

@@ -1023,3 +1023,21 @@ def test_a_dataset_path_given_for_its_whole_section_is_named_with_the_key_to_use
                                           r"'absent.yaml' \(not found\)"):
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model=absent.yaml"])
     assert load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model=model.yaml"]).model.hidden_size > 0
+
+
+def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
+    """`make rm ARGS=train_data.path=...` sampled and ranked the world's prompts first, for nothing."""
+    import subprocess
+
+    from conftest import REPO
+
+    def collection(*args: str) -> str:
+        out = subprocess.run(["make", "-n", "-C", str(REPO), *args, f"RUNDIR={tmp_path}", "RUN=t",
+                              f"SETUP_STAMP={REPO / 'pyproject.toml'}"], capture_output=True, text=True).stdout
+        (line,) = [line for line in out.splitlines() if "reward_model.collect" in line]
+        return line
+
+    assert "train_data.path=p.jsonl" in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
+    assert "learning_rate" not in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
+    assert "train_data.path=p.jsonl" in collection("ppo", "RM_ARGS=train_data.path=p.jsonl")
+    assert "train_data" not in collection("ppo", "ARGS=train_data.path=p.jsonl")  # ARGS are PPO's there

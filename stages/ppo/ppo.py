@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (load_training_state, output_id, parameter_fingerprint, resume_settings,
+from pipeline.checkpoint import (atomic_dir, load_training_state, output_id, parameter_fingerprint, resume_settings,
                                  save_final, save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
@@ -482,7 +482,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         plain = lambda m: m.merge_and_unload() if cfg.lora.enabled else m  # noqa: E731
         if cfg.lora.enabled:
-            deliverable().save_pretrained(paths.root / "adapter")
+            with atomic_dir(paths.root / "adapter") as tmp:  # as SFT's: a kill mid-save leaves the old one whole
+                deliverable().save_pretrained(tmp)
         if ema is not None:
             save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", world_data)
         save_final(plain(deliverable()), tokenizer, paths.final, "ppo", world_data, paths.launch_records,
