@@ -448,6 +448,17 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     (tmp_path / "checkpoint-3" / "trainer_state.json").unlink()
     assert resume_checkpoint(tmp_path, is_main_process=False) is None
 
+    # the run's first save cut short after the Trainer's state: no other checkpoint shows that the run writes the
+    # record, the run's start does (start_checkpoints)
+    from pipeline.runs import STARTS_FROM_FILE
+
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / STARTS_FROM_FILE).write_text("{}\n")
+    (first / "checkpoint-3").mkdir()
+    (first / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    assert resume_checkpoint(first, is_main_process=False) is None
+
 
 def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):
     bad = tmp_path / "qa.jsonl"

@@ -16,6 +16,7 @@ from trl import SFTTrainer
 
 from pipeline.checkpoint import list_checkpoints, write_text_atomic
 from pipeline.config import ConfigError
+from pipeline.runs import STARTS_FROM_FILE
 from pipeline.tokenizer import TemplateError, reply_masks
 from pipeline.tracking import stop_if_not_finite
 
@@ -88,8 +89,10 @@ def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | Non
 
     found = list_checkpoints(checkpoints_dir)
     # our settings record comes after the Trainer's state: where the run writes it, a checkpoint without it was
-    # cut short too (and would resume unchecked). Checkpoints from before the record existed have none.
-    recorded = any((p / RESUME_SETTINGS_FILE).is_file() for p in found)
+    # cut short too (and would resume unchecked). Checkpoints from before the record existed have none; a run
+    # that writes it also wrote starts_from.json at its start (its first checkpoint may be the one cut short).
+    recorded = (Path(checkpoints_dir) / STARTS_FROM_FILE).is_file() or \
+        any((p / RESUME_SETTINGS_FILE).is_file() for p in found)
 
     def finished(path: Path) -> bool:
         return saved(path) and (not recorded or (path / RESUME_SETTINGS_FILE).is_file())
