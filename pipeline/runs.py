@@ -293,11 +293,11 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
         changed = [name for name, value in (starts_from or {}).items() if name in saved_starts
                    and saved_starts[name] != value]
         if changed:
+            then_and_now = ", ".join(f"{name}: {saved_starts[name]} then, {starts_from[name]} now" for name in changed)
             raise CheckpointError(
                 f"{stage}: {resume_from} continues a run that started from another {' and '.join(changed)} than "
-                f"this one would ({', '.join(f'{name}: {saved_starts[name]} then, {starts_from[name]} now' for name in changed)}"
-                f"; an upstream stage was run again since). Resuming would mix the two: run {stage} without "
-                f"resume=true (RESUME=1) to start over.")
+                f"this one would ({then_and_now}; an upstream stage was run again since). Resuming would mix the "
+                f"two: run {stage} without resume=true (RESUME=1) to start over.")
         return
     if not is_main_process:
         return

@@ -114,7 +114,8 @@ def test_the_gpu_recipe_runs_end_to_end_on_hub_shaped_data(hub, tmp_path, capsys
     run(rm_train.main, "rm.yaml", runs, f"train_data.path={hub / 'full-hh-rlhf'}",
         f"eval_data.path={hub / 'full-hh-rlhf'}", *rm_overrides)
     out = capsys.readouterr().out
-    assert "240 training rankings (240 pairs) and 40 held out" in out
+    hh_path = hub / "full-hh-rlhf"
+    assert f"240 training rankings (240 pairs) from {hh_path} and 40 held out ({hh_path});" in out
     hh = json.loads((runs / "gpu" / "rm" / "eval.json").read_text())
     assert hh["accuracy"] >= 0.9, hh  # it learnt the closing words (a fresh head is at chance on equal lengths)
     tokenizer = AutoTokenizer.from_pretrained(runs / "gpu" / "rm" / "final")

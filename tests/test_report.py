@@ -215,8 +215,8 @@ def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tm
     assert "Not run yet: rm/final is missing. Run `make rm`" in rm_section
     assert "Not run yet: ppo/final is missing. Run `make ppo`" in ppo_section
     # on 5 prompts a verdict either way must be beyond the noise (compare_verdict, tested below)
-    assert re.search(r"\| (better than pretrained|worse than pretrained|within noise of pretrained \(gain [+-]\d\.\d{3} "
-                     r"± \d\.\d{3} over 5 prompts\))\s*\|", text)
+    assert re.search(r"\| (better than pretrained|worse than pretrained|within noise of pretrained "
+                     r"\(gain [+-]\d\.\d{3} ± \d\.\d{3} over 5 prompts\))\s*\|", text)
     assert (partial / "report" / "gold_by_family.png").exists()
     assert not (partial / "report" / "ppo_proxy_vs_gold.png").exists()
 
