@@ -646,6 +646,8 @@ def _raise_json_problem(path: str) -> None:
         with _open_text(path) as f:
             text = f.read()
     except (OSError, EOFError) as error:  # gzip's BadGzipFile is an OSError; a cut-off file ends early
+        if not path.endswith(".gz"):
+            raise DataError(path, f"cannot read it: {type(error).__name__}: {error}") from None
         raise DataError(path, f"cannot read it through gzip ({type(error).__name__}: {error}): a corrupt or "
                               "truncated download? Fetch it again") from None
     if path.removesuffix(".gz").endswith(".json"):

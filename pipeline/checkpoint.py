@@ -124,13 +124,11 @@ def copy_launch_records(final_dir: Path, launch_records: tuple[Path, ...]) -> No
 
 
 def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_extra: Any) -> Any:
-    """Record in the model's config what save_final records: the stage, its world lineage, `config_extra`, and a
-    new id (a later stage's checkpoints record the id of the final/ they started from: output_id)."""
-    import uuid
-
+    """Record in the model's config what save_final records: the stage, its world lineage, `config_extra`, and the
+    id of its weights (a later stage's checkpoints record the id of the final/ they started from: output_id)."""
     model = unwrap(model)
     model.config.pipeline_stage = stage
-    model.config.pipeline_output_id = uuid.uuid4().hex[:16]
+    model.config.pipeline_output_id = weights_id(model)
     model.config.pipeline_world_data = world_data
     for key, value in config_extra.items():
         setattr(model.config, key, value)
@@ -150,10 +148,27 @@ def checkpoint_stage(path: str | Path) -> str | None:
     return (checkpoint_config(path) or {}).get("pipeline_stage")
 
 
+def weights_id(model: Any) -> str:
+    """An id of a model's weights, cheap at any size: a hash of each parameter's name, shape and first 1024 values
+    (training moves nearly every value). A final/ saved again unchanged (a stage resumed at its last step) keeps
+    its id; a retrained one gets another. Sharded parameters (FSDP, ZeRO-3) give a random id."""
+    import hashlib
+    import uuid
+
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        if type(param.data) is not torch.Tensor or param.numel() == 0:  # a DTensor or an empty ZeRO-3 shard
+            return uuid.uuid4().hex[:16]
+        digest.update(f"{name}{tuple(param.shape)}".encode())
+        digest.update(param.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def output_id(path: str | Path) -> str:
-    """What names the checkpoint a stage starts from, for its resume check: a final/'s id (each save_final gives
-    a new one, so a rebuilt upstream differs), else the path or hub id as given."""
-    return str((checkpoint_config(path) or {}).get("pipeline_output_id") or path)
+    """What names the checkpoint a stage starts from, for its resume check: a final/'s weights id (mark_final),
+    else the local directory (resolved: ./m and /abs/m are one) or hub id."""
+    recorded = (checkpoint_config(path) or {}).get("pipeline_output_id")
+    return str(recorded or (Path(path).resolve() if Path(path).exists() else path))
 
 
 def checkpoint_config(path: str | Path) -> dict | None:

@@ -56,13 +56,15 @@ class ModelSpec:
         from pipeline.config import FieldError
         from pipeline.tokenizer import SPECIAL_TOKENS
 
+        if self.pretrained:  # the checkpoint decides the architecture and its tokenizer the vocabulary
+            return
         # refused here, before any data is read: transformers would fail deep in model building, or build a
         # model with no layers
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "max_position_embeddings"):
             if getattr(self, key) < 1:
                 raise FieldError(key, f"must be 1 or more, got {getattr(self, key)}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.hidden_size % self.num_attention_heads and "head_dim" not in self.extra:  # qwen3, mistral: own
             raise FieldError(("hidden_size", "num_attention_heads"), f"each head gets hidden_size / "
                              f"num_attention_heads dimensions: {self.hidden_size} is not a multiple of "
                              f"{self.num_attention_heads}")
@@ -72,12 +74,11 @@ class ModelSpec:
                              f"multiple of {self.num_key_value_heads}")
         if self.rope_theta <= 0:
             raise FieldError("rope_theta", f"must be above 0, got {self.rope_theta}")
-        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+        if not self.tokenizer and self.vocab_size < 256 + len(SPECIAL_TOKENS):
             raise FieldError("vocab_size", f"the byte-level BPE holds the 256 bytes and {len(SPECIAL_TOKENS)} "
                                            f"special tokens before any merge: use {256 + len(SPECIAL_TOKENS)} or "
                                            f"more, got {self.vocab_size}")
-        if not self.pretrained:
-            check_architecture(self)
+        check_architecture(self)
 
 
 @dataclass

@@ -372,6 +372,17 @@ def compare_verdict(scores: list[float], baseline_scores: list[float], baseline:
     return f"within noise of {baseline} (gain {gain:+.3f} ± {2 * se:.3f} over {len(scores)} prompts)"
 
 
+def rm_verdict(accuracy: float, rankings: int) -> str:
+    """Above or below chance beyond two standard errors of a coin's accuracy, counted over rankings (a ranking's
+    pairs share its scores, so they are not independent); else within noise."""
+    noise = 2 * 0.5 / math.sqrt(rankings) if rankings else float("inf")
+    if accuracy > 0.5 + noise:
+        return "above chance"
+    if accuracy < 0.5 - noise:
+        return "below chance"
+    return f"within noise of chance (±{noise:.3f} over {rankings} rankings)"
+
+
 def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list]:
     if "sft" not in results:
         return [NOT_RUN.format(what="sft/final", stage="sft")], []
@@ -408,11 +419,7 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["accuracy over all pairs", r.get("accuracy_all_pairs")],
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
-    # two standard errors of a coin's accuracy over these pairs: above that, not luck
-    noise = 2 * 0.5 / math.sqrt(r["pairs"]) if r.get("pairs") else float("inf")
-    verdict = "above chance" if r["accuracy"] > 0.5 + noise else \
-        f"within noise of chance (±{noise:.3f} over {r.get('pairs', 0)} pairs)" if r["accuracy"] > 0.5 - noise \
-        else "below chance"
+    verdict = rm_verdict(r["accuracy"], r.get("rankings", 0))
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement", "by task family (pairs)"],
@@ -442,6 +449,8 @@ def ppo_section(results: dict, facts: dict, plots: dict, run: Path) -> tuple[lis
     verdict = compare_verdict(results["ppo"].scores, results["sft"].scores, "SFT")
     if rm_gain > 0 and verdict.startswith("worse"):
         verdict = "RM up, gold down: over-optimised?"
+    elif rm_gain > 0 and verdict.startswith("within") and s["gold/score"] <= b["gold/score"]:
+        verdict = f"RM up, gold not: over-optimised? ({verdict})"
     lines = ["Before (SFT) and after (PPO), same prompts and decoding.", "", compare_table(b, s, ("SFT", "PPO")), "",
              markdown_table(["metric", "value"], [["win rate vs SFT (gold, ties count half)", f"{wins:.1%}"],
                                                   ["KL to SFT, nats/response (exact)", kl["exact"]],

@@ -293,11 +293,11 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
         changed = [name for name, value in (starts_from or {}).items() if name in saved_starts
                    and saved_starts[name] != value]
         if changed:
-            then_and_now = ", ".join(f"{name}: {saved_starts[name]} then, {starts_from[name]} now" for name in changed)
+            then_and_now = "; ".join(f"{name}: {saved_starts[name]} then, {starts_from[name]} now" for name in changed)
             raise CheckpointError(
-                f"{stage}: {resume_from} continues a run that started from another {' and '.join(changed)} than "
-                f"this one would ({then_and_now}; an upstream stage was run again since). Resuming would mix the "
-                f"two: run {stage} without resume=true (RESUME=1) to start over.")
+                f"{stage}: {resume_from} continues a run that started from other inputs than this one would "
+                f"({then_and_now}): an upstream stage was run again, or its data changed, since. Resuming would "
+                f"mix the two: start {stage} over, without resume=true (RESUME=1).")
         return
     if not is_main_process:
         return
@@ -417,9 +417,10 @@ def refuse_ranks_that_run_alone() -> None:
     """A multi-GPU launch (--multi_gpu, cpu_ddp.yaml) on a machine without GPUs and without ACCELERATE_USE_CPU=1
     starts its processes, but accelerate makes each a run of its own: two rank-0 runs would train side by side
     and write the same checkpoints. Exit before anything is built."""
+    from accelerate.utils import parse_flag_from_env
+
     world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if world_size > 1 and not use_cpu and not torch.accelerator.is_available():
+    if world_size > 1 and not parse_flag_from_env("ACCELERATE_USE_CPU") and not torch.accelerator.is_available():
         sys.exit(f"error: launched as {world_size} processes (WORLD_SIZE={world_size}), but accelerate found no "
                  "GPU for them and made each a run of its own, which would write the same files. On a CPU-only "
                  "machine set ACCELERATE_USE_CPU=1 (gloo DDP, configs/accelerate/cpu_ddp.yaml).")

@@ -260,7 +260,9 @@ def test_a_typo_in_model_extra_is_refused_not_stored_as_a_new_attribute():
         ModelSpec(architecture="t5")  # was a traceback from AutoModelForCausalLM
     ModelSpec(extra={"attn_implementation": "eager", "attention_dropout": 0.1, "rms_norm_eps": 1e-5})
     ModelSpec(architecture="qwen2", extra={"sliding_window": 64})
-    ModelSpec(architecture="t5", pretrained="some/causal-lm")  # the spec is not used then
+    ModelSpec(architecture="t5", pretrained="some/causal-lm", hidden_size=30)  # the spec is not used then
+    ModelSpec(architecture="qwen3", hidden_size=30, num_attention_heads=4, extra={"head_dim": 16})  # heads sized alone
+    ModelSpec(tokenizer="some/tokenizer", vocab_size=100)  # that tokenizer's vocabulary, not a BPE trained here
 
 
 @pytest.mark.parametrize("override, message", [

@@ -261,11 +261,23 @@ def test_a_resume_refuses_checkpoints_that_started_from_an_upstream_run_again_si
     from stages.sft.sft import main as sft
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    import torch
+
     monkeypatch.setenv("WANDB_MODE", "disabled")
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
     first = mark_final(model, "sft").config.pipeline_output_id
-    assert mark_final(model, "sft").config.pipeline_output_id != first  # each final/ its own id
+    assert mark_final(model, "sft").config.pipeline_output_id == first  # saved again unchanged: the same id
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1e-3  # trained on
+    assert mark_final(model, "sft").config.pipeline_output_id != first
+
+    from pipeline.checkpoint import output_id
+
+    outside = tmp_path / "outside-model"
+    outside.mkdir()
+    assert output_id(outside) == output_id(f"{tmp_path}/./outside-model") == str(outside.resolve())  # as typed
+    assert output_id("some-org/some-model") == "some-org/some-model"
 
     micro = micro_rm.parents[1]
     runs = tmp_path / "runs"
@@ -280,7 +292,7 @@ def test_a_resume_refuses_checkpoints_that_started_from_an_upstream_run_again_si
     kept = sorted(p.name for p in (runs / "r" / "sft" / "checkpoints").iterdir())
     with pytest.raises(CheckpointError) as error:
         run_stage(sft, "sft.yaml", runs, "resume=true", run_name="r")
-    assert "continues a run that started from another init checkpoint" in str(error.value)
+    assert "continues a run that started from other inputs than this one would" in str(error.value)
     assert f"init checkpoint: {config['pipeline_output_id']} then, rebuilt now" in str(error.value)
     assert "without resume=true" in str(error.value)
     assert sorted(p.name for p in (runs / "r" / "sft" / "checkpoints").iterdir()) == kept
@@ -290,7 +302,7 @@ def test_a_resume_refuses_checkpoints_that_started_from_an_upstream_run_again_si
     train.write_text("".join(train.read_text().splitlines(keepends=True)[1:]))
     with pytest.raises(CheckpointError) as error:
         run_stage(train_rm, "rm.yaml", runs, "resume=true", run_name="r")
-    assert "started from another rankings" in str(error.value) and "init checkpoint" not in str(error.value)
+    assert "(rankings: " in str(error.value) and "init checkpoint" not in str(error.value)
 
 
 def test_a_world_written_again_for_other_settings_says_so_and_names_the_recipe(tmp_path, monkeypatch, capsys):

@@ -269,3 +269,7 @@ def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains(
     assert report.compare_verdict([0.9, 0.1, 0.5], [0.5, 0.5, 0.4], "SFT") == \
         "within noise of SFT (gain +0.033 ± 0.467 over 3 prompts)"
     assert report.compare_verdict([0.7], [0.5], "SFT").startswith("within noise")  # one prompt: no spread to judge
+    # the RM: a coin's two standard errors over the held-out rankings (tiny: 0.662 over 150 is no luck)
+    assert report.rm_verdict(0.662, 150) == "above chance"
+    assert report.rm_verdict(0.75, 4) == "within noise of chance (±0.500 over 4 rankings)"
+    assert report.rm_verdict(0.3, 150) == "below chance"
