@@ -51,6 +51,13 @@ class StageSFTTrainer(SFTTrainer):
         sampler = super()._get_train_sampler(train_dataset)
         return EpochSeededSampler(sampler, self.args.seed) if isinstance(sampler, LengthGroupedSampler) else sampler
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Without the tied weights a checkpoint leaves out (a tied LM head is saved once, as the embeddings):
+        transformers named them "missing keys" on every resume, though the resumed weights are whole."""
+        tied = set(getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {})
+        load_result.missing_keys[:] = [key for key in load_result.missing_keys if key not in tied]
+        super()._issue_warnings_after_load(load_result)
+
     def restore_finished(self, checkpoint: str) -> None:
         """Take up a checkpoint at or past max_steps without training: train() would take one step past it first
         (transformers checks the limit only after a step), and write that step's checkpoint and metrics."""
