@@ -35,7 +35,8 @@ ACCELERATE_CONFIG ?= configs/accelerate/$(if $(HAS_GPU),single_gpu,cpu).yaml
 # On the CPU config, the threads per process accelerate would choose itself (OMP_NUM_THREADS, else the physical
 # cores), given so that it does not warn at every launch; read when a stage starts, once the venv exists.
 CPU_THREADS = $(or $(OMP_NUM_THREADS),$(shell $(PY) -c "import psutil; print(psutil.cpu_count(logical=False) or 1)"))
-LAUNCH = $(VENV)/bin/accelerate launch --quiet --config_file $(ACCELERATE_CONFIG) \
+# (pipeline/launch.py is `accelerate launch` that leaves Ctrl-C to the stage: no launcher traceback under its message)
+LAUNCH = $(PY) -m pipeline.launch --quiet --config_file $(ACCELERATE_CONFIG) \
 	$(if $(filter %/cpu.yaml,$(ACCELERATE_CONFIG)),--num_cpu_threads_per_process $(CPU_THREADS))
 RUNDIR := runs/$(RUN)
 # which torch build setup installed: a venv set up where no GPU was visible is set up again on a GPU host

@@ -152,9 +152,7 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
     kwargs, section_failed = {}, None
     for key, value in values.items():
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
+            raise _unknown_key(cls, key, names, where, prefix)
         try:
             kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
         except _CheckFailed as e:  # a section's own check: first finish checking the other keys' names and types
@@ -172,6 +170,12 @@ def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str =
     except ValueError as e:  # a dataclass's own check of its values (WorldConfig's ranges, ...)
         section = prefix.rstrip(".")
         raise _CheckFailed(where, (section,) if section else (), str(e)) from None
+
+
+def _unknown_key(cls: type, key: Any, names: list[str], where: str, prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(str(key), names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -192,7 +196,12 @@ def _as_tree(cls: type, raw: dict, base_dir: Path, where: str, prefix: str = "")
         tp = hints.get(key)
         if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, str):
             path = _section_file(value, base_dir, where, f"{prefix}{key}", tp)
-            out[key] = _as_tree(tp, _read_yaml(path), path.parent, str(path), f"{prefix}{key}.")
+            section = _read_yaml(path)
+            names = [f.name for f in dataclasses.fields(tp) if f.init]
+            for inner in section:  # a typo in world.yaml is named there, not in the stage file that points to it
+                if inner not in names:
+                    raise _unknown_key(tp, inner, names, str(path), f"{prefix}{key}.")
+            out[key] = _as_tree(tp, section, path.parent, str(path), f"{prefix}{key}.")
     return out
 
 

@@ -116,15 +116,16 @@ def run_world(cfg: StageConfig) -> Path:
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stage") -> tuple[str, str]:
+def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stage", also: str = "") -> tuple[str, str]:
     """(checkpoint path or hub id, a short label): a stage name means that stage's final/ in this run. `flag`:
-    the command-line option that named it, for messages."""
+    the command-line option that named it, for messages; `also`: what else a checkpoint from outside the run
+    needs (eval-rm: data to score it on)."""
     if stage_or_path in POLICY_STAGE_NAMES or stage_or_path == "rm":
         final = stage_paths(cfg, stage_or_path).final
         if not (final / "config.json").exists():
             sys.exit(f"no '{stage_or_path}' checkpoint in run '{cfg.run_name}': {final} does not exist. Train it "
                      f"first (make {stage_or_path} RECIPE={os.environ.get('RECIPE') or '<recipe>'} RUN={cfg.run_name}), "
-                     f"or pass {flag} path/to/checkpoint.")
+                     f"or pass {flag} path/to/checkpoint{also}.")
         return str(final), stage_or_path
     path = Path(stage_or_path).expanduser()
     if path.exists():

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")
 
     # the RM first: a wrong checkpoint fails before any data is read
-    rm_path, label = resolve_checkpoint(cfg, args.reward_model, flag="--reward-model")
+    rm_path, label = resolve_checkpoint(cfg, args.reward_model, flag="--reward-model",
+                                        also="" if args.data else " with --data path-or-hub-id (rankings to score)")
     device = default_device()
     scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="eval-rm")
     if args.data:

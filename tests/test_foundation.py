@@ -1044,3 +1044,39 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
     assert "learning_rate" not in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
     assert "train_data.path=p.jsonl" in collection("ppo", "RM_ARGS=train_data.path=p.jsonl")
     assert "train_data" not in collection("ppo", "ARGS=train_data.path=p.jsonl")  # ARGS are PPO's there
+
+
+def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_path):
+    """accelerate's launcher, waiting on the stage, printed a KeyboardInterrupt traceback under the stage's "how
+    to resume" line."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    stage = tmp_path / "stage.py"
+    stage.write_text("import sys, time\nprint('ready', flush=True)\ntry:\n    time.sleep(60)\n"
+                     "except KeyboardInterrupt:\n    sys.exit('interrupted: resume with RESUME=1')\n")
+    launch = subprocess.Popen([sys.executable, "-m", "pipeline.launch", "--quiet", "--config_file",
+                               "configs/accelerate/cpu.yaml", str(stage)], cwd=REPO, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert launch.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    os.killpg(launch.pid, signal.SIGINT)  # as Ctrl-C: to the whole foreground group
+    _, err = launch.communicate(timeout=60)
+    assert launch.returncode != 0
+    assert "interrupted: resume with RESUME=1" in err and "Traceback" not in err, err
+
+
+def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):
+    """A typo in world.yaml was blamed on pretrain.yaml, which only names world.yaml."""
+    recipe = tmp_path / "mine"
+    shutil.copytree(MICRO, recipe)
+    world = recipe / "world.yaml"
+    world.write_text(world.read_text().replace("n_entities", "n_entites"))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(world))}: unknown key 'world.n_entites' for WorldConfig "
+                                          r"\(did you mean 'n_entities'\?\)"):
+        load_config(PretrainConfig, recipe / "pretrain.yaml")

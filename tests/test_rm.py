@@ -281,7 +281,8 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
     out = tmp_path / "flipped.json"
     assert evaluate.main(run + ["--data", str(flipped), "--out", str(out)])["accuracy"] == 0.0
     assert json.loads(out.read_text())["pairs"] == 2 and "gold_accuracy" not in json.loads(out.read_text())
-    with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'other'.*make rm"):
+    with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'other'.*make rm.*--reward-model "
+                                         r"path/to/checkpoint with --data path-or-hub-id"):  # both, or it fails next
         evaluate.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=other"])
     # a causal LM from elsewhere (no stage recorded) has no trained head: its scores would be noise
     outside = tmp_path / "outside-lm"
