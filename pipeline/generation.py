@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -67,6 +67,23 @@ def _as_ids(stop_token_ids: int | Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
+def kv_cache_keyword(model) -> str:
+    """The forward's keyword for the KV cache: `cache` since transformers 5.24, where `past_key_values` warns (and
+    goes in 5.40); a model's own code (trust_remote_code) or an older transformers takes `past_key_values`. Read
+    from the bare model's signature: DDP and PEFT wrappers take **kwargs."""
+    import inspect
+
+    bare = getattr(model, "module", model)
+    bare = bare.get_base_model() if hasattr(bare, "get_base_model") else bare
+    return "cache" if "cache" in inspect.signature(bare.forward).parameters else "past_key_values"
+
+
+def kv_cache_of(out) -> Any:
+    """The KV cache a forward returned, under its name in the installed transformers (kv_cache_keyword)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
                  stop_token_ids: int | Sequence[int], pad_token_id: int, generator: torch.Generator | None = None
                  ) -> Iterator[torch.Tensor]:
@@ -76,9 +93,10 @@ def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
     One loop serves batched sampling (`sample`) and streaming chat (a batch of one).
     """
     batch = input_ids.size(0)
+    cache_keyword = kv_cache_keyword(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    cache, logits = kv_cache_of(out), out.logits[:, -1, :]
     next_position = position_ids[:, -1:] + 1
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     stops = torch.tensor(_as_ids(stop_token_ids), device=input_ids.device)
@@ -96,8 +114,8 @@ def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, s
         # finished rows keep decoding pad; their outputs are discarded, so their mask value does not matter
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=-1)
         out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+                    use_cache=True, **{cache_keyword: cache})
+        cache, logits = kv_cache_of(out), out.logits[:, -1, :]
         next_position = next_position + 1
 
 

@@ -1080,3 +1080,27 @@ def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(world))}: unknown key 'world.n_entites' for WorldConfig "
                                           r"\(did you mean 'n_entities'\?\)"):
         load_config(PretrainConfig, recipe / "pretrain.yaml")
+
+
+def test_sampling_passes_the_kv_cache_under_the_installed_transformers_name():
+    """transformers 5.24 renamed the forward's past_key_values to cache: every decoding step warned (the old name
+    goes in 5.40). The cached decode must still equal a full forward pass at each step."""
+    import warnings
+
+    from pipeline.generation import SamplingConfig, sample
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    prompt = torch.tensor([[5, 9, 11, 3]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            tokens = sample(model, prompt, torch.ones_like(prompt), SamplingConfig(max_new_tokens=6, temperature=0.0),
+                            stop_token_ids=[63], pad_token_id=0)
+    with torch.no_grad():  # greedy without a cache: the whole sequence again at every step
+        expected = prompt
+        for _ in range(tokens.size(1)):
+            expected = torch.cat([expected, model(expected).logits[:, -1:].argmax(-1)], dim=1)
+    assert tokens.tolist() == expected[:, prompt.size(1):].tolist()
