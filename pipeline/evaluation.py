@@ -6,9 +6,8 @@ prompts, ties counting half.
 """
 from __future__ import annotations
 
-import math
-
 import json
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -66,7 +66,6 @@ def _as_ids(stop_token_ids: int | Sequence[int]) -> list[int]:
     return [stop_token_ids] if isinstance(stop_token_ids, int) else list(stop_token_ids)
 
 
-@torch.no_grad()
 def kv_cache_keyword(model) -> str:
     """The forward's keyword for the KV cache: `cache` since transformers 5.24, where `past_key_values` warns (and
     goes in 5.40); a model's own code (trust_remote_code) or an older transformers takes `past_key_values`. Read
@@ -84,6 +83,7 @@ def kv_cache_of(out) -> Any:
     return cache if cache is not None else out.past_key_values
 
 
+@torch.no_grad()
 def sample_steps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sampling: SamplingConfig,
                  stop_token_ids: int | Sequence[int], pad_token_id: int, generator: torch.Generator | None = None
                  ) -> Iterator[torch.Tensor]:

@@ -36,8 +36,8 @@ from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, add_sampling_arguments
                                default_device, describe_sampling, evaluate_checkpoint, family_counts, int_at_least,
                                limit_count, load_policy, load_run_config, markdown_table, run_ppo_settings,
                                run_reward_model, run_world, sampling_from_args, shared_config)
-from pipeline.evaluation import EVAL_SAMPLING, family_table, held_out_prompts, load_judge, paired_gain, \
-    win_rate  # noqa: E402
+from pipeline.evaluation import (EVAL_SAMPLING, family_table, held_out_prompts, load_judge,  # noqa: E402
+                                 paired_gain, win_rate)
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
 

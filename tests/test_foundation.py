@@ -1085,6 +1085,7 @@ def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):
 def test_sampling_passes_the_kv_cache_under_the_installed_transformers_name():
     """transformers 5.24 renamed the forward's past_key_values to cache: every decoding step warned (the old name
     goes in 5.40). The cached decode must still equal a full forward pass at each step."""
+    import functools
     import warnings
 
     from pipeline.generation import SamplingConfig, sample
@@ -1094,11 +1095,20 @@ def test_sampling_passes_the_kv_cache_under_the_installed_transformers_name():
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     prompt = torch.tensor([[5, 9, 11, 3]])
+    grad_modes, forward = [], model.forward
+
+    @functools.wraps(forward)  # its signature still says which cache keyword the model takes
+    def recording_forward(*args, **kwargs):
+        grad_modes.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        with torch.no_grad():
-            tokens = sample(model, prompt, torch.ones_like(prompt), SamplingConfig(max_new_tokens=6, temperature=0.0),
-                            stop_token_ids=[63], pad_token_id=0)
+        tokens = sample(model, prompt, torch.ones_like(prompt), SamplingConfig(max_new_tokens=6, temperature=0.0),
+                        stop_token_ids=[63], pad_token_id=0)
+    model.forward = forward
+    assert grad_modes and not any(grad_modes)  # sampling builds no autograd graph, whoever calls it
     with torch.no_grad():  # greedy without a cache: the whole sequence again at every step
         expected = prompt
         for _ in range(tokens.size(1)):
