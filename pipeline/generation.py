@@ -69,11 +69,16 @@ def _as_ids(stop_token_ids: int | Sequence[int]) -> list[int]:
 def kv_cache_keyword(model) -> str:
     """The forward's keyword for the KV cache: `cache` since transformers 5.24, where `past_key_values` warns (and
     goes in 5.40); a model's own code (trust_remote_code) or an older transformers takes `past_key_values`. Read
-    from the bare model's signature: DDP and PEFT wrappers take **kwargs."""
+    from the bare model's signature: DDP, torch.compile and PEFT wrappers take **kwargs."""
     import inspect
 
-    bare = getattr(model, "module", model)
-    bare = bare.get_base_model() if hasattr(bare, "get_base_model") else bare
+    bare = model
+    while True:
+        inner = getattr(bare, "module", None) or getattr(bare, "_orig_mod", None) or \
+            (bare.get_base_model() if hasattr(bare, "get_base_model") else None)
+        if inner is None or inner is bare:
+            break
+        bare = inner
     return "cache" if "cache" in inspect.signature(bare.forward).parameters else "past_key_values"
 
 

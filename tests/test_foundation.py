@@ -1070,6 +1070,15 @@ def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_
     assert launch.returncode != 0
     assert "interrupted: resume with RESUME=1" in err and "Traceback" not in err, err
 
+    # Ctrl-C while the launcher still imports accelerate: it stops there, and the stage never starts
+    launch = subprocess.Popen(launch.args, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(0.3)
+    os.killpg(launch.pid, signal.SIGINT)
+    out, err = launch.communicate(timeout=60)
+    assert launch.returncode == -signal.SIGINT and "ready" not in out, out
+    assert "Traceback" not in err, err
+
 
 def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):
     """A typo in world.yaml was blamed on pretrain.yaml, which only names world.yaml."""
