@@ -74,14 +74,15 @@ def replace_dir(staging: str | Path, target: str | Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def parameter_fingerprint(model: Any) -> str:
-    """A hash of every parameter's bytes: equal on all DDP ranks when they hold the same weights."""
+def parameter_fingerprint(model: Any, values_per_parameter: int | None = None) -> str:
+    """A hash of every parameter's name and values: equal on all DDP ranks when they hold the same weights. With
+    `values_per_parameter`, of each one's first values only: cheap at any size (weights_id)."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, param in sorted(unwrap(model).named_parameters()):
         digest.update(name.encode())
-        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+        digest.update(param.detach().reshape(-1)[:values_per_parameter].float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -149,19 +150,14 @@ def checkpoint_stage(path: str | Path) -> str | None:
 
 
 def weights_id(model: Any) -> str:
-    """An id of a model's weights, cheap at any size: a hash of each parameter's name, shape and first 1024 values
-    (training moves nearly every value). A final/ saved again unchanged (a stage resumed at its last step) keeps
-    its id; a retrained one gets another. Sharded parameters (FSDP, ZeRO-3) give a random id."""
-    import hashlib
+    """An id of a model's weights: the fingerprint of each parameter's first 1024 values (training moves nearly
+    every value). A final/ saved again unchanged (a stage resumed at its last step) keeps its id; a retrained one
+    gets another. Sharded parameters (FSDP, ZeRO-3), whose local values are not the weights, give a random id."""
     import uuid
 
-    digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if type(param.data) is not torch.Tensor or param.numel() == 0:  # a DTensor or an empty ZeRO-3 shard
-            return uuid.uuid4().hex[:16]
-        digest.update(f"{name}{tuple(param.shape)}".encode())
-        digest.update(param.detach().reshape(-1)[:1024].float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    if any(type(p.data) is not torch.Tensor or p.numel() == 0 for p in model.parameters()):  # DTensor, ZeRO-3
+        return uuid.uuid4().hex[:16]
+    return parameter_fingerprint(model, values_per_parameter=1024)
 
 
 def output_id(path: str | Path) -> str:

@@ -93,6 +93,7 @@ class Tracker:
         logs the steps after its checkpoint again, and a fresh run starts the file over."""
         self.stage, self.is_main, self.metrics_file = stage, is_main, Path(metrics_file)
         self.run = None
+        self.muted = False  # on: log and table write nothing (a resumed run recomputing a step already logged)
         # steps the W&B run already holds: a resumed run continues the interrupted one's W&B run, which has the
         # steps up to the kill; the replayed ones are not sent again (W&B would drop them, warning at each)
         self.wandb_holds_through = -1
@@ -156,7 +157,7 @@ class Tracker:
             if isinstance(value, float) and (math.isnan(value) or ("loss" in key and math.isinf(value))):
                 raise FloatingPointError(f"[{self.stage}] {key} is {value} at step {step}; stopping the run. "
                                          "Lower the learning rate or check the data.")
-        if not self.is_main:
+        if not self.is_main or self.muted:
             return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **clean}) + "\n")
@@ -168,7 +169,7 @@ class Tracker:
 
     def table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A W&B table (samples with their scores); also kept in metrics.jsonl for the report."""
-        if not self.is_main:
+        if not self.is_main or self.muted:
             return
         with self.metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, "table": key, "columns": columns, "rows": rows}) + "\n")
@@ -274,7 +275,6 @@ class TrackerCallback(TrainerCallback):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.last_tokens, self.last_time = 0, time.perf_counter()
-        self.log = True  # off: the Trainer's logs are dropped (a step already logged)
 
     def _restart_clock(self, state) -> None:
         self.last_tokens, self.last_time = getattr(state, "num_input_tokens_seen", 0) or 0, time.perf_counter()
@@ -306,5 +306,5 @@ class TrackerCallback(TrainerCallback):
             now = time.perf_counter()
             metrics["perf/tokens_per_sec"] = (tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
             self.last_tokens, self.last_time = tokens, now
-        if metrics and self.log:
+        if metrics:
             self.tracker.log(metrics, step=state.global_step)

@@ -140,7 +140,6 @@ class GoldEval(TrainerCallback):
         self.judge = load_judge(world) if rows else None
         self.result: EvalResult | None = None
         self.last_eval_step, self.eval_loss = -1, float("nan")
-        self.log = True  # off when a resumed run recomputes what its first launch logged
 
     def run(self, model, step: int, prefix: str, log: bool = True) -> EvalResult:
         """`log`: False when a resumed run recomputes what its first launch already logged (the baseline)."""
@@ -161,7 +160,7 @@ class GoldEval(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
         self.last_eval_step, self.eval_loss = state.global_step, (metrics or {}).get("eval_loss", float("nan"))
         if state.is_world_process_zero and self.rows:
-            self.result = self.run(model, state.global_step, "gold", log=self.log)
+            self.result = self.run(model, state.global_step, "gold")
 
 
 def renamed(summary: dict[str, float], prefix: str) -> dict[str, float]:
@@ -251,8 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
                               processing_class=tokenizer, peft_config=peft_config,
                               # gold first: its time is not training time
-                              callbacks=[gold, trainer_logs := TrackerCallback(tracker), nan_guard,
-                                         RecordResumeSettings(settings)])
+                              callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
     nan_guard.scaler = trainer.accelerator.scaler
     for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
         if isinstance(data, Dataset) and len(data) == 0:  # the Trainer would fail on an empty dataloader
@@ -297,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
-        gold.log = trainer_logs.log = False  # the launch that trained logged this step's evaluation already
+        tracker.muted = True  # the launch that trained logged this step's evaluation already
         trainer.evaluate()
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged in) with the chat template, and the figures
