@@ -235,10 +235,23 @@ def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_
     assert {row[c] for row in table["rows"] for c in rm_columns} == {-1.0}
 
 
-def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path):
+def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path,
+                                                                          monkeypatch):
     """LoRA policy (reference = adapter off), EMA, PPO-ptx and a critic warm-up step, in one short run."""
+    from torch.optim.swa_utils import AveragedModel
+
     from stages.ppo.ppo import main
 
+    # the EMA copy is what evaluation samples from and measures the KL of: its LoRA dropout must be off (peft
+    # hands the policy over in train mode, and the copy was once taken before the policy was put in eval mode)
+    ema_dropout_training = []
+    update_parameters = AveragedModel.update_parameters
+
+    def recording_update(self, model):
+        ema_dropout_training.extend(m.training for m in self.module.modules() if isinstance(m, torch.nn.Dropout))
+        return update_parameters(self, model)
+
+    monkeypatch.setattr(AveragedModel, "update_parameters", recording_update)
     main(ppo_args(tmp_path, "options", micro_sft, micro_rm, "max_steps=3", "critic_warmup_steps=1", "lora.enabled=true",
                   "lora.rank=4", "ema_decay=0.5", "ptx=true", "ptx_block_size=32", "eval_every=3", "eval_prompts=6"))
     stage = tmp_path / "options" / "ppo"
@@ -256,6 +269,7 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
     evals = [r for r in records if "eval/kl_to_sft" in r]
     assert [r["step"] for r in evals] == [3] and set(REQUIRED_AT_EVAL) <= set(evals[0])
     assert evals[0]["eval/kl_to_sft"] > 1e-6  # the EMA policy has moved (the LoRA+EMA test above checks 0 at rest)
+    assert ema_dropout_training and not any(ema_dropout_training), ema_dropout_training
     table = [r for r in metrics(stage) if r.get("table") == "eval/samples"]
     assert len(table) == 1 and len(table[0]["rows"]) == 6 and "ppo_gold" in table[0]["columns"]
 

@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.ema_decay > 0:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-        ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+        # eval(): a LoRA policy comes out of peft in train mode, and the copy would keep its adapter dropout on
+        # in the evaluation's sampling and KL (the policy itself is put in eval mode below)
+        ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                            use_buffers=True).eval()
     start_step = 0
     # the prompts each step reads; and what the restored optimizers (eps) and saved adapter (lora.*) would
     # overrule without a word
