@@ -146,13 +146,27 @@ def _coerce(value: Any, tp: Any, where: str, base_dir: Path, key: str) -> Any:
     return value
 
 
+def _stage_defaults(field: dataclasses.Field) -> dict:
+    """What a section field's own default sets apart from its class's defaults (PPO's `prompts` path, its sampling
+    temperature 0.7): a section given in part (`prompts.max_rows=20`, `sampling: {top_p: 0.9}`) keeps them."""
+    default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    if not dataclasses.is_dataclass(default) or isinstance(default, type):
+        return {}
+    plain = type(default)()
+    return {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
+            if f.init and getattr(default, f.name) != getattr(plain, f.name)}
+
+
 def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    names = list(fields)
     kwargs, section_failed = {}, None
     for key, value in values.items():
         if key not in names:
             raise _unknown_key(cls, key, names, where, prefix)
+        if isinstance(value, dict):
+            value = {**_stage_defaults(fields[key]), **value}
         try:
             kwargs[key] = _coerce(value, hints[key], where, base_dir, f"{prefix}{key}")
         except _CheckFailed as e:  # a section's own check: first finish checking the other keys' names and types

@@ -36,6 +36,7 @@ class Outer:
     tags: list[str] = field(default_factory=list)
     limit: int | None = None
     flag: bool = False
+    tuned: Inner = field(default_factory=lambda: Inner(rate=0.1))  # like PPO's `sampling` (temperature 0.7)
 
 
 def write(path: Path, text: str) -> Path:
@@ -48,6 +49,19 @@ def test_yaml_overrides_and_nested_yaml_path(tmp_path):
     cfg = load_config(Outer, write(tmp_path / "outer.yaml", "name: a\ninner: inner.yaml\ntags: [p, q]\n"),
                       ["inner.rate=2", "limit=3", "flag=true"])
     assert cfg == Outer(name="a", inner=Inner(width=8, rate=2.0), tags=["p", "q"], limit=3, flag=True)
+
+
+def test_a_section_given_in_part_keeps_what_its_field_default_sets(tmp_path):
+    """`prompts.max_rows=20` on a PPO config without `prompts:` once built DatasetSpec(max_rows=20) from the class
+    defaults: the path 'world:ppo_prompts' was lost and the run stopped on an empty path."""
+    assert load_config(Outer, None, ["tuned.width=8"]).tuned == Inner(width=8, rate=0.1)
+    assert load_config(Outer, write(tmp_path / "o.yaml", "tuned: {width: 9}\n")).tuned == Inner(width=9, rate=0.1)
+    assert load_config(Outer, None, ["tuned.rate=0.7"]).tuned == Inner(width=4, rate=0.7)  # what is given wins
+    from stages.ppo.ppo import PPOStageConfig
+
+    cfg = load_config(PPOStageConfig, REPO / "configs/tiny/ppo.yaml", ["prompts.max_rows=20", "ptx_data.max_rows=5"])
+    assert (cfg.prompts.path, cfg.prompts.max_rows) == ("world:ppo_prompts", 20)
+    assert (cfg.ptx_data.path, cfg.ptx_data.max_rows) == ("world:pretrain", 5)
 
 
 def test_unknown_key_names_the_key_and_the_file(tmp_path):
