@@ -280,15 +280,7 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     if resume_from is not None:
         if is_main_process and kept_metrics.is_file():  # checkpoints.earlier/ moved back to continue that run
             os.replace(kept_metrics, metrics)
-        if record.is_file():  # checkpoints written before this record existed pass unchecked
-            saved = json.loads(record.read_text()) or {}
-            lineage = lineage or {}
-            changed = [s for s in STAGE_ORDER if saved.get(s) != lineage.get(s)]
-            if changed:
-                raise CheckpointError(
-                    f"{stage}: {resume_from} learned from another version of the world than the run holds now (what "
-                    f"its {', '.join(changed)} stage learned from has changed). Resuming would mix the two: run "
-                    f"{stage} without resume=true to start over.")
+        # the named inputs first: a changed data file also changes what the world check compares
         saved_starts = json.loads(starts_record.read_text()) if starts_record.is_file() else {}
         changed = [name for name, value in (starts_from or {}).items() if name in saved_starts
                    and saved_starts[name] != value]
@@ -298,6 +290,15 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
                 f"{stage}: {resume_from} continues a run that started from other inputs than this one would "
                 f"({then_and_now}): an upstream stage was run again, or its data changed, since. Resuming would "
                 f"mix the two: start {stage} over, without resume=true (RESUME=1).")
+        if record.is_file():  # checkpoints written before this record existed pass unchecked
+            saved = json.loads(record.read_text()) or {}
+            lineage = lineage or {}
+            changed = [s for s in STAGE_ORDER if saved.get(s) != lineage.get(s)]
+            if changed:
+                raise CheckpointError(
+                    f"{stage}: {resume_from} learned from another version of the world than the run holds now (what "
+                    f"its {', '.join(changed)} stage learned from has changed). Resuming would mix the two: run "
+                    f"{stage} without resume=true to start over.")
         return
     if not is_main_process:
         return

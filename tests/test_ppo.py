@@ -368,12 +368,13 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
                                       changed], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
             assert refused.returncode == 1 and f"error: key '{key}': cannot resume from" in refused.stderr, \
                 refused.stderr[-2000:]
-    else:  # the reply length decides which prompts fit the model's positions, so which prompts each step reads
-        refused = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3",
-                                  "sampling.max_new_tokens=9"], cwd=REPO, env=ENV, capture_output=True, text=True,
-                                 timeout=180)
-        assert refused.returncode == 1 and "key 'sampling.max_new_tokens' was" in refused.stderr \
-            and "9 now" in refused.stderr, refused.stderr[-2000:]
+    else:  # the reply length decides which prompts fit the model's positions, so which prompts each step reads;
+        # other prompts were once refused as "another version of the world", with no key named
+        for changed, said in (("sampling.max_new_tokens=9", "key 'sampling.max_new_tokens' was 16 there, 9 now"),
+                              ("prompts.path=world:pref_prompts", "key 'prompts.path' was world:ppo_prompts there, world:pref_prompts now")):
+            refused = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3",
+                                      changed], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+            assert refused.returncode == 1 and said in refused.stderr, refused.stderr[-2000:]
     second = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3"], cwd=REPO,
                             env=ENV, capture_output=True, text=True, timeout=180)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -273,6 +273,14 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
         with pytest.raises(ConfigError, match=rf"cannot resume from .*step_00000002: key '{key}' was {saved} there, "
                                               rf"{now} now"):
             run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", override, run_name="spec")
+    # another corpus: named by its key (it was refused as "another version of the world", the world unchanged)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i} of a corpus of our own, long enough to fill a block or two.\n"
+                              for i in range(400)))
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_00000002: key 'data\.path' was world:pretrain "
+                                          r"there, .*corpus\.txt now"):
+        run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", f"data.path={corpus}",
+                  run_name="spec")
     # a weights file cut short (a disk that filled up): named, not a SafetensorError traceback
     weights = tmp_path / "spec" / "pretrain" / "checkpoints" / "step_00000002" / "model" / "model.safetensors"
     whole = weights.read_bytes()

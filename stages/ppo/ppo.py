@@ -245,8 +245,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = prompts_that_fit(rows, tokenizer, (policy, rm.model), cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
-    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process,
-                      starts_from={"policy": output_id(sft_path), "reward model": output_id(rm_path)})
     ref_model = None
     if cfg.lora.enabled:
         from peft import PeftModel, get_peft_model
@@ -302,6 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
+    # after the settings check: a changed `prompts` is named as such, not as another world
+    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process,
+                      starts_from={"policy": output_id(sft_path), "reward model": output_id(rm_path)})
     policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
     policy.eval()  # dropout off throughout: rollout and update log-probs come from the same function (N+)
     critic.eval()

@@ -142,7 +142,6 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(model, tokenizer)
     check_length_fits(model, cfg.block_size, "block_size", " or raise model.max_position_embeddings")
     lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
 
     # ---- optimizer: weight decay on matrices only
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -161,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
+    # after the settings check: a changed `data` is named as such, not as another world
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process, start_step=start_step)
