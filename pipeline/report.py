@@ -263,13 +263,17 @@ def plot_proxy_vs_gold(records: list[dict], path: Path) -> Path | None:
     proxy, gold = (proxy[0], smooth(proxy[1])), (gold[0], smooth(gold[1]))
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     ax.plot(*proxy, color="tab:blue", label="RM score (proxy, normalised)")
-    ax.set(xlabel="PPO step", ylabel="RM score", title="Proxy vs gold reward on PPO rollouts")
+    # no gold series: PPO trained on prompts of your own, which the world's judge cannot score
+    ax.set(xlabel="PPO step", ylabel="RM score", title="Proxy vs gold reward on PPO rollouts" if gold[0] else
+           "RM score on PPO rollouts (no world prompts: no gold)")
     ax.tick_params(axis="y", labelcolor="tab:blue")
-    right = ax.twinx()
-    right.plot(*gold, color="tab:orange", label="gold score")
-    right.set_ylabel("gold score")
-    right.tick_params(axis="y", labelcolor="tab:orange")
-    lines = ax.get_lines() + right.get_lines()
+    lines = ax.get_lines()
+    if gold[0]:
+        right = ax.twinx()
+        right.plot(*gold, color="tab:orange", label="gold score")
+        right.set_ylabel("gold score")
+        right.tick_params(axis="y", labelcolor="tab:orange")
+        lines += right.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="lower right")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)

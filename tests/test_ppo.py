@@ -295,6 +295,20 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), online.state_dict().values()))
 
 
+def test_ppo_on_prompts_of_your_own_logs_no_gold_for_them(micro_sft, micro_rm, tmp_path, capsys):
+    """The world's judge grades only tone and form of a reply to a prompt it cannot parse: that "gold" was logged
+    and printed at every step as if it measured the replies."""
+    from stages.ppo.ppo import main
+
+    own = tmp_path / "own_prompts.jsonl"
+    own.write_text("".join(json.dumps({"prompt": f"Tell me something nice about the number {i}."}) + "\n"
+                           for i in range(16)))
+    main(ppo_args(tmp_path, "own", micro_sft, micro_rm, f"prompts.path={own}", "max_steps=1", "eval_prompts=0"))
+    assert "16 of the 16 training prompts" in capsys.readouterr().out
+    steps = [r for r in metrics(tmp_path / "own" / "ppo") if "objective/rm_score" in r]
+    assert steps and not any("objective/gold_score" in r for r in steps), steps
+
+
 def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_path):
     from pipeline.checkpoint import CheckpointError
     from stages.ppo.ppo import main

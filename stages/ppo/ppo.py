@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     rows = [dict(r) for r in load_dataset_for(cfg.prompts, "prompts", world_dir=world)]
     eval_rows = load_prompts(world / "eval_prompts.jsonl", cfg.eval_prompts) if cfg.eval_prompts else []
     judge = load_judge(world)
+    # the judge scores the world's tasks alone: on a prompt of your own it would grade only tone and form
+    world_prompts = sum(judge.task(r["prompt"]) is not None for r in rows)
+    if world_prompts < len(rows) and accelerator.is_main_process:
+        print(f"[ppo] note: {len(rows) - world_prompts} of the {len(rows)} training prompts ({cfg.prompts.path}) are "
+              f"no task of the world, which the gold judge cannot score: objective/gold_score "
+              + (f"covers the other {world_prompts}" if world_prompts else "is not logged")
+              + "; the held-out evaluation stays on the world's prompts")
 
     # ---- models: policy (SFT, or the checkpoint on resume), reference, frozen RM, critic (from the RM)
     sft_path = init_checkpoint(cfg, "ppo", POLICY_STAGES)
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> None:
             data = rollout(unwrap(policy), reference, unwrap(critic), tokenizer, prompts, cfg, sampler)
         replies, mask = data["replies"], data["mask"]
         rm_score = rm.score(prompts, replies, normalize=True, max_length=cfg.rm_max_length).to(device)
-        gold = torch.tensor([judge.score(p, r).score for p, r in zip(prompts, replies)], device=device)
+        gold = [judge.score(p, r).score for p, r in zip(prompts, replies) if judge.task(p) is not None]
 
         # rewards: shaped score at the last token minus beta * KL on every token; GAE; global whitening
         score = shape_scores(rm_score, answered(data["has_eos"], replies), cfg.missing_eos_penalty, cfg.reward_clip)
@@ -442,11 +449,14 @@ def main(argv: list[str] | None = None) -> None:
             kl_ctl.update(accelerator.reduce(seq_kl.mean(), "mean").item(), cfg.rollout_batch_size * n_ranks)
         local = {"objective/rm_score": rm_score.mean(), "objective/score": score.mean(), "objective/kl": seq_kl.mean(),
                  "objective/kl_exact": masked_sum(data["kl_exact"], mask, dim=1).mean(),
-                 "objective/rlhf_reward": rlhf_reward.mean(), "objective/gold_score": gold.mean(),
+                 "objective/rlhf_reward": rlhf_reward.mean(),
                  "rollout/response_length": mask.sum(1).float().mean(),
                  "rollout/eos_rate": data["has_eos"].float().mean(),
                  **{k: torch.stack([s[k] for s in update_stats if k in s]).mean() for k in update_stats[-1]}}
         metrics = dict(zip(local, accelerator.reduce(torch.stack(list(local.values())).float(), "mean").tolist()))
+        gold_sum, gold_count = accelerator.reduce(torch.tensor([sum(gold), len(gold)], device=device), "sum").tolist()
+        if gold_count:
+            metrics["objective/gold_score"] = gold_sum / gold_count
         tokens = accelerator.reduce(mask.sum().float(), "sum").item()
         metrics.update({"objective/entropy": masked_mean(data["entropy"], mask, all_reduce=all_reduce).item(),
                         "objective/kl_coef": beta, "train/policy_lr": policy_opt.param_groups[0]["lr"],
@@ -459,8 +469,9 @@ def main(argv: list[str] | None = None) -> None:
             metrics["val/explained_variance"] = variance_explained
         tracker.log(metrics, step=done, console=False)
         if accelerator.is_main_process:
-            tqdm.write(f"[ppo] step {done} | rm {metrics['objective/rm_score']:+.3f} | gold "
-                       f"{metrics['objective/gold_score']:.3f} | kl {metrics['objective/kl']:.2f} (beta "
+            gold_part = f" | gold {metrics['objective/gold_score']:.3f}" if "objective/gold_score" in metrics else ""
+            tqdm.write(f"[ppo] step {done} | rm {metrics['objective/rm_score']:+.3f}{gold_part} | kl "
+                       f"{metrics['objective/kl']:.2f} (beta "
                        f"{beta:.3f}) | eos {metrics['rollout/eos_rate']:.2f} | "
                        f"{metrics['perf/tokens_per_sec']:.0f} tok/s")
         if eval_rows and (done % cfg.eval_every == 0 or done == cfg.max_steps):
