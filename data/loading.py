@@ -342,6 +342,8 @@ def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
     best = max(schema.input_forms, key=lambda form: (all(c in present for c in form), sum(c in present for c in form),
                                                      -schema.input_forms.index(form)))
     for column in best:
+        if column in row and row[column] is None:  # the column is there, empty in this row
+            raise _Invalid(column, f"null in this row ({schema.requirement()})")
         if column not in present:
             found = ", ".join(present) or "none"
             raise _Invalid(column, f"missing ({schema.requirement()}; found columns: {found})")
@@ -408,6 +410,9 @@ def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str
     if isinstance(row[column], str):
         text = _string(row, column)
         return prompt_messages(text) if role == "user" else [{"role": role, "content": text}]
+    if not isinstance(row[column], (list, tuple)):
+        raise _Invalid(column, f"expected a string or a list of {{'role', 'content'}} messages, got "
+                               f"{_describe(row[column])}")
     return _turns(row[column], column)
 
 
@@ -510,11 +515,11 @@ class _Part:
         return self.builder == "text"
 
 
-def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None) -> list[_Part]:
+def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None, key: str = "DatasetSpec") -> list[_Part]:
     path = spec.path.strip()
     if not path:
-        raise DataError("DatasetSpec", "'path' is empty; expected world:<split>, a local file or "
-                                       "directory, or a hub dataset id", column="path")
+        raise DataError(f"key '{key}.path'", "empty; expected world:<split>, a local file or directory, or a hub "
+                                             "dataset id")
     if path.startswith(WORLD_PREFIX):
         return [_world_part(path[len(WORLD_PREFIX):], world_dir)]
     local = Path(path).expanduser()
@@ -671,9 +676,10 @@ def _raise_json_problem(path: str) -> None:
 # ---------------------------------------------------------------- loading
 
 
-def load_dataset_for(spec: DatasetSpec, schema: str,
-                     world_dir: str | Path | None = None) -> datasets.Dataset | datasets.IterableDataset:
-    """Load `spec` as `schema` ("text", "sft", "preferences" or "prompts").
+def load_dataset_for(spec: DatasetSpec, schema: str, world_dir: str | Path | None = None,
+                     key: str = "DatasetSpec") -> datasets.Dataset | datasets.IterableDataset:
+    """Load `spec` as `schema` ("text", "sft", "preferences" or "prompts"). `key`: the config key that holds
+    `spec` (`data`, `prompts`, ...), which errors in the spec itself name (`data.columns.prompt`).
 
     Returns a Dataset (or, with `spec.streaming`, an IterableDataset) whose columns are
     exactly the schema's canonical columns plus any optional ones (`family`,
@@ -682,14 +688,13 @@ def load_dataset_for(spec: DatasetSpec, schema: str,
     if schema not in SCHEMAS:
         raise ValueError(f"unknown schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if spec.max_rows is not None and spec.max_rows < 1:
-        raise DataError("DatasetSpec", f"expected a positive number or None, got {spec.max_rows}",
-                        column="max_rows")
+        raise DataError(f"key '{key}.max_rows'", f"expected a positive number or None, got {spec.max_rows}")
     readable = mapped_targets(SCHEMAS[schema])
     for target in spec.columns:  # a mapped column no schema reads would be lost without a word (a typo too)
         if target not in readable:
-            raise DataError("DatasetSpec", f"maps '{target}', which schema '{schema}' does not read; it reads "
-                                           f"{', '.join(readable)}", column=f"columns.{target}")
-    parts = resolve_parts(spec, world_dir)
+            raise DataError(f"key '{key}.columns.{target}'", f"'{target}' is no column schema '{schema}' reads; it "
+                                                             f"reads {', '.join(readable)}")
+    parts = resolve_parts(spec, world_dir, key)
     if spec.streaming:
         return _load_streaming(parts, SCHEMAS[schema], spec)
     loaded = []
@@ -697,22 +702,22 @@ def load_dataset_for(spec: DatasetSpec, schema: str,
     for part in parts:
         if remaining is not None and remaining <= 0:
             break
-        dataset, read = _load_part(part, SCHEMAS[schema], spec.columns, remaining)
+        dataset, read = _load_part(part, SCHEMAS[schema], spec.columns, remaining, key)
         loaded.append((part, dataset))
         if remaining is not None:  # rows read from the source (blank lines too), as streaming counts them
             remaining -= read
     return _concatenate(loaded)
 
 
-def _load_part(part: _Part, schema: Schema, columns: dict[str, str],
-               max_rows: int | None) -> tuple[datasets.Dataset, int]:
+def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: int | None,
+               key: str) -> tuple[datasets.Dataset, int]:
     """The part's rows as `schema`, and how many rows of the source that read (at most `max_rows`)."""
     raw = _read(part, streaming=False)
     if max_rows is not None and len(raw) > max_rows:
         raw = raw.select(range(max_rows))
     if len(raw) == 0:
         raise DataError(part.description, "no rows (empty dataset)")
-    _check_mapped_columns_exist(part, raw.column_names, columns)
+    _check_mapped_columns_exist(part, raw.column_names, columns, key)
     optional = _optional_present(raw.column_names, schema, columns)
     try:  # the reader keeps bytes as it found them: text that is not UTF-8 fails only once a row is read
         normalised = raw.map(
@@ -781,12 +786,12 @@ def _file_row(source: str, record: int) -> int:
     return record
 
 
-def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns: dict[str, str]) -> None:
+def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns: dict[str, str], key: str) -> None:
     if present is None:
         return  # streaming source with unknown columns: checked on the first row instead
     for target, source in columns.items():
         if not _has_source(source, present):
-            raise DataError(part.description, f"not found (DatasetSpec.columns maps '{target}' to it); "
+            raise DataError(part.description, f"not found (key '{key}.columns.{target}' names it); "
                                               f"found columns: {', '.join(present)}",
                             row=1, column=source)
 

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- prompts and the held-out split: validated before the policy is loaded
     with accelerator.main_process_first():
         world = world_dir(cfg)
-    rows = list(load_dataset_for(cfg.prompts, "prompts", world_dir=world))
+    rows = list(load_dataset_for(cfg.prompts, "prompts", world_dir=world, key="prompts"))
     # one row per prompt text: a repeated prompt could otherwise land on both sides of the held-out split
     first_rows = {}
     for row in rows:

@@ -59,9 +59,9 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
     def the_world() -> Path:
         return world or world_dir(cfg)
 
-    def load(spec: DatasetSpec) -> list[dict]:
+    def load(spec: DatasetSpec, key: str) -> list[dict]:
         return [dict(row) for row in load_dataset_for(spec, "preferences", world_dir=the_world()
-                                                      if spec.path.startswith("world:") else None)]
+                                                      if spec.path.startswith("world:") else None, key=key)]
 
     if cfg.train_data is None:
         prefs = stage_paths(cfg, "prefs").root
@@ -73,11 +73,12 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
             raise DataError(str(prefs), f"the last collection did not finish (train.jsonl and eval.jsonl may come "
                                         f"from two runs; it writes {WORLD_DATA_FILE} last). "
                                         "Collect again (make prefs).")
-        train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl"))) for split in ("train", "eval"))
+        train, held_out = (load(DatasetSpec(path=str(prefs / f"{split}.jsonl")), "prefs")
+                           for split in ("train", "eval"))
         return train, held_out, str(prefs)
-    train = load(cfg.train_data)
+    train = load(cfg.train_data, "train_data")
     if cfg.eval_data is not None:
-        return train, load(cfg.eval_data), cfg.train_data.path
+        return train, load(cfg.eval_data, "eval_data"), cfg.train_data.path
     # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows; the world's
     # rankings hold out whole questions, as collection does
     if cfg.train_data.path.startswith("world:"):

@@ -255,14 +255,13 @@ def test_a_bad_row_after_blank_lines_is_named_by_its_line_in_the_file(tmp_path, 
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
-def test_missing_column(tmp_path, suffix):
+def test_a_null_cell_names_its_row_and_column(tmp_path, suffix):
     rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}, {"prompt": "p", "chosen": "a", "rejected": None}]
     path = write_rows(tmp_path / f"prefs{suffix}", rows)
     with pytest.raises(DataError) as error:
         load(path, "preferences")
     message = assert_data_error(error, path, row=2, column="rejected")
-    assert "missing" in message and "'prompt' + 'chosen' + 'rejected'" in message
-    assert "found columns: prompt, chosen" in message
+    assert "null in this row" in message and "'prompt' + 'chosen' + 'rejected'" in message
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
@@ -631,8 +630,8 @@ def test_public_preference_sets_load_as_published(tmp_path, suffix):
         "prompt": ["Explain tides."], "responses": [["fine", "poor"]], "ratings": [[7.0, 2.0]]}
     orca = write_rows(tmp_path / f"orca{suffix}", [{"system": "Be kind.", "question": "q", "chosen": "a",
                                                     "rejected": "b"}])
-    with pytest.raises(DataError, match=r"column 'columns.system'.*maps 'system', which schema 'preferences' does "
-                                        r"not read; it reads prompt, responses, chosen, rejected"):
+    with pytest.raises(DataError, match=r"key 'DatasetSpec\.columns\.system': 'system' is no column schema "
+                                        r"'preferences' reads; it reads prompt, responses, chosen, rejected"):
         load(orca, "preferences", columns={"prompt": "question", "system": "system"})
 
 
@@ -704,3 +703,28 @@ def test_the_public_schema_readers_refuse_or_keep_what_they_should(tmp_path):
     code = write_rows(tmp_path / "code.jsonl", [{"prompt": "Fix this.", "input": "    return x\n", "completion": "ok"}])
     assert load(code, "sft")[0]["messages"][0]["content"] == "Fix this.\n\n    return x"
     assert load(code, "prompts")[0]["prompt"] == "Fix this.\n\n    return x"
+
+
+def test_errors_in_the_spec_name_its_config_key_and_a_null_cell_is_called_null(tmp_path):
+    """A bad `columns` entry or an empty path was "data error in DatasetSpec" (not which of data or eval_data), a
+    null cell "missing ... found columns: none", and a number as an SFT completion asked for messages alone."""
+    path = write_rows(tmp_path / "sft.jsonl", [{"prompt": "Q?", "completion": "A."}, {"prompt": None, "completion": "B."}])
+    with pytest.raises(DataError, match=r"key 'eval_data\.columns\.system': 'system' is no column schema 'sft' reads"):
+        load_dataset_for(DatasetSpec(path=str(path), columns={"system": "prompt"}), "sft", key="eval_data")
+    with pytest.raises(DataError) as error:
+        load_dataset_for(DatasetSpec(path=str(path), columns={"prompt": "instruction"}), "sft", key="data")
+    assert "not found (key 'data.columns.prompt' names it)" in assert_data_error(error, path, 1, "instruction")
+    with pytest.raises(DataError, match=r"key 'prompts\.path': empty"):
+        load_dataset_for(DatasetSpec(path=" "), "prompts", key="prompts")
+    with pytest.raises(DataError) as error:
+        load(path, "sft")
+    assert "null in this row" in assert_data_error(error, path, 2, "prompt")
+    prompts = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "Q?"}, {"prompt": None}])
+    with pytest.raises(DataError) as error:
+        load(prompts, "prompts")
+    assert "null in this row" in assert_data_error(error, prompts, 2, "prompt")
+    number = write_rows(tmp_path / "number.jsonl", [{"prompt": "Q?", "completion": 0}])
+    with pytest.raises(DataError) as error:
+        load(number, "sft")
+    assert "expected a string or a list of {'role', 'content'} messages, got int 0" in \
+        assert_data_error(error, number, 1, "completion")

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: training prompts, held-out eval prompts, the world's gold judge
     with accelerator.main_process_first():
         world = world_dir(cfg)
-    rows = [dict(r) for r in load_dataset_for(cfg.prompts, "prompts", world_dir=world)]
+    rows = [dict(r) for r in load_dataset_for(cfg.prompts, "prompts", world_dir=world, key="prompts")]
     eval_rows = load_prompts(world / "eval_prompts.jsonl", cfg.eval_prompts) if cfg.eval_prompts else []
     judge = load_judge(world)
     # the judge scores the world's tasks alone: on a prompt of your own it would grade only tone and form
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.ptx:  # the batch stream resumes at the block the interrupted run reached
         done_minibatches = max(0, start_step - cfg.critic_warmup_steps) * cfg.ppo_epochs * \
             (cfg.rollout_batch_size // cfg.minibatch_size)
-        ptx_batches = PackedCorpus(load_dataset_for(cfg.ptx_data, "text", world_dir=world), tokenizer,
+        ptx_batches = PackedCorpus(load_dataset_for(cfg.ptx_data, "text", world_dir=world, key="ptx_data"), tokenizer,
                                    cfg.ptx_block_size, seed=cfg.seed, source=cfg.ptx_data.path).train_batches(
             cfg.ptx_batch_size, cfg.grad_accum, done_minibatches, accelerator)
 

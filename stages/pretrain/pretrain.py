@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- data: validated before any model is built, so bad input fails fast
     with accelerator.main_process_first():
         world = world_dir(cfg) if cfg.data.path.startswith("world:") else None
-    texts = load_dataset_for(cfg.data, "text", world_dir=world)
+    texts = load_dataset_for(cfg.data, "text", world_dir=world, key="data")
 
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
     checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "pretrain", accelerator.is_main_process)

@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     uses_world = cfg.gold_eval_prompts > 0 or any(s.path.startswith("world:") for s in (cfg.data, cfg.eval_data))
     with state.main_process_first():
         world = world_dir(cfg) if uses_world else None
-    train_data = load_dataset_for(cfg.data, "sft", world_dir=world)
-    eval_data = load_dataset_for(cfg.eval_data, "sft", world_dir=world)
+    train_data = load_dataset_for(cfg.data, "sft", world_dir=world, key="data")
+    eval_data = load_dataset_for(cfg.eval_data, "sft", world_dir=world, key="eval_data")
     if not cfg.data.path.startswith("world:") and cfg.eval_data.path.startswith("world:") and state.is_main_process:
         print(f"[sft] note: training on {cfg.data.path}, but eval_data is still {cfg.eval_data.path}: eval/loss "
               "measures the synthetic world. Set eval_data to held-out rows of your data.")
