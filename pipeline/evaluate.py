@@ -119,13 +119,16 @@ def run_world(cfg: StageConfig) -> Path:
 def resolve_checkpoint(cfg: StageConfig, stage_or_path: str, flag: str = "--stage", also: str = "") -> tuple[str, str]:
     """(checkpoint path or hub id, a short label): a stage name means that stage's final/ in this run. `flag`:
     the command-line option that named it, for messages; `also`: what else a checkpoint from outside the run
-    needs (eval-rm: data to score it on)."""
+    needs (eval-rm: `--data`, rankings to score it on)."""
     if stage_or_path in POLICY_STAGE_NAMES or stage_or_path == "rm":
         final = stage_paths(cfg, stage_or_path).final
         if not (final / "config.json").exists():
+            given = f"{flag} path/to/checkpoint{also}"
+            if "MAKELEVEL" in os.environ:  # run by make (make eval, make eval-rm): options go in its variables
+                given = "STAGE=path/to/checkpoint" if flag == "--stage" else f'ARGS="{given}"'
             sys.exit(f"no '{stage_or_path}' checkpoint in run '{cfg.run_name}': {final} does not exist. Train it "
                      f"first (make {stage_or_path} RECIPE={os.environ.get('RECIPE') or '<recipe>'} RUN={cfg.run_name}), "
-                     f"or pass {flag} path/to/checkpoint{also}.")
+                     f"or pass {given}.")
         return str(final), stage_or_path
     path = Path(stage_or_path).expanduser()
     if path.exists():

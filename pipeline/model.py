@@ -86,7 +86,8 @@ class LoraSpec:
     """Low-rank adapters (PEFT LoRA) instead of training every weight."""
 
     enabled: bool = False
-    """On: train adapters only; final/ holds the merged plain checkpoint and adapter/ the adapter alone."""
+    """On: train adapters only; final/ holds the merged plain checkpoint (SFT and PPO keep the adapter alone in
+    adapter/ too)."""
     rank: int = 16
     """Adapter rank r: each adapted matrix gets r * (d_in + d_out) trainable parameters."""
     alpha: int = 32

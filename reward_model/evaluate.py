@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # the RM first: a wrong checkpoint fails before any data is read
     rm_path, label = resolve_checkpoint(cfg, args.reward_model, flag="--reward-model",
-                                        also="" if args.data else " with --data path-or-hub-id (rankings to score)")
+                                        also="" if args.data else " --data path-or-hub-id")
     device = default_device()
     scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="eval-rm")
     if args.data:

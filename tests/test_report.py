@@ -153,9 +153,15 @@ def test_eval_files_are_named_by_where_the_checkpoint_sits_and_how_it_sampled(tm
         "-max_new_tokens8-temperature0.7"
 
 
-def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path, capsys):
-    with pytest.raises(SystemExit, match=r"no 'ppo' checkpoint in run 'empty': \S*empty/ppo/final does not exist.*make ppo"):
+def test_eval_names_what_is_missing_or_wrong(micro_rm, micro_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MAKELEVEL", raising=False)
+    with pytest.raises(SystemExit, match=r"no 'ppo' checkpoint in run 'empty': \S*empty/ppo/final does not exist.*make ppo"
+                                         r".*or pass --stage path/to/checkpoint\.$"):
         evaluate.main(run_args(tmp_path, "empty") + ["--stage", "ppo"])
+    monkeypatch.setenv("MAKELEVEL", "1")  # `make eval STAGE=ppo`: the advice is in make's terms
+    with pytest.raises(SystemExit, match=r"or pass STAGE=path/to/checkpoint\.$"):
+        evaluate.main(run_args(tmp_path, "empty") + ["--stage", "ppo"])
+    monkeypatch.delenv("MAKELEVEL")
     nowhere = re.escape(str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match=rf"--stage {nowhere}: expected .*; {nowhere} does not exist"):
         evaluate.main(run_args(micro_runs) + ["--stage", str(tmp_path / "nowhere")])

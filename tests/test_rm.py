@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import shutil
 import types
 from pathlib import Path
@@ -248,7 +249,8 @@ def test_eval_rm_refuses_preferences_collected_again_since_the_rm_trained(micro_
         evaluate.main(run)
 
 
-def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(micro_rm, micro_runs, tmp_path, capsys):
+def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(micro_rm, micro_runs, tmp_path, capsys,
+                                                                          monkeypatch):
     from reward_model import evaluate
 
     run = ["--config", str(MICRO_RM), f"runs_dir={micro_runs}", "run_name=micro"]
@@ -281,9 +283,14 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
     out = tmp_path / "flipped.json"
     assert evaluate.main(run + ["--data", str(flipped), "--out", str(out)])["accuracy"] == 0.0
     assert json.loads(out.read_text())["pairs"] == 2 and "gold_accuracy" not in json.loads(out.read_text())
-    with pytest.raises(SystemExit, match=r"no 'rm' checkpoint in run 'other'.*make rm.*--reward-model "
-                                         r"path/to/checkpoint with --data path-or-hub-id"):  # both, or it fails next
-        evaluate.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=other"])
+    # both options, or it fails next; under make (eval-rm) they go in ARGS
+    for makelevel, advice in ((None, "--reward-model path/to/checkpoint --data path-or-hub-id"),
+                              ("1", 'ARGS="--reward-model path/to/checkpoint --data path-or-hub-id"')):
+        with monkeypatch.context() as env:
+            env.delenv("MAKELEVEL", raising=False) if makelevel is None else env.setenv("MAKELEVEL", makelevel)
+            with pytest.raises(SystemExit, match=rf"no 'rm' checkpoint in run 'other'.*make rm.*or pass "
+                                                 rf"{re.escape(advice)}\.$"):
+                evaluate.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=other"])
     # a causal LM from elsewhere (no stage recorded) has no trained head: its scores would be noise
     outside = tmp_path / "outside-lm"
     shutil.copytree(micro_rm.parent.parent / "sft" / "final", outside)
