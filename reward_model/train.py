@@ -235,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                               num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
     start_step = 0
     # the data each step reads; and what the restored optimizer and scheduler state (the peak learning rate,
-    # weight decay, betas) and the saved adapter config (lora.*) would overrule without a word
+    # weight decay, betas) and the saved adapter config (lora.*) would overrule without a word. A new warmup_ratio
+    # or min_lr_ratio reshapes the schedule from where it is, as in the other stages: asked for, so honoured.
     settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed", "eval_fraction", "mix_static",
                                      "group_by_length", "learning_rate", "weight_decay", "adam_betas", "lora"),
                                n_procs)
