@@ -29,7 +29,6 @@ import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
-from transformers import get_scheduler
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (load_training_state, output_id, parameter_fingerprint, restore_scaler,
@@ -41,6 +40,7 @@ from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, chec
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
+from pipeline.schedule import warmup_cosine_scheduler
 from pipeline.tokenizer import load_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import question_of, split_indices
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     optimizer = torch.optim.AdamW([{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
                                    {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
-    scheduler = get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=math.ceil(cfg.warmup_ratio * max_steps),
-                              num_training_steps=max_steps, scheduler_specific_kwargs={"min_lr_rate": cfg.min_lr_ratio})
+    scheduler = warmup_cosine_scheduler(optimizer, math.ceil(cfg.warmup_ratio * max_steps), max_steps, cfg.min_lr_ratio)
     start_step = 0
     # the data each step reads; and what the restored optimizer and scheduler state (the peak learning rate,
     # weight decay, betas) and the saved adapter config (lora.*) would overrule without a word. A new warmup_ratio

@@ -66,6 +66,37 @@ def test_labels_mask_every_non_assistant_token(micro_pretrain, tmp_path):
         assert spans == [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
 
 
+def test_eval_loss_is_per_token_at_any_eval_batch_size_and_the_first_step_learns(micro_pretrain, tmp_path):
+    """The Trainer averaged batch means over examples (eval loss 2.80 at eval batch 1, 2.91 at 8, 2.93 by hand),
+    and its cosine schedule gave the first optimizer step a learning rate of 0 (a one-step run changed nothing)."""
+    from stages.sft.trainer_parts import StageSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain)
+    world = micro_pretrain.parent.parent / "world"
+    data = load_dataset_for(DatasetSpec(path="world:sft_eval", max_rows=12), "sft", world_dir=world)
+    cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}", "precision=fp32", "max_steps=1"])
+    losses = []
+    for eval_batch_size in (1, 5, 12):
+        arguments = training_arguments(cfg, tmp_path / "checkpoints")
+        arguments.per_device_eval_batch_size = eval_batch_size
+        trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=data, eval_dataset=data,
+                                  processing_class=tokenizer)
+        losses.append(trainer.evaluate()["eval_loss"])
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(data))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    token_nll = -torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    by_hand = token_nll[labels != -100].mean().item()
+    assert losses == pytest.approx([by_hand] * 3, abs=1e-4), (losses, by_hand)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train()
+    assert trainer.state.log_history[0]["learning_rate"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -322,7 +353,7 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     assert "missing keys" not in second.stderr  # the tied LM head, saved once as the embeddings, is no loss
     lines = [json.loads(line) for line in stage.joinpath("metrics.jsonl").read_text().splitlines()]
     # every step's row, not the end-of-training summary row
-    train_steps = [r["step"] for r in lines if "train/loss" in r and "train/samples_per_second" not in r]
+    train_steps = [r["step"] for r in lines if "train/loss" in r and "train/mean_loss" not in r]
     # the killed run's steps up to its checkpoint, then the resumed run's, each once
     assert train_steps == list(range(1, resumed_from + 4)), (train_steps, resumed_from)
     # the first resumed step sees the checkpoint's weights and the batch the killed run saw at that step: the same
@@ -330,8 +361,8 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     resumed_loss = next(r["train/loss"] for r in lines if r["step"] == resumed_from + 1 and "train/loss" in r)
     assert resumed_loss == pytest.approx(killed_losses[resumed_from + 1], rel=1e-4)
     # the Trainer's closing summary: its run-mean loss is kept apart from the per-step curve
-    summary = [r for r in lines if "train/samples_per_second" in r]
-    assert len(summary) == 1 and "train/mean_loss" in summary[0] and "train/loss" not in summary[0]
+    summary = [r for r in lines if "train/mean_loss" in r]
+    assert len(summary) == 1 and "train/loss" not in summary[0]
     assert (stage / "final" / "config.json").exists()
 
     # resumed again at its last step: nothing to train; the final evaluation is not logged a second time
@@ -417,7 +448,7 @@ def test_ddp_on_the_cpu_logs_and_saves_from_one_rank(micro_pretrain, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "sft"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "train/loss" in r and "train/samples_per_second" not in r]
+    steps = [r["step"] for r in rows if "train/loss" in r and "train/mean_loss" not in r]
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert run.stdout.count("M parameters (") == 1  # the size line, from the main process alone
     assert (stage / "final" / "model.safetensors").exists()

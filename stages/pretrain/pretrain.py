@@ -29,6 +29,7 @@ from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal
 from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, learned_world_data, \
     model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
     write_resolved_config
+from pipeline.schedule import warmup_cosine
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
 from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
 
@@ -91,11 +92,7 @@ class PretrainConfig(StageConfig):
 
 def get_lr(step: int, cfg: PretrainConfig) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio * learning_rate."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    floor = cfg.learning_rate * cfg.min_lr_ratio
-    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - floor)
+    return cfg.learning_rate * warmup_cosine(step, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,7 +113,7 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_ratio,  # the schedule: StageSFTTrainer
         weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip,
         bf16=precision == "bf16", fp16=precision == "fp16", activation_checkpointing=cfg.activation_checkpointing,
         # transformers refuses bf16 without a GPU unless told the run is on the CPU

@@ -17,6 +17,7 @@ from trl import SFTTrainer
 from pipeline.checkpoint import list_checkpoints, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
+from pipeline.schedule import warmup_cosine_scheduler
 from pipeline.tokenizer import TemplateError, reply_masks
 from pipeline.tracking import stop_if_not_finite
 
@@ -45,7 +46,37 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
 
 class StageSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler)."""
+    """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler), the stages'
+    learning-rate schedule, and a held-out loss per token."""
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Cosine after a warmup that starts above 0 (pipeline.schedule): transformers' first step learnt nothing."""
+        if self.lr_scheduler is None:
+            self.lr_scheduler = warmup_cosine_scheduler(optimizer or self.optimizer,
+                                                        self.args.get_warmup_steps(num_training_steps),
+                                                        num_training_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Also add up the batch's token losses: the Trainer averages batch means over examples, so its eval_loss
+        moved with the eval batch size and the number of processes."""
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        # the tokens the loss is the mean over: the labels shifted by one, as the model's forward reads them
+        targets = inputs["shift_labels"] if inputs.get("shift_labels") is not None else inputs["labels"][..., 1:]
+        tokens = (targets != -100).sum().to(loss.device)
+        self._eval_token_loss += torch.stack([loss.detach().float() * tokens, tokens.float()])
+        return loss, logits, labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_token_loss = torch.zeros(2, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        total, tokens = self.accelerator.reduce(self._eval_token_loss, reduction="sum").tolist()
+        if tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
+        return output
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
