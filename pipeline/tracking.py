@@ -284,7 +284,10 @@ class TrackerCallback(TrainerCallback):
         self._restart_clock(state)
 
     def on_evaluate(self, args, state, control, **kwargs):
-        # tokens/s measures training: time spent evaluating does not count
+        # tokens/s measures training: time spent evaluating, or saving (below), does not count
+        self._restart_clock(state)
+
+    def on_save(self, args, state, control, **kwargs):
         self._restart_clock(state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -293,6 +296,8 @@ class TrackerCallback(TrainerCallback):
         for key, value in logs.items():
             if not isinstance(value, (int, float)) or key in ("epoch", "total_flos"):
                 continue
+            if key.startswith("train_") and key.endswith("_per_second"):
+                continue  # the Trainer's whole-run rates count evaluation time too; perf/tokens_per_sec does not
             if key.startswith("eval_"):
                 metrics[f"eval/{key[5:]}"] = value
             elif key == "train_loss":  # the closing log's mean over the whole run: not a point of the loss curve
