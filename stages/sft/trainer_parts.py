@@ -59,21 +59,22 @@ class StageSFTTrainer(SFTTrainer):
         return self.lr_scheduler
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Also add up the batch's token losses: the Trainer averages batch means over examples, so its eval_loss
-        moved with the eval batch size and the number of processes."""
-        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        # the tokens the loss is the mean over: the labels shifted by one, as the model's forward reads them
-        targets = inputs["shift_labels"] if inputs.get("shift_labels") is not None else inputs["labels"][..., 1:]
-        tokens = (targets != -100).sum().to(loss.device)
-        self._eval_token_loss += torch.stack([loss.detach().float() * tokens, tokens.float()])
-        return loss, logits, labels
+        """TRL's, adding up each row's token losses too: the Trainer averages batch means over examples, so its
+        eval_loss moved with the eval batch size and the number of processes. gather_for_metrics leaves out the
+        rows DDP repeats to even out the ranks' last batches."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        sums, tokens = self.accelerator.gather_for_metrics(row_token_losses(outputs, inputs))
+        self._eval_token_loss += torch.stack([sums.sum(), tokens.sum()])
+        return (loss, None, None) if prediction_loss_only else (loss, outputs.logits, inputs.get("labels"))
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         self._eval_token_loss = torch.zeros(2, device=self.args.device)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        total, tokens = self.accelerator.reduce(self._eval_token_loss, reduction="sum").tolist()
+        total, tokens = self._eval_token_loss.tolist()  # gathered from every rank already
         if tokens:
             output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
         return output
@@ -94,6 +95,20 @@ class StageSFTTrainer(SFTTrainer):
         (transformers checks the limit only after a step), and write that step's checkpoint and metrics."""
         self._load_from_checkpoint(checkpoint)
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+
+
+def row_token_losses(outputs, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token loss and its number of trained tokens."""
+    if getattr(outputs, "log_probs", None) is not None and getattr(outputs, "label_mask", None) is not None:
+        # TRL's fused LM head: per-token log-probs of the shifted labels, zero where masked
+        return -outputs.log_probs.float().sum(-1), outputs.label_mask.float().sum(-1)
+    if inputs.get("shift_labels") is not None:
+        targets, logits = inputs["shift_labels"], outputs.logits
+    else:
+        targets, logits = inputs["labels"][..., 1:], outputs.logits[:, :-1]
+    token_losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
+                                                     reduction="none")
+    return token_losses.sum(-1), (targets != -100).float().sum(-1)
 
 
 def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, source: str
