@@ -152,9 +152,14 @@ def _stage_defaults(field: dataclasses.Field) -> dict:
     default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
     if not dataclasses.is_dataclass(default) or isinstance(default, type):
         return {}
-    plain = type(default)()
-    return {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
-            if f.init and getattr(default, f.name) != getattr(plain, f.name)}
+    try:
+        plain = type(default)()
+    except TypeError:  # a section with required fields: all of its default counts
+        plain = None
+    kept = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)
+            if f.init and (plain is None or getattr(default, f.name) != getattr(plain, f.name))}
+    return {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            for name, value in kept.items()}
 
 
 def _build(cls: type[T], values: dict, where: str, base_dir: Path, prefix: str = "") -> T:
