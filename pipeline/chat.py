@@ -63,57 +63,55 @@ class Conversation:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def prompt_ids(self) -> tuple[torch.Tensor, int, int]:
-        """The history as model input, (ids [1, T], reply budget, turns dropped to fit the context)."""
-        dropped = 0
+    def prompt_ids(self, messages: list[dict] | None = None) -> tuple[torch.Tensor, int, list[dict]]:
+        """`messages` (default: the history) as model input: (ids [1, T], reply budget, the messages kept: the
+        oldest exchanges are left out until the reply fits the context). The history itself is not changed."""
+        kept = list(self.messages if messages is None else messages)
+        first = 1 if self.system else 0
         while True:
             # as pipeline.generation.encode_prompts: the template's text, tokenized without extra special tokens
-            text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(kept, add_generation_prompt=True, tokenize=False)
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             budget = self.sampling.max_new_tokens
             if self.context:
                 budget = min(budget, self.context - ids.size(1))
-            first = 1 if self.system else 0
-            if budget >= min(self.sampling.max_new_tokens, 16) or len(self.messages) - first <= 1:
-                return ids, budget, dropped
-            del self.messages[first:first + 2]  # the oldest exchange: a user turn and its reply
-            dropped += 1
+            if budget >= min(self.sampling.max_new_tokens, 16) or len(kept) - first <= 1:
+                return ids, budget, kept
+            del kept[first:first + 2]  # the oldest exchange: a user turn and its reply
 
     def reply(self, text: str) -> Iterator[str]:
-        """Add a user turn and stream the reply's text; the reply joins the history once complete."""
-        self.messages.append({"role": "user", "content": text})
-        ids, budget, dropped = self.prompt_ids()
+        """Stream the reply to a user turn. The turn, its reply and any exchanges dropped to fit the context change
+        the history only once the reply is complete: a message too long, or an interrupted reply, leaves it as
+        it was."""
+        asked = [*self.messages, {"role": "user", "content": text}]
+        ids, budget, kept = self.prompt_ids(asked)
+        if budget <= 0:
+            raise MessageTooLong(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
+        dropped = (len(asked) - len(kept)) // 2
         if dropped:
             print(f"(dropped the {dropped} oldest exchange(s) to fit the model's {self.context}-token context)",
                   file=sys.stderr, flush=True)
-        if budget <= 0:
-            self.messages.pop()
-            raise MessageTooLong(f"the message is {ids.size(1)} tokens; the model's context is {self.context}")
         device = next(self.model.parameters()).device
         stops = stop_token_ids(self.model, self.tokenizer)
         tokens: list[int] = []
         shown = ""
-        try:
-            for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
-                    budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
-                    stops, self.generator):
-                if token in stops:
-                    break
-                tokens.append(token)
-                # as eval decodes a reply (decode_responses): a stray special token stays, the whitespace around
-                # the reply goes (trailing whitespace waits for what follows it)
-                text_so_far = self.tokenizer.decode(tokens).strip()
-                if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                    continue
-                yield text_so_far[len(shown):]
-                shown = text_so_far
-            reply = self.tokenizer.decode(tokens).strip()
-            if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
-                yield reply[len(shown):]
-        except BaseException:
-            self.messages.pop()  # an interrupted turn leaves no trace in the history
-            raise
-        self.messages.append({"role": "assistant", "content": reply})
+        for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
+                budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
+                stops, self.generator):
+            if token in stops:
+                break
+            tokens.append(token)
+            # as eval decodes a reply (decode_responses): a stray special token stays, the whitespace around
+            # the reply goes (trailing whitespace waits for what follows it)
+            text_so_far = self.tokenizer.decode(tokens).strip()
+            if text_so_far.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+                continue
+            yield text_so_far[len(shown):]
+            shown = text_so_far
+        reply = self.tokenizer.decode(tokens).strip()
+        if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
+            yield reply[len(shown):]
+        self.messages = [*kept, {"role": "assistant", "content": reply}]
 
 
 def readable(text: str) -> str:

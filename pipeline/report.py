@@ -423,7 +423,7 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["accuracy over all pairs", r.get("accuracy_all_pairs")],
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
-    verdict = rm_verdict(r["accuracy"], r.get("rankings", 0))
+    verdict = rm_verdict(r["accuracy"], int(r.get("accuracy_rankings", r.get("rankings", 0))))
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement", "by task family (pairs)"],

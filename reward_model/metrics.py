@@ -36,7 +36,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     alike, in `ratings`, is left out).
 
     accuracy: the RM orders the pair as the labeler did. With gold scores (on every row), over the pairs gold
-    decides (the same pairs as the next two), else over all pairs. gold_accuracy: the RM orders the pair as gold does.
+    decides (the same pairs as the next two), else over all pairs; accuracy_rankings: how many rankings those
+    pairs come from (its noise is over rankings). gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts 1/2 too (a coin flip between the
@@ -47,12 +48,15 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     `family`): an RM that cannot check sums shows up as a coin flip on arithmetic correctness.
     """
     all_pairs, decided, by_criterion = [], [], {}
+    rankings_with_pairs = rankings_with_decided = 0  # what `accuracy` is counted over, for its noise
     # gold figures only when every row has gold: with some rows lacking it, "the pairs gold decides" would
     # silently leave those rows out, and the all-pairs ceiling would count their pairs as gold ties
     with_gold = all(row.get("gold_scores") is not None for row in rows)
     for s, row in zip(scores, rows, strict=True):
         gold, criteria = (row.get("gold_scores"), row.get("gold_criteria")) if with_gold else (None, None)
-        for i, j in labeled_pairs(row):
+        pairs, decided_before = labeled_pairs(row), len(decided)
+        rankings_with_pairs += bool(pairs)
+        for i, j in pairs:
             all_pairs.append(_agreement(s[i], s[j]))
             if gold is not None and gold[i] != gold[j]:
                 gold_first = gold[i] > gold[j]
@@ -63,7 +67,9 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
                     by_criterion.setdefault(criterion, []).append(decided[-1][1])
                     if row.get("family"):
                         by_criterion.setdefault(f"{criterion}/{row['family']}", []).append(decided[-1][1])
-    metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs))}
+        rankings_with_decided += len(decided) > decided_before
+    metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs)),
+               "accuracy_rankings": float(rankings_with_decided if decided else rankings_with_pairs)}
     if decided:
         rm_label, rm_gold, label_gold = zip(*decided)
         metrics.update({"accuracy": _mean(rm_label), "gold_accuracy": _mean(rm_gold),

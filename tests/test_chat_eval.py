@@ -129,15 +129,22 @@ def test_conversation_keeps_each_exchange_and_reset_forgets_them(micro_ppo, micr
     talk = chat.Conversation(model, tokenizer, SamplingConfig(MAX_NEW, temperature=0.0), system="Be brief.")
     first = "".join(talk.reply(question))
     assert first.strip()
-    talk.messages.append({"role": "user", "content": follow_up})
-    ids, _, _ = talk.prompt_ids()  # what the second turn is prompted with
-    talk.messages.pop()
+    ids, _, _ = talk.prompt_ids([*talk.messages, {"role": "user", "content": follow_up}])  # the second turn's input
     prompted = tokenizer.decode(ids[0])
     assert question in prompted and first.strip() in prompted and follow_up in prompted  # the first exchange, then it
     second = "".join(talk.reply(follow_up))
-    assert [(m["role"], m["content"]) for m in talk.messages] == [
-        ("system", "Be brief."), ("user", question), ("assistant", first.strip()), ("user", follow_up),
-        ("assistant", second.strip())]
+    history = [("system", "Be brief."), ("user", question), ("assistant", first.strip()), ("user", follow_up),
+               ("assistant", second.strip())]
+    assert [(m["role"], m["content"]) for m in talk.messages] == history
+    # a message longer than the context is refused and the history stays whole (it was emptied looking for room)
+    with pytest.raises(chat.MessageTooLong):
+        "".join(talk.reply("tell me more " * model.config.max_position_embeddings))
+    assert [(m["role"], m["content"]) for m in talk.messages] == history
+    # a reply cut short (Ctrl-C while it streams) leaves no trace either
+    streaming = talk.reply(question)
+    next(streaming)
+    streaming.close()
+    assert [(m["role"], m["content"]) for m in talk.messages] == history
     talk.reset()
     assert talk.messages == [{"role": "system", "content": "Be brief."}]
 

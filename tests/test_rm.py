@@ -335,6 +335,11 @@ def test_ranking_metrics_report_gold_only_when_every_row_has_it():
     gold_only = rm_metrics.ranking_metrics(scores[:1], [with_gold])
     assert gold_only["accuracy"] == 1.0 and gold_only["decided_pairs"] == 2
     assert gold_only["noise_ceiling_all_pairs"] == pytest.approx((2 + 0.5) / 3)  # the tie is a coin flip
+    assert metrics["accuracy_rankings"] == 2 and gold_only["accuracy_rankings"] == 1
+    # the report's noise band counts the rankings `accuracy` rests on: here the one of three that gold decides
+    all_tied = {"prompt": "r", "responses": ["a", "b"], "gold_scores": [0.5, 0.5]}
+    mostly_tied = rm_metrics.ranking_metrics([[3.0, 2.0, 1.0], [0.0, 1.0], [1.0, 0.0]], [with_gold, all_tied, all_tied])
+    assert mostly_tied["accuracy_rankings"] == 1 and mostly_tied["decided_pairs"] == 2
 
 
 def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_path):
