@@ -152,7 +152,8 @@ def run_benchmark(quick: bool = False, k: int = 4) -> list[dict]:
         gold = f", gold agreement {metrics['gold_accuracy']:.3f} (ceiling {metrics['noise_ceiling']:.3f})" \
             if "gold_accuracy" in metrics else ""
         rows.append({"benchmark": name, "metric": f"held-out accuracy, {arm}", "value": accuracy, "unit": "",
-                     "note": f"+- {math.sqrt(accuracy * (1 - accuracy) / n):.3f} (binomial s.e.) on {n} pairs{gold}"})
+                     "note": f"+- {metrics.get('accuracy_se', math.nan):.3f} (s.e. over {int(metrics['accuracy_rankings'])} "
+                             f"rankings) on {n} pairs{gold}"})
     return rows
 
 

@@ -5,6 +5,7 @@ pair, and the score distributions. RM training, `make eval-rm`, the report and t
 from __future__ import annotations
 
 import itertools
+import math
 from pathlib import Path
 
 import torch
@@ -37,7 +38,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
 
     accuracy: the RM orders the pair as the labeler did. With gold scores (on every row), over the pairs gold
     decides (the same pairs as the next two), else over all pairs; accuracy_rankings: how many rankings those
-    pairs come from (its noise is over rankings). gold_accuracy: the RM orders the pair as gold does.
+    pairs come from, and accuracy_se its standard error over them (a ranking's pairs share its scores, so they
+    are not independent draws). gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts 1/2 too (a coin flip between the
@@ -48,14 +50,13 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     `family`): an RM that cannot check sums shows up as a coin flip on arithmetic correctness.
     """
     all_pairs, decided, by_criterion = [], [], {}
-    rankings_with_pairs = rankings_with_decided = 0  # what `accuracy` is counted over, for its noise
+    per_ranking_all, per_ranking_decided = [], []  # each ranking's RM-labeler agreements: `accuracy`'s clusters
     # gold figures only when every row has gold: with some rows lacking it, "the pairs gold decides" would
     # silently leave those rows out, and the all-pairs ceiling would count their pairs as gold ties
     with_gold = all(row.get("gold_scores") is not None for row in rows)
     for s, row in zip(scores, rows, strict=True):
         gold, criteria = (row.get("gold_scores"), row.get("gold_criteria")) if with_gold else (None, None)
-        pairs, decided_before = labeled_pairs(row), len(decided)
-        rankings_with_pairs += bool(pairs)
+        pairs, all_before, decided_before = labeled_pairs(row), len(all_pairs), len(decided)
         for i, j in pairs:
             all_pairs.append(_agreement(s[i], s[j]))
             if gold is not None and gold[i] != gold[j]:
@@ -67,9 +68,13 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
                     by_criterion.setdefault(criterion, []).append(decided[-1][1])
                     if row.get("family"):
                         by_criterion.setdefault(f"{criterion}/{row['family']}", []).append(decided[-1][1])
-        rankings_with_decided += len(decided) > decided_before
+        per_ranking_all.append(all_pairs[all_before:])
+        per_ranking_decided.append([agreed for agreed, _, _ in decided[decided_before:]])
+    clusters = [c for c in (per_ranking_decided if decided else per_ranking_all) if c]
     metrics = {"accuracy_all_pairs": _mean(all_pairs), "pairs": float(len(all_pairs)),
-               "accuracy_rankings": float(rankings_with_decided if decided else rankings_with_pairs)}
+               "accuracy_rankings": float(len(clusters))}
+    if len(clusters) > 1:  # one ranking has no spread to measure (a NaN would stop the run's tracking)
+        metrics["accuracy_se"] = _clustered_se(clusters)
     if decided:
         rm_label, rm_gold, label_gold = zip(*decided)
         metrics.update({"accuracy": _mean(rm_label), "gold_accuracy": _mean(rm_gold),
@@ -158,6 +163,15 @@ def family_breakdown(by_family: dict[str, dict]) -> str:
 
 def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def _clustered_se(clusters: list[list[float]]) -> float:
+    """Standard error of the mean over all values, counted over clusters (a ranking's pairs): the cluster-robust
+    error of a ratio estimate, sqrt(sum_c (sum_c x - mean * n_c)^2 * C / (C - 1)) / n. Needs two clusters."""
+    n, count = sum(len(c) for c in clusters), len(clusters)
+    mean = sum(sum(c) for c in clusters) / n
+    spread = sum((sum(c) - mean * len(c)) ** 2 for c in clusters) * count / (count - 1)
+    return math.sqrt(spread) / n
 
 
 def score_stats(name: str, values: list[float]) -> dict[str, float]:

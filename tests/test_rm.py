@@ -342,6 +342,16 @@ def test_ranking_metrics_report_gold_only_when_every_row_has_it():
     assert mostly_tied["accuracy_rankings"] == 1 and mostly_tied["decided_pairs"] == 2
 
 
+def test_accuracy_standard_error_counts_rankings_not_pairs():
+    """A ranking's pairs share its scores: two rankings, one ordered right and one reversed, are two draws, not six
+    (a binomial error over the pairs gives 0.204; over the rankings, by hand, sqrt(2 * (1.5^2 + 1.5^2)) / 6)."""
+    rows = [{"prompt": "p", "responses": ["a", "b", "c"]}, {"prompt": "q", "responses": ["a", "b", "c"]}]
+    metrics = rm_metrics.ranking_metrics([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]], rows)
+    assert metrics["accuracy"] == 0.5 and metrics["accuracy_rankings"] == 2
+    assert metrics["accuracy_se"] == pytest.approx(math.sqrt(2 * (1.5 ** 2 + 1.5 ** 2)) / 6)
+    assert "accuracy_se" not in rm_metrics.ranking_metrics([[3.0, 2.0, 1.0]], rows[:1])  # one ranking: no spread
+
+
 def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_path):
     """Split by prompt text, "What is 23 plus 45?" could be held out while "Compute 23 plus 45." was trained on."""
     from data.world import WorldConfig, write_world
