@@ -59,24 +59,28 @@ class StageSFTTrainer(SFTTrainer):
         return self.lr_scheduler
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """TRL's, adding up each row's token losses too: the Trainer averages batch means over examples, so its
-        eval_loss moved with the eval batch size and the number of processes. gather_for_metrics leaves out the
-        rows DDP repeats to even out the ranks' last batches."""
+        """A forward of our own that adds up each row's token losses: the Trainer averages batch means over
+        examples, so its eval_loss moved with the eval batch size and the number of processes. gather_for_metrics
+        leaves out the rows DDP repeats to even out the ranks' last batches. (TRL's own eval pass gives no rows,
+        and asked for its outputs it runs the model a second time.)"""
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
-        sums, tokens = self.accelerator.gather_for_metrics(row_token_losses(outputs, inputs))
-        self._eval_token_loss += torch.stack([sums.sum(), tokens.sum()])
-        return (loss, None, None) if prediction_loss_only else (loss, outputs.logits, inputs.get("labels"))
+            logits = model(**{k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")},
+                           use_cache=False).logits
+        rows = row_token_losses(logits, inputs)
+        self._eval_sums += torch.stack([part.sum() for part in self.accelerator.gather_for_metrics(rows)])
+        loss = rows[0].sum() / rows[1].sum().clamp(min=1)
+        return (loss, None, None) if prediction_loss_only else (loss, logits, inputs.get("labels"))
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
-        self._eval_token_loss = torch.zeros(2, device=self.args.device)
+        self._eval_sums = torch.zeros(3, device=self.args.device)
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        total, tokens = self._eval_token_loss.tolist()  # gathered from every rank already
+        total, tokens, correct = self._eval_sums.tolist()  # gathered from every rank already
         if tokens:
             output.metrics[f"{metric_key_prefix}_loss"] = total / tokens
+            output.metrics[f"{metric_key_prefix}_mean_token_accuracy"] = correct / tokens
         return output
 
     def _get_train_sampler(self, train_dataset=None):
@@ -97,18 +101,19 @@ class StageSFTTrainer(SFTTrainer):
         self.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
 
 
-def row_token_losses(outputs, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed next-token loss and its number of trained tokens."""
-    if getattr(outputs, "log_probs", None) is not None and getattr(outputs, "label_mask", None) is not None:
-        # TRL's fused LM head: per-token log-probs of the shifted labels, zero where masked
-        return -outputs.log_probs.float().sum(-1), outputs.label_mask.float().sum(-1)
+def row_token_losses(logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's summed next-token loss, number of trained tokens, and how many of them the model ranks first."""
     if inputs.get("shift_labels") is not None:
-        targets, logits = inputs["shift_labels"], outputs.logits
+        targets = inputs["shift_labels"]
     else:
-        targets, logits = inputs["labels"][..., 1:], outputs.logits[:, :-1]
-    token_losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100,
-                                                     reduction="none")
-    return token_losses.sum(-1), (targets != -100).float().sum(-1)
+        targets, logits = inputs["labels"][..., 1:], logits[:, :-1]
+    sums, correct = [], []
+    for row_logits, row_targets in zip(logits, targets):  # a row at a time: fp32 logits of one row, not the batch
+        trained = row_targets != -100
+        predicted, wanted = row_logits[trained].float(), row_targets[trained]
+        sums.append(torch.nn.functional.cross_entropy(predicted, wanted, reduction="sum"))
+        correct.append((predicted.argmax(-1) == wanted).sum())
+    return torch.stack(sums), (targets != -100).sum(-1).float(), torch.stack(correct).float()
 
 
 def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, source: str
