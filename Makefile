@@ -111,9 +111,13 @@ sft: $(PRETRAIN_OUT)
 $(SFT_OUT): $(PRETRAIN_OUT)
 	$(call stage,stages.sft,sft,$(SFT_ARGS))
 
-# an RM given its own preference data (train_data.* in RM_ARGS, or in ARGS of `make rm`) collects nothing: collection
-# reads the same setting and only leaves the record make waits for
-RM_DATA_ARGS = $(filter train_data.% train_data=%,$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
+# collection reads these of RM_ARGS (and of ARGS of `make rm`) too: an RM given its own preference data (train_data.*)
+# collects nothing, only leaving the record make waits for; the collection settings (K, sampling, ...) shape the
+# rankings it trains on. (Rankings already collected are not collected again: RM training then refuses settings
+# they were not collected with, and names PREFS_ARGS.)
+COLLECTION_ARGS = train_data.% train_data=% policy=% prompts.% max_prompts=% responses_per_prompt=% sampling.% \
+	max_prompt_tokens=% generation_batch_size=% mix_static=% eval_fraction=%
+RM_DATA_ARGS = $(filter $(COLLECTION_ARGS),$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
 prefs: $(SFT_OUT)
 	$(call stage,reward_model.collect,rm,$(PREFS_ARGS),$(ARGS))
 $(PREFS_OUT): $(SFT_OUT)

@@ -31,9 +31,10 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (load_training_state, output_id, parameter_fingerprint, restore_scaler,
+from pipeline.checkpoint import (LAUNCH_RECORDS, load_training_state, output_id, parameter_fingerprint, restore_scaler,
                                  resume_settings, save_final, save_training_checkpoint, scaler_state,
                                  write_text_atomic)
+from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, check_lora_can_train, fp32_forward, \
     load_scalar_model
@@ -50,6 +51,31 @@ from reward_model.metrics import (add_gold_criteria, best_and_rest, describe_acc
                                    distinct_reply_scores, headline_metrics, labeled_pairs, ranking_metrics,
                                    score_stats)
 from reward_model.scoring import conversation_text, encode_conversations, sequence_scores
+
+
+# what only collection reads: set for `make rm` (RM_ARGS, ARGS), they would be recorded in rm/config.yaml as if the
+# rankings had been collected so
+COLLECTION_KEYS = ("policy", "prompts", "max_prompts", "responses_per_prompt", "sampling", "max_prompt_tokens",
+                   "generation_batch_size", "mix_static", "eval_fraction")
+
+
+def check_collected_with(cfg: RewardModelConfig, prefs: Path) -> None:
+    """Refuse collection settings other than those the run's rankings were collected with (prefs/ keeps that
+    config): RM training does not read them."""
+    record = prefs / LAUNCH_RECORDS["config.yaml"]
+    try:
+        collected = load_config(RewardModelConfig, record) if record.is_file() else None
+    except ConfigError:  # written by another version of the stage: nothing to compare with
+        collected = None
+    if collected is None:
+        return
+    then, now = resume_settings(collected, COLLECTION_KEYS, 0), resume_settings(cfg, COLLECTION_KEYS, 0)
+    changed = [key for key in now if now[key] != then.get(key)]
+    if changed:
+        raise ConfigError(
+            "; ".join(f"key '{key}' is {now[key]} here, {then.get(key)} in the collected rankings" for key in changed)
+            + f" ({record}). Collection reads it, not RM training: collect with it first (make prefs PREFS_ARGS="
+            f"\"{changed[0]}=...\"), or leave it out of RM_ARGS and ARGS")
 
 
 def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[list[dict], list[dict], str]:
@@ -199,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # ---- ranked data: validated before any model is built, so bad input fails fast
     with accelerator.main_process_first():
         train_rows, eval_rows, source = load_rankings(cfg)
+        if cfg.train_data is None:
+            check_collected_with(cfg, Path(source))
         add_gold_criteria(cfg, eval_rows)
         world = world_dir(cfg) if cfg.train_data is None else None  # collected preferences come from the world
     micro_batch = cfg.batch_size * n_procs

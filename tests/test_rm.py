@@ -640,6 +640,22 @@ def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp
         prompts_that_fit(rows, tokenizer, (model, fewer), 16, 0, "p", "test")
 
 
+def test_collection_settings_the_rankings_were_not_collected_with_are_refused(micro_prefs, tmp_path):
+    """`make rm RM_ARGS=responses_per_prompt=8` on rankings collected at K=4 trained on them and recorded K=8 in
+    rm/config.yaml: collection reads that key, training does not."""
+    from reward_model.train import main
+
+    shutil.copytree(micro_prefs, tmp_path / "r" / "prefs")
+    args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=r"]
+    with pytest.raises(ConfigError, match=r"key 'responses_per_prompt' is 8 here, 4 in the collected rankings .*"
+                                          r"Collection reads it, not RM training: collect with it first \(make "
+                                          r"prefs PREFS_ARGS=\"responses_per_prompt=\.\.\.\"\)"):
+        main(args + ["responses_per_prompt=8"])
+    with pytest.raises(ConfigError, match=r"key 'sampling\.temperature' is 0\.5 here, 1\.0 in the collected"):
+        main(args + ["sampling.temperature=0.5"])
+    assert not (tmp_path / "r" / "rm").exists()  # refused before anything was written
+
+
 def test_an_rm_with_its_own_eval_data_names_that_file_for_its_held_out_rankings(micro_rm, micro_runs, tmp_path,
                                                                                  capsys):
     """With eval_data set, RM training and eval-rm named the training file as the held-out rankings' source."""
