@@ -152,13 +152,14 @@ chat: | $(SETUP_STAMP)
 	@$(PY) -m pipeline.chat --config configs/$(RECIPE)/ppo.yaml run_name=$(RUN) --stage $(STAGE) $(ARGS)
 
 # ---- checks -----------------------------------------------------------------------------------------
-# pytest exits 5 when it collects no tests. With a filter in ARGS (-k that matches nothing) say so and pass;
-# without one the suite itself is missing, and a run that tested nothing fails (CI runs plain `make test`)
+# pytest exits 5 when it collects no tests. With a selection in ARGS (-k or -m that matches nothing, a test path)
+# say so and pass; without one (`make test`, `make test ARGS=-v`) the suite itself is missing, and a run that
+# tested nothing fails (CI runs plain `make test`)
 # (W&B: the suite keeps it off unless a test opts in, tests/conftest.py; ARGS may name test files, testpaths
 # in pyproject.toml is the whole suite)
 test: | $(SETUP_STAMP)
 	$(PY) -m pytest -q $(ARGS); rc=$$?; \
-	if [ $$rc -eq 5 ] && [ -n "$(if $(strip $(ARGS)),filtered)" ]; then \
+	if [ $$rc -eq 5 ] && [ -n "$(filter -k% -m% tests% %.py %::%,$(ARGS))" ]; then \
 	  echo "pytest collected no tests for the given ARGS"; exit 0; fi; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the suite in tests/ is missing or empty"; fi; exit $$rc
 
