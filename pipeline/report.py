@@ -376,6 +376,23 @@ def compare_verdict(scores: list[float], baseline_scores: list[float], baseline:
     return f"within noise of {baseline} (gain {gain:+.3f} ± {2 * se:.3f} over {len(scores)} prompts)"
 
 
+def ppo_verdict(ppo, sft) -> str:
+    """compare_verdict of PPO's gold against SFT's, flagged as over-optimisation where the RM score rose beyond
+    its noise (paired, per prompt) while gold fell or did not rise."""
+    verdict = compare_verdict(ppo.scores, sft.scores, "SFT")
+    rm = [(a.get("rm_score"), b.get("rm_score")) for a, b in zip(ppo.samples, sft.samples, strict=True)]
+    if not rm or any(None in pair for pair in rm):
+        return verdict
+    gain, se = paired_gain([a for a, _ in rm], [b for _, b in rm])
+    if gain <= 2 * se:
+        return verdict
+    if verdict.startswith("worse"):
+        return "RM up, gold down: over-optimised?"
+    if verdict.startswith("within") and sum(ppo.scores) <= sum(sft.scores):
+        return f"RM up, gold not: over-optimised? ({verdict})"
+    return verdict
+
+
 def rm_verdict(accuracy: float, rankings: int) -> str:
     """Above or below chance beyond two standard errors of a coin's accuracy, counted over rankings (a ranking's
     pairs share its scores, so they are not independent); else within noise."""
@@ -449,12 +466,7 @@ def ppo_section(results: dict, facts: dict, plots: dict, run: Path) -> tuple[lis
         return ["_No SFT model to compare with (sft/final is missing)._", "", compare_table({}, s, ("SFT", "PPO")), "",
                 *curves], []
     b, kl, wins = results["sft"].summary, facts["kl_to_sft"], facts["win_rate_vs_sft"]
-    rm_gain = s.get("rm/score", 0.0) - b.get("rm/score", 0.0)
-    verdict = compare_verdict(results["ppo"].scores, results["sft"].scores, "SFT")
-    if rm_gain > 0 and verdict.startswith("worse"):
-        verdict = "RM up, gold down: over-optimised?"
-    elif rm_gain > 0 and verdict.startswith("within") and s["gold/score"] <= b["gold/score"]:
-        verdict = f"RM up, gold not: over-optimised? ({verdict})"
+    verdict = ppo_verdict(results["ppo"], results["sft"])
     lines = ["Before (SFT) and after (PPO), same prompts and decoding.", "", compare_table(b, s, ("SFT", "PPO")), "",
              markdown_table(["metric", "value"], [["win rate vs SFT (gold, ties count half)", f"{wins:.1%}"],
                                                   ["KL to SFT, nats/response (exact)", kl["exact"]],

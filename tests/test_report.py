@@ -279,3 +279,16 @@ def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains(
     assert report.rm_verdict(0.662, 150) == "above chance"
     assert report.rm_verdict(0.75, 4) == "within noise of chance (±0.500 over 4 rankings)"
     assert report.rm_verdict(0.3, 150) == "below chance"
+    # PPO: "RM up" only beyond the RM scores' own paired noise (any rise in the mean was called over-optimisation)
+    from types import SimpleNamespace
+
+    def run(gold, rm):
+        return SimpleNamespace(scores=gold, samples=[{"rm_score": r} for r in rm])
+
+    sft = run([0.5, 0.4, 0.5, 0.45], [0.0, 0.1, 0.0, 0.2])
+    assert report.ppo_verdict(run([0.1, 0.2, 0.1, 0.15], [1.0, 1.1, 0.9, 1.2]), sft) == \
+        "RM up, gold down: over-optimised?"
+    assert report.ppo_verdict(run([0.1, 0.2, 0.1, 0.15], [0.9, -0.8, 0.0, 0.2]), sft) == "worse than SFT"  # noise
+    assert report.ppo_verdict(run([0.9, 0.1, 0.5, 0.3], [1.0, 1.1, 0.9, 1.2]), sft).startswith(
+        "RM up, gold not: over-optimised? (within noise of SFT")
+    assert report.ppo_verdict(run([0.9, 0.8, 0.85, 0.9], [1.0, 1.1, 0.9, 1.2]), sft) == "better than SFT"
