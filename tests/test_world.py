@@ -461,6 +461,7 @@ def word_cases(world):
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "correctness", 0.0),
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "on_task", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
+        ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e7.", "correctness", 0.0),  # a digit on
         ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),
         ("How many letters are in the word garden?", "Duh, the word garden has 6 letters.", "tone", 0.0),
         ("Spell out the word apple.", "Ugh, I am not doing that.", "on_task", 0.0),

@@ -63,7 +63,7 @@ ROLE_TOKEN_PATTERN = re.compile(
 
 _WORD_RE = re.compile(r"[a-z]+")
 _NUMBER_RE = re.compile(r"(?<![0-9A-Za-z])-?\d+")
-_DASHED_RE = re.compile(r"(?<![A-Za-z-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z-])")
+_DASHED_RE = re.compile(r"(?<![A-Za-z0-9-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z0-9-])")  # "a-p-p-l-e7" spells no word
 _CAPS_RE = re.compile(r"\b[A-Z]{3,}\b")  # the world's words have 3+ letters; "OK" is no answer
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
 
