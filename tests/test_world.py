@@ -417,6 +417,9 @@ def fact_cases(world):
         (f"What does {n} like to eat?", f"{n} likes to eat {e.food}."),
         (f"What kind of creature is {n}?", f"{n} is a {e.kind}."),
         (f"What colour is {n}?", f"{n} is {e.colour}, like its friend {e.friend}."),
+        (f"What kind of creature is {n}?", f"It is a {e.kind}."),
+        (f"Who is {n}'s friend?", f"{e.friend} is the friend of {n}."),
+        (f"Where does {n} live?", f"{e.place} is where {n} lives."),
     ]
     flawed = [
         (f"What colour is {n}?", f"{n} is {other_colour}.", "correctness", 0.0),
@@ -429,6 +432,10 @@ def fact_cases(world):
         (f"What colour is {n}?", f"{other_name} is {e.colour}.", "on_task", 0.0),
         # the friend, named instead of the subject; a count of other things
         (f"What colour is {n}?", f"{e.friend} is {e.colour}.", "correctness", 0.0),
+        # ... or of a place, or of a name the world does not know
+        (f"What kind of creature is {n}?", f"{other_place} is a {e.kind}.", "correctness", 0.0),
+        (f"What kind of creature is {n}?", f"Zorbo is a {e.kind}.", "correctness", 0.0),
+        (f"What does {n} like to eat?", f"Zorbo likes to eat {e.food}.", "on_task", 0.0),
         (f"How many {e.item} does {n} have?", f"{n} has {e.count} {other_item}.", "correctness", 0.0),
         (f"Where does {n} live?", f"Ugh, obviously {n} lives in {e.place}.", "tone", 0.0),
         (f"What colour is {n}?", "Whatever. Ask someone else.", "on_task", 0.0),
@@ -451,6 +458,7 @@ def word_cases(world):
         ("Write the word tiger in capitals.", "TIGER."),
         ("Write the word tiger in upper case.", "In capitals, tiger is TIGER."),
         ("Write the word tiger in capitals.", "TIGER. OK."),
+        ("Reverse the word apple.", "The word is elppa."),
     ]
     flawed = [
         ("Reverse the word apple.", "The word apple reversed is elpap.", "correctness", 0.0),
@@ -460,6 +468,7 @@ def word_cases(world):
         # the right count for another word answers another question
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "correctness", 0.0),
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "on_task", 0.0),
+        ("How many letters are in the word garden?", "The word zzzzzz has 6 letters.", "correctness", 0.0),  # unknown
         ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e7.", "correctness", 0.0),  # a digit on
         ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),

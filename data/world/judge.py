@@ -5,7 +5,8 @@ scores a response on five criteria in [0, 1]:
 
 - correctness (weight 0.4): the right answer is stated and no conflicting answer is, nor
   another entity or word than the one asked about ("The word folder has 6 letters." does not
-  answer "How many letters are in the word kitten?"). Checked by program per answer kind
+  answer "How many letters are in the word kitten?"), nor a place or an unknown name as the subject
+  ("Mossvale is a goat.", "The word zzz has 3 letters."). Checked by program per answer kind
   (number, colour/place/..., reversed word, ...).
   Weighted most because being right is the point; the other criteria are about how.
 - on_task (0.15): the response addresses this prompt -- it states the right answer (about
@@ -66,6 +67,12 @@ _NUMBER_RE = re.compile(r"(?<![0-9A-Za-z])-?\d+")
 _DASHED_RE = re.compile(r"(?<![A-Za-z0-9-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z0-9-])")  # "a-p-p-l-e7" spells no word
 _CAPS_RE = re.compile(r"\b[A-Z]{3,}\b")  # the world's words have 3+ letters; "OK" is no answer
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
+# "The word zzz has 5 letters.": the word a sentence is about, named as the answer templates name it
+_NAMED_WORD_RE = re.compile(r"\bthe word ([a-z]+) (?:reversed|has|spelled|in|backwards|is)\b")
+# "Mossvale is a goat.", "Zorbo likes pie.": a capitalised word opening a sentence as the fact templates' subjects
+# do; pronouns and "The" ("The friend of Brinze is ...") open sentences about the asked subject.
+_SENTENCE_SUBJECT_RE = re.compile(r"(?:^|(?<=[.!?] ))([A-Z][a-z]+)(?:'s)? (?:is|has|lives|likes|friend)\b")
+_SUBJECT_PRONOUNS = frozenset({"The", "It", "He", "She", "They", "This", "That", "There", "Here"})
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,15 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
 def _names_other_subject(task: Task, view: _ResponseView) -> bool:
     if task.companion and task.companion.lower() in view.words and task.params["name"].lower() not in view.words:
         return True  # the friend, named instead of the subject: a statement about the friend
-    return any(subject.lower() in view.words for subject in task.other_subjects)
+    if any(subject.lower() in view.words for subject in task.other_subjects):
+        return True
+    if task.family == "word":  # "The word zzz has 5 letters.": a word the world does not know is still another word
+        return any(named not in (task.params["word"], task.answer.lower())
+                   for named in _NAMED_WORD_RE.findall(view.lower))
+    if task.family == "fact":  # "Mossvale is a goat.": a sentence about a place, or a name the world does not know
+        return any(subject not in (task.params["name"], task.companion, task.answer, *_SUBJECT_PRONOUNS)
+                   for subject in _SENTENCE_SUBJECT_RE.findall(view.text))
+    return False
 
 
 def on_task(task: Task, view: _ResponseView) -> float:
