@@ -115,7 +115,7 @@ $(SFT_OUT): $(PRETRAIN_OUT)
 # collects nothing, only leaving the record make waits for; the collection settings (K, sampling, ...) shape the
 # rankings it trains on. (Rankings already collected are not collected again: RM training then refuses settings
 # they were not collected with, and names PREFS_ARGS.)
-COLLECTION_ARGS = train_data.% train_data=% policy=% prompts.% max_prompts=% responses_per_prompt=% sampling.% \
+COLLECTION_ARGS = train_data.% train_data=% policy=% prompts.% prompts=% max_prompts=% responses_per_prompt=% sampling.% sampling=% \
 	max_prompt_tokens=% generation_batch_size=% mix_static=% eval_fraction=%
 RM_DATA_ARGS = $(filter $(COLLECTION_ARGS),$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
 prefs: $(SFT_OUT)

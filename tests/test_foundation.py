@@ -1058,6 +1058,19 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
     assert "learning_rate" not in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
     assert "train_data.path=p.jsonl" in collection("ppo", "RM_ARGS=train_data.path=p.jsonl")
     assert "train_data" not in collection("ppo", "ARGS=train_data.path=p.jsonl")  # ARGS are PPO's there
+    # the Makefile lists the collection settings apart from the RM's list (make cannot import it): each one that
+    # RM training refuses unless the rankings were collected with it reaches the collection, a section also by a key
+    from reward_model.train import COLLECTION_KEYS
+
+    for key in COLLECTION_KEYS:
+        assert f"{key}=x" in collection("rm", f"ARGS={key}=x"), key
+    for section in ("prompts", "sampling"):
+        assert f"{section}.x=1" in collection("rm", f"ARGS={section}.x=1"), section
+
+    for key in COLLECTION_KEYS:
+        for arg in (f"{key}=x", f"{key}.x=1"):
+            assert arg in collection("rm", f"ARGS={arg}") or key not in ("prompts", "sampling"), arg
+        assert f"{key}=x" in collection("rm", f"ARGS={key}=x") or f"{key}.x=1" in collection("rm", f"ARGS={key}.x=1"), key
 
 
 def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_path):
