@@ -242,6 +242,10 @@ def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
     reply; the conversation before the reply is then the prompt, and a prompt column must be that conversation
     or its last user message."""
     chosen, rejected = row["chosen"], row["rejected"]
+    if has_prompt and isinstance(row["prompt"], str) and row["prompt"].strip() and all(
+            isinstance(side, str) and side.startswith(row["prompt"]) for side in (chosen, rejected)):
+        # each side repeats the prompt before its reply (an hh-rlhf copy given a prompt column): the reply is the rest
+        chosen, rejected = chosen[len(row["prompt"]):], rejected[len(row["prompt"]):]
     if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
         prompt, *replies = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
     else:
@@ -284,6 +288,10 @@ def _prompt(value: Any, column: str) -> str:
     """A prompt as the pipeline carries it: a string, or chat turns written as `pipeline.tokenizer.prompt_text`
     does, which reads back into the same turns."""
     if isinstance(value, str):
+        after = value[value.rfind(HH_REPLY) + len(HH_REPLY):]
+        if _is_transcript(value) and after.strip() and "\n\nHuman:" not in after:
+            raise _Invalid(column, "an hh-rlhf transcript that goes on past its last '\\n\\nAssistant:' (a reply): "
+                                   "a prompt ends where the reply begins")
         return _text(value, column)
     expected = "expected a non-empty string or a list of {'role', 'content'} messages ending with the user's"
     if not isinstance(value, (list, tuple)) or not value:
@@ -329,11 +337,22 @@ def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
 
 
 def _pair_reply(value: Any, column: str) -> str:
+    """A reply as the RM will score it: PPO, collection and evaluation read replies stripped of surrounding
+    whitespace, so one trained with it would be text the RM never scores (and a gap between sides to key on)."""
     if not isinstance(value, str):
         raise _Invalid(column, f"expected a string, got {_describe(value)}")
+    if _is_transcript(value):
+        raise _Invalid(column, "holds an hh-rlhf transcript ('Human: ...\\n\\nAssistant: ...'), not a reply: beside a "
+                               "'prompt' column each side is the reply alone, or the prompt followed by its reply; "
+                               "without a 'prompt' column the transcripts are split into prompt and replies")
     if not value.strip():
         raise _NoPreference()
-    return value
+    return value.strip()
+
+
+def _is_transcript(text: str) -> bool:
+    """Text in hh-rlhf's transcript form: a "Human:" turn, then an "Assistant:" one."""
+    return text.lstrip().startswith("Human:") and HH_REPLY in text
 
 
 def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
@@ -422,8 +441,11 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid(column, f"{expected}, got {_describe(value)}")
     messages = _turns(value, column)
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _Invalid(column, f"{expected}; found no non-empty assistant turn")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise _Invalid(column, f"{expected}; found none")
+    empty = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()), None)
+    if empty is not None:  # every assistant turn is trained on: an empty one teaches ending the turn unanswered
+        raise _Invalid(column, f"message {empty} (the assistant's) is empty")
     return messages
 
 
@@ -436,10 +458,11 @@ def _ranked_responses(value: Any) -> list[str]:
     for i, response in enumerate(value):
         if not isinstance(response, str) or not response.strip():
             raise _Invalid("responses", f"{expected}; response {i} is {_describe(response)}")
+    value = [response.strip() for response in value]  # as the RM scores replies (see _pair_reply)
     if len(set(value)) != len(value):
         duplicate = next(r for i, r in enumerate(value) if r in value[:i])
         raise _Invalid("responses", f"{expected}; duplicate response {duplicate[:60]!r}")
-    return list(value)
+    return value
 
 
 def _optional(row: dict[str, Any], column: str, out: dict[str, Any]) -> Any:
@@ -598,9 +621,10 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
             return datasets.load_dataset("csv", data_files=part.data_files, split="train", streaming=streaming,
                                          **_csv_as_text(part.data_files))
         if part.data_files is not None:
-            return datasets.load_dataset(part.builder, data_files=part.data_files, split="train",
-                                         streaming=streaming)
-        return datasets.load_dataset(part.builder, part.name, split=part.split, streaming=streaming)
+            dataset = datasets.load_dataset(part.builder, data_files=part.data_files, split="train",
+                                            streaming=streaming)
+        else:
+            dataset = datasets.load_dataset(part.builder, part.name, split=part.split, streaming=streaming)
     except Exception as error:  # datasets raises many types (even StopIteration); all mean "unreadable"
         if part.builder == "json":
             _raise_json_problem(part.description)
@@ -612,6 +636,40 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
             error.__cause__ is not None else error
         raise DataError(part.description, f"cannot read {_format_name(part)}{hint}: "
                                           f"{type(cause).__name__}: {cause}") from error
+    if not streaming:  # a stream is checked row by row as it is read, and not read whole up front
+        _refuse_mixed_types(part, dataset)
+    return dataset
+
+
+def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset | datasets.IterableDataset) -> None:
+    """datasets reads a JSON column whose rows hold values of different types (strings in some, numbers or lists in
+    others) as `Json`, parsing every string that looks like JSON: the reply "3" would become the number 3. A local
+    file with such a string is refused, naming its row; other mixes (a prompt as text here, as messages there)
+    read as written."""
+    mixed = [name for name, feature in (dataset.features or {}).items() if type(feature).__name__ == "Json"]
+    if not mixed or part.data_files is None or not Path(part.data_files).is_file():
+        return
+    with _open_text(part.data_files) as f:
+        text = f.read()
+    try:
+        records = json.loads(text) if part.data_files.removesuffix(".gz").endswith(".json") else None
+    except json.JSONDecodeError:
+        records = None  # JSON lines in a .json file
+    if not isinstance(records, list):
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for number, record in enumerate(records, start=1):
+        for column in mixed:
+            value = record.get(column) if isinstance(record, dict) else None
+            try:
+                parsed = json.loads(value) if isinstance(value, str) else value
+            except json.JSONDecodeError:
+                continue
+            if isinstance(value, str):
+                raise DataError(part.description, f"the string {value[:40]!r} would be read as {_describe(parsed)}: "
+                                                  f"the column holds values of more than one type, which datasets "
+                                                  f"reads by parsing each string that looks like JSON; write one "
+                                                  f"type per column (\"3\" in every row, not 3 in some)",
+                                row=number, column=column)
 
 
 def _csv_as_text(path: str) -> dict[str, Any]:

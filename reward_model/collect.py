@@ -125,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
         raise DataError(cfg.prompts.path, f"{len(rows)} prompt(s) fit max_prompt_tokens; the train/eval split "
                                           "needs 2 or more")
     judge = load_judge(world)
+    outside = sum(judge.task(row["prompt"]) is None for row in rows)
+    if outside and accelerator.is_main_process:  # the annotator knows the world's tasks alone
+        print(f"[prefs] note: {outside} of the {len(rows)} prompts ({cfg.prompts.path}) are no task of the world: "
+              "the simulated annotator ranks their replies by tone, concision and format alone (gold scores too), "
+              "with its noise deciding between replies alike in those")
     # held out by question: another phrasing of a held-out question in the training rankings would flatter the RM
     questions = [question_of(judge, row["prompt"]) for row in rows]
     train_idx, eval_idx = split_indices(questions, cfg.eval_fraction, cfg.seed, cfg.prompts.path,

@@ -398,6 +398,45 @@ def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
     assert_data_error(error, missing, row=1, column="rejected")
 
 
+def test_replies_are_read_as_the_rm_scores_them(tmp_path):
+    """Each side may repeat a prompt column before its reply (an hh-rlhf copy with a prompt column): the reply is
+    the rest. Replies lose surrounding whitespace, as every stage scores them (decoded and stripped)."""
+    shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?\n\nAssistant:"
+    path = write_rows(tmp_path / "hh.jsonl", [
+        {"prompt": shared, "chosen": shared + " Paris.", "rejected": shared + " Rome."},
+        {"prompt": "Q?", "chosen": " Paris.\n", "rejected": "Rome. "},
+        {"prompt": "Q?", "responses": [" Paris.", "Rome.\n"]}])
+    rows = load(path, "preferences")
+    assert [r["responses"] for r in rows] == [["Paris.", "Rome."]] * 3
+    assert rows[0]["prompt"] == shared
+
+
+def test_a_prompt_that_carries_its_reply_or_an_empty_assistant_turn_is_refused(tmp_path):
+    reply_too = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!"}])
+    with pytest.raises(DataError) as error:
+        load(reply_too, "prompts")
+    assert "past its last" in assert_data_error(error, reply_too, row=1, column="prompt")
+    empty_turn = write_rows(tmp_path / "sft.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "},
+        {"role": "user", "content": "1?"}, {"role": "assistant", "content": "1."}]}])
+    with pytest.raises(DataError) as error:
+        load(empty_turn, "sft")
+    assert "message 1 (the assistant's) is empty" in assert_data_error(error, empty_turn, row=1, column="messages")
+
+
+def test_a_column_of_mixed_json_types_names_the_string_it_would_change(tmp_path):
+    """datasets reads a column of mixed types by parsing every string that looks like JSON: the completion "4"
+    would become 4."""
+    rows = [{"prompt": "1+2?", "completion": 3}, {"prompt": "2+2?", "completion": "4"},
+            {"prompt": "4+5?", "completion": "9"}]
+    path = write_rows(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "sft")
+    assert "'4' would be read as int 4" in assert_data_error(error, path, row=2, column="completion")
+    strings = write_rows(tmp_path / "strings.jsonl", rows[1:])
+    assert [r["messages"][-1]["content"] for r in load(strings, "sft")] == ["4", "9"]
+
+
 USER = {"role": "user", "content": "Capital of France?"}
 
 
@@ -454,8 +493,11 @@ def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_hold
     ({"prompt": [said("assistant", "Welcome!"), USER], "chosen": "P.", "rejected": "R."}, "prompt",
      "first message is the assistant's"),
     ({"prompt": "Q?", "chosen": {"text": "Paris."}, "rejected": "Rome."}, "chosen", "a string or a list"),
+    ({"prompt": "Q?", "chosen": "\n\nHuman: Other?\n\nAssistant: Paris.", "rejected": "Rome."}, "chosen",
+     "hh-rlhf transcript"),
 ], ids=["sides-disagree", "side-disagrees-with-prompt", "no-reply", "system-turn", "prompt-ends-with-reply",
-        "quotes-a-marker", "no-prompt-anywhere", "empty-turn", "assistant-first", "wrong-type"])
+        "quotes-a-marker", "no-prompt-anywhere", "empty-turn", "assistant-first", "wrong-type",
+        "transcript-beside-another-prompt"])
 def test_bad_conversational_pairs_name_their_column(tmp_path, row, column, words):
     path = write_rows(tmp_path / "pairs.jsonl", [row])
     with pytest.raises(DataError) as error:
@@ -689,7 +731,7 @@ def test_the_public_schema_readers_refuse_or_keep_what_they_should(tmp_path):
     rated = write_rows(tmp_path / "rated.jsonl", [
         {"prompt": "q", "responses": ["Same answer.", "other", "Same answer. "], "ratings": [3, 1, 5],
          "gold_scores": [0.5, 0.1, 0.6]}])
-    assert load(rated, "preferences")[0] == {"prompt": "q", "responses": ["Same answer. ", "other"],
+    assert load(rated, "preferences")[0] == {"prompt": "q", "responses": ["Same answer.", "other"],  # stripped
                                              "ratings": [5.0, 1.0], "gold_scores": [0.6, 0.1]}
     nan = write_rows(tmp_path / "nan.jsonl", [{"prompt": "q", "responses": ["a", "a", "b"],
                                                "ratings": [float("nan"), 3, 1]}])

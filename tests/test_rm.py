@@ -615,12 +615,15 @@ def test_prompts_too_long_for_the_policy_are_dropped_with_a_count(micro_sft, tmp
     prompts = tmp_path / "prompts.jsonl"
     short = [f"What is {a} plus {a}?" for a in range(10, 20)]
     long = "Please tell me " + "a very long story " * 200 + "now."  # past the micro model's positions
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*short[:5], long, *short[5:]]))
+    own = "Tell me something nice."  # no task of the world: the annotator can rank its replies by style alone
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in [*short[:5], long, own, *short[5:]]))
     collect.main(["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=t", f"prompts.path={prompts}"])
-    assert f"1 of 11 prompts from {prompts} are longer than" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"1 of 12 prompts from {prompts} are longer than" in out
+    assert f"note: 1 of the 11 prompts ({prompts}) are no task of the world" in out
     collected = [json.loads(line)["prompt"] for split in ("train", "eval")
                  for line in (tmp_path / "t" / "prefs" / f"{split}.jsonl").read_text().splitlines()]
-    assert long not in collected and set(collected) <= set(short)
+    assert long not in collected and set(collected) <= {*short, own}
 
     tokenizer = load_tokenizer(str(micro_sft))
     model = load_scalar_model(str(micro_sft), "test", tokenizer)
