@@ -275,6 +275,7 @@ class TrackerCallback(TrainerCallback):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
         self.last_tokens, self.last_time = 0, time.perf_counter()
+        self.resumed = False
 
     def _restart_clock(self, state) -> None:
         self.last_tokens, self.last_time = getattr(state, "num_input_tokens_seen", 0) or 0, time.perf_counter()
@@ -282,6 +283,7 @@ class TrackerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         # on resume the token count starts at the checkpoint's, not at 0
         self._restart_clock(state)
+        self.resumed = state.global_step > 0
 
     def on_evaluate(self, args, state, control, **kwargs):
         # tokens/s measures training: time spent evaluating, or saving (below), does not count
@@ -301,7 +303,11 @@ class TrackerCallback(TrainerCallback):
             if key.startswith("eval_"):
                 metrics[f"eval/{key[5:]}"] = value
             elif key == "train_loss":  # the closing log's mean over the whole run: not a point of the loss curve
-                metrics["train/mean_loss"] = value
+                if not self.resumed:  # the Trainer's mean covers this launch's steps alone
+                    metrics["train/mean_loss"] = value
+            elif key == "num_tokens" and getattr(state, "num_input_tokens_seen", 0):
+                # TRL's count starts at 0 in every launch; the Trainer's (non-padding, every process) is checkpointed
+                metrics["train/num_tokens"] = state.num_input_tokens_seen
             elif key.startswith("train_"):
                 metrics[f"train/{key[6:]}"] = value
             else:

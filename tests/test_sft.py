@@ -391,6 +391,7 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     main(sft_args(tmp_path, "whole", *args))
     stage = tmp_path / "whole" / "sft"
     uninterrupted = load_file(stage / "final" / "model.safetensors")
+    logged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     # as if killed after step 7: the checkpoints after 6 and final/ were never written
     for lost in ("final", "checkpoints/checkpoint-9", "checkpoints/checkpoint-12"):
         shutil.rmtree(stage / lost)
@@ -400,11 +401,28 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     # the Trainer restores the saved scheduler over the config's: a new rate was ignored
     with pytest.raises(ConfigError, match=r"key 'learning_rate' was 0\.001 there, 0\.0005 now"):
         main(sft_args(tmp_path, "whole", *args, "resume=true", "learning_rate=5e-4"))
+    # a checkpoint without its scheduler (or optimizer) resumed with the warmup begun again, without a word; one cut
+    # short failed deep in safetensors without its name
+    (stage / "checkpoints/checkpoint-6/scheduler.pt").rename(stage / "scheduler.pt")
+    with pytest.raises(CheckpointError, match=r"checkpoint-6: scheduler.pt is missing"):
+        main(sft_args(tmp_path, "whole", *args, "resume=true"))
+    (stage / "scheduler.pt").rename(stage / "checkpoints/checkpoint-6/scheduler.pt")
+    weights = stage / "checkpoints/checkpoint-6/model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(CheckpointError, match=r"checkpoint-6/model.safetensors is cut short"):
+        main(sft_args(tmp_path, "whole", *args, "resume=true"))
+    weights.write_bytes(whole)
     main(sft_args(tmp_path, "whole", *args, "resume=true"))
     resumed = load_file(stage / "final" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6, msg=name)
+    # TRL's token count began again at 0 in the resumed launch; the Trainer's mean loss covers that launch alone
+    relogged = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    tokens = [[r["train/num_tokens"] for r in rows if "train/num_tokens" in r] for rows in (logged, relogged)]
+    assert tokens[0] == tokens[1] and tokens[0][-1] > tokens[0][0] > 0, tokens
+    assert any("train/mean_loss" in r for r in logged) and not any("train/mean_loss" in r for r in relogged)
     if order:
         return
     # resumed at max_steps (its last checkpoint; final/ lost): the Trainer took a 13th step, saved and logged it
@@ -415,6 +433,19 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     at_the_end = load_file(stage / "final" / "model.safetensors")
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(at_the_end[name], weight, rtol=0, atol=0, msg=name)
+
+
+def test_sft_by_epochs_resumed_at_its_last_checkpoint_logs_nothing_twice(micro_pretrain, tmp_path):
+    """Training by epochs (max_steps -1), a resume at the last checkpoint ran train(), which logged its closing
+    summary a second time (train/runtime, a mean loss of 0)."""
+    args = [f"init_from={micro_pretrain}", *QUICK, "max_steps=-1", "num_epochs=1", "data.max_rows=48",
+            "checkpoint_every=1", "keep_checkpoints=1"]
+    main(sft_args(tmp_path, "epochs", *args))
+    stage = tmp_path / "epochs" / "sft"
+    logged = (stage / "metrics.jsonl").read_text()
+    shutil.rmtree(stage / "final")
+    main(sft_args(tmp_path, "epochs", *args, "resume=true"))
+    assert (stage / "metrics.jsonl").read_text() == logged
 
 
 def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_pretrain, tmp_path, monkeypatch):

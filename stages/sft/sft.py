@@ -41,7 +41,8 @@ from pipeline.runs import distributed_launch, learned_world_data, resolve_precis
 from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (RESUME_SETTINGS_FILE, ProgressBar, RecordResumeSettings, StageSFTTrainer,
-                                      StopOnNonFiniteGradients, resume_checkpoint, with_reply_masks)
+                                      StopOnNonFiniteGradients, check_resumable, finished_steps, resume_checkpoint,
+                                      with_reply_masks)
 
 
 @dataclass
@@ -231,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None:
         record = Path(checkpoint) / RESUME_SETTINGS_FILE
         check_resume_settings(checkpoint, json.loads(record.read_text()) if record.is_file() else None, settings)
+        check_resumable(checkpoint, sharded=distributed_launch() is not None)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
                       starts_from={"init checkpoint": output_id(init)})
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
     started = time.perf_counter()
-    if checkpoint is not None and not distributed_launch() and 0 < cfg.max_steps <= checkpoint_step(Path(checkpoint)):
+    if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, cfg.max_steps):
         trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -14,7 +14,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
-from pipeline.checkpoint import list_checkpoints, write_text_atomic
+from pipeline.checkpoint import CheckpointError, list_checkpoints, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
 from pipeline.schedule import warmup_cosine_scheduler
@@ -157,9 +157,45 @@ def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | Non
 
     done = [p for p in found if finished(p)]
     if is_main_process:
-        for unfinished in set(found) - set(done):
+        for unfinished in sorted(set(found) - set(done)):
+            print(f"[sft] removing {unfinished}: cut short while it was saved (no complete trainer_state.json"
+                  + (f" and {RESUME_SETTINGS_FILE})" if recorded else ")"))
             shutil.rmtree(unfinished, ignore_errors=True)
     return str(done[-1]) if done else None
+
+
+def check_resumable(checkpoint: str, sharded: bool) -> None:
+    """The files a Trainer resume reads, there and whole. Without optimizer.pt or scheduler.pt the Trainer resumes
+    with a fresh optimizer and the learning-rate warmup begun again, without a word; a file cut short fails deep in
+    torch or safetensors without its name. `sharded`: FSDP and DeepSpeed save optimizer state their own way."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(checkpoint)
+    fix = "remove that checkpoint directory to resume from the one before it, or set resume=false to start afresh"
+    needed = [] if sharded else ["optimizer.pt", "scheduler.pt"]
+    for name in needed:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"sft: cannot resume from {path}: {name} is missing; {fix}")
+        if not zipfile.is_zipfile(file):  # torch.save writes a zip archive; one cut short has lost its directory
+            raise CheckpointError(f"sft: cannot resume from {path}: {file} is cut short or corrupt; {fix}")
+    weights = [path / n for n in ("model.safetensors", "adapter_model.safetensors") if (path / n).is_file()]
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):  # checks that the header's tensors cover the file exactly
+                pass
+        except Exception as e:
+            raise CheckpointError(f"sft: cannot resume from {path}: {file} is cut short or corrupt ({e}); "
+                                  f"{fix}") from None
+
+
+def finished_steps(checkpoint: str, max_steps: int) -> bool:
+    """Whether the checkpoint is at or past the run's last step: max_steps, or (training by epochs) the last step
+    the Trainer recorded in it."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state["global_step"] >= (max_steps if max_steps > 0 else state.get("max_steps") or float("inf"))
 
 
 class ProgressBar(ProgressCallback):
