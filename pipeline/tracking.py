@@ -269,6 +269,47 @@ class Throughput:
         return value
 
 
+class LogWindow:
+    """Per-micro-batch figures (loss, ...) summed on this rank since the last log. Its state goes into each
+    checkpoint, so a resumed run's first log averages the micro-batches an uninterrupted run's would: restarted
+    empty, it averaged only those after the checkpoint."""
+
+    def __init__(self, *names: str):
+        self.names = names
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums, self.count = [0.0] * len(self.names), 0
+
+    def add(self, *values: Any) -> None:
+        """Numbers or tensors (kept on their device: no sync per micro-batch)."""
+        self.sums = [s + v for s, v in zip(self.sums, values)]
+        self.count += 1
+
+    def means(self, accelerator: Any) -> dict[str, float]:
+        """Each figure's mean over the window's micro-batches on every rank (ranks count alike); then empty."""
+        import torch
+
+        local = torch.tensor([float(s) / self.count for s in self.sums], device=accelerator.device)
+        means = accelerator.reduce(local, reduction="mean").tolist()
+        self.reset()
+        return dict(zip(self.names, means))
+
+    def state(self, accelerator: Any) -> dict:
+        """The sums over all ranks (every rank calls this), for a checkpoint."""
+        import torch
+
+        local = torch.tensor([float(s) for s in self.sums], device=accelerator.device)
+        return {"sums": accelerator.reduce(local, reduction="sum").tolist(), "count": self.count,
+                "processes": accelerator.num_processes}
+
+    def restore(self, state: dict | None) -> None:
+        """Each rank takes an equal share of the saved sums: the mean over ranks comes out as it would have."""
+        if state:  # a checkpoint from before windows were saved: start empty
+            self.sums = [s / state["processes"] for s in state["sums"]]
+            self.count = state["count"]
+
+
 class TrackerCallback(TrainerCallback):
     """Route a transformers Trainer's logs through our Tracker (the Trainer's own reporting is off)."""
 

@@ -43,7 +43,7 @@ from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lin
     world_dir, world_lineage, write_resolved_config
 from pipeline.schedule import warmup_cosine_scheduler
 from pipeline.tokenizer import load_tokenizer
-from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
+from pipeline.tracking import LogWindow, Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import question_of, split_indices
 from reward_model.config import RewardModelConfig
 from reward_model.losses import pack_groups, ranked_pairs_loss
@@ -330,7 +330,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if start_step == 0:
         evaluate(0)
     throughput, batches = Throughput(), micro_batches(start_step)
-    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
+    window = LogWindow("loss", "accuracy", "margin")
+    if checkpoint is not None:
+        window.restore(state.get("log_window"))
     progress = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="rm",
                     disable=not accelerator.is_main_process)
     model.train()
@@ -347,33 +349,30 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]) * n_procs)
-            window["loss"] += loss.item()
-            window["accuracy"] += stats["accuracy"].item()
-            window["margin"] += stats["margin_mean"].item()
-            window["n"] += 1
+            window.add(loss.item(), stats["accuracy"].item(), stats["margin_mean"].item())
         scheduler.step()
 
         done = step + 1
         if done % cfg.log_every == 0 or done == max_steps:
-            n, tokens_per_sec = window.pop("n"), throughput.rate()
-            means = accelerator.reduce(torch.tensor([v / n for v in window.values()], device=accelerator.device),
-                                       reduction="mean").tolist()  # every rank's batches, not rank 0's alone
-            logged = {f"train/{k}": v for k, v in zip(window, means)}
+            tokens_per_sec = throughput.rate()
+            # every rank's micro-batches since the last log, not rank 0's alone
+            logged = {f"train/{k}": v for k, v in window.means(accelerator).items()}
             progress.set_postfix(loss=f"{logged['train/loss']:.3f}", acc=f"{logged['train/accuracy']:.2f}",
                                  tok_s=f"{tokens_per_sec:,.0f}")
             tracker.log({**logged, "train/lr": scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
                          "train/epoch": done / steps_per_epoch, "perf/tokens_per_sec": tokens_per_sec},
                         step=done, console=False)
-            window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0}
         if done % cfg.eval_every == 0 or done == max_steps:
             metrics, scores = evaluate(done)
             throughput.rate()  # restart the clock: tokens/s measures training, not evaluation
         if done % cfg.checkpoint_every == 0 and done < max_steps:
             accelerator.wait_for_everyone()
+            log_window = window.state(accelerator)
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                          "settings": settings, **scaler_state(accelerator.scaler)},
+                                          "settings": settings, "log_window": log_window,
+                                          **scaler_state(accelerator.scaler)},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
 

@@ -263,8 +263,10 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
     from pipeline.config import ConfigError
     from stages.pretrain.pretrain import main
 
-    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "checkpoint_every=2", "eval_every=100",
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "checkpoint_every=2", "eval_every=100", "log_every=3",
               run_name="spec")
+    losses = {m["step"]: m["train/loss"] for m in read_metrics(tmp_path / "spec" / "pretrain" / "metrics.jsonl")
+              if "train/loss" in m}
     shutil.rmtree(tmp_path / "spec" / "pretrain" / "final")
     # the split decides which documents train: a new val_fraction moved trained-on documents into validation
     for override, saved, now in (("model.num_hidden_layers=3", 2, 3), ("batch_size=8", 16, 8),
@@ -291,8 +293,14 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
                                               r"incomplete metadata"):
         run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", run_name="spec")
     weights.write_bytes(whole)
-    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", run_name="spec")  # as it was: resumes
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", "resume=true", "log_every=3",
+              run_name="spec")  # as it was: resumes
     assert (tmp_path / "spec" / "pretrain" / "final" / "config.json").exists()
+    # the loss logged at step 3 averages steps 1-3 as before, not only step 3 after the checkpoint at 2
+    resumed = {m["step"]: m["train/loss"] for m in read_metrics(tmp_path / "spec" / "pretrain" / "metrics.jsonl")
+               if "train/loss" in m}
+    assert list(resumed) == list(losses) == [3, 4]
+    assert resumed == pytest.approx(losses, rel=1e-5)
 
 
 def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_rm: Path, tmp_path: Path):

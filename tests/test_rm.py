@@ -425,10 +425,12 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     _copy_prefs(micro_prefs, tmp_path, "resume")
     assert len(read_jsonl(micro_prefs / "train.jsonl")) >= 3 * 8  # 3+ steps of batch_size 8: step 2 is mid-run
     args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=resume", f"init_from={micro_sft}",
-            "epochs=1", "checkpoint_every=2", "eval_every=100"]
+            "epochs=1", "checkpoint_every=2", "eval_every=100", "log_every=3"]
     train.main(args)
     final = tmp_path / "resume" / "rm" / "final"
     uninterrupted = load_file(final / "model.safetensors")
+    logged = [{k: v for k, v in row.items() if k.split("/")[0] == "train" and k != "train/lr"}
+              for row in read_jsonl(final.parent / "metrics.jsonl") if "train/loss" in row]
     assert [p.name for p in (final.parent / "checkpoints").iterdir() if p.is_dir()] == ["step_00000002"]
     shutil.rmtree(final)
     # another batch size would read other rankings at each step than the interrupted run: refused, by key
@@ -444,6 +446,10 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     assert uninterrupted.keys() == resumed.keys()
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # the first log after the resume averages steps 1-3, as the uninterrupted run's did, not step 3 alone
+    relogged = [{k: v for k, v in row.items() if k.split("/")[0] == "train" and k != "train/lr"}
+                for row in read_jsonl(final.parent / "metrics.jsonl") if "train/loss" in row]
+    assert len(relogged) == len(logged) >= 1 and relogged == [pytest.approx(row, rel=1e-5) for row in logged]
 
     # the weights come from the checkpoint, not from a deterministic rerun of steps 1-2: change them, and the
     # resumed run ends elsewhere

@@ -31,7 +31,7 @@ from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resum
     write_resolved_config
 from pipeline.schedule import warmup_cosine
 from pipeline.tokenizer import load_tokenizer, train_tokenizer
-from pipeline.tracking import Throughput, Tracker, stop_if_not_finite
+from pipeline.tracking import LogWindow, Throughput, Tracker, stop_if_not_finite
 
 
 @dataclass
@@ -213,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     progress = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                     desc="pretrain", disable=not accelerator.is_main_process)
     model.train()
-    started, val_loss, window_loss, window_batches = time.perf_counter(), None, 0.0, 0
+    started, val_loss, window = time.perf_counter(), None, LogWindow("loss")
+    if checkpoint is not None:
+        window.restore(state.get("log_window"))
     for step in progress:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
@@ -230,14 +232,13 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(batch.numel() * accelerator.num_processes)
-            window_loss, window_batches = window_loss + loss.detach(), window_batches + 1
+            window.add(loss.detach())
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
             tokens_per_sec = throughput.rate()
             # every micro-batch since the last log, on every rank (not the last one of rank 0)
-            train_loss = accelerator.reduce(window_loss / window_batches, reduction="mean").item()
-            window_loss, window_batches = 0.0, 0
+            train_loss = window.means(accelerator)["loss"]
             progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_sec:,.0f}")
             tracker.log({"train/loss": train_loss, "train/lr": lr, "train/grad_norm": float(grad_norm),
                          "perf/tokens_per_sec": tokens_per_sec,
@@ -258,10 +259,11 @@ def main(argv: list[str] | None = None) -> None:
             throughput.rate()  # restart the clock: tokens/s measures training, not evaluation
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             accelerator.wait_for_everyone()
+            log_window = window.state(accelerator)
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict(), "settings": settings,
-                                          **scaler_state(accelerator.scaler)},
+                                          "log_window": log_window, **scaler_state(accelerator.scaler)},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             throughput.rate()  # nor saving
