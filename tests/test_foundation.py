@@ -1067,11 +1067,6 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
     for section in ("prompts", "sampling"):
         assert f"{section}.x=1" in collection("rm", f"ARGS={section}.x=1"), section
 
-    for key in COLLECTION_KEYS:
-        for arg in (f"{key}=x", f"{key}.x=1"):
-            assert arg in collection("rm", f"ARGS={arg}") or key not in ("prompts", "sampling"), arg
-        assert f"{key}=x" in collection("rm", f"ARGS={key}=x") or f"{key}.x=1" in collection("rm", f"ARGS={key}.x=1"), key
-
 
 def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_path):
     """accelerate's launcher, waiting on the stage, printed a KeyboardInterrupt traceback under the stage's "how
