@@ -420,6 +420,8 @@ def fact_cases(world):
         (f"What kind of creature is {n}?", f"It is a {e.kind}."),
         (f"Who is {n}'s friend?", f"{e.friend} is the friend of {n}."),
         (f"Where does {n} live?", f"{e.place} is where {n} lives."),
+        (f"What colour is {n}?", f"{e.colour.capitalize()} is the colour of {n}."),  # the value opens it
+        (f"What colour is {n}?", f"{n} is {e.colour}. Its friend is {e.friend}."),
     ]
     flawed = [
         (f"What colour is {n}?", f"{n} is {other_colour}.", "correctness", 0.0),
@@ -436,6 +438,8 @@ def fact_cases(world):
         (f"What kind of creature is {n}?", f"{other_place} is a {e.kind}.", "correctness", 0.0),
         (f"What kind of creature is {n}?", f"Zorbo is a {e.kind}.", "correctness", 0.0),
         (f"What does {n} like to eat?", f"Zorbo likes to eat {e.food}.", "on_task", 0.0),
+        (f"What colour is {n}?", f"Zorbo's colour is {e.colour}.", "correctness", 0.0),
+        (f"What colour is {n}?", f"{n} is {e.colour}.\nZorbo is {e.colour}.", "correctness", 0.0),
         (f"How many {e.item} does {n} have?", f"{n} has {e.count} {other_item}.", "correctness", 0.0),
         (f"Where does {n} live?", f"Ugh, obviously {n} lives in {e.place}.", "tone", 0.0),
         (f"What colour is {n}?", "Whatever. Ask someone else.", "on_task", 0.0),
@@ -469,6 +473,7 @@ def word_cases(world):
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "correctness", 0.0),
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "on_task", 0.0),
         ("How many letters are in the word garden?", "The word zzzzzz has 6 letters.", "correctness", 0.0),  # unknown
+        ("How many letters are in the word garden?", "The word 'zzzzzz' contains 6 letters.", "correctness", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e7.", "correctness", 0.0),  # a digit on
         ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),

@@ -68,11 +68,13 @@ _DASHED_RE = re.compile(r"(?<![A-Za-z0-9-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z0-9-]
 _CAPS_RE = re.compile(r"\b[A-Z]{3,}\b")  # the world's words have 3+ letters; "OK" is no answer
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
 # "The word zzz has 5 letters.": the word a sentence is about, named as the answer templates name it
-_NAMED_WORD_RE = re.compile(r"\bthe word ([a-z]+) (?:reversed|has|spelled|in|backwards|is)\b")
-# "Mossvale is a goat.", "Zorbo likes pie.": a capitalised word opening a sentence as the fact templates' subjects
-# do; pronouns and "The" ("The friend of Brinze is ...") open sentences about the asked subject.
-_SENTENCE_SUBJECT_RE = re.compile(r"(?:^|(?<=[.!?] ))([A-Z][a-z]+)(?:'s)? (?:is|has|lives|likes|friend)\b")
-_SUBJECT_PRONOUNS = frozenset({"The", "It", "He", "She", "They", "This", "That", "There", "Here"})
+_NAMED_WORD_RE = re.compile(r"\bthe word ['\"]?([a-z]+)['\"]? (?:reversed|has|spelled|in|backwards|is|contains)\b")
+# "Mossvale is a goat.", "Zorbo likes pie.", "Zorbo's colour is gold.": a capitalised word opening a sentence (or a
+# line) as the fact templates' subjects do. Pronouns and "The" ("The friend of Brinze is ...") open sentences about
+# the asked subject; the answer or another value may open one too ("Gold is the colour of Brinze.").
+_SENTENCE_SUBJECT_RE = re.compile(r"(?:^|(?<=[.!?] )|(?<=\n))([A-Z][A-Za-z]+)(?:'s [a-z]+| (?:is|has|lives|likes))\b")
+_SUBJECT_PRONOUNS = frozenset({"the", "it", "its", "he", "his", "she", "her", "they", "their", "this", "that", "there",
+                               "here"})
 
 
 @dataclass(frozen=True)
@@ -269,7 +271,9 @@ def _names_other_subject(task: Task, view: _ResponseView) -> bool:
         return any(named not in (task.params["word"], task.answer.lower())
                    for named in _NAMED_WORD_RE.findall(view.lower))
     if task.family == "fact":  # "Mossvale is a goat.": a sentence about a place, or a name the world does not know
-        return any(subject not in (task.params["name"], task.companion, task.answer, *_SUBJECT_PRONOUNS)
+        about = {task.params["name"].lower(), task.companion.lower(), task.answer.lower(),
+                 *(value.lower() for value in task.alternatives)}
+        return any(subject.lower() not in about and subject.lower() not in _SUBJECT_PRONOUNS
                    for subject in _SENTENCE_SUBJECT_RE.findall(view.text))
     return False
 
