@@ -169,8 +169,9 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
         if form == ("messages",):
             out = {"messages": _messages(row["messages"], "messages")}
         else:
-            turns = _turns_or_text(_with_input(row), "prompt", "user") + _turns_or_text(row, "completion", "assistant")
-            out = {"messages": _messages(turns, "completion")}
+            prompt = _no_empty_reply(_turns_or_text(_with_input(row), "prompt", "user"), "prompt")
+            completion = _no_empty_reply(_turns_or_text(row, "completion", "assistant"), "completion")
+            out = {"messages": _messages(prompt + completion, "completion")}
     elif schema.name == "preferences":
         if form == ("prompt", "responses"):
             out = {"prompt": _prompt(row["prompt"], "prompt"), "responses": _ranked_responses(row["responses"])}
@@ -242,10 +243,8 @@ def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
     reply; the conversation before the reply is then the prompt, and a prompt column must be that conversation
     or its last user message."""
     chosen, rejected = row["chosen"], row["rejected"]
-    if has_prompt and isinstance(row["prompt"], str) and row["prompt"].strip() and all(
-            isinstance(side, str) and side.startswith(row["prompt"]) for side in (chosen, rejected)):
-        # each side repeats the prompt before its reply (an hh-rlhf copy given a prompt column): the reply is the rest
-        chosen, rejected = chosen[len(row["prompt"]):], rejected[len(row["prompt"]):]
+    if has_prompt and isinstance(row["prompt"], str):
+        chosen, rejected = (_reply_after_prompt(side, row["prompt"]) for side in (chosen, rejected))
     if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
         prompt, *replies = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
     else:
@@ -288,10 +287,6 @@ def _prompt(value: Any, column: str) -> str:
     """A prompt as the pipeline carries it: a string, or chat turns written as `pipeline.tokenizer.prompt_text`
     does, which reads back into the same turns."""
     if isinstance(value, str):
-        after = value[value.rfind(HH_REPLY) + len(HH_REPLY):]
-        if _is_transcript(value) and after.strip() and "\n\nHuman:" not in after:
-            raise _Invalid(column, "an hh-rlhf transcript that goes on past its last '\\n\\nAssistant:' (a reply): "
-                                   "a prompt ends where the reply begins")
         return _text(value, column)
     expected = "expected a non-empty string or a list of {'role', 'content'} messages ending with the user's"
     if not isinstance(value, (list, tuple)) or not value:
@@ -341,18 +336,20 @@ def _pair_reply(value: Any, column: str) -> str:
     whitespace, so one trained with it would be text the RM never scores (and a gap between sides to key on)."""
     if not isinstance(value, str):
         raise _Invalid(column, f"expected a string, got {_describe(value)}")
-    if _is_transcript(value):
-        raise _Invalid(column, "holds an hh-rlhf transcript ('Human: ...\\n\\nAssistant: ...'), not a reply: beside a "
-                               "'prompt' column each side is the reply alone, or the prompt followed by its reply; "
-                               "without a 'prompt' column the transcripts are split into prompt and replies")
     if not value.strip():
         raise _NoPreference()
     return value.strip()
 
 
-def _is_transcript(text: str) -> bool:
-    """Text in hh-rlhf's transcript form: a "Human:" turn, then an "Assistant:" one."""
-    return text.lstrip().startswith("Human:") and HH_REPLY in text
+def _reply_after_prompt(side: Any, prompt: str) -> Any:
+    """A side that is an hh-rlhf transcript of the row's prompt (TRL's implicit-prompt form beside a prompt column:
+    the prompt's turns, or ones ending with its last user message, then the reply) is cut to its reply; any other
+    side is the reply as it stands (a reply may itself be a sample transcript)."""
+    if not isinstance(side, str) or not side.lstrip().startswith("Human:") or HH_REPLY not in side:
+        return side
+    end = side.rfind(HH_REPLY) + len(HH_REPLY)
+    turns, asked = _stripped(prompt_messages(side[:end])), _stripped(prompt_messages(prompt))
+    return side[end:] if turns[-len(asked):] == asked or turns[-1:] == asked[-1:] else side
 
 
 def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
@@ -440,11 +437,16 @@ def _messages(value: Any, column: str) -> list[dict[str, str]]:
     expected = "expected a list of {'role', 'content'} messages with at least one assistant turn"
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid(column, f"{expected}, got {_describe(value)}")
-    messages = _turns(value, column)
+    messages = _no_empty_reply(_turns(value, column), column)
     if not any(m["role"] == "assistant" for m in messages):
         raise _Invalid(column, f"{expected}; found none")
+    return messages
+
+
+def _no_empty_reply(messages: list[dict[str, str]], column: str) -> list[dict[str, str]]:
+    """Every assistant turn is trained on: an empty one would teach ending the turn unanswered."""
     empty = next((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m["content"].strip()), None)
-    if empty is not None:  # every assistant turn is trained on: an empty one teaches ending the turn unanswered
+    if empty is not None:
         raise _Invalid(column, f"message {empty} (the assistant's) is empty")
     return messages
 
@@ -461,7 +463,8 @@ def _ranked_responses(value: Any) -> list[str]:
     value = [response.strip() for response in value]  # as the RM scores replies (see _pair_reply)
     if len(set(value)) != len(value):
         duplicate = next(r for i, r in enumerate(value) if r in value[:i])
-        raise _Invalid("responses", f"{expected}; duplicate response {duplicate[:60]!r}")
+        raise _Invalid("responses", f"{expected}; duplicate response {duplicate[:60]!r} (replies are compared without "
+                                    f"surrounding whitespace, as the RM reads them)")
     return value
 
 
@@ -636,18 +639,16 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
             error.__cause__ is not None else error
         raise DataError(part.description, f"cannot read {_format_name(part)}{hint}: "
                                           f"{type(cause).__name__}: {cause}") from error
-    if not streaming:  # a stream is checked row by row as it is read, and not read whole up front
-        _refuse_mixed_types(part, dataset)
     return dataset
 
 
-def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset | datasets.IterableDataset) -> None:
+def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset, read: set[str]) -> None:
     """datasets reads a JSON column whose rows hold values of different types (strings in some, numbers or lists in
     others) as `Json`, parsing every string that looks like JSON: the reply "3" would become the number 3. A local
     file with such a string is refused, naming its row; other mixes (a prompt as text here, as messages there)
-    read as written."""
-    mixed = [name for name, feature in (dataset.features or {}).items() if type(feature).__name__ == "Json"]
-    if not mixed or part.data_files is None or not Path(part.data_files).is_file():
+    read as written. `read`: the source columns the schema reads (another column may hold what it likes)."""
+    mixed = [name for name, feature in dataset.features.items() if type(feature).__name__ == "Json" and name in read]
+    if not mixed or part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file():
         return
     with _open_text(part.data_files) as f:
         text = f.read()
@@ -655,9 +656,9 @@ def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset | datasets.Iterab
         records = json.loads(text) if part.data_files.removesuffix(".gz").endswith(".json") else None
     except json.JSONDecodeError:
         records = None  # JSON lines in a .json file
-    if not isinstance(records, list):
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    for number, record in enumerate(records, start=1):
+    numbered = enumerate(records, start=1) if isinstance(records, list) else \
+        ((number, json.loads(line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip())
+    for number, record in numbered:  # rows by their line in the file, as other errors name them
         for column in mixed:
             value = record.get(column) if isinstance(record, dict) else None
             try:
@@ -776,6 +777,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
     if len(raw) == 0:
         raise DataError(part.description, "no rows (empty dataset)")
     _check_mapped_columns_exist(part, raw.column_names, columns, key)
+    _refuse_mixed_types(part, raw, {columns.get(t, t).split(".")[0] for t in mapped_targets(schema)})
     optional = _optional_present(raw.column_names, schema, columns)
     try:  # the reader keeps bytes as it found them: text that is not UTF-8 fails only once a row is read
         normalised = raw.map(

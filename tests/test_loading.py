@@ -404,24 +404,19 @@ def test_replies_are_read_as_the_rm_scores_them(tmp_path):
     shared = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Capital of France?\n\nAssistant:"
     path = write_rows(tmp_path / "hh.jsonl", [
         {"prompt": shared, "chosen": shared + " Paris.", "rejected": shared + " Rome."},
+        {"prompt": shared.lstrip(), "chosen": shared + " Paris.", "rejected": "Rome."},  # TRL strips its prompts
+        {"prompt": "Capital of France?", "chosen": shared + " Paris.", "rejected": shared + " Rome."},  # last turn
         {"prompt": "Q?", "chosen": " Paris.\n", "rejected": "Rome. "},
         {"prompt": "Q?", "responses": [" Paris.", "Rome.\n"]}])
     rows = load(path, "preferences")
-    assert [r["responses"] for r in rows] == [["Paris.", "Rome."]] * 3
+    assert [r["responses"] for r in rows] == [["Paris.", "Rome."]] * 5
     assert rows[0]["prompt"] == shared
-
-
-def test_a_prompt_that_carries_its_reply_or_an_empty_assistant_turn_is_refused(tmp_path):
-    reply_too = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!"}])
-    with pytest.raises(DataError) as error:
-        load(reply_too, "prompts")
-    assert "past its last" in assert_data_error(error, reply_too, row=1, column="prompt")
-    empty_turn = write_rows(tmp_path / "sft.jsonl", [{"messages": [
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "},
-        {"role": "user", "content": "1?"}, {"role": "assistant", "content": "1."}]}])
-    with pytest.raises(DataError) as error:
-        load(empty_turn, "sft")
-    assert "message 1 (the assistant's) is empty" in assert_data_error(error, empty_turn, row=1, column="messages")
+    # a reply that is a sample transcript of another conversation, or that merely starts as the prompt does, stays
+    other = write_rows(tmp_path / "other.jsonl", [
+        {"prompt": "Write a chat.", "chosen": "Human: Hi\n\nAssistant: Hello!", "rejected": "No."},
+        {"prompt": "Hello", "chosen": "Hello! How can I help?", "rejected": "Hello."}])
+    assert [r["responses"] for r in load(other, "preferences")] == [
+        ["Human: Hi\n\nAssistant: Hello!", "No."], ["Hello! How can I help?", "Hello."]]
 
 
 def test_a_column_of_mixed_json_types_names_the_string_it_would_change(tmp_path):
@@ -435,6 +430,11 @@ def test_a_column_of_mixed_json_types_names_the_string_it_would_change(tmp_path)
     assert "'4' would be read as int 4" in assert_data_error(error, path, row=2, column="completion")
     strings = write_rows(tmp_path / "strings.jsonl", rows[1:])
     assert [r["messages"][-1]["content"] for r in load(strings, "sft")] == ["4", "9"]
+    # a column the schema does not read may mix what it likes; a parquet file is not JSON text to scan
+    ids = write_rows(tmp_path / "ids.jsonl", [{**row, "id": i} for row, i in zip(rows[1:], (1, "8"))])
+    assert len(load(ids, "sft")) == 2
+    datasets.Dataset.from_list([{"prompt": "1+2?", "completion": "3"}]).to_parquet(str(tmp_path / "p.parquet"))
+    assert len(load(tmp_path / "p.parquet", "sft")) == 1
 
 
 USER = {"role": "user", "content": "Capital of France?"}
@@ -493,11 +493,8 @@ def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_hold
     ({"prompt": [said("assistant", "Welcome!"), USER], "chosen": "P.", "rejected": "R."}, "prompt",
      "first message is the assistant's"),
     ({"prompt": "Q?", "chosen": {"text": "Paris."}, "rejected": "Rome."}, "chosen", "a string or a list"),
-    ({"prompt": "Q?", "chosen": "\n\nHuman: Other?\n\nAssistant: Paris.", "rejected": "Rome."}, "chosen",
-     "hh-rlhf transcript"),
 ], ids=["sides-disagree", "side-disagrees-with-prompt", "no-reply", "system-turn", "prompt-ends-with-reply",
-        "quotes-a-marker", "no-prompt-anywhere", "empty-turn", "assistant-first", "wrong-type",
-        "transcript-beside-another-prompt"])
+        "quotes-a-marker", "no-prompt-anywhere", "empty-turn", "assistant-first", "wrong-type"])
 def test_bad_conversational_pairs_name_their_column(tmp_path, row, column, words):
     path = write_rows(tmp_path / "pairs.jsonl", [row])
     with pytest.raises(DataError) as error:
@@ -770,3 +767,17 @@ def test_errors_in_the_spec_name_its_config_key_and_a_null_cell_is_called_null(t
         load(number, "sft")
     assert "expected a string or a list of {'role', 'content'} messages, got int 0" in \
         assert_data_error(error, number, 1, "completion")
+
+
+@pytest.mark.parametrize("row, column, message", [
+    ({"messages": [said("user", "Hi"), said("assistant", " "), said("user", "1?"), said("assistant", "1.")]},
+     "messages", 1),
+    ({"prompt": [said("user", "Hi"), said("assistant", ""), said("user", "1?")], "completion": "1."}, "prompt", 1),
+    ({"prompt": "Hi", "completion": [said("assistant", "")]}, "completion", 0),
+], ids=["messages", "in-the-prompt", "the-completion"])
+def test_an_empty_assistant_turn_is_refused_by_its_column_and_message(tmp_path, row, column, message):
+    """Every assistant turn trains: an empty one taught ending the turn unanswered."""
+    path = write_rows(tmp_path / "sft.jsonl", [row])
+    with pytest.raises(DataError) as error:
+        load(path, "sft")
+    assert f"message {message} (the assistant's) is empty" in assert_data_error(error, path, row=1, column=column)
