@@ -446,6 +446,11 @@ def test_sft_by_epochs_resumed_at_its_last_checkpoint_logs_nothing_twice(micro_p
     shutil.rmtree(stage / "final")
     main(sft_args(tmp_path, "epochs", *args, "resume=true"))
     assert (stage / "metrics.jsonl").read_text() == logged
+    # a run stopped by max_steps, resumed by epochs from its last checkpoint, trains on to the epoch's end
+    main(sft_args(tmp_path, "switch", *args, "max_steps=2"))
+    shutil.rmtree(tmp_path / "switch" / "sft" / "final")
+    main(sft_args(tmp_path, "switch", *args, "resume=true"))
+    assert max(saved_steps(tmp_path / "switch" / "sft")) == max(saved_steps(stage)) == 3
 
 
 def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_pretrain, tmp_path, monkeypatch):

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
     started = time.perf_counter()
-    if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, cfg.max_steps):
+    if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, trainer):
         trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
         trainer.train(resume_from_checkpoint=checkpoint)

@@ -191,11 +191,13 @@ def check_resumable(checkpoint: str, sharded: bool) -> None:
                                   f"{fix}") from None
 
 
-def finished_steps(checkpoint: str, max_steps: int) -> bool:
-    """Whether the checkpoint is at or past the run's last step: max_steps, or (training by epochs) the last step
-    the Trainer recorded in it."""
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state["global_step"] >= (max_steps if max_steps > 0 else state.get("max_steps") or float("inf"))
+def finished_steps(checkpoint: str, trainer: SFTTrainer) -> bool:
+    """Whether the checkpoint is at or past this run's last step: max_steps, or the last step of num_epochs as the
+    Trainer counts it (not the one the checkpoint's run recorded: that run may have stopped by max_steps)."""
+    last = trainer.args.max_steps
+    if last <= 0:
+        last = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] >= last
 
 
 class ProgressBar(ProgressCallback):
