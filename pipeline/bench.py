@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ",".join(BENCHES))
     parser.add_argument("--plain-loop", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = [name for name in args.only.split(",") if name not in BENCHES]
+    if unknown:  # before any bench runs: a typo at the end threw away the finished ones
+        parser.error(f"--only: unknown bench {unknown[0]!r}; choose from {', '.join(BENCHES)}")
     if args.plain_loop:
         plain_torch_loop(args.plain_loop)
         return

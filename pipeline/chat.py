@@ -65,7 +65,8 @@ class Conversation:
 
     def prompt_ids(self, messages: list[dict] | None = None) -> tuple[torch.Tensor, int, list[dict]]:
         """`messages` (default: the history) as model input: (ids [1, T], reply budget, the messages kept: the
-        oldest exchanges are left out until the reply fits the context). The history itself is not changed."""
+        oldest exchanges are left out until a reply of max_new_tokens fits the context, or only the last message is
+        left). The history itself is not changed."""
         kept = list(self.messages if messages is None else messages)
         first = 1 if self.system else 0
         while True:
@@ -75,7 +76,7 @@ class Conversation:
             budget = self.sampling.max_new_tokens
             if self.context:
                 budget = min(budget, self.context - ids.size(1))
-            if budget >= min(self.sampling.max_new_tokens, 16) or len(kept) - first <= 1:
+            if budget >= self.sampling.max_new_tokens or len(kept) - first <= 1:
                 return ids, budget, kept
             del kept[first:first + 2]  # the oldest exchange: a user turn and its reply
 
@@ -94,11 +95,12 @@ class Conversation:
         device = next(self.model.parameters()).device
         stops = stop_token_ids(self.model, self.tokenizer)
         tokens: list[int] = []
-        shown = ""
+        shown, stopped = "", False
         for token in stream_tokens(self.model, ids.to(device), SamplingConfig(
                 budget, self.sampling.temperature, self.sampling.top_k, self.sampling.top_p),
                 stops, self.generator):
             if token in stops:
+                stopped = True
                 break
             tokens.append(token)
             # as eval decodes a reply (decode_responses): a stray special token stays, the whitespace around
@@ -111,6 +113,10 @@ class Conversation:
         reply = self.tokenizer.decode(tokens).strip()
         if reply != shown:  # the end of a reply cut at the length cap in the middle of a character
             yield reply[len(shown):]
+        if not stopped:  # it is kept as said, but it did not end: say so rather than pass it off as finished
+            limit = "--max-new-tokens" if budget == self.sampling.max_new_tokens else \
+                f"the model's {self.context}-token context"
+            print(f"\n(reply cut at {budget} tokens by {limit})", file=sys.stderr, flush=True)
         self.messages = [*kept, {"role": "assistant", "content": reply}]
 
 

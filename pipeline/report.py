@@ -242,9 +242,10 @@ def plot_families(results: dict, path: Path) -> Path:
 def plot_rm(chosen: list[float], rejected: list[float], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     bins = 30 if len(chosen) > 100 else 12
-    ax.hist(chosen, bins=bins, alpha=0.6, label=f"chosen (mean {sum(chosen) / len(chosen):.2f})")
-    ax.hist(rejected, bins=bins, alpha=0.6, label=f"rejected (mean {sum(rejected) / len(rejected):.2f})")
-    ax.set(xlabel="RM score (normalised)", ylabel="responses", title="Reward model on held-out pairs")
+    # one entry per side of every labelled pair, as accuracy counts them: a reply is in as many pairs as it has rivals
+    ax.hist(chosen, bins=bins, alpha=0.6, label=f"preferred side (mean {sum(chosen) / len(chosen):.2f})")
+    ax.hist(rejected, bins=bins, alpha=0.6, label=f"other side (mean {sum(rejected) / len(rejected):.2f})")
+    ax.set(xlabel="RM score (normalised)", ylabel="pairs", title="Reward model on held-out pairs")
     ax.legend()
     return save_figure(fig, path)
 

@@ -138,7 +138,7 @@ def run_benchmark(quick: bool = False, k: int = 4) -> list[dict]:
             kway.step(kway_batch)
             pair.step(pair_batch)
         kway_metrics, pair_metrics = kway.held_out_metrics(held_out), pair.held_out_metrics(held_out)
-    name, note = f"rm (tiny, K={k})", f"{len(train)} rankings; {data_note}; {model_note}"
+    name, note = f"rm (tiny, K={k})", f"{len(train)} rankings; {data_note}; {model_note}; both arms fp32"
     rows = [
         {"benchmark": name, "metric": "epoch time, K-way loss", "value": kway.seconds, "unit": "s",
          "note": f"{kway.conversations} conversations scored; {note}"},

@@ -16,8 +16,9 @@ from pipeline.tokenizer import load_tokenizer, prompt_messages
 
 
 def conversation_text(tokenizer, prompt: str, response: str) -> str:
-    """The exact text the RM reads for one (prompt, response) pair: the policy's prompt (chat_prompt) and the reply."""
-    return tokenizer.apply_chat_template([*prompt_messages(prompt), {"role": "assistant", "content": response}],
+    """The exact text the RM reads for one (prompt, response) pair: the policy's prompt (chat_prompt) and the reply,
+    without surrounding whitespace (as it trained: replies are decoded and stripped, or loaded stripped)."""
+    return tokenizer.apply_chat_template([*prompt_messages(prompt), {"role": "assistant", "content": response.strip()}],
                                          tokenize=False)
 
 

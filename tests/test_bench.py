@@ -27,3 +27,15 @@ def test_quick_bench_runs_every_benchmark_and_prints_its_rows():
         assert math.isfinite(value) and value > 0, (benchmark, metric, value)
     # the comparisons hold like for like: the same greedy tokens from both samplers
     assert rows[("ppo rollout", "our sampler / model.generate (greedy)")][1] == "same tokens"
+
+
+def test_an_unknown_bench_in_only_is_refused_before_any_runs(capsys):
+    """A typo at the end of --only ran the benches before it for nothing and ended in a KeyError, with no table."""
+    import pytest
+
+    from pipeline.bench import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--only", "rm,ppx"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--only: unknown bench 'ppx'" in err and "[bench] rm" not in err

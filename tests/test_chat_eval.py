@@ -186,8 +186,22 @@ def test_sampled_chat_is_seeded_and_history_fits_the_context(micro_ppo):
     for _ in range(12):
         reply(0, conversation, "Please write a short note inviting everyone to the big meadow picnic.")
         ids, budget, _ = conversation.prompt_ids()
-        assert ids.size(1) + budget <= model.config.max_position_embeddings
+        assert ids.size(1) + budget <= model.config.max_position_embeddings and budget == MAX_NEW
     assert conversation.messages[-1]["role"] == "assistant" and len(conversation.messages) < 24
+
+
+def test_a_reply_cut_at_the_length_cap_says_so(micro_ppo, capsys):
+    model = AutoModelForCausalLM.from_pretrained(micro_ppo).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_ppo)
+    conversation = chat.Conversation(model, tokenizer, SamplingConfig(2, temperature=0.0))
+    "".join(conversation.reply("Please write a short note inviting everyone to the big meadow picnic."))
+    assert "(reply cut at 2 tokens by --max-new-tokens)" in capsys.readouterr().err
+    # replies near the context's size: the next one gets its whole budget, earlier exchanges making room
+    roomy = chat.Conversation(model, tokenizer, SamplingConfig(100, temperature=0.0))
+    roomy.messages = [{"role": "user", "content": "Please write a short note inviting everyone to the picnic."},
+                      {"role": "assistant", "content": "Dear friends, please come to the big meadow picnic. " * 2}]
+    ids, budget, kept = roomy.prompt_ids([*roomy.messages, {"role": "user", "content": "What is 12 plus 30?"}])
+    assert budget == 100 and len(kept) == 1 and ids.size(1) + budget <= model.config.max_position_embeddings
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])

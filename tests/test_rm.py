@@ -123,6 +123,9 @@ def test_padding_does_not_change_a_score(micro_rm):
         assert batch["attention_mask"][0].sum() < batch["attention_mask"].shape[1]  # the short one is padded
         padded = sequence_scores(scorer.model, batch["input_ids"], batch["attention_mask"])[0].item()
         assert padded == pytest.approx(alone, abs=1e-5)
+    # nor does whitespace around the reply, which the RM never trained on (replies are decoded and stripped)
+    spaced = scorer.score([short[0]] * 2, [short[1] + " ", "\n" + short[1] + "\n"])
+    assert spaced.tolist() == pytest.approx([alone, alone], abs=1e-5)
     assert scorer.score([short[0], long[0]], [short[1], long[1]])[0].item() == pytest.approx(alone, abs=1e-5)
 
 

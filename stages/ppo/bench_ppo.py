@@ -97,7 +97,7 @@ def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict
                  f"T={cfg.sampling.temperature}, model.generate": _tokens_per_sec(
                      hf(do_sample=True, temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k or None,
                         top_p=cfg.sampling.top_p), enc, tokenizer, repeats)}
-    setting = f"{n} prompts, cap {cap} tokens, {note}"
+    setting = f"{n} prompts, cap {cap} tokens, fp32 (rollouts run under the stage's precision), {note}"
     rows = [{"benchmark": "ppo rollout", "metric": f"generation tok/s, {k}", "value": v, "unit": "tok/s",
              "note": setting} for k, v in rates.items()]
     rows.append({"benchmark": "ppo rollout", "metric": "our sampler / model.generate (greedy)",
