@@ -797,7 +797,21 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
         print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
               "their replies are equal, one is empty, their ratings are all equal, fewer than two distinct rated "
               "replies are left, or (hh-rlhf transcripts) they part before their last reply")
+    if "prompt" in normalised.column_names:
+        _warn_of_transcripts_with_replies(part, normalised["prompt"])
     return normalised, len(raw)
+
+
+def _warn_of_transcripts_with_replies(part: _Part, prompts: list[str]) -> None:
+    """A prompt in hh-rlhf's form that goes on past its last "Assistant:" (hh-rlhf's `chosen` taken as the prompt)
+    holds its reply, and is read as one user message quoting the whole transcript. Said, not refused: a prompt may
+    quote a dialogue on purpose."""
+    suspect = [i for i, p in enumerate(prompts) if p.lstrip().startswith("Human:") and HH_REPLY in p
+               and p[p.rfind(HH_REPLY) + len(HH_REPLY):].strip() and "\n\nHuman:" not in p[p.rfind(HH_REPLY):]]
+    if suspect:
+        print(f"[data] {part.description}: warning: {len(suspect):,} prompt(s), the first in row {suspect[0] + 1} of "
+              "those read, are hh-rlhf transcripts that go on past their last '\\n\\nAssistant:' (a reply?): each is "
+              "read as one user message quoting it. A prompt ends with '\\n\\nAssistant:' where the reply begins")
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,

@@ -781,3 +781,18 @@ def test_an_empty_assistant_turn_is_refused_by_its_column_and_message(tmp_path, 
     with pytest.raises(DataError) as error:
         load(path, "sft")
     assert f"message {message} (the assistant's) is empty" in assert_data_error(error, path, row=1, column=column)
+
+
+def test_a_prompt_that_runs_on_into_a_reply_is_read_with_a_warning(tmp_path, capsys):
+    """hh-rlhf's `chosen` mapped as a PPO prompt holds the reply: read as one user message quoting the transcript,
+    which it said nothing of. A prompt quoting a dialogue on purpose stays readable."""
+    from pipeline.tokenizer import prompt_messages
+
+    path = write_rows(tmp_path / "prompts.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant:"},
+                                                   {"prompt": "\n\nHuman: Hi\n\nAssistant: Hello!"}])
+    rows = load(path, "prompts")
+    assert prompt_messages(rows[1]["prompt"]) == [{"role": "user", "content": rows[1]["prompt"]}]
+    assert "warning: 1 prompt(s), the first in row 2 of those read, are hh-rlhf transcripts" in capsys.readouterr().out
+    load(write_rows(tmp_path / "fine.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant:"}]), "prompts")
+    assert "warning" not in capsys.readouterr().out
+
