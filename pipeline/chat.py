@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh one)")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
-    sampling = sampling_from_args(args)
+    sampling = sampling_from_args(args, parser)
     path, label = resolve_checkpoint(cfg, args.stage)
     device = default_device()
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "chat")

@@ -37,7 +37,7 @@ from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import is_hub_id, write_text_atomic
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, held_out_prompts, load_judge
 from pipeline.generation import SamplingConfig
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, FieldError, load_config
 from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
 
 STAGE_CONFIGS = {
@@ -88,9 +88,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, defaults: SamplingCo
     parser.add_argument("--max-new-tokens", type=at_least_one, default=defaults.max_new_tokens)
 
 
-def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p)
+def sampling_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> SamplingConfig:
+    """The sampling flags as a SamplingConfig; a value it refuses is named by its flag (--top-p), not its key."""
+    try:
+        return SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p)
+    except FieldError as e:
+        parser.error(f"{', '.join('--' + key.replace('_', '-') for key in e.keys)}: {e.problem}")
 
 
 def describe_sampling(sampling: SamplingConfig) -> str:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
     cfg = load_run_config(args.config, args.overrides)
-    sampling = sampling_from_args(args)
+    sampling = sampling_from_args(args, parser)
 
     path, label = resolve_checkpoint(cfg, args.stage)
     world = run_world(cfg)

@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
     cfg = load_run_config(args.config, args.overrides)
-    sampling = sampling_from_args(args)
+    sampling = sampling_from_args(args, parser)
     started = time.perf_counter()
     run = run_dir(cfg)
     if not any(stage_done(cfg, s) for s in STAGES):

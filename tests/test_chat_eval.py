@@ -163,6 +163,10 @@ def test_one_shot_prompt_prints_the_answer_alone(micro_ppo, micro_runs, capsys):
     with pytest.raises(SystemExit) as error:
         chat.main([*args, "--prompt", question, "--max-new-tokens", "0"])
     assert error.value.code == 2 and "--max-new-tokens: expected 1 or more, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:  # refused by SamplingConfig, named by the flag rather than its key
+        chat.main([*args, "--prompt", question, "--top-p", "1.5"])
+    err = capsys.readouterr().err
+    assert error.value.code == 2 and "--top-p:" in err and "key 'top_p'" not in err, err
     # a byte that is not UTF-8 (argv and stdin carry it as a surrogate escape): the tokenizer refused it
     assert chat.readable("caf\udcc3 ok") == "caf\ufffd ok" and chat.readable("café") == "café"
     chat.main([*args, "--prompt", "What\udcff is 2 plus 3?", "--temperature", "0", "--max-new-tokens", "4"])
