@@ -650,15 +650,7 @@ def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset, read: set[str]) 
     mixed = [name for name, feature in dataset.features.items() if type(feature).__name__ == "Json" and name in read]
     if not mixed or part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file():
         return
-    with _open_text(part.data_files) as f:
-        text = f.read()
-    try:
-        records = json.loads(text) if part.data_files.removesuffix(".gz").endswith(".json") else None
-    except json.JSONDecodeError:
-        records = None  # JSON lines in a .json file
-    numbered = enumerate(records, start=1) if isinstance(records, list) else \
-        ((number, json.loads(line)) for number, line in enumerate(text.splitlines(), start=1) if line.strip())
-    for number, record in numbered:  # rows by their line in the file, as other errors name them
+    for number, record in _json_rows(part.data_files):  # rows by their line, as other errors name them
         for column in mixed:
             value = record.get(column) if isinstance(record, dict) else None
             try:
@@ -704,8 +696,10 @@ def _open_text(path: str):
     return open(path, encoding="utf-8", errors="replace")
 
 
-def _raise_json_problem(path: str) -> None:
-    """Find the first corrupt line/object in a JSON(L) file and raise a DataError for it."""
+def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """A local JSON(L) file's values with their row numbers: a .json file's array items (or its one value), else
+    each non-blank line's, numbered by its line in the file. A file it cannot read, or a line that is not JSON,
+    raises a DataError naming it."""
     try:
         with _open_text(path) as f:
             text = f.read()
@@ -716,10 +710,12 @@ def _raise_json_problem(path: str) -> None:
                               "truncated download? Fetch it again") from None
     if path.removesuffix(".gz").endswith(".json"):
         try:
-            json.loads(text)
-            return
+            whole = json.loads(text)
         except json.JSONDecodeError:
-            pass  # maybe JSON lines in a .json file: check line by line below
+            pass  # maybe JSON lines in a .json file: read line by line below
+        else:
+            yield from enumerate(whole if isinstance(whole, list) else [whole], start=1)
+            return
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -728,6 +724,12 @@ def _raise_json_problem(path: str) -> None:
         except json.JSONDecodeError as error:
             raise DataError(path, f"not valid JSON ({error.msg} at char {error.colno}); expected one "
                                   f"JSON object per line", row=number) from error
+        yield number, value
+
+
+def _raise_json_problem(path: str) -> None:
+    """Find the first corrupt line in a JSON(L) file, or a row that is no object, and raise a DataError for it."""
+    for number, value in _json_rows(path):
         if not isinstance(value, dict):
             raise DataError(path, f"expected a JSON object, got {_describe(value)}", row=number)
 
