@@ -300,13 +300,13 @@ class LogWindow:
         import torch
 
         local = torch.tensor([float(s) for s in self.sums], device=accelerator.device)
-        return {"sums": accelerator.reduce(local, reduction="sum").tolist(), "count": self.count,
-                "processes": accelerator.num_processes}
+        return {"sums": accelerator.reduce(local, reduction="sum").tolist(), "count": self.count}
 
-    def restore(self, state: dict | None) -> None:
-        """Each rank takes an equal share of the saved sums: the mean over ranks comes out as it would have."""
+    def restore(self, state: dict | None, processes: int) -> None:
+        """Each of the `processes` ranks (as many as saved: resume refuses another number) takes an equal share of
+        the saved sums, so the mean over ranks comes out as it would have."""
         if state:  # a checkpoint from before windows were saved: start empty
-            self.sums = [s / state["processes"] for s in state["sums"]]
+            self.sums = [s / processes for s in state["sums"]]
             self.count = state["count"]
 
 

@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     throughput, batches = Throughput(), micro_batches(start_step)
     window = LogWindow("loss", "accuracy", "margin")
     if checkpoint is not None:
-        window.restore(state.get("log_window"))
+        window.restore(state.get("log_window"), accelerator.num_processes)
     progress = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc="rm",
                     disable=not accelerator.is_main_process)
     model.train()

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     model.train()
     started, val_loss, window = time.perf_counter(), None, LogWindow("loss")
     if checkpoint is not None:
-        window.restore(state.get("log_window"))
+        window.restore(state.get("log_window"), accelerator.num_processes)
     for step in progress:
         lr = get_lr(step, cfg)
         for group in optimizer.param_groups:
