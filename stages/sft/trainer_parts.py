@@ -14,7 +14,7 @@ from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
-from pipeline.checkpoint import CheckpointError, list_checkpoints, write_text_atomic
+from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
 from pipeline.schedule import warmup_cosine_scheduler
@@ -197,7 +197,7 @@ def finished_steps(checkpoint: str, trainer: SFTTrainer) -> bool:
     last = trainer.args.max_steps
     if last <= 0:
         last = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"] >= last
+    return checkpoint_step(Path(checkpoint)) >= last
 
 
 class ProgressBar(ProgressCallback):
