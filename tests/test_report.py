@@ -8,10 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import MICRO, run_stage
 from pipeline import evaluate, report
+from pipeline.evaluation import EvalResult, win_rate
 from pipeline.checkpoint import CheckpointError
 
 SECTIONS = ("## At a glance", "## Pretrain", "## SFT", "## Reward model", "## PPO", "## Samples", "## Run facts")
@@ -87,12 +89,66 @@ def test_report_has_every_section_and_its_plots_render(micro_report):
 
 def test_report_figures_equal_a_separate_eval_of_the_same_checkpoints(micro_report, micro_runs):
     figures = report_figures(micro_report)
-    for stage in ("sft", "ppo"):
+    separate = {}
+    for stage in ("pretrain", "sft", "ppo"):
         result = evaluate.main(run_args(micro_runs) + ["--stage", stage, "--rm"])
         written = json.loads((micro_runs / "micro" / "eval" / f"{stage}.json").read_text())
         assert written["summary"] == result["summary"]
         assert result["summary"] == pytest.approx(figures["policies"][stage], abs=1e-9), stage
         assert result["prompts"] == figures["prompts"] == 20
+        separate[stage] = EvalResult(result["summary"], result["samples"])
+    # the comparisons read the per-prompt scores the right way round: PPO against SFT, SFT against pretrained
+    wins = [1.0 if p > s else 0.5 if p == s else 0.0 for p, s in zip(separate["ppo"].scores, separate["sft"].scores)]
+    assert figures["win_rate_vs_sft"] == pytest.approx(sum(wins) / len(wins))
+    glance = {line.split("|")[1].strip(): line for line in micro_report.read_text().splitlines()
+              if line.startswith("| SFT ") or line.startswith("| PPO ")}
+    assert report.compare_verdict(separate["sft"].scores, separate["pretrain"].scores, "pretrained") in glance["SFT"]
+    assert report.ppo_verdict(separate["ppo"], separate["sft"]) in glance["PPO"]
+
+
+def test_kl_to_reference_is_the_policys_kl_from_the_reference_over_its_reply_tokens(micro_ppo, micro_sft,
+                                                                                   monkeypatch):
+    """Recomputed one prompt at a time (no padding) with torch's own KL: catches a reversed KL, padding or tokens
+    after the end of a reply counted, or logits read one position off."""
+    from torch.distributions import Categorical, kl_divergence
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.generation import SamplingConfig, chat_prompt, stop_token_ids
+    from pipeline.tokenizer import load_tokenizer
+
+    policy, reference = (AutoModelForCausalLM.from_pretrained(path).eval() for path in (micro_ppo, micro_sft))
+    tokenizer = load_tokenizer(str(micro_ppo))
+    prompts = ["What is 12 plus 30?", "Please write a brief thank-you note to your friend for the lovely bread."]
+    sampled = []
+
+    def recording_sample(*args, **kwargs):
+        sampled.append(real_sample(*args, **kwargs))
+        return sampled[-1]
+
+    real_sample = report.sample
+    monkeypatch.setattr(report, "sample", recording_sample)
+    temperature = 0.7
+    with torch.no_grad():
+        kl = report.kl_to_reference(policy, reference, tokenizer, prompts,
+                                    SamplingConfig(max_new_tokens=8, temperature=temperature), seed=0, batch_size=2)
+        stops = stop_token_ids(policy, tokenizer)
+        exact, k1 = [], []
+        for prompt, reply in zip(prompts, torch.cat(sampled).tolist(), strict=True):
+            ends = [i for i, token in enumerate(reply) if token in stops]
+            if ends:
+                reply = reply[:ends[0] + 1]  # the reply ends with its stop token; pads follow
+            else:
+                while reply and reply[-1] == tokenizer.pad_token_id:
+                    reply = reply[:-1]
+            prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False).input_ids
+            ids = torch.tensor([prompt_ids + reply])
+            p, q = (model(ids).logits[0, len(prompt_ids) - 1:-1] / temperature for model in (policy, reference))
+            exact.append(kl_divergence(Categorical(logits=p), Categorical(logits=q)).sum().item())
+            taken = torch.tensor(reply)[:, None]
+            k1.append((p.log_softmax(-1).gather(-1, taken) - q.log_softmax(-1).gather(-1, taken)).sum().item())
+    assert kl["responses"] == 2 and kl["exact"] > 1e-3  # PPO moved the policy, so the direction matters
+    assert kl["exact"] == pytest.approx(sum(exact) / 2, rel=1e-4)
+    assert kl["k1"] == pytest.approx(sum(k1) / 2, rel=1e-4, abs=1e-6)
 
 
 def test_eval_of_an_outside_checkpoint_given_by_path(micro_report, micro_runs, tmp_path, capsys):
@@ -275,6 +331,7 @@ def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains(
     assert report.compare_verdict([0.9, 0.1, 0.5], [0.5, 0.5, 0.4], "SFT") == \
         "within noise of SFT (gain +0.033 ± 0.467 over 3 prompts)"
     assert report.compare_verdict([0.7], [0.5], "SFT").startswith("within noise")  # one prompt: no spread to judge
+    assert win_rate([1.0, 0.0, 0.5], [0.0, 1.0, 0.5]) == 0.5 and win_rate([1.0, 1.0], [0.0, 0.5]) == 1.0
     # the RM: a coin's two standard errors over the held-out rankings (tiny: 0.662 over 150 is no luck)
     assert report.rm_verdict(0.662, 150) == "above chance"
     assert report.rm_verdict(0.75, 4) == "within noise of chance (±0.500 over 4 rankings)"

@@ -393,6 +393,21 @@ def test_an_rm_equal_to_gold_reaches_the_all_pairs_ceiling():
     assert metrics["accuracy"] == metrics["noise_ceiling"] == 1.0
 
 
+def test_noise_ceiling_and_gold_agreement_when_the_labeler_disagrees_with_gold():
+    """The labeler ranked b above c against gold (gold 1.0, 0.6, 0.925 in the labeler's order); an RM that scores
+    by gold agrees with gold on every pair but with the labeler only where the labeler was right."""
+    row = {"prompt": "p", "responses": ["a", "b", "c"], "gold_scores": [1.0, 0.6, 0.925]}
+    gold_like = rm_metrics.ranking_metrics([[2.0, 0.0, 1.0]], [row])
+    assert gold_like["gold_accuracy"] == 1.0
+    assert gold_like["noise_ceiling"] == pytest.approx(2 / 3)  # the labeler's (b, c) is against gold
+    assert gold_like["accuracy"] == pytest.approx(2 / 3)
+    assert gold_like["accuracy_over_ceiling"] == pytest.approx(1.0)
+    # an RM that follows the labeler, mistake included, agrees with it fully and with gold on 2 of 3
+    label_like = rm_metrics.ranking_metrics([[2.0, 1.0, 0.0]], [row])
+    assert label_like["accuracy"] == 1.0 and label_like["gold_accuracy"] == pytest.approx(2 / 3)
+    assert label_like["noise_ceiling"] == pytest.approx(2 / 3)
+
+
 def test_reward_stats_count_each_distinct_reply_once():
     """PPO normalises rewards with the RM's mean and std over held-out replies: a chosen reply that a pairs dataset
     repeats over three rows must not count three times."""

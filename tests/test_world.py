@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from data.world import FAMILIES, FLAWS, TRAIN_FAMILIES, Annotator, GoldJudge, World, WorldConfig, write_world
+from data.world.annotator import plackett_luce_order
 from data.world.corpus import fact_sentences, pretraining_corpus
 from data.world.responses import HABIT_FILLER
 from data.world.splits import sft_demos
@@ -624,6 +626,18 @@ def test_annotator_at_zero_temperature_gives_the_gold_order_with_ties_by_index(j
     annotator = Annotator(judge, temperature=0.0, seed=0)
     # Scores: 0.6, 0.925, 1.0, 0.6, 0.3 -> the two wrong answers tie and keep their index order.
     assert annotator.rank(prompt, responses) == [2, 1, 0, 3, 4]
+
+
+def test_annotator_samples_whole_orders_with_plackett_luce_probabilities():
+    """Every position is sampled, not only the first: each of the 6 orders of 3 replies turns up as often as
+    P(order) = prod_k w_order[k] / sum_{m >= k} w_order[m], with w = exp(score / T), within 3 sigma."""
+    scores, temperature, trials = [0.9, 0.8, 0.6], 0.1, 6000
+    weights = [math.exp(s / temperature) for s in scores]
+    rng = random.Random(3)
+    counts = Counter(tuple(plackett_luce_order(scores, temperature, rng)) for _ in range(trials))
+    for order in itertools.permutations(range(3)):
+        p = math.prod(weights[order[k]] / sum(weights[m] for m in order[k:]) for k in range(3))
+        assert abs(counts[order] - trials * p) <= 3 * math.sqrt(trials * p * (1 - p)) + 1, (order, counts, p)
 
 
 @pytest.mark.parametrize("temperature", [0.05, 0.1, 0.3])
