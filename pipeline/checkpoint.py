@@ -144,6 +144,15 @@ def mark_final(model: Any, stage: str, world_data: dict | None = None, **config_
     return model
 
 
+def mark_in_training(model: Any, stage: str, world_data: dict | None) -> None:
+    """Record in the config of a model a stage trains that the stage is making it, with the stage's lineage, so its
+    training checkpoints say so: loaded from an upstream final/, it carried that final/'s stage (an RM checkpoint
+    was refused as "made by the 'sft' stage") and id (output_id named every SFT checkpoint as the pretrained
+    final/). No id: a checkpoint is named by its path."""
+    config = unwrap(model).config
+    config.pipeline_stage, config.pipeline_output_id, config.pipeline_world_data = stage, None, world_data
+
+
 def checkpoint_stage(path: str | Path) -> str | None:
     """The pipeline stage recorded in a checkpoint's config.json, or None for outside checkpoints."""
     return (checkpoint_config(path) or {}).get("pipeline_stage")

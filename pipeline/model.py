@@ -128,6 +128,19 @@ class LoraSpec:
                           target_modules=targets)
 
 
+def resume_lora(model, adapters: Path, needed_by: str):
+    """`model` with a training checkpoint's LoRA adapters, trainable. A missing or cut-short adapter file is named
+    (peft would look a missing one up on the hub, or fail in the safetensors reader)."""
+    from peft import PeftModel
+
+    weights = adapters / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{needed_by}: cannot resume from {adapters}: {weights.name} is missing. Remove this "
+                              "checkpoint to resume from the one before, or start afresh without resume=true")
+    with loading_from(adapters, needed_by):
+        return PeftModel.from_pretrained(model, str(adapters), is_trainable=True)
+
+
 # Weights (and so the optimizer state) stay fp32 in every stage, whatever dtype a checkpoint was saved in (a hub
 # model in bf16, a ZeRO-3 16-bit save): mixed precision is autocast for the passes, not bf16 weights
 # (transformers 5 would otherwise load a checkpoint in its saved dtype).

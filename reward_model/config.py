@@ -100,5 +100,9 @@ class RewardModelConfig(StageConfig):
                                                      f"got {self.responses_per_prompt}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise FieldError("eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        if self.eval_data is not None and self.train_data is None:
+            raise FieldError("eval_data", "is read only with train_data: collected preferences hold out prompts of "
+                                          "their own (prefs/eval.jsonl). Set train_data too, or score the RM on "
+                                          "this data with make eval-rm ARGS=\"--data ...\"")
         if self.max_length < 2:  # a prompt token and a response token at least; 0 failed in the tokenizer
             raise FieldError("max_length", f"must be 2 or more, got {self.max_length}")

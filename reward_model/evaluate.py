@@ -51,12 +51,19 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     trained = load_config(RewardModelConfig, trained_config, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
     world = run_world(trained)
     _, rows, source = load_rankings(trained, world=world)
-    trained_on = (checkpoint_config(stage_paths(cfg, "rm").final) or {}).get("rm_held_out_prompts")
-    if trained.train_data is None and trained_on and trained_on != held_out_fingerprint(rows):
-        raise DataError(str(Path(source) / "eval.jsonl"), f"collected again since {stage_paths(cfg, 'rm').final} "
-                                                           "trained, holding out other prompts now, some of which "
-                                                           "the RM trained on. Train the RM again (make rm), or "
-                                                           "pass --data")
+    final = stage_paths(cfg, "rm").final
+    trained_on = (checkpoint_config(final) or {}).get("rm_held_out_prompts")
+    if trained_on and trained_on != held_out_fingerprint(rows):
+        again = "Train the RM again (make rm), or pass --data"
+        if trained.train_data is None:
+            raise DataError(str(Path(source) / "eval.jsonl"), f"collected again since {final} trained, holding out "
+                                                               f"other prompts now, some of which the RM trained on. "
+                                                               f"{again}")
+        if trained.eval_data is None:  # train_data split again: the held-out part now has prompts it trained on
+            raise DataError(trained.train_data.path, f"changed since {final} trained: split again, it holds out other "
+                                                     f"prompts now, some of which the RM trained on. {again}")
+        raise DataError(trained.eval_data.path, f"changed since {final} trained on train_data and was evaluated on "
+                                                f"it: its figures would not be the ones training gave. {again}")
     add_gold_criteria(trained, rows, world=world)
     return rows, trained.eval_data.path if trained.eval_data is not None else source  # a held-out file of its own
 

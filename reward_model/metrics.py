@@ -79,7 +79,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
         rm_label, rm_gold, label_gold = zip(*decided)
         metrics.update({"accuracy": _mean(rm_label), "gold_accuracy": _mean(rm_gold),
                         "noise_ceiling": _mean(label_gold), "decided_pairs": float(len(decided))})
-        metrics["accuracy_over_ceiling"] = metrics["accuracy"] / max(metrics["noise_ceiling"], 1e-9)
+        if metrics["noise_ceiling"] > 0:  # a labeler that never agrees with gold gives no ceiling to measure by
+            metrics["accuracy_over_ceiling"] = metrics["accuracy"] / metrics["noise_ceiling"]
         # over all pairs the best any RM can expect: the ceiling on decided pairs, a coin flip on gold ties
         ties = len(all_pairs) - len(decided)
         metrics["noise_ceiling_all_pairs"] = (sum(label_gold) + 0.5 * ties) / len(all_pairs)
@@ -138,8 +139,9 @@ def headline_metrics(metrics: dict[str, float]) -> dict:
 def describe_accuracy(result: dict) -> str:
     """"0.644, gold agreement 0.748, noise ceiling 0.846 (76.1% of it) ...": the accuracy, and against gold."""
     return f"{result['accuracy']:.3f}" + (
-        f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f} "
-        f"({result['accuracy_over_ceiling']:.1%} of it) on the pairs gold decides; over all pairs "
+        f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f}"
+        + (f" ({result['accuracy_over_ceiling']:.1%} of it)" if "accuracy_over_ceiling" in result else "")
+        + " on the pairs gold decides; over all pairs "
         f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
         if "noise_ceiling" in result else "")
 

@@ -31,15 +31,15 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (LAUNCH_RECORDS, load_training_state, output_id, parameter_fingerprint, restore_scaler,
-                                 resume_settings, save_final, save_training_checkpoint, scaler_state,
-                                 write_text_atomic)
+from pipeline.checkpoint import (LAUNCH_RECORDS, load_training_state, mark_in_training, output_id,
+                                 parameter_fingerprint, restore_scaler, resume_settings, save_final,
+                                 save_training_checkpoint, scaler_state, write_text_atomic)
 from pipeline.config import ConfigError, load_config
 from pipeline.evaluation import load_judge
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, check_length_fits, check_lora_can_train, fp32_forward, \
-    load_scalar_model
+    load_scalar_model, resume_lora
 from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
-    init_checkpoint, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
+    init_checkpoint, learned_world_data, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
 from pipeline.schedule import warmup_cosine_scheduler
 from pipeline.tokenizer import load_tokenizer
@@ -119,8 +119,8 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
 
 
 def held_out_fingerprint(rows: list[dict]) -> str:
-    """Which prompts a collection held out (prefs/eval.jsonl): one collected with another seed or split holds out
-    others, some of which an RM trained on the first one learned from."""
+    """Which prompts an RM's training held out: collected again, or with train_data edited and split again, others
+    are held out, some of which the RM learned from."""
     return hashlib.sha256("\n".join(sorted(row["prompt"] for row in rows)).encode()).hexdigest()[:16]
 
 
@@ -203,10 +203,10 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
                               cfg.trust_remote_code, allowed_stages=POLICY_STAGES + SCALAR_STAGES)
     if not lora.enabled:
         return model
-    from peft import PeftModel, get_peft_model
-
     if checkpoint is not None:
-        return PeftModel.from_pretrained(model, checkpoint / "model", is_trainable=True)
+        return resume_lora(model, checkpoint / "model", "reward_model.train")
+    from peft import get_peft_model
+
     return get_peft_model(model, lora.peft_config("SEQ_CLS", model))
 
 
@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if cfg.train_data is None:
             check_collected_with(cfg, Path(source))
         add_gold_criteria(cfg, eval_rows)
-        world = world_dir(cfg) if cfg.train_data is None else None  # collected preferences come from the world
+        # collected preferences come from the world, and so does a world:<split> given as data
+        world_specs = [spec for spec in (cfg.train_data, cfg.eval_data)
+                       if spec is not None and spec.path.strip().startswith("world:")]
+        world = world_dir(cfg) if cfg.train_data is None or world_specs else None
     micro_batch = cfg.batch_size * n_procs
     steps_per_epoch = len(train_rows) // (micro_batch * cfg.grad_accum)
     if steps_per_epoch == 0:
@@ -248,7 +251,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         check_lora_can_train(tokenizer, init)
     model = build_model(cfg, init, tokenizer, checkpoint)
     check_length_fits(model, cfg.max_length, "max_length")
-    lineage = world_lineage("rm", None, *([source] if cfg.train_data is None else []), init)
+    lineage = world_lineage("rm", learned_world_data(world, *world_specs),
+                            *([source] if cfg.train_data is None else []), init)
+    mark_in_training(model, "rm", lineage)
     # recollected preferences (or edited train_data files) would have the resumed steps read other rankings
     rankings = hashlib.sha256(json.dumps([train_rows, eval_rows], sort_keys=True, default=str).encode()).hexdigest()
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "rm", accelerator.is_main_process,
@@ -395,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             final_model = final_model.merge_and_unload()
         save_final(final_model, tokenizer, paths.final, "rm", reward_mean=reward_mean, reward_std=reward_std,
                    rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records,
-                   rm_held_out_prompts=held_out_fingerprint(eval_rows) if cfg.train_data is None else None)
+                   rm_held_out_prompts=held_out_fingerprint(eval_rows))
         result = headline_metrics(metrics)
         result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")

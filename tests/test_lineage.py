@@ -318,3 +318,21 @@ def test_a_world_written_again_for_other_settings_says_so_and_names_the_recipe(t
     err = capsys.readouterr().err
     assert f"rewriting {tmp_path / 'x' / 'world'}" in err and "another recipe than tiny" in err
     assert json.loads((tmp_path / "x" / "world" / "world_config.json").read_text())["seed"] == 1
+
+
+def test_training_checkpoints_are_marked_as_their_own_stage(micro_pretrain, micro_sft, micro_rm, micro_runs):
+    """Training checkpoints kept the marks of the final/ their model was loaded from: an RM checkpoint named as
+    PPO's reward_model was refused as "made by the 'sft' stage", and every SFT checkpoint carried the pretrained
+    final/'s id, so a resume could not tell a start from one of them from a start from that final/."""
+    from pipeline.checkpoint import checkpoint_stage, output_id, require_checkpoint
+    from pipeline.runs import recorded_world_data
+
+    run = micro_runs / "micro"
+    for stage, pattern in (("pretrain", "step_*/model"), ("sft", "checkpoint-*"), ("rm", "step_*/model")):
+        found = sorted((run / stage / "checkpoints").glob(pattern))
+        assert found, stage
+        for checkpoint in found:
+            assert checkpoint_stage(checkpoint) == stage, checkpoint
+            assert output_id(checkpoint) == str(checkpoint.resolve())
+            assert recorded_world_data(checkpoint)[0] == recorded_world_data(run / stage / "final")[0]
+    assert require_checkpoint(found[0], ("rm",), "ppo", "reward_model") == found[0]

@@ -406,6 +406,11 @@ def test_noise_ceiling_and_gold_agreement_when_the_labeler_disagrees_with_gold()
     label_like = rm_metrics.ranking_metrics([[2.0, 1.0, 0.0]], [row])
     assert label_like["accuracy"] == 1.0 and label_like["gold_accuracy"] == pytest.approx(2 / 3)
     assert label_like["noise_ceiling"] == pytest.approx(2 / 3)
+    # a labeler that never agrees with gold leaves no ceiling to measure by (the ratio was reported as 1e9)
+    reversed_row = {"prompt": "p", "responses": ["a", "b"], "gold_scores": [0.2, 0.5]}
+    reversed_metrics = rm_metrics.headline_metrics(rm_metrics.ranking_metrics([[1.0, 0.0]], [reversed_row]))
+    assert reversed_metrics["noise_ceiling"] == 0.0 and "accuracy_over_ceiling" not in reversed_metrics
+    assert "of it" not in rm_metrics.describe_accuracy(reversed_metrics)
 
 
 def test_reward_stats_count_each_distinct_reply_once():
@@ -699,3 +704,60 @@ def test_an_rm_with_its_own_eval_data_names_that_file_for_its_held_out_rankings(
         capsys.readouterr().out
     evaluate.main(args[:4])
     assert f"rankings from the held-out rankings of {held_out}" in capsys.readouterr().out
+    # what it learned from the world is recorded, so PPO refuses this RM once the world's static rankings change
+    lineage = json.loads((tmp_path / "own" / "rm" / "final" / "config.json").read_text())["pipeline_world_data"]
+    assert set(lineage["rm"]) == {"world", "prefs_static"}
+    # an edited held-out file would give other figures than training did
+    held_out.write_text("\n".join(held_out.read_text().splitlines()[1:]) + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(held_out))}: changed since .*rm/final trained"):
+        evaluate.main(args[:4])
+
+
+def test_eval_rm_refuses_train_data_that_split_again_holds_out_trained_prompts(micro_sft, tmp_path):
+    """With train_data split by eval_fraction, rows added since training move the split: eval-rm scored prompts the
+    RM had trained on as held out."""
+    from reward_model import evaluate
+
+    data = tmp_path / "ranked.jsonl"
+    rows = [json.dumps({"prompt": f"Question {i}?", "responses": [f"Good answer {i}.", f"Bad {i}."]})
+            for i in range(40)]
+    data.write_text("\n".join(rows[:32]) + "\n")
+    args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=td", f"train_data.path={data}"]
+    reset_accelerate()
+    train.main([*args, f"init_from={micro_sft}", "epochs=1", "eval_every=100", "eval_fraction=0.25"])
+    assert evaluate.main(args)["rankings"] == 8
+    data.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=rf"{re.escape(str(data))}: changed since .*rm/final trained: split again"):
+        evaluate.main(args)
+
+
+def test_eval_data_without_train_data_is_refused_by_key(tmp_path):
+    """Collected preferences hold out their own prompts: eval_data was ignored, yet named as the held-out set."""
+    from pipeline.config import load_config
+
+    with pytest.raises(ConfigError, match=r"key 'eval_data': is read only with train_data"):
+        load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "eval_data.path=held_out.jsonl"])
+
+
+@pytest.mark.parametrize("damage", ["cut short", "missing"])
+def test_a_lora_checkpoint_with_damaged_adapters_is_refused_by_name(micro_sft, tmp_path, damage):
+    """A resume read the adapters with peft directly: a cut-short file ended in a safetensors traceback, a missing
+    one in a hub lookup of the checkpoint's path."""
+    from peft import get_peft_model
+
+    from pipeline.model import LoraSpec, resume_lora
+
+    tokenizer = load_tokenizer(str(micro_sft))
+    model = load_scalar_model(str(micro_sft), "test", tokenizer)
+    adapters = tmp_path / "step_00000002" / "model"
+    get_peft_model(model, LoraSpec(enabled=True, rank=4).peft_config("SEQ_CLS", model)).save_pretrained(adapters)
+    resumed = resume_lora(load_scalar_model(str(micro_sft), "test", tokenizer), adapters, "reward_model.train")
+    assert any(p.requires_grad for name, p in resumed.named_parameters() if "lora" in name)
+    weights = adapters / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:100])
+    refused = rf"reward_model\.train: cannot (resume from|load) {re.escape(str(adapters))}"
+    with pytest.raises(CheckpointError, match=refused):
+        resume_lora(load_scalar_model(str(micro_sft), "test", tokenizer), adapters, "reward_model.train")

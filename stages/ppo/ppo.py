@@ -37,14 +37,14 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetSpec, load_dataset_for
 from data.world.judge import CRITERIA_WEIGHTS
-from pipeline.checkpoint import (atomic_dir, load_training_state, output_id, parameter_fingerprint, resume_settings,
-                                 save_final, save_training_checkpoint, unwrap, write_text_atomic)
+from pipeline.checkpoint import (atomic_dir, load_training_state, mark_in_training, output_id, parameter_fingerprint,
+                                 resume_settings, save_final, save_training_checkpoint, unwrap, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluate import evaluate_checkpoint
 from pipeline.evaluation import family_table, load_judge, load_prompts, win_rate
 from pipeline.generation import SamplingConfig, prompts_that_fit
 from pipeline.model import POLICY_STAGES, SCALAR_STAGES, LoraSpec, check_length_fits, check_lora_can_train, \
-    fp32_forward, load_causal_lm, load_scalar_model, set_special_token_ids
+    fp32_forward, load_causal_lm, load_scalar_model, resume_lora, set_special_token_ids
 from pipeline.packing import PackedCorpus
 from pipeline.runs import StageConfig, accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, \
@@ -252,11 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = prompts_that_fit(rows, tokenizer, (policy, rm.model), cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,
                             cfg.prompts.path, "ppo", report=accelerator.is_main_process)
     world_data = world_lineage("ppo", learned_world_data(world, cfg.prompts), sft_path, rm_path)
+    mark_in_training(policy, "ppo", world_data)  # the critic keeps the RM's marks: a resume loads it as an RM
     ref_model = None
     if cfg.lora.enabled:
-        from peft import PeftModel, get_peft_model
+        from peft import get_peft_model
 
-        policy = PeftModel.from_pretrained(policy, checkpoint / "model", is_trainable=True) if checkpoint else \
+        policy = resume_lora(policy, checkpoint / "model", "ppo") if checkpoint else \
             get_peft_model(policy, cfg.lora.peft_config("CAUSAL_LM", policy))
     else:
         ref_model = load_causal_lm(sft_path, "ppo", cfg.trust_remote_code,

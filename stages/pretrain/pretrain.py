@@ -19,8 +19,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
-from pipeline.checkpoint import (load_training_state, loading_from, parameter_fingerprint, restore_scaler,
-                                 resume_settings, save_final, save_training_checkpoint, scaler_state)
+from pipeline.checkpoint import (load_training_state, loading_from, mark_in_training, parameter_fingerprint,
+                                 restore_scaler, resume_settings, save_final, save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     set_special_token_ids(model, tokenizer)
     check_length_fits(model, cfg.block_size, "block_size", " or raise model.max_position_embeddings")
     lineage = world_lineage("pretrain", learned_world_data(world, cfg.data))
+    mark_in_training(model, "pretrain", lineage)
 
     # ---- optimizer: weight decay on matrices only
     decay = [p for p in model.parameters() if p.dim() >= 2]

@@ -28,8 +28,8 @@ from trl import SFTConfig
 
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
-                                 copy_launch_records, mark_final, output_id, replace_dir, resume_settings,
-                                 save_final, write_text_atomic)
+                                 copy_launch_records, mark_final, mark_in_training, output_id, replace_dir,
+                                 resume_settings, save_final, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig
@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         check_resume_settings(checkpoint, json.loads(record.read_text()) if record.is_file() else None, settings)
         check_resumable(checkpoint, sharded=distributed_launch() is not None)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
+    mark_in_training(model, "sft", lineage)
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
                       starts_from={"init checkpoint": output_id(init)})
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
