@@ -5,7 +5,8 @@ logs its final/ as a model artifact (a reference to the local path). Online, the
 input (`use_artifact`), so the lineage graph shows the chain; offline (wandb refuses `use_artifact` there),
 the upstream run id and checkpoint path go into the run config instead.
 
-With no credentials W&B runs offline and the stage prints the `wandb sync` command at the end.
+With no credentials W&B runs offline and the stage prints the `wandb sync` command at the end. A mode that
+`wandb offline` or `wandb disabled` saved wins over credentials, as in plain wandb; `WANDB_MODE` wins over both.
 A resumed stage continues its interrupted attempt's W&B run when online (its id is kept in wandb_run.json);
 wandb cannot continue an offline run, so offline each attempt is a run of its own.
 `WANDB_MODE=disabled` turns it off. Keys and tokens are never logged.
@@ -38,17 +39,19 @@ EARLIER_METRICS_FILE = "metrics.earlier.jsonl"
 
 
 def wandb_mode() -> str:
-    """`WANDB_MODE` if set (`dryrun` is wandb's old name for offline); otherwise online when credentials for the
-    W&B server exist, offline when they do not. Credentials: `WANDB_API_KEY`, `WANDB_IDENTITY_TOKEN_FILE`, or
-    a `wandb login` entry in the netrc file (`NETRC`, default ~/.netrc) for the server's host
-    (`WANDB_BASE_URL`, or the `base_url` that `wandb login --host` saved; default api.wandb.ai)."""
-    mode = os.environ.get("WANDB_MODE")
+    """`WANDB_MODE` if set (`dryrun` is wandb's old name for offline); else offline or disabled if `wandb offline`
+    or `wandb disabled` saved that in wandb's settings files (`_saved_setting`); otherwise online when credentials
+    for the W&B server exist, offline when they do not. Credentials: `WANDB_API_KEY`, `WANDB_IDENTITY_TOKEN_FILE`,
+    or a `wandb login` entry in the netrc file (`NETRC`, default ~/.netrc) for the server's host (`WANDB_BASE_URL`,
+    or the `base_url` that `wandb login --host` saved; default api.wandb.ai)."""
+    mode = os.environ.get("WANDB_MODE") or _saved_mode()
     if mode:
         return "offline" if mode == "dryrun" else mode
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return "online"
     # the netrc entry wandb writes and reads is the server's host with its port (localhost:8080)
-    host = urlsplit(os.environ.get("WANDB_BASE_URL") or _saved_base_url() or "https://api.wandb.ai").netloc
+    saved_url, _ = _saved_setting("base_url") or (None, None)
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or saved_url or "https://api.wandb.ai").netloc
     netrc_file = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
     try:
         # an explicit path, as wandb reads it: Python's own lookup refuses a netrc others can read, wandb does not
@@ -59,15 +62,38 @@ def wandb_mode() -> str:
     return "offline"
 
 
-def _saved_base_url() -> str | None:
-    """The server `wandb login --host URL` saved in wandb's settings file, if any."""
+def _saved_mode() -> str | None:
+    """The mode `wandb offline` / `wandb disabled` saved, if it turns W&B off or offline. We pass a mode to
+    wandb.init, which overrides the files', so they must be read here or a stage ignores them. A saved `online`
+    (or none) leaves it to the credentials, as before."""
+    saved = _saved_setting("mode")
+    return saved[0] if saved and saved[0] in ("offline", "disabled", "dryrun") else None
+
+
+def _settings_files() -> list[Path]:
+    """wandb's settings files, as wandb 0.31 finds them when it loads its settings (wandb_setup._load_settings),
+    the one that wins first: the workspace file `wandb offline` / `wandb disabled` write in the directory a command
+    runs from (`.wandb/settings` if `.wandb/` exists, else `wandb/settings`), then the global one
+    (`$WANDB_CONFIG_DIR/settings`, default ~/.config/wandb/settings). wandb reads the workspace file under the
+    working directory before it applies WANDB_DIR, so WANDB_DIR does not move it."""
+    workspace = Path(".wandb" if Path(".wandb").exists() else "wandb").absolute() / "settings"
     config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or "~/.config/wandb").expanduser()
-    settings = configparser.ConfigParser()
-    try:
-        settings.read(config_dir / "settings", encoding="utf-8")
-        return settings.get("default", "base_url", fallback=None)
-    except (OSError, UnicodeError, configparser.Error):
-        return None
+    return [workspace, config_dir / "settings"]
+
+
+def _saved_setting(key: str) -> tuple[str, Path] | None:
+    """A setting's value in wandb's settings files (section [default]) and the file it came from. A file wandb
+    cannot read counts as empty, as in wandb."""
+    for path in _settings_files():
+        settings = configparser.ConfigParser()
+        try:
+            settings.read(path, encoding="utf-8")
+            value = settings.get("default", key, fallback=None)
+        except (OSError, UnicodeError, configparser.Error):
+            continue
+        if value is not None:
+            return value, path
+    return None
 
 
 def _fmt(value: Any) -> str:
@@ -116,6 +142,11 @@ class Tracker:
         if not start_step:
             run_record.unlink(missing_ok=True)
         if self.mode == "disabled":
+            # a `wandb disabled` left in a settings file is easily forgotten: say where it is (WANDB_MODE is seen)
+            saved = None if os.environ.get("WANDB_MODE") else _saved_setting("mode")
+            if saved:
+                print(f"[{stage}] W&B is off: `wandb disabled` saved mode = disabled in {saved[1]}; `wandb enabled` "
+                      f"turns it back on. Metrics go to {self.metrics_file} and the console only.")
             return
         import wandb
 

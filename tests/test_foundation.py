@@ -893,6 +893,7 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)  # no workspace settings file (`wandb offline`) from the checkout
     netrc_file = tmp_path / ".netrc"
     monkeypatch.setenv("NETRC", str(netrc_file))
     assert wandb_mode() == "offline"  # no netrc at all
@@ -919,6 +920,53 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
     assert wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     assert wandb_mode() == "offline"  # wandb's old name for it: the sync hint is printed
+
+
+def test_wandb_offline_or_disabled_saved_in_its_settings_files_wins_over_credentials(tmp_path, monkeypatch, capsys):
+    """The stage passed its own mode to wandb.init, which overrides the settings files: after `wandb disabled` a
+    stage still made an offline run, and after `wandb offline` with credentials it went online."""
+    import wandb
+
+    from pipeline.tracking import Tracker, wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key")  # credentials: online unless a setting says otherwise
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))  # never the real ~/.config/wandb
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    inits = []
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: inits.append(kwargs) or type("Run", (), {"id": "r"})())
+    workspace, global_file = tmp_path / "wandb" / "settings", tmp_path / "config" / "settings"
+    workspace.parent.mkdir()
+    global_file.parent.mkdir()
+    assert wandb_mode() == "online"
+
+    workspace.write_text("[default]\nmode = disabled\n")  # what `wandb disabled` writes
+    assert wandb_mode() == "disabled"
+    tracker = Tracker(PretrainConfig(run_name="m"), "pretrain", tmp_path / "pretrain" / "metrics.jsonl")
+    assert tracker.run is None and not inits
+    printed = capsys.readouterr().out
+    assert f"saved mode = disabled in {workspace}" in printed and "wandb sync" not in printed
+    tracker.finish()
+    assert "wandb sync" not in capsys.readouterr().out  # nothing was written to upload
+
+    workspace.write_text("[default]\nmode = offline\n")  # `wandb offline`
+    assert wandb_mode() == "offline"
+    Tracker(PretrainConfig(run_name="m"), "pretrain", tmp_path / "pretrain" / "metrics.jsonl")
+    assert inits[-1]["mode"] == "offline"
+    workspace.write_text("[default]\nmode = dryrun\n")
+    assert wandb_mode() == "offline"
+
+    # the global file counts too, and the workspace file wins over it
+    workspace.unlink()
+    global_file.write_text("[default]\nmode = disabled\n")
+    assert wandb_mode() == "disabled"
+    workspace.write_text("[default]\nmode = online\n")  # `wandb online` here: credentials decide again
+    assert wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the environment wins over both, as in wandb
+    workspace.write_text("[default]\nmode = disabled\n")
+    assert wandb_mode() == "offline"
 
 
 @pytest.mark.parametrize("stage, key", [("sft", "max_length"), ("rm", "max_length"), ("ppo", "rm_max_length"),
