@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import datetime
 import difflib
 import math
 import types
@@ -273,6 +272,47 @@ def _takes_text(tp: Any) -> bool:
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 
 
+def _takes_text_items(tp: Any) -> bool:
+    """A list or tuple of text (sample_prompts, target_modules, the world's word lists)."""
+    return typing.get_origin(tp) in (list, tuple) and typing.get_args(tp)[:1] == (str,)
+
+
+# what YAML reads as null (besides an empty value, which an override keeps as "")
+YAML_NULLS = ("null", "Null", "NULL", "~")
+
+
+def _override_value(item: str, key: str, text: str, tp: Any) -> Any:
+    """The value of the override `item` (`key=text`) for a field annotated `tp` (None: no such field, which the
+    build names). A text key keeps the text as typed; any other is read as YAML."""
+    if _takes_text(tp):
+        return _as_text(text)
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    # YAML reads `[Question: What is]` as a list holding a mapping, and cuts `[a #b]` at the comment
+    if _takes_text_items(tp) and (not isinstance(value, list) or any(isinstance(v, dict) for v in value)):
+        raise ConfigError(f"override '{item}': key '{key}': expected a list of text like [a, b], got {value!r}; "
+                          f"an item holding ': ' or ' #' needs quotes, e.g. [\"Question: What is\"]")
+    return value
+
+
+def _as_text(text: str) -> Any:
+    """A text key's override as typed: read as YAML, `init_from=/data/run #2/final` lost all after the `#` (a
+    comment), `wandb_project=my: proj` became a mapping and `run_name=2024-06-01` a date. A quoted value is
+    unquoted as YAML would (`run_name="a b"`); `null` or `~` is None, as before (an optional key's unset)."""
+    if text in YAML_NULLS:
+        return None
+    if text[:1] in ("'", '"'):
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:  # `"a" b`: not one quoted scalar, so the quotes are part of the text
+            return text
+        if isinstance(value, str):
+            return value
+    return text
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Build `cls` from its defaults, the YAML at `path`, then `key=value` overrides (dotted for nesting)."""
     path = Path(path) if path else None
@@ -289,12 +329,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value")
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        if isinstance(value, (bool, int, float, datetime.date)) and _takes_text(_field_type(cls, key)):
-            value = text  # run_name=2024-06-01, data.name=2021: a text key keeps the text as typed
+        value = _override_value(item, key, text, _field_type(cls, key))
         trial = copy.deepcopy(tree)
         _set_path(trial, key, value)
         _build_step(cls, trial, f"override '{item}'", base_dir, checks=False)

@@ -262,6 +262,32 @@ def test_a_text_key_on_the_command_line_keeps_the_text_as_typed(text):
     assert load_config(Outer, None, ["inner.width=7"]).inner.width == 7  # other keys still parse as YAML
 
 
+def test_a_text_key_on_the_command_line_keeps_comments_and_colons_as_typed():
+    """Read as YAML, `init_from=/data/run #2/final` became '/data/run' without a word (the rest a comment), and
+    `wandb_project=my: proj` a mapping, refused as 'expected str, got {'my': 'proj'}'."""
+    from stages.sft.sft import SFTStageConfig
+
+    cfg = load_config(PretrainConfig, MICRO / "pretrain.yaml", ["init_from=/data/run #2/final", "wandb_project=a b #c"])
+    assert (cfg.init_from, cfg.wandb_project) == ("/data/run #2/final", "a b #c")
+    assert load_config(PretrainConfig, MICRO / "pretrain.yaml", ["wandb_project=my: proj"]).wandb_project == "my: proj"
+    # an optional text key (DatasetSpec.name) alike; quotes come off as in YAML, and null is still None
+    assert load_config(SFTStageConfig, MICRO / "sft.yaml", ["data.name=en: all #1"]).data.name == "en: all #1"
+    assert load_config(SFTStageConfig, MICRO / "sft.yaml", ['data.name="a #b"']).data.name == "a #b"
+    assert load_config(SFTStageConfig, MICRO / "sft.yaml", ["data.name='it''s'"]).data.name == "it's"
+    assert load_config(SFTStageConfig, MICRO / "sft.yaml", ["data.name=a", "data.name=null"]).data.name is None
+    assert load_config(SFTStageConfig, MICRO / "sft.yaml", ["data.name=a", "data.name=~"]).data.name is None
+
+
+@pytest.mark.parametrize("items", ["[Question: What is]", "[a #b]"])
+def test_a_list_of_text_that_yaml_misreads_asks_for_quotes(items):
+    """`sample_prompts=[Question: What is]` was refused with a confusing 'expected str, got {'Question': ...}'."""
+    with pytest.raises(ConfigError, match=rf"^override 'sample_prompts={re.escape(items)}': key 'sample_prompts': "
+                                          r"expected a list of text .* an item holding ': ' or ' #' needs quotes"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", [f"sample_prompts={items}"])
+    quoted = load_config(PretrainConfig, MICRO / "pretrain.yaml", ['sample_prompts=["Question: What is", "a #b"]'])
+    assert quoted.sample_prompts == ["Question: What is", "a #b"]
+
+
 def test_a_typo_in_model_extra_is_refused_not_stored_as_a_new_attribute():
     """transformers configs keep unknown keywords as attributes: attention_dropuot left attention_dropout at 0."""
     with pytest.raises(ConfigError, match=r"key 'model.extra.attention_dropuot': .* \(did you mean 'attention_dropout'"):
