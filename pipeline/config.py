@@ -3,7 +3,8 @@
 Every stage defines one dataclass (fields documented where they are defined); a YAML file only overrides
 defaults. A field whose type is itself a dataclass may be given inline as a mapping or as the path of
 another YAML file (relative to the file that names it), so a recipe's model spec and world settings are
-written once and shared by every stage.
+written once and shared by every stage. Such a file is read into a mapping, in a config file or an override, so
+that a dotted override (`world.seed=3`) can reach inside it.
 
 Unknown keys and wrong types are errors that name the file (or the command-line override) and the key.
 """
@@ -196,13 +197,14 @@ def _unknown_key(cls: type, key: Any, names: list[str], where: str, prefix: str)
     return ConfigError(f"{where}: unknown key '{prefix}{key}' for {cls.__name__}{hint}")
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def _set_path(tree: dict, dotted: str, value: Any, item: str) -> None:
+    """Set the dotted key of the override `item` in `tree`."""
     *parents, leaf = dotted.split(".")
     node = tree
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+            raise ConfigError(f"override '{item}': '{p}' is not a section")
     node[leaf] = value
 
 
@@ -211,16 +213,28 @@ def _as_tree(cls: type, raw: dict, base_dir: Path, where: str, prefix: str = "")
     hints = typing.get_type_hints(cls)
     out = dict(raw)
     for key, value in raw.items():
-        tp = hints.get(key)
-        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(value, str):
-            path = _section_file(value, base_dir, where, f"{prefix}{key}", tp)
-            section = _read_yaml(path)
-            names = [f.name for f in dataclasses.fields(tp) if f.init]
-            for inner in section:  # a typo in world.yaml is named there, not in the stage file that points to it
-                if inner not in names:
-                    raise _unknown_key(tp, inner, names, str(path), f"{prefix}{key}.")
-            out[key] = _as_tree(tp, section, path.parent, str(path), f"{prefix}{key}.")
+        section = _section_type(hints.get(key))
+        if section is not None and isinstance(value, str):
+            out[key] = _section_tree(section, value, base_dir, where, f"{prefix}{key}")
     return out
+
+
+def _section_tree(tp: type, value: str, base_dir: Path, where: str, key: str) -> dict:
+    """The section `key` (of dataclass `tp`) given as the path of a YAML file, read into a mapping (its own
+    sections too)."""
+    path = _section_file(value, base_dir, where, key, tp)
+    section = _read_yaml(path)
+    names = [f.name for f in dataclasses.fields(tp) if f.init]
+    for inner in section:  # a typo in world.yaml is named there, not in the stage file that points to it
+        if inner not in names:
+            raise _unknown_key(tp, inner, names, str(path), f"{key}.")
+    return _as_tree(tp, section, path.parent, str(path), f"{key}.")
+
+
+def _section_type(tp: Any) -> Any:
+    """The dataclass of a section's annotation (`DatasetSpec`, or `DatasetSpec | None`); None if not a section."""
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return next((a for a in options if dataclasses.is_dataclass(a)), None)
 
 
 def _section_file(value: str, base_dir: Path, where: str, key: str, tp: type) -> Path:
@@ -259,9 +273,7 @@ def _field_type(cls: type, dotted: str) -> Any:
     """The annotation of a dotted key inside `cls` (through nested dataclasses), or None if it names no field."""
     tp: Any = cls
     for part in dotted.split("."):
-        options = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (
-            typing.Union, types.UnionType) else [tp]
-        nested = next((a for a in options if dataclasses.is_dataclass(a)), None)
+        nested = _section_type(tp)
         if nested is None:
             return None
         tp = typing.get_type_hints(nested).get(part)
@@ -329,10 +341,16 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}': expected key=value")
-        value = _override_value(item, key, text, _field_type(cls, key))
+        tp = _field_type(cls, key)
+        value = _override_value(item, key, text, tp)
         trial = copy.deepcopy(tree)
-        _set_path(trial, key, value)
-        _build_step(cls, trial, f"override '{item}'", base_dir, checks=False)
+        _set_path(trial, key, value, item)
+        _build_step(cls, trial, f"override '{item}'", base_dir, checks=False)  # names the file if it fails alone
+        section = _section_type(tp)
+        if section is not None and isinstance(value, str):
+            # a section given as a YAML path is read into a mapping, as in a config file, so that a later dotted
+            # override (`world=... world.seed=3`) refines it: a path is no section to set a key in
+            _set_path(trial, key, _section_tree(section, value, base_dir, f"override '{item}'", key), item)
         tree = trial
     try:
         return _build(cls, tree, where, base_dir)

@@ -1,6 +1,7 @@
 """Configs, run hand-off, checkpoints and the tokenizer: the shared core every stage stands on."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -123,6 +124,30 @@ def test_a_check_across_keys_judges_the_overrides_together_and_names_the_one_to_
     world = write(tmp_path / "small_world.yaml", "n_entities: 2\n")
     with pytest.raises(ConfigError, match=rf"^{world}: invalid WorldConfig: n_entities must be >= 4"):
         load_config(PPOStageConfig, MICRO / "ppo.yaml", [f"world={world}"])
+
+
+def test_a_section_given_as_a_file_on_the_command_line_is_refined_by_a_later_dotted_override(tmp_path, monkeypatch):
+    """`world=configs/micro/world.yaml world.seed=3` was refused: "override 'world.seed': 'world' is not a section"
+    (a path in a config file was read into a mapping, one on the command line was not)."""
+    from data.world.config import WorldConfig
+    from reward_model.config import RewardModelConfig
+
+    monkeypatch.chdir(REPO)
+    cfg = load_config(PretrainConfig, REPO / "configs/tiny/pretrain.yaml",
+                      ["world=configs/micro/world.yaml", "world.seed=3"])
+    micro_world = load_config(WorldConfig, MICRO / "world.yaml")
+    assert micro_world.seed != 3 and micro_world != load_config(PretrainConfig, REPO / "configs/tiny/pretrain.yaml").world
+    assert cfg.world == dataclasses.replace(micro_world, seed=3)  # the file's values, and the seed
+    # an optional section too (RM's own preference data), relative to the config file
+    write(tmp_path / "prefs.yaml", "path: prefs.jsonl\nmax_rows: 9\n")
+    write(tmp_path / "rm.yaml", (MICRO / "rm.yaml").read_text().replace("world.yaml", str(MICRO / "world.yaml")))
+    rm = load_config(RewardModelConfig, tmp_path / "rm.yaml", ["train_data=prefs.yaml", "train_data.max_rows=5"])
+    assert (rm.train_data.path, rm.train_data.max_rows) == ("prefs.jsonl", 5)
+    write(tmp_path / "rm_own.yaml", (tmp_path / "rm.yaml").read_text() + "train_data: prefs.yaml\n")  # as in a file
+    assert load_config(RewardModelConfig, tmp_path / "rm_own.yaml", ["train_data.max_rows=5"]).train_data.max_rows == 5
+    # what still is no section says so, naming the whole override
+    with pytest.raises(ConfigError, match=r"^override 'learning_rate\.x=3': 'learning_rate' is not a section"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", ["learning_rate=1", "learning_rate.x=3"])
 
 
 def test_a_missing_model_path_is_a_checkpoint_error_naming_it(tmp_path):
