@@ -645,3 +645,21 @@ def test_demonstrations_all_cut_to_nothing_stop_the_run_naming_the_file(micro_pr
                                         r"max_length=96"):
         main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", "max_steps=1", *QUICK))
     assert not (tmp_path / "long" / "sft" / "final").exists()
+
+
+def test_a_bad_setting_leaves_the_earlier_runs_checkpoints_for_a_resume(micro_pretrain, tmp_path):
+    """SFT set the earlier run's checkpoints aside before it checked lora.target_modules or its data, so after a
+    typo `resume=true` quietly started over."""
+    run = ["init_from=" + str(micro_pretrain), "gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=2"]
+    main(sft_args(tmp_path, "r", *run, "max_steps=2"))
+    checkpoints = tmp_path / "r" / "sft" / "checkpoints"
+    assert (checkpoints / "checkpoint-2").is_dir()
+    with pytest.raises(ConfigError, match=r"key 'lora.target_modules'"):
+        main(sft_args(tmp_path, "r", *run, "max_steps=4", "lora.enabled=true", "lora.target_modules=[foo]"))
+    data = tmp_path / "long.jsonl"
+    chat = [{"role": "system", "content": " ".join(["rule"] * 200)}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}]
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    with pytest.raises(DataError, match="no demonstration left"):
+        main(sft_args(tmp_path, "r", *run, "max_steps=4", f"data.path={data}"))
+    assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints.parent / "checkpoints.earlier").exists()

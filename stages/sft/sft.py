@@ -235,6 +235,22 @@ def main(argv: list[str] | None = None) -> None:
         check_resumable(checkpoint, sharded=distributed_launch() is not None)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     mark_in_training(model, "sft", lineage)
+
+    # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label. Built (and so
+    # checked) before the earlier run's checkpoints are set aside: a bad setting must leave them for a resume
+    if not trl_masks_replies(tokenizer):  # a template without {% generation %} markers that TRL cannot patch
+        train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
+                                 for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
+        arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
+    peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
+    trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+                              processing_class=tokenizer, peft_config=peft_config)
+    for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
+        if isinstance(data, Dataset) and len(data) == 0:  # the Trainer would fail on an empty dataloader
+            raise DataError(spec.path, f"no demonstration left: each has no assistant token within "
+                                       f"max_length={cfg.max_length} (TRL cuts at max_length and drops those); "
+                                       "raise max_length")
+
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
                       starts_from={"init checkpoint": output_id(init)})
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
@@ -242,24 +258,11 @@ def main(argv: list[str] | None = None) -> None:
     if state.is_main_process:
         write_resolved_config(cfg, paths)
     gold = GoldEval(cfg, gold_rows, world, tokenizer, tracker)
-
-    # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label
-    if not trl_masks_replies(tokenizer):  # a template without {% generation %} markers that TRL cannot patch
-        train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
-                                 for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
-        arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
-    peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     nan_guard = StopOnNonFiniteGradients()
-    trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
-                              processing_class=tokenizer, peft_config=peft_config,
-                              # gold first: its time is not training time
-                              callbacks=[gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)])
     nan_guard.scaler = trainer.accelerator.scaler
-    for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
-        if isinstance(data, Dataset) and len(data) == 0:  # the Trainer would fail on an empty dataloader
-            raise DataError(spec.path, f"no demonstration left: each has no assistant token within "
-                                       f"max_length={cfg.max_length} (TRL cuts at max_length and drops those); "
-                                       "raise max_length")
+    # gold first: its time is not training time
+    for callback in (gold, TrackerCallback(tracker), nan_guard, RecordResumeSettings(settings)):
+        trainer.add_callback(callback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(ProgressBar())
 
