@@ -119,7 +119,7 @@ COLLECTION_ARGS = train_data.% train_data=% policy=% prompts.% prompts=% max_pro
 	max_prompt_tokens=% generation_batch_size=% mix_static=% eval_fraction=%
 RM_DATA_ARGS = $(filter $(COLLECTION_ARGS),$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
 prefs: $(SFT_OUT)
-	$(call stage,reward_model.collect,rm,$(PREFS_ARGS),$(ARGS))
+	$(call stage,reward_model.collect,rm,$(PREFS_ARGS) $(filter $(COLLECTION_ARGS),$(RM_ARGS)),$(ARGS))
 $(PREFS_OUT): $(SFT_OUT)
 	$(call stage,reward_model.collect,rm,$(PREFS_ARGS) $(RM_DATA_ARGS))
 

@@ -6,9 +6,12 @@ signal pass while its stage runs, and exits as the stage does; before the stage 
 seconds to import) Ctrl-C ends the launcher at once, as a signal does (raising KeyboardInterrupt there could be
 swallowed by a library's import). The handler, unlike SIG_IGN, is not inherited by the stage.
 (Multi-process launches hand the signal to torch's elastic agent, which stops its workers itself.)
+A stage that fails in a multi-process launch has said why on its ranks; the elastic agent's ChildFailedError
+traceback after that (accelerate's --quiet covers one-process launches only) becomes the stage's exit code.
 """
 import os
 import signal
+import sys
 
 import psutil
 
@@ -23,5 +26,9 @@ def on_ctrl_c(signum, frame) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, on_ctrl_c)
     from accelerate.commands.launch import main
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    main()
+    try:
+        main()
+    except ChildFailedError as failed:
+        sys.exit(next((f.exitcode for f in failed.failures.values() if f.exitcode > 0), 1))

@@ -92,9 +92,13 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
     if cfg.train_data is None:
         prefs = stage_paths(cfg, "prefs").root
         if not (prefs / "train.jsonl").exists() or not (prefs / "eval.jsonl").exists():
+            record = prefs / WORLD_DATA_FILE
+            left = (f" The {WORLD_DATA_FILE} there is what an RM trained on train_data left; make takes it as the "
+                    "collection done, so it does not collect by itself."
+                    if record.is_file() and record.read_text().strip() == "null" else "")
             raise DataError(str(prefs), "no collected preferences (train.jsonl, eval.jsonl). Collect them first "
                                         "(make prefs, or python -m reward_model.collect with this config), "
-                                        "or set train_data to a preference dataset.")
+                                        f"or set train_data to a preference dataset.{left}")
         if not (prefs / WORLD_DATA_FILE).exists():
             raise DataError(str(prefs), f"the last collection did not finish (train.jsonl and eval.jsonl may come "
                                         f"from two runs; it writes {WORLD_DATA_FILE} last). "

@@ -1157,6 +1157,9 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
     assert "learning_rate" not in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
     assert "train_data.path=p.jsonl" in collection("ppo", "RM_ARGS=train_data.path=p.jsonl")
     assert "train_data" not in collection("ppo", "ARGS=train_data.path=p.jsonl")  # ARGS are PPO's there
+    # `make prefs` collects as `make rm` would with the same RM_ARGS (RM training refuses other rankings)
+    named = collection("prefs", "RM_ARGS=responses_per_prompt=6 learning_rate=1e-4", "ARGS=max_prompts=5")
+    assert "responses_per_prompt=6" in named and "max_prompts=5" in named and "learning_rate" not in named
     # the Makefile lists the collection settings apart from the RM's list (make cannot import it): each one that
     # RM training refuses unless the rankings were collected with it reaches the collection, a section also by a key
     from reward_model.train import COLLECTION_KEYS
@@ -1199,6 +1202,22 @@ def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_
     out, err = launch.communicate(timeout=60)
     assert launch.returncode == -signal.SIGINT and "ready" not in out, out
     assert "Traceback" not in err, err
+
+
+def test_a_stage_that_fails_under_a_multi_process_launch_leaves_its_message_not_a_traceback(tmp_path):
+    """accelerate's --quiet covers one-process launches: on two ranks, torch's elastic agent added a 30-line
+    ChildFailedError traceback under the stage's one-line error."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    stage = tmp_path / "stage.py"
+    stage.write_text("import os, sys\nsys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    launch = subprocess.run([sys.executable, "-m", "pipeline.launch", "--quiet", "--config_file",
+                             "configs/accelerate/cpu_ddp.yaml", str(stage)], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, timeout=120)
+    assert launch.returncode == 3 and "Traceback" not in launch.stderr, launch.stderr
 
 
 def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):

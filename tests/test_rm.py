@@ -761,3 +761,17 @@ def test_a_lora_checkpoint_with_damaged_adapters_is_refused_by_name(micro_sft, t
     refused = rf"reward_model\.train: cannot (resume from|load) {re.escape(str(adapters))}"
     with pytest.raises(CheckpointError, match=refused):
         resume_lora(load_scalar_model(str(micro_sft), "test", tokenizer), adapters, "reward_model.train")
+
+
+def test_without_collected_rankings_the_record_train_data_left_is_explained(tmp_path):
+    """After an RM trained on train_data, make takes the record that step left as the collection done: training on
+    collected rankings then stopped with "collect them first", without saying why make had not."""
+    from pipeline.config import load_config
+
+    cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=r"])
+    prefs = tmp_path / "r" / "prefs"
+    prefs.mkdir(parents=True)
+    (prefs / "world_data.json").write_text("null\n")
+    with pytest.raises(DataError, match=r"no collected preferences .* what an RM trained on train_data left; make "
+                                        r"takes it as the collection done"):
+        train.load_rankings(cfg)
