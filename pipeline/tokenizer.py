@@ -177,15 +177,17 @@ def chat_prompt(tokenizer, prompt: str) -> str:
 
 
 def trl_masks_replies(tokenizer) -> bool:
-    """Whether TRL's assistant-only loss can mark the replies in this tokenizer's chat template: the template has
-    `{% generation %}` markers (ours does), or is one TRL knows how to patch with them."""
-    from trl.chat_template_utils import get_training_chat_template
+    """Whether TRL's assistant-only loss can mark the replies in this tokenizer's chat template, end-of-turn token
+    included: the template has `{% generation %}` markers (ours does), or is one TRL knows how to patch with them,
+    and its marked span takes in the token that ends a reply. A hub template that marks the content alone would
+    never teach the model to stop (TRL only warns); `reply_masks` ends each span at that token instead."""
+    from trl.chat_template_utils import get_training_chat_template, is_chat_template_stop_token_trained
 
     try:
-        get_training_chat_template(tokenizer)
+        template = get_training_chat_template(tokenizer)
     except ValueError:
         return False
-    return True
+    return is_chat_template_stop_token_trained(tokenizer, chat_template=template)
 
 
 class TemplateError(ValueError):

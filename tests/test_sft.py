@@ -146,6 +146,13 @@ def test_a_chat_template_trl_cannot_mark_trains_on_the_replies_alone(micro_pretr
         assert [tokenizer.decode(batch["input_ids"][row, a:b]) for a, b in zip(starts, ends)] == \
             [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
 
+    # {% generation %} around a reply's content alone: TRL would never train <|im_end|> (it only warns), so these
+    # replies are marked here as well; our own template's markers take in its end-of-turn token
+    marked_tokenizer = load_tokenizer(str(outside))
+    marked_tokenizer.chat_template = CHATML.replace(
+        "{{ m['content'] }}", "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+                              "{% else %}{{ m['content'] }}{% endif %}")
+    assert not trl_masks_replies(marked_tokenizer) and trl_masks_replies(load_tokenizer(str(micro_pretrain)))
     # a template that renders earlier replies otherwise (as thinking models drop their reasoning) is refused with
     # the row whose conversation shows it, not a traceback (the first row, one turn, passes)
     forgetful = tokenizer.chat_template.replace("{{ m['content'] }}", "{{ '...' if m['role'] == 'assistant' and not "
@@ -635,15 +642,18 @@ def test_lora_on_a_model_that_gets_new_chat_tokens_is_refused_and_full_tuning_tr
     assert untrained_role_tokens(tokenizer) == []  # SFT trained them: LoRA on from here is fine
 
 
-def test_demonstrations_all_cut_to_nothing_stop_the_run_naming_the_file(micro_pretrain, tmp_path):
-    """Every demonstration dropped: the Trainer failed on an empty dataloader with a traceback."""
+@pytest.mark.parametrize("packing", [False, True])
+def test_demonstrations_all_cut_to_nothing_stop_the_run_naming_the_file(micro_pretrain, tmp_path, packing):
+    """Every demonstration dropped: the Trainer failed on an empty dataloader with a traceback. Packed, TRL keeps
+    the rows it cuts: the run trained on nothing, logged an eval loss of 0 and wrote final/."""
     data = tmp_path / "long.jsonl"
     system = {"role": "system", "content": " ".join(["rule"] * 200)}
     chat = [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     data.write_text(json.dumps({"messages": chat}) + "\n")
     with pytest.raises(DataError, match=rf"{data}: no demonstration left: each has no assistant token within "
                                         r"max_length=96"):
-        main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", "max_steps=1", *QUICK))
+        main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", f"packing={packing}",
+                      "max_steps=1", *QUICK))
     assert not (tmp_path / "long" / "sft" / "final").exists()
 
 
@@ -663,3 +673,31 @@ def test_a_bad_setting_leaves_the_earlier_runs_checkpoints_for_a_resume(micro_pr
     with pytest.raises(DataError, match="no demonstration left"):
         main(sft_args(tmp_path, "r", *run, "max_steps=4", f"data.path={data}"))
     assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints.parent / "checkpoints.earlier").exists()
+
+
+@pytest.mark.parametrize("template", ["marked", "chatml"])
+def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pretrain, tmp_path, template):
+    """Gemma's template raises "System role not supported" on a system turn, Mistral's on turns out of order: SFT
+    ended in a Jinja traceback from inside TRL (or from our reply masks), naming no row."""
+    from pipeline.tokenizer import load_tokenizer
+
+    outside = tmp_path / "outside"
+    shutil.copytree(micro_pretrain, outside)
+    tokenizer = AutoTokenizer.from_pretrained(outside)
+    if template == "chatml":  # no {% generation %} markers: our reply masks read it
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+                                     replace_extra_special_tokens=False)
+        tokenizer.chat_template = CHATML
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    tokenizer.chat_template = no_system + load_tokenizer(str(outside)).chat_template \
+        if template == "marked" else no_system + tokenizer.chat_template
+    tokenizer.save_pretrained(outside)
+    data = tmp_path / "chats.jsonl"
+    chats = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello."}]]
+    data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    with pytest.raises(DataError, match=rf"{re.escape(str(data))}, row 2, column 'messages': the chat template of "
+                                        r".*outside refuses this conversation: System role not supported"):
+        main(sft_args(tmp_path, "refused", f"init_from={outside}", f"data.path={data}", f"eval_data.path={data}",
+                      *QUICK, "max_steps=1"))

@@ -42,7 +42,7 @@ from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer, trl_masks_repl
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (RESUME_SETTINGS_FILE, ProgressBar, RecordResumeSettings, StageSFTTrainer,
                                       StopOnNonFiniteGradients, check_resumable, finished_steps, resume_checkpoint,
-                                      with_reply_masks)
+                                      template_refusals_named, trains_a_token, with_reply_masks)
 
 
 @dataclass
@@ -238,15 +238,18 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label. Built (and so
     # checked) before the earlier run's checkpoints are set aside: a bad setting must leave them for a resume
-    if not trl_masks_replies(tokenizer):  # a template without {% generation %} markers that TRL cannot patch
-        train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
-                                 for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
-        arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
-    trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
-                              processing_class=tokenizer, peft_config=peft_config)
+    with template_refusals_named(tokenizer, init, [(train_data, cfg.data.path), (eval_data, cfg.eval_data.path)]):
+        if not trl_masks_replies(tokenizer):  # no {% generation %} markers TRL can use (or patch in)
+            train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
+                                     for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
+            arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
+        trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+                                  processing_class=tokenizer, peft_config=peft_config)
     for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
-        if isinstance(data, Dataset) and len(data) == 0:  # the Trainer would fail on an empty dataloader
+        # none left (the Trainer would fail on an empty dataloader), or, packed (TRL keeps the rows it cuts), none
+        # with a trained token: the run trained on nothing and reported an eval loss of 0
+        if isinstance(data, Dataset) and not trains_a_token(data):
             raise DataError(spec.path, f"no demonstration left: each has no assistant token within "
                                        f"max_length={cfg.max_length} (TRL cuts at max_length and drops those); "
                                        "raise max_length")
@@ -276,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[sft] warning: {len(train_data) - len(kept):,} of {len(train_data):,} demonstrations dropped: "
                   f"no assistant token within max_length={cfg.max_length} (raise max_length to keep them)")
             sizes[0] = f"{len(kept):,}"
+        if not cfg.packing and isinstance(eval_data, Dataset):
+            sizes[1] = f"{len(trainer.eval_dataset):,}"  # held out and evaluated: TRL drops the same rows there
         tracker.summary({"model/parameters": n_params, "model/trainable_parameters": n_trainable})
         print(f"[sft] {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable) from {init}; "
               f"{sizes[0]} demonstrations, {sizes[1]} held out"

@@ -4,16 +4,19 @@ the settings record beside each checkpoint, the NaN guard and the progress bar. 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
+import jinja2
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 
+from data.loading import DataError
 from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
@@ -131,6 +134,36 @@ def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, sour
     first = next(iter(data))
     masked(first, 0)  # a template we cannot read at all fails before the model trains
     return data.map(masked, with_indices=True, remove_columns=list(first))
+
+
+def trains_a_token(data: Dataset) -> bool:
+    """Whether a row of TRL's tokenized data has a token in the loss: its assistant mask, or, packed, its labels
+    (the first such row ends the scan)."""
+    if "assistant_masks" in data.column_names:
+        return any(any(mask) for mask in data["assistant_masks"])
+    if "labels" in data.column_names:
+        return any(any(label != -100 for label in labels) for labels in data["labels"])
+    return len(data) > 0
+
+
+@contextlib.contextmanager
+def template_refusals_named(tokenizer, init: str, datasets: list[tuple[Dataset | IterableDataset, str]]):
+    """Around tokenizing `datasets` ((data, source) pairs): a conversation the chat template refuses (Gemma's "System
+    role not supported", Mistral's "roles must alternate") ended in a Jinja traceback from inside TRL. It becomes a
+    DataError naming the first such row, found again by rendering row by row (only once one has failed)."""
+    try:
+        yield
+    except jinja2.TemplateError as error:
+        for data, source in datasets:
+            for index, row in enumerate(data if isinstance(data, Dataset) else []):
+                try:
+                    tokenizer.apply_chat_template(row["messages"], tokenize=False)
+                except jinja2.TemplateError as refused:
+                    raise DataError(source, f"the chat template of {init} refuses this conversation: {refused}. "
+                                            "Change the data (e.g. fold a system message into the first user "
+                                            "turn), or train from a model whose template takes it", row=index + 1,
+                                    column="messages") from None
+        raise DataError(datasets[0][1], f"the chat template of {init} refuses a conversation: {error}") from None
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
