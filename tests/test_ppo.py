@@ -328,6 +328,8 @@ def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_p
                                            ("kl_horizon=0", "kl_horizon"),  # a ValueError traceback at start-up
                                            ("grad_clip=0", "grad_clip"),  # every gradient zeroed
                                            ("ema_decay=1", "ema_decay"),
+                                           # replaced before the clip: -10 and -50 both trained as -5
+                                           ("missing_eos_penalty=-10", "missing_eos_penalty"),
                                            ("lam=1.5", "lam")])
 def test_settings_ppo_cannot_honour_are_refused_by_key(micro_sft, micro_rm, tmp_path, override, key):
     from stages.ppo.ppo import main
@@ -338,8 +340,14 @@ def test_settings_ppo_cannot_honour_are_refused_by_key(micro_sft, micro_rm, tmp_
 
 
 def test_ddp_two_processes_keep_identical_policies(micro_sft, micro_rm, tmp_path):
+    # one world prompt among prompts of our own, so one rank's rollouts hold none: its gold-score sums were int64
+    # zeros against the other rank's floats, and gloo aborted on the mismatched all-reduce
+    prompts = tmp_path / "mixed.jsonl"
+    own = [{"prompt": f"Tell me something nice about the number {i}."} for i in range(15)]
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in [*own[:7], {"prompt": "How much is 25 minus 13?"},
+                                                                  *own[7:]]))
     run = launch_two_ranks("stages.ppo", ppo_args(tmp_path, "ddp", micro_sft, micro_rm, "max_steps=2", "eval_every=2",
-                                                  "eval_prompts=4"))
+                                                  "eval_prompts=4", f"prompts.path={prompts}"))
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "ppo"
     fingerprints = dict(re.findall(r"rank (\d+) policy fingerprint (\w+)", run.stdout))
@@ -385,7 +393,8 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
     else:  # the reply length decides which prompts fit the model's positions, so which prompts each step reads;
         # other prompts were once refused as "another version of the world", with no key named
         for changed, said in (("sampling.max_new_tokens=9", "key 'sampling.max_new_tokens' was 16 there, 9 now"),
-                              ("prompts.path=world:pref_prompts", "key 'prompts.path' was world:ppo_prompts there, world:pref_prompts now")):
+                              ("prompts.path=world:pref_prompts", "key 'prompts.path' was world:ppo_prompts there, world:pref_prompts now"),
+                              ("ptx=true", "key 'ptx' was False there, True now")):
             refused = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3",
                                       changed], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
             assert refused.returncode == 1 and said in refused.stderr, refused.stderr[-2000:]

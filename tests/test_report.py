@@ -300,7 +300,7 @@ def test_a_later_launch_that_has_not_finished_leaves_what_the_report_reads_of_fi
     assert (ppo / "final" / "pipeline_config.yaml").read_text() == (ppo / "config.yaml").read_text()
     trained = yaml.safe_load((ppo / "config.yaml").read_text())
     # the later launch: other settings, and a metrics file cut mid-line by a kill
-    (ppo / "config.yaml").write_text(yaml.safe_dump({**trained, "missing_eos_penalty": -7.0,
+    (ppo / "config.yaml").write_text(yaml.safe_dump({**trained, "missing_eos_penalty": -3.0,
                                                      "reward_model": str(tmp_path / "nowhere"),
                                                      "sampling": {**trained["sampling"], "temperature": 0.3}}))
     (pretrain / "metrics.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n{"step": 2, "train/lo')
@@ -309,7 +309,7 @@ def test_a_later_launch_that_has_not_finished_leaves_what_the_report_reads_of_fi
 
     cfg = evaluate.load_run_config(str(MICRO / "ppo.yaml"), [f"runs_dir={tmp_path}", "run_name=later"])
     settings = evaluate.run_ppo_settings(cfg)
-    assert settings.missing_eos_penalty == trained["missing_eos_penalty"] != -7.0
+    assert settings.missing_eos_penalty == trained["missing_eos_penalty"] != -3.0
     # read the same through another stage's config (--config is any stage YAML of the run)
     other = evaluate.load_run_config(str(MICRO / "sft.yaml"), [f"runs_dir={tmp_path}", "run_name=later"])
     assert evaluate.run_ppo_settings(other) == settings

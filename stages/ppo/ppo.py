@@ -180,6 +180,10 @@ class PPOStageConfig(StageConfig):
         for key in ("cliprange", "cliprange_value", "adam_eps", "reward_clip"):
             if getattr(self, key) <= 0:  # clipping at 0 would zero every update / reward
                 raise FieldError(key, f"must be > 0, got {getattr(self, key)}")
+        if self.missing_eos_penalty is not None and abs(self.missing_eos_penalty) > self.reward_clip:
+            # the penalty replaces the score before the clip: beyond it, -10 and -50 would both train as -5
+            raise FieldError("missing_eos_penalty", f"{self.missing_eos_penalty} is beyond reward_clip "
+                                                    f"{self.reward_clip}, which would clip it; raise reward_clip")
         if self.ptx_block_size < 2:  # a block predicts its tokens from the ones before
             raise FieldError("ptx_block_size", f"must be 2 or more, got {self.ptx_block_size}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -288,11 +292,11 @@ def main(argv: list[str] | None = None) -> None:
         ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                             use_buffers=True).eval()
     start_step = 0
-    # the prompts each step reads; and what the restored optimizers (eps) and saved adapter (lora.*) would
-    # overrule without a word
+    # the prompts (and pretraining text) each step reads; and what the restored optimizers (eps) and saved adapter
+    # (lora.*) would overrule without a word
     settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
-                                     "critic_warmup_steps", "ptx_batch_size", "ptx_block_size", "prompts",
-                                     "max_prompt_tokens", "adam_eps", "lora"), n_ranks)
+                                     "critic_warmup_steps", "ptx", "ptx_data", "ptx_batch_size", "ptx_block_size",
+                                     "prompts", "max_prompt_tokens", "adam_eps", "lora"), n_ranks)
     # the prompt filter leaves room for the reply within the model's positions: another length keeps other prompts
     settings["sampling.max_new_tokens"] = cfg.sampling.max_new_tokens
     if checkpoint is not None:
@@ -455,7 +459,9 @@ def main(argv: list[str] | None = None) -> None:
                  "rollout/eos_rate": data["has_eos"].float().mean(),
                  **{k: torch.stack([s[k] for s in update_stats if k in s]).mean() for k in update_stats[-1]}}
         metrics = dict(zip(local, accelerator.reduce(torch.stack(list(local.values())).float(), "mean").tolist()))
-        gold_sum, gold_count = accelerator.reduce(torch.tensor([sum(gold), len(gold)], device=device), "sum").tolist()
+        # float64 on every rank: a rank without world prompts would send int64 zeros, a collective of another size
+        gold_stats = torch.tensor([float(sum(gold)), float(len(gold))], dtype=torch.float64, device=device)
+        gold_sum, gold_count = accelerator.reduce(gold_stats, "sum").tolist()
         if gold_count:
             metrics["objective/gold_score"] = gold_sum / gold_count
         tokens = accelerator.reduce(mask.sum().float(), "sum").item()
