@@ -109,6 +109,9 @@ COLUMN_FEATURES: dict[str, Any] = {
     "gold_scores": datasets.List(datasets.Value("float64")),
     "ratings": datasets.List(datasets.Value("float64")),
     "family": _STRING,
+    # how many of an SFT row's messages are its prompt (prompt + completion data): their replies are context, and
+    # only the completion is trained, as TRL trains such data. 0 for a conversation given as `messages`: every reply
+    "prompt_turns": datasets.Value("int64"),
 }
 
 
@@ -134,7 +137,7 @@ class Schema:
 
 SCHEMAS: dict[str, Schema] = {
     "text": Schema("text", ("text",), (("text",),)),
-    "sft": Schema("sft", ("messages",), (("messages",), ("prompt", "completion")), ("family",)),
+    "sft": Schema("sft", ("messages", "prompt_turns"), (("messages",), ("prompt", "completion")), ("family",)),
     "preferences": Schema("preferences", ("prompt", "responses"),
                           (("prompt", "responses"), ("prompt", "chosen", "rejected"), ("chosen", "rejected")),
                           ("family", "gold_scores", "ratings")),
@@ -167,11 +170,12 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
         out = {"prompt": _prompt(_with_input(row)["prompt"], "prompt")}
     elif schema.name == "sft":
         if form == ("messages",):
-            out = {"messages": _messages(row["messages"], "messages")}
+            out = {"messages": _messages(row["messages"], "messages"), "prompt_turns": 0}
         else:
             prompt = _no_empty_reply(_turns_or_text(_with_input(row), "prompt", "user"), "prompt")
-            completion = _no_empty_reply(_turns_or_text(row, "completion", "assistant"), "completion")
-            out = {"messages": _messages(prompt + completion, "completion")}
+            # the completion alone is trained: it must hold a reply of its own
+            completion = _messages(_turns_or_text(row, "completion", "assistant"), "completion")
+            out = {"messages": prompt + completion, "prompt_turns": len(prompt)}
     elif schema.name == "preferences":
         if form == ("prompt", "responses"):
             out = {"prompt": _prompt(row["prompt"], "prompt"), "responses": _ranked_responses(row["responses"])}

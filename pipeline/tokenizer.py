@@ -194,11 +194,12 @@ class TemplateError(ValueError):
     """A chat template whose replies cannot be told apart from the rest of the conversation."""
 
 
-def reply_masks(tokenizer, messages: list[dict[str, str]]) -> dict[str, list[int]]:
+def reply_masks(tokenizer, messages: list[dict[str, str]], prompt_turns: int = 0) -> dict[str, list[int]]:
     """`input_ids` and `assistant_masks` (1 on each assistant reply and its end-of-turn token) of a conversation in
     the tokenizer's chat template, for templates TRL cannot mark (trl_masks_replies). A reply is where the
     conversation rendered through it extends the conversation before it with the generation prompt; it ends at
-    the end-of-turn token (what the template writes after it, a newline, is never sampled)."""
+    the end-of-turn token (what the template writes after it, a newline, is never sampled). The replies among the
+    first `prompt_turns` messages, the prompt of a prompt + completion row, are left unmarked."""
     def render(turns: list[dict[str, str]], prompt: bool = False) -> str:
         return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=prompt)
 
@@ -207,7 +208,7 @@ def reply_masks(tokenizer, messages: list[dict[str, str]]) -> dict[str, list[int
 
     text, spans = render(messages), []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < prompt_turns:
             continue
         before, through = render(messages[:i], prompt=True), render(messages[:i + 1])
         if not (through.startswith(before) and text.startswith(through)):

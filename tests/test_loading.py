@@ -69,13 +69,13 @@ def test_txt_gives_one_row_per_non_empty_line(tmp_path):
 def test_sft_messages_and_prompt_completion(tmp_path, suffix):
     chat = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."}]
     messages = load(write_rows(tmp_path / f"chat{suffix}", [{"messages": chat, "family": "arithmetic"}]), "sft")
-    assert messages.column_names == ["messages", "family"]
-    assert messages[0] == {"messages": chat, "family": "arithmetic"}
+    assert messages.column_names == ["messages", "prompt_turns", "family"]
+    assert messages[0] == {"messages": chat, "prompt_turns": 0, "family": "arithmetic"}  # every reply trains
 
     pairs = write_rows(tmp_path / f"pc{suffix}", [{"prompt": "What is 2 plus 2?", "completion": "4."}])
     normalised = load(pairs, "sft")
-    assert normalised.column_names == ["messages"]
-    assert normalised[0]["messages"] == chat
+    assert normalised.column_names == ["messages", "prompt_turns"]
+    assert normalised[0] == {"messages": chat, "prompt_turns": 1}  # the first message is the prompt
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
@@ -206,8 +206,8 @@ def test_world_paths(tmp_path):
                          ppo_prompts=10, eval_prompts=10)
     world_dir = write_world(tmp_path / "world", config)
     for split, schema, columns in [("pretrain", "text", ["text"]),
-                                   ("sft_train", "sft", ["messages", "family"]),
-                                   ("sft_eval", "sft", ["messages", "family"]),
+                                   ("sft_train", "sft", ["messages", "prompt_turns", "family"]),
+                                   ("sft_eval", "sft", ["messages", "prompt_turns", "family"]),
                                    ("prefs_static", "preferences", ["prompt", "responses", "family", "gold_scores"]),
                                    ("pref_prompts", "prompts", ["prompt", "family"]),
                                    ("ppo_prompts", "prompts", ["prompt", "family"]),
@@ -369,6 +369,7 @@ def test_an_hh_transcript_prompt_trains_sft_on_the_turns_every_stage_prompts_wit
                                    {"role": "assistant", "content": " Four."}]
     assert rows[1]["messages"] == [{"role": "user", "content": "What is 3 plus 3?"},
                                    {"role": "assistant", "content": "Six."}]
+    assert rows["prompt_turns"] == [3, 1]  # the transcript's reply "Hello!" is the prompt's, not trained
 
 
 def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
@@ -472,7 +473,12 @@ def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_hold
     assert [prompt_messages(p) for p in prompts["prompt"]] == [before, [said("user", "Plain?")]]
     sft = load(write_rows(tmp_path / "pc.jsonl", [{"prompt": before, "completion": [said("assistant", "Paris.")]}]),
                "sft")
-    assert sft[0]["messages"] == [*before, said("assistant", "Paris.")]
+    assert sft[0]["messages"] == [*before, said("assistant", "Paris.")] and sft[0]["prompt_turns"] == 3
+    # only the completion is trained: one without a reply of its own would train nothing
+    no_reply = write_rows(tmp_path / "no_reply.jsonl", [{"prompt": before, "completion": [said("user", "Thanks.")]}])
+    with pytest.raises(DataError) as error:
+        load(no_reply, "sft")
+    assert "at least one assistant turn; found none" in assert_data_error(error, no_reply, 1, "completion")
 
 
 @pytest.mark.parametrize("row, column, words", [

@@ -66,6 +66,56 @@ def test_labels_mask_every_non_assistant_token(micro_pretrain, tmp_path):
         assert spans == [m["content"] + tokenizer.eos_token for m in messages if m["role"] == "assistant"]
 
 
+def trained_spans(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
+    """The text of each run of trained tokens (labels other than -100)."""
+    trained = [label != -100 for label in labels]
+    starts = [i for i in range(len(trained)) if trained[i] and (i == 0 or not trained[i - 1])]
+    ends = [i + 1 for i in range(len(trained)) if trained[i] and (i + 1 == len(trained) or not trained[i + 1])]
+    return [tokenizer.decode(ids[a:b]) for a, b in zip(starts, ends)]
+
+
+def test_prompt_completion_rows_train_the_completion_alone(micro_pretrain, tmp_path):
+    """A prompt + completion row whose prompt holds earlier replies (as chat turns, or an hh-rlhf transcript) became
+    one conversation, and every assistant turn in it was trained, the prompt's replies too. As TRL trains its own
+    prompt-completion data, only the completion is trained now: by TRL's masks and by ours (templates TRL cannot
+    mark), packed or not, in the eval loss too. A `messages` row still trains every reply."""
+    from stages.sft.trainer_parts import StageSFTTrainer, with_reply_masks
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain)
+    prompt = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "I refuse."},
+              {"role": "user", "content": "Please?"}]
+    chat = [{"role": "user", "content": "What is 12 plus 30?"}, {"role": "assistant", "content": "42."},
+            {"role": "user", "content": "And 1 plus 1?"}, {"role": "assistant", "content": "2."}]
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps(row) + "\n" for row in (
+        {"prompt": prompt, "completion": [{"role": "assistant", "content": "Teal."}]},
+        {"prompt": "\n\nHuman: Name a colour.\n\nAssistant: I refuse.\n\nHuman: Please?\n\nAssistant:",
+         "completion": "Teal."},
+        {"messages": chat})))
+    data = load_dataset_for(DatasetSpec(path=str(demos)), "sft")
+    assert data[0]["messages"] == data[1]["messages"] == [*prompt, {"role": "assistant", "content": "Teal."}]
+    expected = [["Teal.<|end|>"], ["Teal.<|end|>"], ["42.<|end|>", "2.<|end|>"]]
+    for trl_marks in (True, False):
+        for packing in (False, True):
+            cfg = load_config(SFTStageConfig, MICRO / "sft.yaml", [f"runs_dir={tmp_path}",
+                                                                     f"packing={str(packing).lower()}"])
+            arguments = training_arguments(cfg, tmp_path / "checkpoints")
+            arguments.assistant_only_loss = trl_marks  # as stages.sft does for a template TRL cannot mark
+            rows = data if trl_marks else with_reply_masks(data, tokenizer, str(micro_pretrain), str(demos))
+            trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=rows, eval_dataset=rows,
+                                      processing_class=tokenizer)
+            for prepared in (trainer.train_dataset, trainer.eval_dataset):
+                spans = [trained_spans(tokenizer, row["input_ids"], row["labels"]) for row in prepared]
+                if packing:  # demonstrations share blocks, in another order
+                    assert sorted(sum(spans, [])) == sorted(sum(expected, [])), (trl_marks, spans)
+                    continue
+                assert spans == expected, (trl_marks, spans)
+                # the prompt is still read, whole: only its labels are left out
+                assert [row["input_ids"] for row in prepared] == \
+                    [tokenizer.apply_chat_template(m, return_dict=True)["input_ids"] for m in data["messages"]]
+
+
 def test_eval_loss_is_per_token_at_any_eval_batch_size_and_the_first_step_learns(micro_pretrain, tmp_path):
     """The Trainer averaged batch means over examples (eval loss 2.80 at eval batch 1, 2.91 at 8, 2.93 by hand),
     and its cosine schedule gave the first optimizer step a learning rate of 0 (a one-step run changed nothing)."""

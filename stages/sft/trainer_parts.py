@@ -11,10 +11,12 @@ from pathlib import Path
 
 import jinja2
 import torch
+from accelerate import PartialState
 from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
+from trl.data_utils import common_prefix_length, get_dataset_column_names
 
 from data.loading import DataError
 from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, write_text_atomic
@@ -50,7 +52,20 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 
 class StageSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler), the stages'
-    learning-rate schedule, and a held-out loss per token."""
+    learning-rate schedule, a held-out loss per token, and the replies of a demonstration's prompt left untrained
+    (completion_masks)."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        """Demonstrations as data.loading gives them are tokenized here, not by TRL: TRL would train every reply in
+        `messages`, those of a prompt + completion row's prompt too. It then builds the labels from our masks,
+        truncates and packs as it does."""
+        columns = get_dataset_column_names(dataset)
+        if args.assistant_only_loss and PROMPT_TURNS in columns:
+            with PartialState().main_process_first():  # as TRL tokenizes: one process writes the datasets cache
+                dataset = dataset.map(completion_masks, with_indices=True, remove_columns=columns,
+                                      fn_kwargs={"tokenizer": processing_class, "chat_template": self.chat_template,
+                                                 "data_name": dataset_name})
+        return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Cosine after a warmup that starts above 0 (pipeline.schedule): transformers' first step learnt nothing."""
@@ -119,13 +134,37 @@ def row_token_losses(logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, 
     return torch.stack(sums), (targets != -100).sum(-1).float(), torch.stack(correct).float()
 
 
+PROMPT_TURNS = "prompt_turns"  # data.loading's count of the messages that are a demonstration's prompt
+
+
+def completion_masks(row: dict, index: int, tokenizer, chat_template: str | None, data_name: str) -> dict:
+    """A conversation tokenized as TRL tokenizes it for its assistant-only loss (the replies marked by the template's
+    {% generation %}; `chat_template`: TRL's training template, or None for the tokenizer's own), with the replies in
+    its first `prompt_turns` messages unmarked. Like TRL's prompt-completion data, the completion starts where the
+    prompt, rendered with the generation prompt, and the whole conversation part."""
+    messages, prompt_turns = row["messages"], row.get(PROMPT_TURNS) or 0
+    encoded = tokenizer.apply_chat_template(messages, chat_template=chat_template, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    ids, masks = encoded["input_ids"], encoded["assistant_masks"]
+    if 1 not in masks:  # TRL's own check, which tokenizing here bypasses
+        raise RuntimeError(f"the chat template marks no reply of demonstration {index + 1} in the {data_name} data "
+                           "as the assistant's: check its {% generation %} markers")
+    if any(m["role"] == "assistant" for m in messages[:prompt_turns]):  # else nothing in the prompt is marked
+        prompt = tokenizer.apply_chat_template(messages[:prompt_turns], chat_template=chat_template, tokenize=True,
+                                               return_dict=True, add_generation_prompt=True)["input_ids"]
+        start = common_prefix_length(prompt, ids)
+        masks = [0] * start + masks[start:]
+    return {"input_ids": ids, "assistant_masks": masks}
+
+
 def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, source: str
                      ) -> Dataset | IterableDataset:
-    """The conversations tokenized, each reply marked for the loss (reply_masks), for a chat template TRL cannot
-    mark itself. A conversation the template does not render reply by reply is refused by key, with its row."""
+    """The conversations tokenized, each reply marked for the loss (reply_masks; not those of a prompt + completion
+    row's prompt), for a chat template TRL cannot mark itself. A conversation the template does not render reply by
+    reply is refused by key, with its row."""
     def masked(row: dict, index: int) -> dict:
         try:
-            return reply_masks(tokenizer, row["messages"])
+            return reply_masks(tokenizer, row["messages"], row.get(PROMPT_TURNS) or 0)
         except TemplateError as e:
             raise ConfigError(f"key 'init_from': {init}: {e} (conversation of row {index + 1} in {source}), and "
                               "has no {% generation %} markers TRL could use. Give its tokenizer a chat template "
