@@ -7,7 +7,8 @@ seconds to import) Ctrl-C ends the launcher at once, as a signal does (raising K
 swallowed by a library's import). The handler, unlike SIG_IGN, is not inherited by the stage.
 (Multi-process launches hand the signal to torch's elastic agent, which stops its workers itself.)
 A stage that fails in a multi-process launch has said why on its ranks; the elastic agent's ChildFailedError
-traceback after that (accelerate's --quiet covers one-process launches only) becomes the stage's exit code.
+traceback after that (accelerate's --quiet covers one-process launches only) becomes the stage's exit code; a
+rank killed by a signal, which said nothing, is named.
 """
 import os
 import signal
@@ -31,4 +32,11 @@ if __name__ == "__main__":
     try:
         main()
     except ChildFailedError as failed:
-        sys.exit(next((f.exitcode for f in failed.failures.values() if f.exitcode > 0), 1))
+        codes = {rank: f.exitcode for rank, f in failed.failures.items()}
+        if any(code > 0 for code in codes.values()):  # the stage said why
+            sys.exit(next(code for code in codes.values() if code > 0))
+        # killed by a signal (the OOM killer's SIGKILL, say): nothing was said, so say it here; the first to fail
+        # is the cause (the agent then stops the others)
+        rank, first = failed.get_first_failure()
+        print(f"error: rank {rank} was killed by {signal.Signals(-first.exitcode).name}", file=sys.stderr)
+        sys.exit(128 - first.exitcode)

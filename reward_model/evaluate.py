@@ -23,6 +23,8 @@ import json
 import re
 from pathlib import Path
 
+import yaml
+
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import checkpoint_config, write_text_atomic
 from pipeline.config import load_config
@@ -48,7 +50,11 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     if not trained_config.exists():
         raise DataError(str(trained_config), f"no RM training in run '{cfg.run_name}' to take held-out rankings "
                                              "from (this file does not exist): train it (make rm), or pass --data")
-    trained = load_config(RewardModelConfig, trained_config, [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"])
+    overrides = [f"runs_dir={cfg.runs_dir}", f"run_name={cfg.run_name}"]
+    recorded = yaml.safe_load(trained_config.read_text()) or {}
+    if recorded.get("eval_data") is not None and recorded.get("train_data") is None:
+        overrides.append("eval_data=null")  # an RM trained before eval_data was refused without train_data ignored it
+    trained = load_config(RewardModelConfig, trained_config, overrides)
     world = run_world(trained)
     _, rows, source = load_rankings(trained, world=world)
     final = stage_paths(cfg, "rm").final

@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             check_collected_with(cfg, Path(source))
         add_gold_criteria(cfg, eval_rows)
         # collected preferences come from the world, and so does a world:<split> given as data
-        world_specs = [spec for spec in (cfg.train_data, cfg.eval_data)
-                       if spec is not None and spec.path.strip().startswith("world:")]
-        world = world_dir(cfg) if cfg.train_data is None or world_specs else None
+        reads_world = any(spec is not None and spec.path.startswith("world:")
+                          for spec in (cfg.train_data, cfg.eval_data))
+        world = world_dir(cfg) if cfg.train_data is None or reads_world else None
     micro_batch = cfg.batch_size * n_procs
     steps_per_epoch = len(train_rows) // (micro_batch * cfg.grad_accum)
     if steps_per_epoch == 0:
@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         check_lora_can_train(tokenizer, init)
     model = build_model(cfg, init, tokenizer, checkpoint)
     check_length_fits(model, cfg.max_length, "max_length")
-    lineage = world_lineage("rm", learned_world_data(world, *world_specs),
+    # what it learned from: the training rankings (held-out ones are only evaluated on)
+    lineage = world_lineage("rm", learned_world_data(world, *([cfg.train_data] if cfg.train_data else [])),
                             *([source] if cfg.train_data is None else []), init)
     mark_in_training(model, "rm", lineage)
     # recollected preferences (or edited train_data files) would have the resumed steps read other rankings

@@ -1218,6 +1218,11 @@ def test_a_stage_that_fails_under_a_multi_process_launch_leaves_its_message_not_
                              "configs/accelerate/cpu_ddp.yaml", str(stage)], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}, timeout=120)
     assert launch.returncode == 3 and "Traceback" not in launch.stderr, launch.stderr
+    # a rank killed by a signal (the OOM killer, say) said nothing itself: the launcher names it
+    stage.write_text("import os, signal\nif os.environ['RANK'] == '1':\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    launch = subprocess.run(launch.args, cwd=REPO, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"})
+    assert launch.returncode == 128 + 9 and "error: rank 1 was killed by SIGKILL" in launch.stderr, launch.stderr
 
 
 def test_a_typo_in_a_section_file_is_named_in_that_file(tmp_path):

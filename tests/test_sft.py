@@ -725,8 +725,8 @@ def test_a_bad_setting_leaves_the_earlier_runs_checkpoints_for_a_resume(micro_pr
     assert (checkpoints / "checkpoint-2").is_dir() and not (checkpoints.parent / "checkpoints.earlier").exists()
 
 
-@pytest.mark.parametrize("template", ["marked", "chatml"])
-def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pretrain, tmp_path, template):
+@pytest.mark.parametrize("template, streamed", [("marked", False), ("chatml", False), ("marked", True)])
+def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pretrain, tmp_path, template, streamed):
     """Gemma's template raises "System role not supported" on a system turn, Mistral's on turns out of order: SFT
     ended in a Jinja traceback from inside TRL (or from our reply masks), naming no row."""
     from pipeline.tokenizer import load_tokenizer
@@ -747,7 +747,11 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pret
              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
               {"role": "assistant", "content": "Hello."}]]
     data.write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    # streamed held-out data that the template refuses was blamed on the training file
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": chats[0]}) + "\n")
+    sources = [f"data.path={good}", f"eval_data.path={data}", "eval_data.streaming=true"] if streamed else \
+        [f"data.path={data}", f"eval_data.path={data}"]
     with pytest.raises(DataError, match=rf"{re.escape(str(data))}, row 2, column 'messages': the chat template of "
                                         r".*outside refuses this conversation: System role not supported"):
-        main(sft_args(tmp_path, "refused", f"init_from={outside}", f"data.path={data}", f"eval_data.path={data}",
-                      *QUICK, "max_steps=1"))
+        main(sft_args(tmp_path, "refused", f"init_from={outside}", *sources, *QUICK, "max_steps=1"))

@@ -182,8 +182,9 @@ class PPOStageConfig(StageConfig):
                 raise FieldError(key, f"must be > 0, got {getattr(self, key)}")
         if self.missing_eos_penalty is not None and abs(self.missing_eos_penalty) > self.reward_clip:
             # the penalty replaces the score before the clip: beyond it, -10 and -50 would both train as -5
-            raise FieldError("missing_eos_penalty", f"{self.missing_eos_penalty} is beyond reward_clip "
-                                                    f"{self.reward_clip}, which would clip it; raise reward_clip")
+            raise FieldError(("missing_eos_penalty", "reward_clip"),
+                             f"a penalty of {self.missing_eos_penalty} is beyond reward_clip {self.reward_clip}, "
+                             "which would clip it; raise reward_clip or lower the penalty")
         if self.ptx_block_size < 2:  # a block predicts its tokens from the ones before
             raise FieldError("ptx_block_size", f"must be 2 or more, got {self.ptx_block_size}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -294,9 +295,11 @@ def main(argv: list[str] | None = None) -> None:
     start_step = 0
     # the prompts (and pretraining text) each step reads; and what the restored optimizers (eps) and saved adapter
     # (lora.*) would overrule without a word
+    # (ptx_data only with ptx: unread text is no reason to refuse)
     settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
-                                     "critic_warmup_steps", "ptx", "ptx_data", "ptx_batch_size", "ptx_block_size",
-                                     "prompts", "max_prompt_tokens", "adam_eps", "lora"), n_ranks)
+                                     "critic_warmup_steps", "ptx", *(("ptx_data",) if cfg.ptx else ()),
+                                     "ptx_batch_size", "ptx_block_size", "prompts", "max_prompt_tokens", "adam_eps",
+                                     "lora"), n_ranks)
     # the prompt filter leaves room for the reply within the model's positions: another length keeps other prompts
     settings["sampling.max_new_tokens"] = cfg.sampling.max_new_tokens
     if checkpoint is not None:

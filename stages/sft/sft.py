@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> None:
     # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label. Built (and so
     # checked) before the earlier run's checkpoints are set aside: a bad setting must leave them for a resume
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
-    with template_refusals_named(tokenizer, init, [(train_data, cfg.data.path), (eval_data, cfg.eval_data.path)]):
-        if not trl_masks_replies(tokenizer):  # no {% generation %} markers TRL can use (or patch in)
+    sources = [(train_data, cfg.data.path), (eval_data, cfg.eval_data.path)]  # a stream is tokenized as it is read
+    with template_refusals_named(tokenizer, init, sources):
+        # no {% generation %} markers TRL can use (or patch in), or none that take in the end-of-turn token
+        if not trl_masks_replies(tokenizer):
             train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
                                      for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
             arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
@@ -251,8 +253,8 @@ def main(argv: list[str] | None = None) -> None:
         # with a trained token: the run trained on nothing and reported an eval loss of 0
         if isinstance(data, Dataset) and not trains_a_token(data):
             raise DataError(spec.path, f"no demonstration left: each has no assistant token within "
-                                       f"max_length={cfg.max_length} (TRL cuts at max_length and drops those); "
-                                       "raise max_length")
+                                       f"max_length={cfg.max_length} (TRL cuts each at max_length, and drops or, "
+                                       "packing, keeps those); raise max_length")
 
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
                       starts_from={"init checkpoint": output_id(init)})
@@ -303,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, trainer):
         trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
-        trainer.train(resume_from_checkpoint=checkpoint)
+        with template_refusals_named(tokenizer, init, sources):
+            trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
         tracker.muted = True  # the launch that trained logged this step's evaluation already

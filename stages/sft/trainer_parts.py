@@ -5,6 +5,7 @@ the settings record beside each checkpoint, the NaN guard and the progress bar. 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -189,12 +190,16 @@ def trains_a_token(data: Dataset) -> bool:
 def template_refusals_named(tokenizer, init: str, datasets: list[tuple[Dataset | IterableDataset, str]]):
     """Around tokenizing `datasets` ((data, source) pairs): a conversation the chat template refuses (Gemma's "System
     role not supported", Mistral's "roles must alternate") ended in a Jinja traceback from inside TRL. It becomes a
-    DataError naming the first such row, found again by rendering row by row (only once one has failed)."""
+    DataError naming the first such row, found again by rendering row by row (only once one has failed; of a
+    stream, its first rows, which are what has been read by then). A template that does not compile is the model's.
+    """
     try:
         yield
+    except jinja2.TemplateSyntaxError as error:
+        raise ConfigError(f"key 'init_from': the chat template of {init} does not compile: {error}") from None
     except jinja2.TemplateError as error:
         for data, source in datasets:
-            for index, row in enumerate(data if isinstance(data, Dataset) else []):
+            for index, row in enumerate(itertools.islice(data, None if isinstance(data, Dataset) else 1000)):
                 try:
                     tokenizer.apply_chat_template(row["messages"], tokenize=False)
                 except jinja2.TemplateError as refused:
@@ -202,7 +207,8 @@ def template_refusals_named(tokenizer, init: str, datasets: list[tuple[Dataset |
                                             "Change the data (e.g. fold a system message into the first user "
                                             "turn), or train from a model whose template takes it", row=index + 1,
                                     column="messages") from None
-        raise DataError(datasets[0][1], f"the chat template of {init} refuses a conversation: {error}") from None
+        sources = " or ".join(dict.fromkeys(source for _, source in datasets))
+        raise DataError(sources, f"the chat template of {init} refuses a conversation: {error}") from None
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
