@@ -605,12 +605,15 @@ def test_demonstrations_cut_to_nothing_by_max_length_are_counted_not_dropped_sil
     data = tmp_path / "chats.jsonl"
     short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
     long_system = [{"role": "system", "content": " ".join(["rule"] * 200)}, *short]
-    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (short, long_system, short)))
+    # a reply max_length cuts before its end-of-turn token: kept (it trains), but it teaches replies that run on
+    long_reply = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " ".join(["word"] * 150)}]
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (short, long_system, short, long_reply)))
     main(sft_args(tmp_path, "long", f"init_from={micro_pretrain}", f"data.path={data}", f"eval_data.path={data}",
                   "max_steps=1", *QUICK))
     out = capsys.readouterr().out
-    assert "1 of 3 demonstrations dropped: no assistant token within max_length=96" in out
-    assert "2 demonstrations" in out and "eval_data is still" not in out  # it was set
+    assert "1 of 4 demonstrations dropped: no assistant token within max_length=96" in out
+    assert "3 demonstrations, 3 held out" in out and "eval_data is still" not in out  # it was set
+    assert "1 of 3 demonstrations have a reply cut at max_length=96 before its end-of-turn token" in out
 
 
 def test_reward_model_checkpoint_is_refused(tmp_path):

@@ -32,7 +32,7 @@ from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_s
                                  resume_settings, save_final, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
-from pipeline.generation import SamplingConfig
+from pipeline.generation import SamplingConfig, stop_token_ids
 from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lora_can_train, fp32_forward, \
     load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
@@ -42,7 +42,7 @@ from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer, trl_masks_repl
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (RESUME_SETTINGS_FILE, ProgressBar, RecordResumeSettings, StageSFTTrainer,
                                       StopOnNonFiniteGradients, check_resumable, finished_steps, resume_checkpoint,
-                                      template_refusals_named, trains_a_token, with_reply_masks)
+                                      replies_cut, template_refusals_named, trains_a_token, with_reply_masks)
 
 
 @dataclass
@@ -283,6 +283,13 @@ def main(argv: list[str] | None = None) -> None:
             sizes[0] = f"{len(kept):,}"
         if not cfg.packing and isinstance(eval_data, Dataset):
             sizes[1] = f"{len(trainer.eval_dataset):,}"  # held out and evaluated: TRL drops the same rows there
+        if not cfg.packing and isinstance(kept, Dataset):
+            cut, looked = replies_cut(kept, cfg.max_length, stop_token_ids(model, tokenizer), cfg.seed)
+            if cut:
+                of = f"{looked:,}" if looked == len(kept) else f"a sample of {looked:,}"
+                print(f"[sft] warning: {cut:,} of {of} demonstrations have a reply cut at max_length="
+                      f"{cfg.max_length} before its end-of-turn token: the model learns replies that run on (raise "
+                      "max_length)")
         tracker.summary({"model/parameters": n_params, "model/trainable_parameters": n_trainable})
         print(f"[sft] {n_params / 1e6:.2f}M parameters ({n_trainable / 1e6:.2f}M trainable) from {init}; "
               f"{sizes[0]} demonstrations, {sizes[1]} held out"

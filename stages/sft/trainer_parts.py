@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -174,6 +175,16 @@ def with_reply_masks(data: Dataset | IterableDataset, tokenizer, init: str, sour
     first = next(iter(data))
     masked(first, 0)  # a template we cannot read at all fails before the model trains
     return data.map(masked, with_indices=True, remove_columns=list(first))
+
+
+def replies_cut(data: Dataset, max_length: int, stop_token_ids: list[int], seed: int,
+                sample: int = 2000) -> tuple[int, int]:
+    """(rows of TRL's tokenized, unpacked data whose reply max_length cut before its end-of-turn token, rows looked
+    at): such a row ends at max_length on a trained token that is not a stop token. A sample of a large dataset."""
+    looked = data if len(data) <= sample else data.select(sorted(random.Random(seed).sample(range(len(data)), sample)))
+    cut = sum(len(row["input_ids"]) >= max_length and row["labels"][-1] != -100
+              and row["input_ids"][-1] not in stop_token_ids for row in looked)
+    return cut, len(looked)
 
 
 def trains_a_token(data: Dataset) -> bool:
