@@ -172,7 +172,8 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
         if form == ("messages",):
             out = {"messages": _messages(row["messages"], "messages"), "prompt_turns": 0}
         else:
-            prompt = _no_empty_reply(_turns_or_text(_with_input(row), "prompt", "user"), "prompt")
+            # the prompt's replies are context, not trained: an empty one (hh-rlhf has some) is no harm
+            prompt = _turns_or_text(_with_input(row), "prompt", "user")
             # the completion alone is trained: it must hold a reply of its own
             completion = _messages(_turns_or_text(row, "completion", "assistant"), "completion")
             out = {"messages": prompt + completion, "prompt_turns": len(prompt)}

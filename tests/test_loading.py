@@ -370,6 +370,10 @@ def test_an_hh_transcript_prompt_trains_sft_on_the_turns_every_stage_prompts_wit
     assert rows[1]["messages"] == [{"role": "user", "content": "What is 3 plus 3?"},
                                    {"role": "assistant", "content": "Six."}]
     assert rows["prompt_turns"] == [3, 1]  # the transcript's reply "Hello!" is the prompt's, not trained
+    # an empty reply inside the prompt (hh-rlhf has some) is context, not trained: no reason to refuse the file
+    gap = "\n\nHuman: Hi\n\nAssistant:\n\nHuman: Hello?\n\nAssistant:"
+    path = write_rows(tmp_path / "hh_gap.jsonl", [{"prompt": gap, "completion": "Hi."}])
+    assert load(path, "sft")["prompt_turns"] == [3]
 
 
 def test_raw_hh_rlhf_transcripts_become_prompt_and_replies(tmp_path):
@@ -778,11 +782,11 @@ def test_errors_in_the_spec_name_its_config_key_and_a_null_cell_is_called_null(t
 @pytest.mark.parametrize("row, column, message", [
     ({"messages": [said("user", "Hi"), said("assistant", " "), said("user", "1?"), said("assistant", "1.")]},
      "messages", 1),
-    ({"prompt": [said("user", "Hi"), said("assistant", ""), said("user", "1?")], "completion": "1."}, "prompt", 1),
     ({"prompt": "Hi", "completion": [said("assistant", "")]}, "completion", 0),
-], ids=["messages", "in-the-prompt", "the-completion"])
+], ids=["messages", "the-completion"])
 def test_an_empty_assistant_turn_is_refused_by_its_column_and_message(tmp_path, row, column, message):
-    """Every assistant turn trains: an empty one taught ending the turn unanswered."""
+    """Every trained assistant turn must say something: an empty one taught ending the turn unanswered. One inside
+    a prompt is context, not trained, and is read (see the hh transcript test above)."""
     path = write_rows(tmp_path / "sft.jsonl", [row])
     with pytest.raises(DataError) as error:
         load(path, "sft")

@@ -758,3 +758,15 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pret
     with pytest.raises(DataError, match=rf"{re.escape(str(data))}, row 2, column 'messages': the chat template of "
                                         r".*outside refuses this conversation: System role not supported"):
         main(sft_args(tmp_path, "refused", f"init_from={outside}", *sources, *QUICK, "max_steps=1"))
+
+
+def test_a_conversation_whose_template_marks_no_reply_is_named_by_file_and_row(micro_pretrain):
+    """TRL's own check, which our tokenizing bypasses, came back as a RuntimeError traceback naming no file."""
+    from stages.sft.trainer_parts import completion_masks
+
+    tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+           "prompt_turns": 1}
+    assert completion_masks(row, 4, tokenizer, None, "demos.jsonl")["assistant_masks"].count(1) > 0
+    with pytest.raises(DataError, match=r"demos\.jsonl, row 5, column 'messages': the chat template marks no reply"):
+        completion_masks(row, 4, tokenizer, CHATML, "demos.jsonl")  # no {% generation %} markers at all

@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
                                      for data, spec in ((train_data, cfg.data), (eval_data, cfg.eval_data)))
             arguments.assistant_only_loss = False  # TRL builds the labels from our assistant_masks column instead
         trainer = StageSFTTrainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
-                                  processing_class=tokenizer, peft_config=peft_config)
+                                  processing_class=tokenizer, peft_config=peft_config,
+                                  data_sources={"train": cfg.data.path, "eval": cfg.eval_data.path})
     for data, spec in ((trainer.train_dataset, cfg.data), (trainer.eval_dataset, cfg.eval_data)):
         # none left (the Trainer would fail on an empty dataloader), or, packed (TRL keeps the rows it cuts), none
         # with a trained token: the run trained on nothing and reported an eval loss of 0

@@ -55,7 +55,11 @@ class EpochSeededSampler(torch.utils.data.Sampler):
 class StageSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler), the stages'
     learning-rate schedule, a held-out loss per token, and the replies of a demonstration's prompt left untrained
-    (completion_masks)."""
+    (completion_masks). `data_sources`: where the "train" and "eval" data come from, for errors that name a row."""
+
+    def __init__(self, *args, data_sources: dict[str, str] | None = None, **kwargs):
+        self.data_sources = data_sources or {}  # read while the parent tokenizes the datasets
+        super().__init__(*args, **kwargs)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """Demonstrations as data.loading gives them are tokenized here, not by TRL: TRL would train every reply in
@@ -66,7 +70,7 @@ class StageSFTTrainer(SFTTrainer):
             with PartialState().main_process_first():  # as TRL tokenizes: one process writes the datasets cache
                 dataset = dataset.map(completion_masks, with_indices=True, remove_columns=columns,
                                       fn_kwargs={"tokenizer": processing_class, "chat_template": self.chat_template,
-                                                 "data_name": dataset_name})
+                                                 "source": self.data_sources.get(dataset_name, dataset_name)})
         return super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -139,7 +143,7 @@ def row_token_losses(logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, 
 PROMPT_TURNS = "prompt_turns"  # data.loading's count of the messages that are a demonstration's prompt
 
 
-def completion_masks(row: dict, index: int, tokenizer, chat_template: str | None, data_name: str) -> dict:
+def completion_masks(row: dict, index: int, tokenizer, chat_template: str | None, source: str) -> dict:
     """A conversation tokenized as TRL tokenizes it for its assistant-only loss (the replies marked by the template's
     {% generation %}; `chat_template`: TRL's training template, or None for the tokenizer's own), with the replies in
     its first `prompt_turns` messages unmarked. Like TRL's prompt-completion data, the completion starts where the
@@ -149,9 +153,9 @@ def completion_masks(row: dict, index: int, tokenizer, chat_template: str | None
                                             return_assistant_tokens_mask=True)
     ids, masks = encoded["input_ids"], encoded["assistant_masks"]
     if 1 not in masks:  # TRL's own check, which tokenizing here bypasses
-        raise RuntimeError(f"the chat template marks no reply of demonstration {index + 1} in the {data_name} data "
-                           "as the assistant's: check its {% generation %} markers")
-    if any(m["role"] == "assistant" for m in messages[:prompt_turns]):  # else nothing in the prompt is marked
+        raise DataError(source, "the chat template marks no reply of this conversation as the assistant's: check "
+                                "its {% generation %} markers", row=index + 1, column="messages")
+    if prompt_turns:  # as TRL's prompt-completion rule: a template may mark the generation prompt's last newline
         prompt = tokenizer.apply_chat_template(messages[:prompt_turns], chat_template=chat_template, tokenize=True,
                                                return_dict=True, add_generation_prompt=True)["input_ids"]
         start = common_prefix_length(prompt, ids)
