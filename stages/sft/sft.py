@@ -236,8 +236,9 @@ def main(argv: list[str] | None = None) -> None:
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     mark_in_training(model, "sft", lineage)
 
-    # ---- the trainer: TRL tokenizes with the chat template and masks every non-assistant label. Built (and so
-    # checked) before the earlier run's checkpoints are set aside: a bad setting must leave them for a resume
+    # ---- the trainer: the conversations are tokenized with the chat template, every label but the trained replies
+    # masked (StageSFTTrainer, as TRL would). Built (and so checked) before the earlier run's checkpoints are set
+    # aside: a bad setting must leave them for a resume
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     sources = [(train_data, cfg.data.path), (eval_data, cfg.eval_data.path)]  # a stream is tokenized as it is read
     with template_refusals_named(tokenizer, init, sources):
