@@ -13,12 +13,12 @@ from pathlib import Path
 
 import jinja2
 import torch
-from accelerate import PartialState
 from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, TrainerCallback, TrainerState
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import SFTTrainer
 from trl.data_utils import common_prefix_length, get_dataset_column_names
+from trl.trainer.utils import global_then_local_main_first
 
 from data.loading import DataError
 from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, write_text_atomic
@@ -67,7 +67,7 @@ class StageSFTTrainer(SFTTrainer):
         truncates and packs as it does."""
         columns = get_dataset_column_names(dataset)
         if args.assistant_only_loss and PROMPT_TURNS in columns:
-            with PartialState().main_process_first():  # as TRL tokenizes: one process writes the datasets cache
+            with global_then_local_main_first():  # as TRL tokenizes: one process per node writes the cache
                 dataset = dataset.map(completion_masks, with_indices=True, remove_columns=columns,
                                       fn_kwargs={"tokenizer": processing_class, "chat_template": self.chat_template,
                                                  "source": self.data_sources.get(dataset_name, dataset_name)})
@@ -192,13 +192,11 @@ def replies_cut(data: Dataset, max_length: int, stop_token_ids: list[int], seed:
 
 
 def trains_a_token(data: Dataset) -> bool:
-    """Whether a row of TRL's tokenized data has a token in the loss: its assistant mask, or, packed, its labels
-    (the first such row ends the scan)."""
-    if "assistant_masks" in data.column_names:
-        return any(any(mask) for mask in data["assistant_masks"])
-    if "labels" in data.column_names:
-        return any(any(label != -100 for label in labels) for labels in data["labels"])
-    return len(data) > 0
+    """Whether a row of TRL's prepared data (its masks folded into `labels`, packed or not) has a token in the loss;
+    the first such row ends the scan."""
+    if "labels" not in data.column_names:
+        return len(data) > 0
+    return any(any(label != -100 for label in labels) for labels in data["labels"])
 
 
 @contextlib.contextmanager
