@@ -44,7 +44,7 @@ STAGE_CONFIGS = {
     "pretrain": "stages.pretrain.pretrain:PretrainConfig",
     "sft": "stages.sft.sft:SFTStageConfig",
     "rm": "reward_model.config:RewardModelConfig",
-    "ppo": "stages.ppo.ppo:PPOStageConfig",
+    "ppo": "stages.ppo.config:PPOStageConfig",
 }
 """The config class that reads a stage YAML, by file name (configs/<recipe>/<name>.yaml). Other names are
 read as a bare StageConfig, so they may hold only the shared keys."""
@@ -175,7 +175,7 @@ def run_ppo_settings(cfg: StageConfig) -> StageConfig:
     """The settings the run's PPO trained with (the resolved config of the launch that wrote ppo/final; before it
     finished, of the latest launch): its RM, its rollout sampling and how it shaped rewards. Before PPO has
     started: `cfg` when it is the recipe's PPO config, else PPO's defaults."""
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     config_file = stage_paths(cfg, "ppo").of_final("config.yaml")
     fallback = cfg if isinstance(cfg, PPOStageConfig) else \

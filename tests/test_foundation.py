@@ -58,7 +58,7 @@ def test_a_section_given_in_part_keeps_what_its_field_default_sets(tmp_path):
     assert load_config(Outer, None, ["tuned.width=8"]).tuned == Inner(width=8, rate=0.1)
     assert load_config(Outer, write(tmp_path / "o.yaml", "tuned: {width: 9}\n")).tuned == Inner(width=9, rate=0.1)
     assert load_config(Outer, None, ["tuned.rate=0.7"]).tuned == Inner(width=4, rate=0.7)  # what is given wins
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     cfg = load_config(PPOStageConfig, REPO / "configs/tiny/ppo.yaml", ["prompts.max_rows=20", "ptx_data.max_rows=5"])
     assert (cfg.prompts.path, cfg.prompts.max_rows) == ("world:ppo_prompts", 20)
@@ -96,7 +96,7 @@ def test_a_sections_own_value_check_is_a_config_error_naming_the_section(tmp_pat
 def test_a_check_across_keys_judges_the_overrides_together_and_names_the_one_to_blame(tmp_path):
     """The file has rollout 8, minibatch 4, accumulation 2. Written in this order, the overrides below pass through
     rollout 2 with minibatch 4, which the check refuses; only the final combination is checked."""
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["rollout_batch_size=2", "minibatch_size=2", "grad_accum=1"])
     assert (cfg.rollout_batch_size, cfg.minibatch_size, cfg.grad_accum) == (2, 2, 1)
@@ -234,7 +234,7 @@ def test_cli_exits_with_a_message_not_a_traceback(capsys):
                                              ("ppo", "minibatch_size=-2"), ("rm", "grad_accum=0")])
 def test_a_zero_step_or_batch_count_names_its_key(stage, override):
     from reward_model.config import RewardModelConfig
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
     from stages.sft.sft import SFTStageConfig
 
     config_cls = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig, "ppo": PPOStageConfig}
@@ -261,7 +261,7 @@ def test_a_zero_step_or_batch_count_names_its_key(stage, override):
 ])
 def test_a_value_out_of_range_names_its_full_key(stage, override, problem):
     from reward_model.config import RewardModelConfig
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
     from stages.sft.sft import SFTStageConfig
 
     config_cls = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig, "ppo": PPOStageConfig}
@@ -351,7 +351,7 @@ def test_a_model_spec_or_range_that_would_train_wrongly_is_refused_by_key(overri
 
 def test_ranges_of_the_other_stages_are_refused_by_key():
     from reward_model.config import RewardModelConfig
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
     from stages.sft.sft import SFTStageConfig
 
     for cls, config, override, message in (
@@ -376,7 +376,7 @@ def test_ranges_of_the_other_stages_are_refused_by_key():
 def test_every_shipped_config_parses():
     from pipeline.runs import StageConfig
     from reward_model.config import RewardModelConfig
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
     from stages.sft.sft import SFTStageConfig
 
     stage_configs = {"pretrain": PretrainConfig, "sft": SFTStageConfig, "rm": RewardModelConfig,

@@ -23,7 +23,7 @@ from pipeline.generation import encode_prompts
 from pipeline.model import load_scalar_model
 from pipeline.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from stages.ppo.passes import TokenCritic, ppo_loss, score_rollout, trim_padding
-from stages.ppo.ppo import PPOStageConfig
+from stages.ppo.config import PPOStageConfig
 from stages.ppo.ppo_math import compute_rewards, gae, masked_whiten
 
 # micro models gain nothing from intra-op threads, and on a busy machine spinning threads cost seconds per step

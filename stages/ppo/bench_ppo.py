@@ -67,7 +67,7 @@ def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict
     from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids
     from pipeline.model import load_causal_lm
     from pipeline.tokenizer import load_tokenizer
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
     cfg = load_config(PPOStageConfig, TINY / "ppo.yaml")
     tokenizer = load_tokenizer(str(sft))
@@ -134,7 +134,7 @@ def step_split_rows(sft: Path, rm: Path, runs: Path, note: str, quick: bool) -> 
 
 def run_benchmark(quick: bool = False) -> list[dict]:
     from pipeline.config import load_config
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
     from data.world import write_world
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,7 +11,7 @@ from pipeline.generation import decode_responses, encode_prompts, sample, stop_t
 from stages.ppo.ppo_math import entropy_from_logits, logprobs_from_logits, policy_loss, response_mask, value_loss
 
 if TYPE_CHECKING:
-    from stages.ppo.ppo import PPOStageConfig
+    from stages.ppo.config import PPOStageConfig
 
 
 class TokenCritic(torch.nn.Module):
