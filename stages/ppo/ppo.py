@@ -6,10 +6,10 @@
 Each step, every rank samples replies to its own prompts with the KV cache; one forward pass each gives the
 policy's log-probs (of temperature-scaled logits), the SFT reference's log-probs and the critic's values, and the
 frozen RM scores each conversation. The reward is the normalised RM score (a constant if the reply never ended or
-is empty, then clipped) at the last token, minus beta * KL on every token. GAE gives advantages, whitened over all ranks;
-then several epochs of clipped policy and value updates on shuffled minibatches. The settings are in config.py,
-the model passes in passes.py, the maths in ppo_math.py; the details follow Ouyang et al. 2022 and Huang et al.
-2024 ("N+").
+is empty, then clipped) at the last token, minus beta * KL on every token. GAE gives advantages, whitened over all
+ranks; then several epochs of clipped policy and value updates on shuffled minibatches. The settings are in
+config.py, the model passes in passes.py, the maths in ppo_math.py; the details follow Ouyang et al. 2022 and
+Huang et al. 2024 ("N+").
 
 Models: the policy starts from SFT final/; the reference is SFT (with LoRA: the policy with its adapter off, no
 second copy); the RM is frozen; the critic starts from the RM (see TokenCritic). With `ema_decay` > 0, final/
