@@ -73,7 +73,7 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
     responses[3, 0], responses[3, 1:] = eos, pad  # an empty reply; row 2 hit the length cap without EOS
     responses[2, 8:] = pad  # ... after sampling pad twice: our sampler pads only after EOS, so these are actions
     batch = score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg)
-    # scored one row at a time, every chunk is trimmed to its own width: the same numbers at the real tokens
+    # scored one row at a time: the same numbers at the real tokens
     one_by_one = score_rollout(policy, reference, critic, tokenizer, enc, responses,
                                load_config(PPOStageConfig, MICRO / "ppo.yaml", ["grad_accum=1", "minibatch_size=1"]))
     for key in ("logprobs", "ref_logprobs", "entropy", "kl_exact", "values"):
@@ -123,7 +123,7 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
     loss, _ = grads_after_step(dict(batch), one_real)
     assert loss != pytest.approx(clean_loss, abs=1e-4)
 
-    # the update loop drops columns that are padding in every row of a micro-batch: same loss and gradients
+    # trim_padding drops columns that are padding in every row: same loss and gradients
     rows = torch.tensor([0, 3])  # short replies, and a short prompt
     sub = {k: v[rows] for k, v in batch.items()}
     trimmed = trim_padding(sub)
@@ -307,6 +307,18 @@ def test_ppo_on_prompts_of_your_own_logs_no_gold_for_them(micro_sft, micro_rm, t
     assert "16 of the 16 training prompts" in capsys.readouterr().out
     steps = [r for r in metrics(tmp_path / "own" / "ppo") if "objective/rm_score" in r]
     assert steps and not any("objective/gold_score" in r for r in steps), steps
+
+
+def test_bf16_update_sees_the_rollouts_own_log_probs_at_unchanged_weights(micro_sft, micro_rm, tmp_path):
+    """Under bf16 a row's log-probs change with the width of the batch it is computed in. The rollout scored
+    chunks trimmed to their own width and the update re-trimmed shuffled micro-batches, so at unchanged weights
+    the ratio was not 1 (approxkl 8e-6 here, instead of 0)."""
+    from stages.ppo.ppo import main
+
+    main(ppo_args(tmp_path, "bf16", micro_sft, micro_rm, "precision=bf16", "policy_lr=1e-30", "max_steps=1",
+                  "eval_prompts=0", "sampling.max_new_tokens=24"))
+    steps = [r for r in metrics(tmp_path / "bf16" / "ppo") if "policy/approxkl" in r]
+    assert steps and steps[0]["policy/approxkl"] == 0.0 and steps[0]["policy/clipfrac"] == 0.0, steps
 
 
 def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_path):

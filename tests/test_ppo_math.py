@@ -30,6 +30,7 @@ from stages.ppo.ppo_math import (
     policy_loss,
     response_mask,
     shape_scores,
+    token_normaliser,
     value_loss,
 )
 
@@ -350,6 +351,37 @@ def test_value_loss_clipped_by_hand():
     loss_nc, stats_nc = value_loss(values, old, returns, mask, clip_range_value=None)
     close(loss_nc, 0.5 * (0.0 + 0.16 + 1.0 + 0.04) / 4)
     close(stats_nc["clipfrac"], 0.0)
+
+
+def test_micro_batches_and_ranks_weigh_every_token_of_a_minibatch_alike():
+    """A minibatch cut into micro-batches (accelerate divides each one's loss by their number) and over ranks (DDP
+    averages the ranks' gradients) gets the gradient of one token-mean over the whole minibatch. A per-micro-batch
+    mean weighed a token of a 1-token reply ten times as much as one of a 10-token reply beside it."""
+    torch.manual_seed(0)
+    lengths = [1, 10, 10, 1]  # micro-batches {0, 1} and {2, 3} hold 11 tokens each; {0, 3} would hold 2
+    mask = torch.arange(10)[None, :] < t(lengths)[:, None]
+    logprobs, values = torch.randn(4, 10, dtype=D, requires_grad=True), torch.randn(4, 10, dtype=D, requires_grad=True)
+    old, adv, old_values, returns = (torch.randn(4, 10, dtype=D) for _ in range(4))
+
+    def grads(groups: list[list[int]], n_ranks: int, per_micro_mean: bool = False):
+        """`groups`: rank by rank, the rows of each of its micro-batches."""
+        logprobs.grad = values.grad = None
+        rank_counts = [float(mask[sum(g, [])].sum()) for g in groups]
+        for micro_batches in groups:
+            n_tokens = None if per_micro_mean else token_normaliser(
+                mask[sum(micro_batches, [])], len(micro_batches), n_ranks, lambda c: c.new_tensor(sum(rank_counts)))
+            for rows in micro_batches:
+                pl, _ = policy_loss(logprobs[rows], old[rows], adv[rows], mask[rows], 0.2, n_tokens)
+                vl, _ = value_loss(values[rows], old_values[rows], returns[rows], mask[rows], 0.2, n_tokens)
+                ((pl + vl) / len(micro_batches) / n_ranks).backward()  # accelerate's division, then DDP's mean
+        return logprobs.grad.clone(), values.grad.clone()
+
+    whole = grads([[[0, 1, 2, 3]]], 1)
+    for split in ([[[0, 3], [1, 2]]], [[[0]], [[1, 2, 3]]], [[[0], [3]], [[1], [2]]]):  # grad_accum, ranks, both
+        for got, want in zip(grads(split, len(split)), whole):
+            torch.testing.assert_close(got, want)
+    got, want = grads([[[0, 3], [1, 2]]], 1, per_micro_mean=True), whole  # the old weighting: the check can fail
+    assert not torch.allclose(got[0], want[0])
 
 
 def test_explained_variance_by_hand():

@@ -71,13 +71,15 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
     # (no trailing-pad rule, which would hide it from the loss and, in an all-pad reply, from the RM score too)
     mask, has_eos = response_mask(responses, stop_token_ids(policy, tokenizer), None)
     attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
-    batch = {"input_ids": torch.cat([enc["input_ids"], responses], dim=1), "attention_mask": attention_mask,
-             "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses, "mask": mask,
-             "has_eos": has_eos}
+    # the padding every row has is dropped once, here: the update's micro-batches are then cut from tensors of this
+    # width, the width these log-probs are computed at (under bf16 a row's results change with the batch's width)
+    batch = trim_padding({"input_ids": torch.cat([enc["input_ids"], responses], dim=1),
+                          "attention_mask": attention_mask,
+                          "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0), "responses": responses,
+                          "mask": mask, "has_eos": has_eos})
     parts: dict[str, list] = {"logprobs": [], "ref_logprobs": [], "entropy": [], "kl_exact": [], "values": []}
     for rows in torch.arange(len(responses)).split(cfg.minibatch_size // cfg.grad_accum):
-        chunk = trim_padding({k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "responses",
-                                                          "mask")})
+        chunk = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "position_ids", "responses", "mask")}
         logits = response_logits(policy, chunk, cfg.sampling.temperature)
         with reference() as ref_model:
             ref_logits = response_logits(ref_model, chunk, cfg.sampling.temperature)
@@ -88,13 +90,11 @@ def score_rollout(policy, reference, critic, tokenizer, enc: dict, responses: to
         parts["kl_exact"].append((logp.exp() * (logp - ref_logp)).sum(-1))
         if critic is not None:
             parts["values"].append(response_values(critic, chunk))
-    width = responses.size(1)  # chunks were trimmed: pad back (masked positions hold 0)
-    return {**batch, **{k: torch.cat([torch.nn.functional.pad(x, (0, width - x.size(1))) for x in v])
-                        for k, v in parts.items() if v}}
+    return {**batch, **{k: torch.cat(v) for k, v in parts.items() if v}}
 
 
 def trim_padding(mb: dict) -> dict:
-    """Drop the columns that are padding in every row of a micro-batch (before the prompts, after the replies)."""
+    """Drop the columns that are padding in every row (before the prompts, after the replies)."""
     n_prompt = mb["input_ids"].size(1) - mb["responses"].size(1)
     first = int(mb["attention_mask"][:, :n_prompt].any(0).nonzero().min())
     width = int(mb["mask"].any(0).nonzero().max()) + 1 if mb["mask"].any() else 1
@@ -102,14 +102,17 @@ def trim_padding(mb: dict) -> dict:
             v[:, :width] if v.dim() == 2 else v for k, v in mb.items()}
 
 
-def ppo_loss(policy, critic, mb: dict, cfg: PPOStageConfig, train_policy: bool = True) -> tuple[torch.Tensor, dict]:
-    """The PPO objective on one micro-batch: clipped policy loss + vf_coef * clipped value loss."""
+def ppo_loss(policy, critic, mb: dict, cfg: PPOStageConfig, train_policy: bool = True,
+             n_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The PPO objective on one micro-batch: clipped policy loss + vf_coef * clipped value loss, each token's loss
+    divided by `n_tokens` (ppo_math.token_normaliser; None: the micro-batch's mean)."""
     vf_loss, vf_stats = value_loss(response_values(critic, mb), mb["values"], mb["returns"], mb["mask"],
-                                   cfg.cliprange_value)
+                                   cfg.cliprange_value, n_tokens)
     loss, stats = cfg.vf_coef * vf_loss, {"loss/value": vf_loss.detach(), "val/clipfrac": vf_stats["clipfrac"]}
     if train_policy:
         logprobs = logprobs_from_logits(response_logits(policy, mb, cfg.sampling.temperature), mb["responses"])
-        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange)
+        pg_loss, pg_stats = policy_loss(logprobs, mb["logprobs"], mb["advantages"], mb["mask"], cfg.cliprange,
+                                       n_tokens)
         loss = loss + pg_loss
         stats.update({"loss/policy": pg_loss.detach(), **{f"policy/{k}": v for k, v in pg_stats.items()}})
     return loss, stats

@@ -52,9 +52,9 @@ from pipeline.tokenizer import PAD, load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.config import FP16_UNSUPPORTED, PPOStageConfig
-from stages.ppo.passes import TokenCritic, ppo_loss, rollout, trim_padding
+from stages.ppo.passes import TokenCritic, ppo_loss, rollout
 from stages.ppo.ppo_math import answered, compute_rewards, explained_variance, gae, kl_controller, masked_mean, \
-    masked_sum, masked_whiten, shape_scores
+    masked_sum, masked_whiten, shape_scores, token_normaliser
 
 
 def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, seed: int) -> list[int]:
@@ -285,32 +285,37 @@ def main(argv: list[str] | None = None) -> None:
         rollout_seconds, update_started, update_stats = time.perf_counter() - started, time.perf_counter(), []
 
         # PPO update: epochs of shuffled minibatches, accumulated over micro-batches, clipped, one step per model
+        # (rollout() trimmed the padding once for all rows: under bf16 a row's log-probs depend on the batch's width)
         micro = cfg.minibatch_size // cfg.grad_accum
         for _ in range(cfg.ppo_epochs):
-            for idx in torch.randperm(cfg.rollout_batch_size, generator=shuffler).split(micro):
-                mb = trim_padding({k: v[idx.to(device)] for k, v in data.items() if isinstance(v, torch.Tensor)})
-                with accelerator.accumulate(policy, critic):
-                    loss, stats = ppo_loss(policy, critic, mb, cfg, train_policy)
-                    if ptx_batches is not None and train_policy:
-                        blocks = next(ptx_batches)
-                        stats["loss/ptx"] = policy(input_ids=blocks, labels=blocks).loss
-                        loss = loss + cfg.ptx_coef * stats["loss/ptx"]
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+            for minibatch in torch.randperm(cfg.rollout_batch_size, generator=shuffler).to(device).split(
+                    cfg.minibatch_size):
+                n_tokens = token_normaliser(mask[minibatch], cfg.grad_accum, n_ranks, all_reduce)
+                for idx in minibatch.split(micro):
+                    mb = {k: v[idx] for k, v in data.items() if isinstance(v, torch.Tensor)}
+                    with accelerator.accumulate(policy, critic):
+                        loss, stats = ppo_loss(policy, critic, mb, cfg, train_policy, n_tokens)
+                        if ptx_batches is not None and train_policy:
+                            blocks = next(ptx_batches)
+                            stats["loss/ptx"] = policy(input_ids=blocks, labels=blocks).loss
+                            loss = loss + cfg.ptx_coef * stats["loss/ptx"]
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            stats["val/grad_norm"] = accelerator.clip_grad_norm_(critic.parameters(), cfg.grad_clip)
+                            if train_policy:
+                                stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(),
+                                                                                        cfg.grad_clip)
+                            for key in ("val/grad_norm", "policy/grad_norm"):
+                                if key in stats:
+                                    stop_if_not_finite(stats[key], "ppo", done, "Lower the learning rates.")
+                        critic_opt.step()
+                        critic_opt.zero_grad(set_to_none=True)
                         if train_policy:
-                            stats["policy/grad_norm"] = accelerator.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                        for key in ("val/grad_norm", "policy/grad_norm"):
-                            if key in stats:
-                                stop_if_not_finite(stats[key], "ppo", done, "Lower the learning rates.")
-                    critic_opt.step()
-                    critic_opt.zero_grad(set_to_none=True)
-                    if train_policy:
-                        policy_opt.step()
-                        policy_opt.zero_grad(set_to_none=True)
-                        if ema is not None and accelerator.sync_gradients:
-                            ema.update_parameters(unwrap(policy))
-                update_stats.append({k: v.detach().float() for k, v in stats.items()})
+                            policy_opt.step()
+                            policy_opt.zero_grad(set_to_none=True)
+                            if ema is not None and accelerator.sync_gradients:
+                                ema.update_parameters(unwrap(policy))
+                    update_stats.append({k: v.detach().float() for k, v in stats.items()})
         update_seconds = time.perf_counter() - update_started
 
         # metrics, reduced across ranks (equal batches per rank, so the mean of rank means is the global mean)

@@ -46,6 +46,7 @@ __all__ = [
     "compute_rewards",
     "gae",
     "policy_loss",
+    "token_normaliser",
     "value_loss",
     "entropy_from_logits",
     "logprobs_from_logits",
@@ -319,18 +320,38 @@ def gae(
 # --------------------------------------------------------------------------- #
 # Losses
 # --------------------------------------------------------------------------- #
+def token_normaliser(mask: Tensor, micro_batches: int, n_ranks: int = 1, all_reduce: AllReduce | None = None) -> Tensor:
+    """What each micro-batch divides its summed token loss by, so the minibatch's gradient is the mean over all of
+    its real tokens on every rank: the token count summed by ``all_reduce`` over ``n_ranks``, divided by
+    ``micro_batches`` (accelerate divides each micro-batch's loss by their number) and by ``n_ranks`` (DDP
+    averages their gradients). A per-micro-batch mean
+    would instead weigh a token by the size of the micro-batch it lands in, so grad_accum and the number of
+    processes would change the update."""
+    count = _count(mask, torch.float32)
+    if all_reduce is not None:  # the minibatch's tokens on every rank
+        count = all_reduce(count)
+    return count.clamp(min=1.0) / (micro_batches * n_ranks)
+
+
+def _token_mean(x: Tensor, mask: Tensor, n_tokens: Tensor | float | None) -> Tensor:
+    return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
     clip_range: float,
+    n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate objective, as a loss (Schulman et al. 2017, eq. 7).
 
     ``ratio = exp(logp - old_logp)``;
     ``loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``,
-    averaged over all real tokens of the batch (token-level mean, [N+]).
+    averaged over all real tokens of the batch (token-level mean, [N+]). ``n_tokens``: divide the masked sum by
+    this count instead of the batch's own, so that a micro-batch of a larger minibatch weighs each of its tokens
+    as the whole minibatch's mean would (see ``token_normaliser``).
 
     Stats (detached 0-d tensors):
       * ``clipfrac``: fraction of tokens where the clipped term is active,
@@ -345,7 +366,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_unclipped = -adv * ratio
     pg_clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), m)
+    loss = _token_mean(torch.maximum(pg_unclipped, pg_clipped), m, n_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_clipped > pg_unclipped).to(logprobs.dtype), m),
@@ -360,12 +381,13 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     clip_range_value: float | None,
+    n_tokens: Tensor | float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value-function loss (OpenAI baselines / lm-human-preferences, [N+]).
 
     ``v_clipped = old_values + clamp(values - old_values, -eps_v, eps_v)``;
     ``loss = 0.5 * masked_mean(max((values - returns)^2, (v_clipped - returns)^2))``.
-    ``clip_range_value=None`` disables clipping (plain 0.5 * MSE).
+    ``clip_range_value=None`` disables clipping (plain 0.5 * MSE). ``n_tokens`` as in ``policy_loss``.
 
     Stats: ``clipfrac`` = fraction of tokens where the clipped error is the
     larger one (detached 0-d tensor).
@@ -381,7 +403,7 @@ def value_loss(
     else:
         v_clipped = v_old + torch.clamp(v - v_old, -clip_range_value, clip_range_value)
         err_clipped = (v_clipped - ret) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(err_unclipped, err_clipped), m)
+    loss = 0.5 * _token_mean(torch.maximum(err_unclipped, err_clipped), m, n_tokens)
     with torch.no_grad():
         stats = {"clipfrac": masked_mean((err_clipped > err_unclipped).to(values.dtype), m)}
     return loss, stats
