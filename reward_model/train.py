@@ -110,15 +110,16 @@ def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[li
     if cfg.eval_data is not None:
         return train, load(cfg.eval_data, "eval_data"), cfg.train_data.path
     # hold out whole prompts: pair datasets repeat a prompt (and its responses) over several rows; the world's
-    # rankings hold out whole questions, as collection does
-    if cfg.train_data.path.startswith("world:"):
+    # rankings hold out whole questions, as collection does: also from a file (a copy of prefs/train.jsonl or
+    # world/prefs_static.jsonl), known by the gold scores only the world's annotator writes
+    by_question = cfg.train_data.path.startswith("world:") or any(row.get("gold_scores") for row in train)
+    if by_question:
         judge = load_judge(the_world())
         prompts = [question_of(judge, row["prompt"]) for row in train]
     else:
         prompts = [row["prompt"] for row in train]
     train_idx, eval_idx = split_indices(prompts, cfg.eval_fraction, cfg.seed, cfg.train_data.path,
-                                        "question" if cfg.train_data.path.startswith("world:") else "prompt",
-                                        " (or set eval_data)")
+                                        "question" if by_question else "prompt", " (or set eval_data)")
     return [train[i] for i in train_idx], [train[i] for i in eval_idx], cfg.train_data.path
 
 

@@ -374,14 +374,16 @@ def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_p
     one_question = [questions[0]] * 3  # three phrasings of one question: nothing to hold out
     with pytest.raises(DataError, match=r"data error in prompts.jsonl: only 1 distinct question"):
         split_indices(one_question, 0.3, seed=0, source="prompts.jsonl", what="question")
-    # the RM trained on the world's static rankings (train_data, no eval_data) holds out whole questions too
+    # the RM trained on the world's static rankings (train_data, no eval_data) holds out whole questions too, also
+    # from a copy of them in a file (which was split by prompt text)
     for seed in range(6):  # micro's static set asks one question twice: some seeds split it by text
-        cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=w", f"seed={seed}",
-                                                              "train_data.path=world:prefs_static", "eval_fraction=0.3"])
-        trained, held_out, _ = train.load_rankings(cfg)
-        judge = load_judge(tmp_path / "w" / "world")
-        assert held_out and not ({question_of(judge, r["prompt"]) for r in trained}
-                                 & {question_of(judge, r["prompt"]) for r in held_out}), seed
+        for path in ("world:prefs_static", str(world / "prefs_static.jsonl")):
+            cfg = load_config(train.RewardModelConfig, MICRO_RM, [f"runs_dir={tmp_path}", "run_name=w", f"seed={seed}",
+                                                                  f"train_data.path={path}", "eval_fraction=0.3"])
+            trained, held_out, _ = train.load_rankings(cfg)
+            judge = load_judge(tmp_path / "w" / "world")
+            assert held_out and not ({question_of(judge, r["prompt"]) for r in trained}
+                                     & {question_of(judge, r["prompt"]) for r in held_out}), (seed, path)
 
 
 def test_an_rm_equal_to_gold_reaches_the_all_pairs_ceiling():
