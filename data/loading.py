@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import itertools
 import json
 import math
 import os
@@ -637,7 +638,7 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
         if part.builder == "json":
             _raise_json_problem(part.description)
         if "corresponds to no data" in str(error):  # datasets' words for a file with no rows in it
-            raise DataError(part.description, "no rows (only blank lines, or a header alone)") from error
+            raise _NoRows(part.description, "no rows (only blank lines, or a header alone)") from error
         hint = f" (nor is there a local file or directory {part.builder})" if part.data_files is None else ""
         # datasets wraps what went wrong in "An error occurred while generating the dataset": name the cause
         cause = error.__cause__ if isinstance(error, datasets.exceptions.DatasetGenerationError) and \
@@ -647,27 +648,47 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
     return dataset
 
 
-def _refuse_mixed_types(part: _Part, dataset: datasets.Dataset, read: set[str]) -> None:
+class _NoRows(DataError):
+    """datasets read no rows from a file: blank lines, a header alone, or JSON rows that are all `{}`."""
+
+
+def _check_first_record(part: _Part, schema: Schema, columns: dict[str, str]) -> None:
+    """datasets reads a JSON file whose rows are all `{}` as one with no rows (streamed, it yields none): its first is
+    checked as the row it is, which names the column it lacks."""
+    if part.builder == "json" and part.data_files is not None:
+        first = next(_json_rows(part.data_files), None)
+        if first is not None:
+            _checked_row(first[1], 1, part.description, schema, columns, ())
+
+
+def _as_written(part: _Part, dataset: datasets.Dataset, read: set[str]) -> tuple[datasets.Dataset, tuple[str, ...]]:
     """datasets reads a JSON column whose rows hold values of different types (strings in some, numbers or lists in
-    others) as `Json`, parsing every string that looks like JSON: the reply "3" would become the number 3. A local
-    file with such a string is refused, naming its row; other mixes (a prompt as text here, as messages there)
-    read as written. `read`: the source columns the schema reads (another column may hold what it likes)."""
-    mixed = [name for name, feature in dataset.features.items() if type(feature).__name__ == "Json" and name in read]
+    others, whole or as a list's items) as `Json`, parsing every string that looks like JSON: the reply "3" would
+    become the number 3, the rating "2" the number 2 (its floats may come back rounded), and by then no row shows
+    which was written how. Such a column of a local file is read again from the file and kept as each row's JSON
+    text, returned with the dataset, for the row's own check to decode: each row is checked as written, so the row
+    named is the one holding the wrong type.
+    `read`: the source columns the schema reads (another column may hold what it likes)."""
+    mixed = tuple(name for name, feature in dataset.features.items() if name in read and _holds_json(feature))
     if not mixed or part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file():
-        return
-    for number, record in _json_rows(part.data_files):  # rows by their line, as other errors name them
+        return dataset, ()
+    written: dict[str, list[str]] = {column: [] for column in mixed}
+    for _, record in itertools.islice(_json_rows(part.data_files), len(dataset)):  # the rows read, in order
         for column in mixed:
-            value = record.get(column) if isinstance(record, dict) else None
-            try:
-                parsed = json.loads(value) if isinstance(value, str) else value
-            except json.JSONDecodeError:
-                continue
-            if isinstance(value, str):
-                raise DataError(part.description, f"the string {value[:40]!r} would be read as {_describe(parsed)}: "
-                                                  f"the column holds values of more than one type, which datasets "
-                                                  f"reads by parsing each string that looks like JSON; write one "
-                                                  f"type per column (\"3\" in every row, not 3 in some)",
-                                row=number, column=column)
+            written[column].append(json.dumps(record.get(column)))
+    for column in mixed:  # added before the old one goes: a table left with no column would have no rows
+        dataset = dataset.add_column(f"{column} as written", written[column], feature=_STRING) \
+            .remove_columns(column).rename_column(f"{column} as written", column)
+    return dataset, mixed
+
+
+def _holds_json(feature: Any) -> bool:
+    """The feature is `Json`, or a list or record with `Json` somewhere inside."""
+    if isinstance(feature, datasets.Json):
+        return True
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return _holds_json(feature.feature)
+    return isinstance(feature, dict) and any(_holds_json(inner) for inner in feature.values())
 
 
 def _csv_as_text(path: str) -> dict[str, Any]:
@@ -778,20 +799,24 @@ def load_dataset_for(spec: DatasetSpec, schema: str, world_dir: str | Path | Non
 def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: int | None,
                key: str) -> tuple[datasets.Dataset, int]:
     """The part's rows as `schema`, and how many rows of the source that read (at most `max_rows`)."""
-    raw = _read(part, streaming=False)
+    try:
+        raw = _read(part, streaming=False)
+    except _NoRows:
+        _check_first_record(part, schema, columns)
+        raise
     if max_rows is not None and len(raw) > max_rows:
         raw = raw.select(range(max_rows))
     if len(raw) == 0:
         raise DataError(part.description, "no rows (empty dataset)")
     _check_mapped_columns_exist(part, raw.column_names, columns, key)
-    _refuse_mixed_types(part, raw, {columns.get(t, t).split(".")[0] for t in mapped_targets(schema)})
+    raw, as_json = _as_written(part, raw, {columns.get(t, t).split(".")[0] for t in mapped_targets(schema)})
     optional = _optional_present(raw.column_names, schema, columns)
     try:  # the reader keeps bytes as it found them: text that is not UTF-8 fails only once a row is read
         normalised = raw.map(
             _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=schema.output_features(optional),
             fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
-                       "optional": optional, "skip_blank": part.skips_blank_lines},
+                       "optional": optional, "skip_blank": part.skips_blank_lines, "as_json": as_json},
             desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
         )
     except UnicodeDecodeError as error:
@@ -822,12 +847,15 @@ def _warn_of_transcripts_with_replies(part: _Part, prompts: list[str]) -> None:
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,
-                     columns: dict[str, str], optional: tuple[str, ...], skip_blank: bool) -> dict[str, list]:
+                     columns: dict[str, str], optional: tuple[str, ...], skip_blank: bool,
+                     as_json: tuple[str, ...]) -> dict[str, list]:
+    """`as_json`: columns held as each row's JSON text, as the file writes them (see `_as_written`)."""
     schema = SCHEMAS[schema_name]
     out: dict[str, list] = {c: [] for c in schema.columns + optional}
     keys = list(batch)
     for index, values in zip(indices, zip(*batch.values())):
         row = dict(zip(keys, values))
+        row.update({column: json.loads(row[column]) for column in as_json})
         if skip_blank and not (row.get("text") or "").strip():
             continue
         try:
@@ -906,6 +934,7 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     first_part, first_stream = streams[0]
     first_row = next(iter(_guarded(first_part, first_stream)), None)
     if first_row is None:
+        _check_first_record(first_part, schema, spec.columns)
         raise DataError(first_part.description, "no rows (empty dataset)")
     try:
         mapped_first = map_columns(first_row, spec.columns)

@@ -424,22 +424,42 @@ def test_replies_are_read_as_the_rm_scores_them(tmp_path):
         ["Human: Hi\n\nAssistant: Hello!", "No."], ["Hello! How can I help?", "Hello."]]
 
 
-def test_a_column_of_mixed_json_types_names_the_string_it_would_change(tmp_path):
+def test_a_column_of_mixed_json_types_is_checked_as_written(tmp_path):
     """datasets reads a column of mixed types by parsing every string that looks like JSON: the completion "4"
-    would become 4."""
+    would become 4. Each row is checked as the file writes it, so the row named is the one with the wrong type."""
     rows = [{"prompt": "1+2?", "completion": 3}, {"prompt": "2+2?", "completion": "4"},
             {"prompt": "4+5?", "completion": "9"}]
     path = write_rows(tmp_path / "mixed.jsonl", rows)
     with pytest.raises(DataError) as error:
         load(path, "sft")
-    assert "'4' would be read as int 4" in assert_data_error(error, path, row=2, column="completion")
+    assert "got int 3" in assert_data_error(error, path, row=1, column="completion")
     strings = write_rows(tmp_path / "strings.jsonl", rows[1:])
     assert [r["messages"][-1]["content"] for r in load(strings, "sft")] == ["4", "9"]
+    # a prompt as text here, as messages there, reads as written: "3" stays the string it is
+    both = write_rows(tmp_path / "both.jsonl", [{"prompt": "3"}, {"prompt": [{"role": "user", "content": "4"}]}])
+    assert load(both, "prompts")["prompt"][0] == "3"
     # a column the schema does not read may mix what it likes; a parquet file is not JSON text to scan
     ids = write_rows(tmp_path / "ids.jsonl", [{**row, "id": i} for row, i in zip(rows[1:], (1, "8"))])
     assert len(load(ids, "sft")) == 2
     datasets.Dataset.from_list([{"prompt": "1+2?", "completion": "3"}]).to_parquet(str(tmp_path / "p.parquet"))
     assert len(load(tmp_path / "p.parquet", "sft")) == 1
+
+
+@pytest.mark.parametrize("rows, row, column, problem", [
+    ([{"prompt": "a", "responses": ["3", "4"]}, {"prompt": "b", "responses": ["x", "y"]},
+      {"prompt": "c", "responses": [5, "y"]}], 3, "responses", "response 0 is int 5"),
+    ([{"prompt": "a", "responses": ["x", "y"], "ratings": ["2", "1"]},
+      {"prompt": "b", "responses": ["x", "y"], "ratings": [1, 2]}], 1, "ratings", "got list ['2', '1']"),
+    ([{"prompt": "a", "responses": ["x", "y"], "gold_scores": [1, 2]},
+      {"prompt": "b", "responses": ["x", "y"], "gold_scores": ["1", "2"]}], 2, "gold_scores", "got list ['1', '2']"),
+], ids=["responses", "ratings", "gold_scores"])
+def test_a_list_column_of_mixed_item_types_names_the_row_with_the_wrong_type(tmp_path, rows, row, column, problem):
+    """datasets parses the string items of such a list as JSON too: the valid replies "3", "4" became numbers and
+    their row was named, and the ratings "2", "1" were read as numbers without a word."""
+    path = write_rows(tmp_path / "mixed.jsonl", rows)
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert problem in assert_data_error(error, path, row=row, column=column)
 
 
 USER = {"role": "user", "content": "Capital of France?"}
@@ -601,6 +621,17 @@ def test_a_file_of_blank_lines_or_a_header_alone_has_no_rows(tmp_path, name, con
     path.write_text(content)
     with pytest.raises(DataError, match=rf"{name}: no rows \(only blank lines, or a header alone\)"):
         load(path, "prompts")
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in-memory", "streamed"])
+def test_a_file_of_empty_objects_names_the_column_its_first_row_lacks(tmp_path, streaming):
+    """datasets reads a file whose rows are all {} as one with no rows: it was refused as 'no rows', naming neither
+    row nor column, where the same {} after a valid row is named."""
+    path = tmp_path / "empty.jsonl"
+    path.write_text("{}\n{}\n")
+    with pytest.raises(DataError) as error:
+        load(path, "preferences", streaming=streaming)
+    assert "missing" in assert_data_error(error, path, row=1, column="prompt")
 
 
 @pytest.mark.parametrize("suffix", [".jsonl.gz", ".txt.gz"])
