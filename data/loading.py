@@ -673,7 +673,13 @@ def _as_written(part: _Part, dataset: datasets.Dataset, read: set[str]) -> tuple
     if not mixed or part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file():
         return dataset, ()
     written: dict[str, list[str]] = {column: [] for column in mixed}
-    for _, record in itertools.islice(_json_rows(part.data_files), len(dataset)):  # the rows read, in order
+    records = [record for _, record in itertools.islice(_json_rows(part.data_files), len(dataset))]  # in order
+    if len(records) < len(dataset) or not all(isinstance(record, dict) for record in records):
+        # not a record per row (a .json of columns, {"prompt": [...], ...}): no row shows how it was written
+        raise DataError(part.description, "the column holds values of more than one type, which datasets reads by "
+                                          "parsing each string that looks like JSON; write one type per column (\"3\" "
+                                          "in every row, not 3 in some)", column=mixed[0])
+    for record in records:
         for column in mixed:
             written[column].append(json.dumps(record.get(column)))
     for column in mixed:  # added before the old one goes: a table left with no column would have no rows
