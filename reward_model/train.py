@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scheduler.load_state_dict(state["scheduler"])
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
-    model, optimizer = accelerator.prepare(model, optimizer)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers, the name accelerate 1.15 passes on
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(cfg, "rm", paths.metrics_file, accelerator.is_main_process, upstream={"sft": Path(init)},
                       start_step=start_step)

@@ -236,7 +236,7 @@ def test_eval_kl_of_an_unmoved_lora_ema_policy_is_zero(micro_sft, micro_rm, tmp_
 
 
 def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro_sft, micro_rm, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     """LoRA policy (reference = adapter off), EMA, PPO-ptx and a critic warm-up step, in one short run."""
     from torch.optim.swa_utils import AveragedModel
 
@@ -293,6 +293,12 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
     assert (stage / "final_online" / "config.json").exists()  # EMA is final/; the online policy is beside it
     online = AutoModelForCausalLM.from_pretrained(stage / "final_online")
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), online.state_dict().values()))
+
+    # trained for longer, the finished run goes on from its last step (not from step 2, training step 3 again)
+    main(ppo_args(tmp_path, "options", micro_sft, micro_rm, "max_steps=4", "critic_warmup_steps=1", "lora.enabled=true",
+                  "lora.rank=4", "ema_decay=0.5", "ptx=true", "ptx_block_size=32", "eval_every=3", "eval_prompts=6",
+                  "resume=true"))
+    assert "resuming from step 3" in capsys.readouterr().out
 
 
 def test_ppo_on_prompts_of_your_own_logs_no_gold_for_them(micro_sft, micro_rm, tmp_path, capsys):

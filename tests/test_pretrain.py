@@ -163,6 +163,13 @@ def test_resume_after_sigkill_continues_and_matches(micro_pretrain: Path, tmp_pa
     for name, tensor in reference_weights.items():  # equal to the last bit on one machine
         torch.testing.assert_close(resumed_weights[name], tensor, rtol=0, atol=1e-3, msg=name)
 
+    # a finished run trained for longer goes on from its last step (it went back to the checkpoint before it and
+    # trained those steps again)
+    longer = subprocess.run(command + ["resume=true", "max_steps=125", "eval_every=5"], cwd=REPO, env=stage_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr
+    assert "resuming from step 120" in longer.stdout, longer.stdout
+
 
 def test_ddp_two_ranks_identical_parameters_and_equal_to_one_process(tmp_path: Path):
     """Two ranks of 8 blocks each train exactly as one process with batches of 16: rank r takes the r-th half of

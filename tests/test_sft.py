@@ -548,6 +548,7 @@ def test_ddp_on_the_cpu_logs_and_saves_from_one_rank(micro_pretrain, tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert run.stdout.count("M parameters (") == 1  # the size line, from the main process alone
     assert (stage / "final" / "model.safetensors").exists()
+    assert "find_unused_parameters=True" not in run.stderr  # DDP searched the graph for unused ones every step
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):

@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> None:
             if accelerator.is_main_process:
                 result = evaluate(done)
             accelerator.wait_for_everyone()
-        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+        # the last step too: a resume with a larger max_steps then goes on from the end, not the step before
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 save_training_checkpoint(

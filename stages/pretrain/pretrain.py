@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.table("eval/samples", ["prompt", "text"], [list(row) for row in zip(sample_prompts, texts)],
                               step=done)
             throughput.rate()  # restart the clock: tokens/s measures training, not evaluation
-        if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
+        # the last step too: a resume with a larger max_steps then goes on from the end, not the step before
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             accelerator.wait_for_everyone()
             log_window = window.state(accelerator)
             if accelerator.is_main_process:

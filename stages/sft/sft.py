@@ -124,7 +124,10 @@ def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
         # one tracking path for every stage: TrackerCallback, not the Trainer's integrations
         report_to="none", include_num_input_tokens_seen="non_padding", disable_tqdm=False,
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (and stops the run), not as earlier losses' mean
-        dataloader_pin_memory=torch.cuda.is_available())
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # every parameter takes part in the loss: the Trainer's default (True without gradient checkpointing) costs
+        # DDP a traversal of the autograd graph every step, and a warning per rank saying so
+        ddp_find_unused_parameters=False)
 
 
 class GoldEval(TrainerCallback):
