@@ -102,6 +102,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _offline_reason() -> str:
+    """Why W&B runs offline. wandb's own banner then says only "Run `wandb online`", a setting that changes
+    nothing where there are no credentials."""
+    if os.environ.get("WANDB_MODE"):
+        return f"WANDB_MODE={os.environ['WANDB_MODE']}"
+    saved = _saved_setting("mode")
+    if saved and saved[0] in ("offline", "dryrun"):
+        return f"`wandb offline` saved mode = {saved[0]} in {saved[1]} (`wandb online` undoes it)"
+    return "no W&B credentials here (set WANDB_API_KEY, or run `wandb login`, to log online)"
+
+
 def _wandb_command() -> str:
     """`wandb` if the shell finds it, else the venv's own (make never activates the venv)."""
     if shutil.which("wandb"):
@@ -148,6 +159,9 @@ class Tracker:
                 print(f"[{stage}] W&B is off: `wandb disabled` saved mode = disabled in {saved[1]}; `wandb enabled` "
                       f"turns it back on. Metrics go to {self.metrics_file} and the console only.")
             return
+        if self.mode == "offline":
+            print(f"[{stage}] W&B logs offline: {_offline_reason()}. The stage prints the `wandb sync` command that "
+                  "uploads the run when it ends.")
         import wandb
 
         config = to_dict(cfg)

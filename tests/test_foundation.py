@@ -973,6 +973,32 @@ def test_wandb_goes_online_only_with_credentials_for_its_server(tmp_path, monkey
     assert wandb_mode() == "offline"  # wandb's old name for it: the sync hint is printed
 
 
+def test_an_offline_run_says_why_it_is_offline(tmp_path, monkeypatch, capsys):
+    """wandb's banner says "Run `wandb online`", which changes nothing without credentials: the stage names the
+    cause (no credentials, WANDB_MODE, or a saved `wandb offline`) before it."""
+    import wandb
+
+    from pipeline.tracking import Tracker
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: type("Run", (), {"id": "r"})())
+    said = []
+    for setup in (lambda: None, lambda: monkeypatch.setenv("WANDB_MODE", "offline"),
+                  lambda: (monkeypatch.delenv("WANDB_MODE"), monkeypatch.setenv("WANDB_API_KEY", "fake-key"),
+                           (tmp_path / "wandb").mkdir(),
+                           (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n"))):
+        setup()
+        Tracker(PretrainConfig(run_name="m"), "pretrain", tmp_path / "pretrain" / "metrics.jsonl")
+        said.append(capsys.readouterr().out)
+    assert "W&B logs offline: no W&B credentials here" in said[0], said
+    assert "W&B logs offline: WANDB_MODE=offline" in said[1], said
+    assert "W&B logs offline: `wandb offline` saved mode = offline in" in said[2], said
+
+
 def test_wandb_offline_or_disabled_saved_in_its_settings_files_wins_over_credentials(tmp_path, monkeypatch, capsys):
     """The stage passed its own mode to wandb.init, which overrides the settings files: after `wandb disabled` a
     stage still made an offline run, and after `wandb offline` with credentials it went online."""
