@@ -273,12 +273,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                                   lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
     scheduler = warmup_cosine_scheduler(optimizer, math.ceil(cfg.warmup_ratio * max_steps), max_steps, cfg.min_lr_ratio)
     start_step = 0
-    # the data each step reads; and what the restored optimizer and scheduler state (the peak learning rate,
-    # weight decay, betas) and the saved adapter config (lora.*) would overrule without a word. A new warmup_ratio
-    # or min_lr_ratio reshapes the schedule from where it is, as in the other stages: asked for, so honoured.
+    # the data each step reads (max_length: how much of each conversation); and what the restored optimizer and
+    # scheduler state (the peak learning rate, weight decay, betas) and the saved adapter config (lora.*) would
+    # overrule without a word. A new warmup_ratio or min_lr_ratio reshapes the schedule from where it is, as in the
+    # other stages: asked for, so honoured.
     settings = resume_settings(cfg, ("batch_size", "grad_accum", "epochs", "seed", "eval_fraction", "mix_static",
-                                     "group_by_length", "learning_rate", "weight_decay", "adam_betas", "lora"),
-                               n_procs)
+                                     "group_by_length", "max_length", "learning_rate", "weight_decay", "adam_betas",
+                                     "lora"), n_procs)
     if checkpoint is not None:
         state = load_training_state(checkpoint, settings)
         optimizer.load_state_dict(state["optimizer"])

@@ -464,6 +464,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
     # the restored scheduler would keep the old rate without a word
     with pytest.raises(ConfigError, match=r"key 'learning_rate' was 0\.\d+ there, 0\.5 now"):
         train.main(args + ["resume=true", "learning_rate=0.5"])
+    with pytest.raises(ConfigError, match=r"key 'max_length' was 96 there, 40 now"):  # other cuts of each reply
+        train.main(args + ["resume=true", "max_length=40"])
     capsys.readouterr()
     train.main(args + ["resume=true"])  # continues from step 2 of 4
     assert "resuming at step 2" in capsys.readouterr().out
