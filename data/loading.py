@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import itertools
 import json
 import math
@@ -996,3 +997,23 @@ def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str
 
 
 __all__ = ["DataError", "DatasetSpec", "SCHEMAS", "Schema", "load_dataset_for", "normalise_row"]
+
+
+def source_fingerprints(**specs: DatasetSpec | None) -> dict[str, str]:
+    """A digest of each local source's file bytes, by its key, for a resume to notice data that changed since the
+    run began (it would read other rows at its steps). The world's splits are left out (the world's lineage covers
+    them), and so is the hub, which a run reads again as it finds it."""
+    digests = {}
+    for key, spec in specs.items():
+        if spec is None or spec.path.startswith(WORLD_PREFIX):
+            continue
+        files = [part.data_files for part in resolve_parts(spec, None, key) if part.data_files is not None
+                 and Path(part.data_files).is_file()]
+        if files:
+            digest = hashlib.sha256()
+            for file in files:
+                with open(file, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+            digests[key] = digest.hexdigest()[:16]
+    return digests

@@ -264,6 +264,23 @@ def test_continued_pretraining_keeps_the_pretrained_models_tokenizer(micro_pretr
     assert after < before + 0.1, (before, after)  # it goes on from what the checkpoint knows
 
 
+def test_a_resume_refuses_a_local_corpus_edited_since_the_run_began(tmp_path: Path):
+    """Only the path was recorded: an edited file resumed without a word, reading other blocks at each step."""
+    from pipeline.checkpoint import CheckpointError
+    from stages.pretrain.pretrain import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"Line {i} of a corpus of our own, long enough to fill a block or two.\n"
+                              for i in range(400)))
+    args = ("max_steps=2", "checkpoint_every=2", "eval_every=100", f"data.path={corpus}")
+    run_stage(main, "pretrain.yaml", tmp_path, *args, run_name="own")
+    corpus.write_text(corpus.read_text().replace("Line 7 ", "Line seven "))
+    with pytest.raises(CheckpointError, match=r"pretrain: .*step_00000002 continues a run that started from other "
+                                              r"inputs than this one would \(data: [0-9a-f]{16} then, [0-9a-f]{16} "
+                                              r"now\)"):
+        run_stage(main, "pretrain.yaml", tmp_path, *args, "max_steps=3", "resume=true", run_name="own")
+
+
 def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path):
     """The checkpoint's weights decide the model on resume: a changed model spec was ignored without a word (the
     run's config.yaml then described another model than final/), and another batch size read other data."""
@@ -274,7 +291,8 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
               run_name="spec")
     losses = {m["step"]: m["train/loss"] for m in read_metrics(tmp_path / "spec" / "pretrain" / "metrics.jsonl")
               if "train/loss" in m}
-    shutil.rmtree(tmp_path / "spec" / "pretrain" / "final")
+    shutil.rmtree(tmp_path / "spec" / "pretrain" / "final")  # as if killed after the checkpoint at step 2
+    shutil.rmtree(tmp_path / "spec" / "pretrain" / "checkpoints" / "step_00000004")
     # the split decides which documents train: a new val_fraction moved trained-on documents into validation
     for override, saved, now in (("model.num_hidden_layers=3", 2, 3), ("batch_size=8", 16, 8),
                                  ("val_fraction=0.1", 0.02, 0.1)):

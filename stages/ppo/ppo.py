@@ -34,7 +34,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.loading import load_dataset_for
+from data.loading import load_dataset_for, source_fingerprints
 from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import (atomic_dir, load_training_state, mark_in_training, output_id, parameter_fingerprint,
                                  resume_settings, save_final, save_training_checkpoint, unwrap, write_text_atomic)
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
     # after the settings check: a changed `prompts` is named as such, not as another world
-    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process,
-                      starts_from={"policy": output_id(sft_path), "reward model": output_id(rm_path)})
+    inputs = {"policy": output_id(sft_path), "reward model": output_id(rm_path),
+              **source_fingerprints(prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx else None)}
+    start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process, inputs)
     policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
     policy.eval()  # dropout off throughout: rollout and update log-probs come from the same function (N+)
     critic.eval()

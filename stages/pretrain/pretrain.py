@@ -18,7 +18,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.loading import DataError, DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for, source_fingerprints
 from pipeline.checkpoint import (load_training_state, loading_from, mark_in_training, parameter_fingerprint,
                                  restore_scaler, resume_settings, save_final, save_training_checkpoint, scaler_state)
 from pipeline.config import FieldError
@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
     # after the settings check: a changed `data` is named as such, not as another world
-    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process)
+    start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process,
+                      starts_from=source_fingerprints(data=cfg.data))
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process, start_step=start_step)

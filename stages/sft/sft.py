@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
-from data.loading import DataError, DatasetSpec, load_dataset_for
+from data.loading import DataError, DatasetSpec, load_dataset_for, source_fingerprints
 from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
                                  copy_launch_records, mark_final, mark_in_training, output_id, replace_dir,
                                  resume_settings, save_final, write_text_atomic)
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
                                        "packing, keeps those); raise max_length")
 
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
-                      starts_from={"init checkpoint": output_id(init)})
+                      starts_from={"init checkpoint": output_id(init), **source_fingerprints(data=cfg.data)})
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
                       start_step=checkpoint_step(Path(checkpoint)) if checkpoint else 0)
     if state.is_main_process:
