@@ -6,9 +6,9 @@ Every policy checkpoint (pretrain, SFT, PPO final/) answers the same held-out wo
 and the PPO reward model score the answers, now: `pipeline.evaluate.evaluate_checkpoint` with the same prompts,
 seed and sampling as `make eval`, so the report's figures equal a separate `make eval` of the same checkpoint.
 The reward model is re-scored on its held-out rankings, and the PPO policy's KL to the SFT model is measured
-on responses it samples to the held-out prompts. Curves come from each stage's metrics.jsonl, wall times from
-its files. A stage that has not run gets a "not run yet" section. The figures also go to report/report.json
-and to W&B (a `report` run in the run's group, plots as images, headline numbers in its summary).
+on responses it samples to the held-out prompts. Curves come from each stage's metrics.jsonl, times from its
+files and eval.json. A stage that has not run gets a "not run yet" section. The figures also go to
+report/report.json and to W&B (a `report` run in the run's group, plots as images, headline numbers in its summary).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -138,8 +139,9 @@ def measure_rm(cfg, scorer) -> dict:
 # ---- run facts -----------------------------------------------------------------------------------------------
 
 def stage_times(cfg) -> list[list]:
-    """Per stage: wall time of the launch that wrote its output (config.yaml written at the start -> the output) and
-    the training time the stage recorded, when it did."""
+    """Per stage: wall time after setup of the launch that wrote its output (config.yaml, written once the data and
+    models are loaded -> the output; nothing records the launch's start) and the training time the stage recorded
+    in its eval.json, when it did."""
     rows = []
     for stage in STAGES:
         paths = stage_paths(cfg, stage)
@@ -350,11 +352,11 @@ def sample_rows(rows: list[dict], n: int) -> list[int]:
 def pretrain_section(cfg, records: list[dict], plot: Path | None, run: Path, facts: dict) -> tuple[list, list]:
     if not stage_done(cfg, "pretrain"):
         return [NOT_RUN.format(what="pretrain/final", stage="pretrain")], []
-    rates = sorted(series(records, "perf/tokens_per_sec")[1])
+    rates = series(records, "perf/tokens_per_sec")[1]
     p = facts["pretrain"] = {"val_loss": last(records, "eval/loss"), "val_perplexity": last(records, "eval/perplexity"),
                              "tokens_seen": last(records, "train/tokens_seen"),
                              "steps": records[-1]["step"] if records else None,
-                             "tokens_per_sec_median": rates[len(rates) // 2] if rates else None}
+                             "tokens_per_sec_median": statistics.median(rates) if rates else None}
     table = markdown_table(["metric", "value"], [
         ["validation loss (nats/token)", p["val_loss"]], ["validation perplexity", p["val_perplexity"]],
         ["steps", p["steps"]], ["tokens seen", f"{p['tokens_seen']:,.0f}" if p["tokens_seen"] else None],
@@ -394,15 +396,17 @@ def ppo_verdict(ppo, sft) -> str:
     return verdict
 
 
-def rm_verdict(accuracy: float, rankings: int) -> str:
-    """Above or below chance beyond two standard errors of a coin's accuracy, counted over rankings (a ranking's
-    pairs share its scores, so they are not independent); else within noise."""
+def rm_verdict(accuracy: float, rankings: int, gold_decided: bool = False) -> str:
+    """Above or below chance beyond two standard errors of a coin's accuracy, counted over the rankings that hold
+    the pairs accuracy counts (a ranking's pairs share its scores, so they are not independent); else within noise.
+    `gold_decided`: accuracy counts only the pairs gold decides, so only the rankings holding one count."""
     noise = 2 * 0.5 / math.sqrt(rankings) if rankings else float("inf")
     if accuracy > 0.5 + noise:
         return "above chance"
     if accuracy < 0.5 - noise:
         return "below chance"
-    return f"within noise of chance (±{noise:.3f} over {rankings} rankings)"
+    counted = f"{rankings} ranking{'' if rankings == 1 else 's'}" + (" with gold-decided pairs" if gold_decided else "")
+    return f"within noise of chance (±{noise:.3f} over {counted})"
 
 
 def sft_section(results: dict, plot: Path | None, run: Path) -> tuple[list, list]:
@@ -441,7 +445,7 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["accuracy over all pairs", r.get("accuracy_all_pairs")],
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""
-    verdict = rm_verdict(r["accuracy"], int(r.get("accuracy_rankings", r.get("rankings", 0))))
+    verdict = rm_verdict(r["accuracy"], int(r.get("accuracy_rankings", r.get("rankings", 0))), "decided_pairs" in r)
     criteria = by_deciding_criterion(r)
     by_criterion = ["Gold agreement by the criterion that contributes most to each decided pair's gold difference:",
                     "", markdown_table(["deciding criterion", "pairs", "gold agreement", "by task family (pairs)"],
@@ -493,8 +497,11 @@ def samples_section(rows: list[dict], results: dict, picked: list[int]) -> list:
 
 def run_facts_section(cfg, facts: dict) -> list:
     cfg_run = run_dir(cfg)
-    lines = [markdown_table(["stage", "wall time (s)", "training (s)", "finished"], facts["times"], align="lrrl"), "",
-             "Wall time: from the stage writing its config.yaml to its final output (the launch that wrote it).", "",
+    lines = [markdown_table(["stage", "wall time after setup (s)", "training (s)", "finished"], facts["times"],
+                            align="lrrl"), "",
+             "Wall time after setup: from the stage writing its config.yaml, once its data and models are loaded, to",
+             "its final output, in the launch that wrote it (start-up and loading are not recorded). Training: the",
+             "time of the stage's training loop, as it recorded it in eval.json.", "",
              markdown_table(["hardware", ""], [[k, v] for k, v in facts["hardware"].items()]), "",
              markdown_table(["package", "version"], [[k, v] for k, v in facts["packages"].items()]), "",
              f"Git commit: `{facts['git']}`", "", "Resolved configs:", ""]

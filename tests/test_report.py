@@ -77,6 +77,10 @@ def test_report_has_every_section_and_its_plots_render(micro_report):
     assert 0.0 <= figures["win_rate_vs_sft"] <= 1.0 and figures["kl_to_sft"]["exact"] >= 0.0
     assert 0.0 <= figures["rm"]["accuracy"] <= 1.0 and figures["rm"]["rankings"] > 0
     assert figures["pretrain"]["val_loss"] > 0 and figures["pretrain"]["tokens_seen"] > 0
+    # every stage that trains shows its training time: pretrain and PPO recorded theirs only in W&B's summary
+    times = {stage: (after_setup, training) for stage, after_setup, training, _ in figures["times"]}
+    assert all(float(times[stage][1]) > 0 for stage in ("pretrain", "sft", "rm", "ppo")), times
+    assert "| stage    | wall time after setup (s) | training (s) |" in text  # not a launch's whole wall time
     # Run facts say what `precision: auto` took on this machine: the run's figures depend on it
     from pipeline.runs import StageConfig, resolve_precision
 
@@ -336,6 +340,8 @@ def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains(
     assert report.rm_verdict(0.662, 150) == "above chance"
     assert report.rm_verdict(0.75, 4) == "within noise of chance (±0.500 over 4 rankings)"
     assert report.rm_verdict(0.3, 150) == "below chance"
+    assert report.rm_verdict(0.75, 1, gold_decided=True) == \
+        "within noise of chance (±1.000 over 1 ranking with gold-decided pairs)"
     # PPO: "RM up" only beyond the RM scores' own paired noise (any rise in the mean was called over-optimisation)
     from types import SimpleNamespace
 
@@ -349,3 +355,32 @@ def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains(
     assert report.ppo_verdict(run([0.9, 0.1, 0.5, 0.3], [1.0, 1.1, 0.9, 1.2]), sft).startswith(
         "RM up, gold not: over-optimised? (within noise of SFT")
     assert report.ppo_verdict(run([0.9, 0.8, 0.85, 0.9], [1.0, 1.1, 0.9, 1.2]), sft) == "better than SFT"
+
+
+def test_the_rm_verdict_names_the_rankings_it_counts(tmp_path):
+    """"within noise of chance (±1.000 over 1 rankings)" beside "held-out rankings 4": the noise counts only the
+    rankings that hold a pair gold decides, and the verdict did not say so."""
+    measured = {"accuracy": 0.75, "gold_accuracy": 0.5, "noise_ceiling": 1.0, "rankings": 4, "accuracy_rankings": 1.0,
+                "decided_pairs": 2.0, "source": str(tmp_path / "eval.jsonl")}
+    lines, glance = report.rm_section(None, measured, None, None, tmp_path)
+    assert glance[0][2] == "within noise of chance (±1.000 over 1 ranking with gold-decided pairs)"
+    assert "| held-out rankings                           |     4 |" in lines[2]
+    # without gold, accuracy counts every labelled pair: every ranking holding one
+    no_gold = {"accuracy": 0.75, "rankings": 4, "accuracy_rankings": 4.0, "source": measured["source"]}
+    assert report.rm_section(None, no_gold, None, None, tmp_path)[1][0][2] == \
+        "within noise of chance (±0.500 over 4 rankings)"
+
+
+def test_the_pretrain_tokens_per_second_is_the_median_of_an_even_count(tmp_path):
+    """The median of 12 windows was the upper middle one (1,544 where the median is 1,409)."""
+    from pipeline.runs import StageConfig
+
+    cfg = StageConfig(run_name="t", runs_dir=str(tmp_path))
+    final = tmp_path / "t" / "pretrain" / "final"
+    final.mkdir(parents=True)
+    (final / "config.json").write_text("{}")
+    records = [{"step": step, "perf/tokens_per_sec": rate} for step, rate in enumerate([1544.0, 900.0, 1274.0, 2000.0])]
+    facts = {}
+    lines, _ = report.pretrain_section(cfg, records, None, tmp_path, facts)
+    assert facts["pretrain"]["tokens_per_sec_median"] == 1409.0
+    assert "| tokens/s (median)            | 1,409 |" in lines[0]

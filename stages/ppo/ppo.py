@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         return result
 
     # ---- the PPO loop
-    result = None
+    result, loop_started = None, time.perf_counter()
     for step in tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps, desc="ppo",
                      disable=not accelerator.is_main_process):
         started, done, train_policy = time.perf_counter(), step + 1, step >= cfg.critic_warmup_steps
@@ -369,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.wait_for_everyone()
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged), eval.json; per-rank weight hashes on request
+    train_seconds = time.perf_counter() - loop_started
     if accelerator.is_main_process and eval_rows and result is None:  # resumed at max_steps: evaluate anyway
         result = evaluate(cfg.max_steps)
     accelerator.wait_for_everyone()
@@ -382,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
             save_final(plain(unwrap(policy)), tokenizer, paths.root / "final_online", "ppo", world_data)
         save_final(plain(deliverable()), tokenizer, paths.final, "ppo", world_data, paths.launch_records,
                    ppo_ema=ema is not None)
-        if result is not None:
-            write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
-            tracker.summary({f"final/{k}": v for k, v in result.items() if isinstance(v, (int, float))})
+        # written without an evaluation too: the report's Run facts read the training time there, as SFT's
+        write_text_atomic(paths.root / "eval.json", json.dumps({**(result or {}), "train_seconds": train_seconds},
+                                                               indent=1) + "\n")
+        tracker.summary({**{f"final/{k}": v for k, v in (result or {}).items() if isinstance(v, (int, float))},
+                         "time/train_seconds": train_seconds})
         print(f"[ppo] final policy in {paths.final}" + (f"; evaluation in {paths.root}/eval.json" if result else ""))
         tracker.finish(paths.final)
     end_stage(accelerator)

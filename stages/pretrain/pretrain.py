@@ -10,6 +10,7 @@ Resume is the same path as a fresh start; only where the weights, optimizer and 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for, source_fingerprints
 from pipeline.checkpoint import (load_training_state, loading_from, mark_in_training, parameter_fingerprint,
-                                 restore_scaler, resume_settings, save_final, save_training_checkpoint, scaler_state)
+                                 restore_scaler, resume_settings, save_final, save_training_checkpoint, scaler_state,
+                                 write_text_atomic)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -280,7 +282,11 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain",
                    world_data=lineage, launch_records=paths.launch_records)
-        tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": time.perf_counter() - started})
+        train_seconds = time.perf_counter() - started
+        # eval.json as SFT's and the RM's: the report's Run facts read the training time there
+        report = {"step": cfg.max_steps, "eval_loss": val_loss, "train_seconds": train_seconds}
+        write_text_atomic(paths.root / "eval.json", json.dumps(report, indent=1) + "\n")
+        tracker.summary({"eval/final_loss": val_loss, "time/train_seconds": train_seconds})
         print(f"[pretrain] final validation loss {val_loss:.4f} (unigram entropy "
               f"{corpus.unigram_entropy:.4f}); checkpoint in {paths.final}")
         tracker.finish(paths.final)
