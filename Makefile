@@ -8,7 +8,7 @@
 #   make eval STAGE=sft       held-out gold evaluation of one stage (or STAGE=path/to/a/checkpoint)
 #   make eval-rm              the run's reward model on its held-out rankings (ARGS="--data path-or-hub-id --split test")
 #   make chat STAGE=ppo       talk to a stage's model (ARGS="--temperature 0 --prompt '...'" for one greedy reply)
-#   make bench                throughput benchmarks, printed as a table
+#   make bench                throughput benchmarks of the tiny recipe (whatever RECIPE), printed as a table
 #   make setup                only the venv (.venv; `. .venv/bin/activate` to use it in a shell)
 #   make clean                delete runs/ (every run's outputs and checkpoints), wandb/ and .pytest_cache/
 #

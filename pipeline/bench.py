@@ -8,7 +8,9 @@
 - ppo: rollout generation tokens/s (our sampler versus `model.generate`) and the generation/update time split
   per PPO step (stages/ppo/bench_ppo.py).
 
-Each measured program runs in its own subprocess, so peak memory (max RSS) is its own.
+Every benchmark measures the `tiny` recipe (configs/tiny/, with runs/tiny/'s checkpoints where they exist),
+whatever RECIPE or RUN make is given: a fixed workload, comparable across machines and commits. Each row names
+the precision it ran in. Each measured program runs in its own subprocess, so peak memory (max RSS) is its own.
 Speed targets live here, never in timed tests.
 """
 from __future__ import annotations
@@ -24,6 +26,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny"
+HEADING = ("Benchmarks of the tiny recipe (configs/tiny/, with runs/tiny/'s checkpoints where they exist), whatever "
+           "RECIPE or RUN say.")
+
+
+def tiny_precision(config_cls: type, stage_yaml: str) -> str:
+    """The precision a tiny-recipe stage launched from here trains in ("bf16", "fp16" or "fp32"): as it decides."""
+    from pipeline.config import load_config
+    from pipeline.runs import resolve_precision
+
+    return resolve_precision(load_config(config_cls, TINY / stage_yaml))
 
 
 def _run_child(args: list[str]) -> tuple[str, float]:
@@ -81,11 +93,9 @@ def plain_torch_loop(steps: int) -> None:
 
 
 def bench_pretrain(quick: bool) -> list[dict]:
-    from pipeline.config import load_config
-    from pipeline.runs import resolve_precision
     from stages.pretrain.pretrain import PretrainConfig
 
-    precision = resolve_precision(load_config(PretrainConfig, TINY / "pretrain.yaml"))
+    precision = tiny_precision(PretrainConfig, "pretrain.yaml")  # the stage's, and the plain loop's (same env)
     steps = 10 if quick else 40
     rows = []
     with tempfile.TemporaryDirectory() as runs_dir:
@@ -101,14 +111,14 @@ def bench_pretrain(quick: bool) -> list[dict]:
     plain_out, plain_rss = _run_child(["-m", "pipeline.bench", "--plain-loop", str(steps)])
     plain_rate = json.loads(plain_out.strip().splitlines()[-1])["tokens_per_sec"]
     rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, pipeline stage",
-                 "value": stage_rate, "unit": "tok/s", "note": f"{steps} steps, incl. data + logging, {precision}"})
+                 "value": stage_rate, "unit": "tok/s", "note": f"{steps} steps, incl. data + logging"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "train tokens/s, plain torch loop",
-                 "value": plain_rate, "unit": "tok/s", "note": f"same model, batch, AdamW, {precision}"})
+                 "value": plain_rate, "unit": "tok/s", "note": "same model, batch, AdamW"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "stage / plain loop", "value": stage_rate / plain_rate,
                  "unit": "x", "note": "target >= 1.0 (within noise)"})
     rows.append({"benchmark": "pretrain (tiny)", "metric": "peak memory (max RSS)", "value": stage_rss,
                  "unit": "MB", "note": "the pipeline stage's process"})
-    return rows
+    return [{**row, "precision": precision} for row in rows]
 
 
 def _optional(module: str, quick: bool) -> list[dict]:
@@ -117,7 +127,8 @@ def _optional(module: str, quick: bool) -> list[dict]:
     try:
         bench = importlib.import_module(module)
     except ModuleNotFoundError as e:
-        return [{"benchmark": module, "metric": "-", "value": float("nan"), "unit": "", "note": f"missing: {e}"}]
+        return [{"benchmark": module, "metric": "-", "value": float("nan"), "unit": "", "precision": "-",
+                 "note": f"missing: {e}"}]
     return bench.run_benchmark(quick=quick)
 
 
@@ -130,8 +141,8 @@ BENCHES = {
 
 def print_table(rows: list[dict]) -> None:
     cells = [[r["benchmark"], r["metric"], f"{r['value']:,.2f}" if isinstance(r["value"], float)
-              else str(r["value"]), r["unit"], r.get("note", "")] for r in rows]
-    header = ["benchmark", "metric", "value", "unit", "note"]
+              else str(r["value"]), r["unit"], r["precision"], r.get("note", "")] for r in rows]
+    header = ["benchmark", "metric", "value", "unit", "precision", "note"]
     widths = [max(len(str(c[i])) for c in cells + [header]) for i in range(len(header))]
     line = lambda c: "| " + " | ".join(str(v).rjust(w) if i == 2 else str(v).ljust(w)  # noqa: E731
                                        for i, (v, w) in enumerate(zip(c, widths))) + " |"
@@ -157,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.only.split(","):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         rows += BENCHES[name](args.quick)
+    print(HEADING + (" --quick: a smoke run, not a measurement." if args.quick else ""))
     print_table(rows)
 
 

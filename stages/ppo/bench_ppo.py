@@ -2,9 +2,10 @@
 
 1. Rollout generation tokens/s on the same prompts and model, in one run: our batched KV-cache sampler
    (`pipeline.generation.sample`, the PPO rollout path) against `model.generate` with its defaults (greedy), and
-   both sampling at the rollout temperature. Only real response tokens count (up to and including EOS).
-2. The time split of a PPO step: a short run of the real stage (configs/tiny/ppo.yaml) in a subprocess, reading
-   perf/generation_seconds, perf/rollout_seconds and perf/update_seconds from its metrics.jsonl.
+   both sampling at the rollout temperature, all in fp32. Only real response tokens count (up to and including EOS).
+2. The time split of a PPO step: a short run of the real stage (configs/tiny/ppo.yaml) in a subprocess, in the
+   precision the stage takes here, reading perf/generation_seconds, perf/rollout_seconds and perf/update_seconds
+   from its metrics.jsonl.
 
 Uses runs/tiny/sft/final and runs/tiny/rm/final when they exist; otherwise (a fresh clone) randomly initialised
 models of the tiny architecture, whose replies run to the length cap (the note says which).
@@ -23,6 +24,8 @@ from pathlib import Path
 from statistics import mean
 
 import torch
+
+from pipeline.bench import tiny_precision
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny"
@@ -62,7 +65,7 @@ def _tokens_per_sec(generate, enc: dict, tokenizer, repeats: int) -> float:
     return best
 
 
-def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict]:
+def generation_rows(sft: Path, world: Path, note: str, quick: bool, stage_precision: str) -> list[dict]:
     from pipeline.config import load_config
     from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids
     from pipeline.model import load_causal_lm
@@ -97,16 +100,23 @@ def generation_rows(sft: Path, world: Path, note: str, quick: bool) -> list[dict
                  f"T={cfg.sampling.temperature}, model.generate": _tokens_per_sec(
                      hf(do_sample=True, temperature=cfg.sampling.temperature, top_k=cfg.sampling.top_k or None,
                         top_p=cfg.sampling.top_p), enc, tokenizer, repeats)}
-    setting = f"{n} prompts, cap {cap} tokens, fp32 (rollouts run under the stage's precision), {note}"
-    rows = [{"benchmark": "ppo rollout", "metric": f"generation tok/s, {k}", "value": v, "unit": "tok/s",
-             "note": setting} for k, v in rates.items()]
-    rows.append({"benchmark": "ppo rollout", "metric": "our sampler / model.generate (greedy)",
+    # no autocast here: the stage samples its rollouts under its own precision, which may not be fp32
+    setting = f"{n} prompts, cap {cap} tokens, {note}" + (
+        "" if stage_precision == "fp32" else f"; the PPO stage samples in {stage_precision} here")
+    rows = [{"benchmark": "ppo rollout (tiny)", "metric": f"generation tok/s, {k}", "value": v, "unit": "tok/s",
+             "precision": "fp32", "note": setting} for k, v in rates.items()]
+    rows.append({"benchmark": "ppo rollout (tiny)", "metric": "our sampler / model.generate (greedy)",
                  "value": rates["greedy, our sampler"] / rates["greedy, model.generate defaults"], "unit": "x",
-                 "note": "same tokens" if same else "greedy tokens differ (check!)"})
+                 "precision": "fp32", "note": "same tokens" if same else "greedy tokens differ (check!)"})
     return rows
 
 
-def step_split_rows(sft: Path, rm: Path, runs: Path, note: str, quick: bool) -> list[dict]:
+def describe_steps(steps: list[int]) -> str:
+    """The steps a figure averages, as the note says it: "step 2", or "mean of steps 2-4"."""
+    return f"step {steps[0]}" if len(steps) == 1 else f"mean of steps {steps[0]}-{steps[-1]}"
+
+
+def step_split_rows(sft: Path, rm: Path, runs: Path, note: str, quick: bool, precision: str) -> list[dict]:
     steps = 2 if quick else 4
     env = {**os.environ, "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "stages.ppo", "--config", str(TINY / "ppo.yaml"),
@@ -120,16 +130,17 @@ def step_split_rows(sft: Path, rm: Path, runs: Path, note: str, quick: bool) -> 
     steady = [r for r in records if "perf/update_seconds" in r][1:]  # the first step pays one-off warm-up costs
     gen, roll, upd = (mean(r[f"perf/{k}_seconds"] for r in steady) for k in ("generation", "rollout", "update"))
     total = roll + upd
-    setting = f"configs/tiny/ppo.yaml, mean of steps 2-{steps}, {note}"
-    return [
-        {"benchmark": "ppo step", "metric": "generation (sampling)", "value": gen, "unit": "s/step",
+    setting = f"configs/tiny/ppo.yaml, {describe_steps([r['step'] for r in steady])}, {note}"
+    rows = [
+        {"benchmark": "ppo step (tiny)", "metric": "generation (sampling)", "value": gen, "unit": "s/step",
          "note": f"{gen / total:.0%} of the step; {setting}"},
-        {"benchmark": "ppo step", "metric": "scoring (policy/ref/critic/RM passes)", "value": roll - gen,
+        {"benchmark": "ppo step (tiny)", "metric": "scoring (policy/ref/critic/RM passes)", "value": roll - gen,
          "unit": "s/step", "note": f"{(roll - gen) / total:.0%} of the step"},
-        {"benchmark": "ppo step", "metric": "update (PPO epochs)", "value": upd, "unit": "s/step",
+        {"benchmark": "ppo step (tiny)", "metric": "update (PPO epochs)", "value": upd, "unit": "s/step",
          "note": f"{upd / total:.0%} of the step"},
-        {"benchmark": "ppo step", "metric": "rollout tokens/s (whole step)",
+        {"benchmark": "ppo step (tiny)", "metric": "rollout tokens/s (whole step)",
          "value": mean(r["perf/tokens_per_sec"] for r in steady), "unit": "tok/s", "note": "response tokens"}]
+    return [{**row, "precision": precision} for row in rows]
 
 
 def run_benchmark(quick: bool = False) -> list[dict]:
@@ -141,7 +152,9 @@ def run_benchmark(quick: bool = False) -> list[dict]:
         work = Path(tmp)
         world = write_world(work / "runs" / "bench" / "world", load_config(PPOStageConfig, TINY / "ppo.yaml").world)
         sft, rm, note = _models(work, world)
-        return generation_rows(sft, world, note, quick) + step_split_rows(sft, rm, work / "runs", note, quick)
+        precision = tiny_precision(PPOStageConfig, "ppo.yaml")  # the stage's, launched in this environment
+        return (generation_rows(sft, world, note, quick, precision)
+                + step_split_rows(sft, rm, work / "runs", note, quick, precision))
 
 
 if __name__ == "__main__":
