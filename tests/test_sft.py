@@ -21,7 +21,8 @@ from conftest import MICRO, REPO
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import ConfigError, FieldError, load_config
-from stages.sft.sft import RESUME_SETTINGS_FILE, SFTStageConfig, main, resume_checkpoint, training_arguments
+from stages.sft.sft import SFTStageConfig, main, resume_checkpoint, training_arguments
+from stages.sft.trainer_parts import RESUME_SETTINGS_FILE, resume_settings_record
 
 QUICK = ["gold_eval_prompts=0", "eval_every=1000", "checkpoint_every=1000"]
 
@@ -403,6 +404,8 @@ def test_resume_after_kill_continues_from_checkpoint(micro_pretrain, tmp_path):
     # is skipped on resume anyway); newer ones go
     resumed_from = max(s for s in saved_steps(stage) if s + 1 in killed_losses)
     assert 0 < resumed_from < 500
+    # the run's settings, recorded at its start for all its checkpoints, and beside each
+    assert json.loads((stage / "checkpoints" / RESUME_SETTINGS_FILE).read_text())["processes"] == 1
     for newer in (s for s in saved_steps(stage) if s > resumed_from):
         shutil.rmtree(stage / "checkpoints" / f"checkpoint-{newer}")
 
@@ -587,6 +590,11 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
     (first / "checkpoint-3").mkdir()
     (first / "checkpoint-3" / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
     assert resume_checkpoint(first, is_main_process=False) is None
+    # ... unless the run recorded its settings for all its checkpoints at its start: the Trainer deletes the
+    # older checkpoints before the newest gets its own record, and a kill in between left nothing to resume from
+    (first / RESUME_SETTINGS_FILE).write_text('{"batch_size": 8}\n')
+    assert resume_checkpoint(first, is_main_process=True) == str(first / "checkpoint-3")
+    assert resume_settings_record(first / "checkpoint-3") == {"batch_size": 8}  # what the resume is checked against
 
 
 def test_dataset_without_messages_is_a_clear_error(micro_pretrain, tmp_path):

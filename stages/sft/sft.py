@@ -40,9 +40,10 @@ from pipeline.runs import distributed_launch, learned_world_data, resolve_precis
     weights_sharded, world_lineage, write_resolved_config
 from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback
-from stages.sft.trainer_parts import (RESUME_SETTINGS_FILE, ProgressBar, RecordResumeSettings, StageSFTTrainer,
-                                      StopOnNonFiniteGradients, check_resumable, finished_steps, resume_checkpoint,
-                                      replies_cut, template_refusals_named, trains_a_token, with_reply_masks)
+from stages.sft.trainer_parts import (ProgressBar, RecordResumeSettings, StageSFTTrainer,
+                                      StopOnNonFiniteGradients, check_resumable, finished_steps, replies_cut,
+                                      resume_checkpoint, resume_settings_record, template_refusals_named,
+                                      trains_a_token, with_reply_masks)
 
 
 @dataclass
@@ -233,8 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "group_by_length", "data", "learning_rate", "weight_decay", "lora"),
                                state.num_processes)
     if checkpoint is not None:
-        record = Path(checkpoint) / RESUME_SETTINGS_FILE
-        check_resume_settings(checkpoint, json.loads(record.read_text()) if record.is_file() else None, settings)
+        check_resume_settings(checkpoint, resume_settings_record(checkpoint), settings)
         check_resumable(checkpoint, sharded=distributed_launch() is not None)
     lineage = world_lineage("sft", learned_world_data(world, cfg.data), init)
     mark_in_training(model, "sft", lineage)

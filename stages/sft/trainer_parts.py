@@ -240,11 +240,14 @@ def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | Non
     # our settings record comes after the Trainer's state: where the run writes it, a checkpoint without it was
     # cut short too (and would resume unchecked). Checkpoints from before the record existed have none; a run
     # that writes it also wrote starts_from.json at its start (its first checkpoint may be the one cut short).
+    # A run that records its settings for all its checkpoints at its start (RecordResumeSettings) is checked
+    # against that: the Trainer deletes the older checkpoints before the newest gets its own record, so a kill
+    # in between would otherwise leave no checkpoint to resume from.
     recorded = (Path(checkpoints_dir) / STARTS_FROM_FILE).is_file() or \
         any((p / RESUME_SETTINGS_FILE).is_file() for p in found)
 
     def finished(path: Path) -> bool:
-        return saved(path) and (not recorded or (path / RESUME_SETTINGS_FILE).is_file())
+        return saved(path) and (not recorded or resume_settings_record(path) is not None)
 
     done = [p for p in found if finished(p)]
     if is_main_process:
@@ -299,12 +302,26 @@ class ProgressBar(ProgressCallback):
             self.training_bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
 
 
+def resume_settings_record(checkpoint: str | Path) -> dict | None:
+    """The settings a resume from `checkpoint` must share: its own record, else the one its run wrote for all its
+    checkpoints at its start (the settings a resume may not change are those of the whole run)."""
+    for record in (Path(checkpoint) / RESUME_SETTINGS_FILE, Path(checkpoint).parent / RESUME_SETTINGS_FILE):
+        if record.is_file():
+            return json.loads(record.read_text())
+    return None
+
+
 class RecordResumeSettings(TrainerCallback):
-    """Beside each Trainer checkpoint, the settings a resume from it must share (resume_settings): the Trainer
-    itself resumes under another batch size or process count without a word, reading other data per step."""
+    """The settings a resume must share (resume_settings), for the run's checkpoints at its start and beside each
+    one: the Trainer itself resumes under another batch size or process count without a word, reading other data
+    per step."""
 
     def __init__(self, settings: dict):
         self.settings = settings
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # after start_checkpoints set an earlier run's aside
+            write_text_atomic(Path(args.output_dir) / RESUME_SETTINGS_FILE, json.dumps(self.settings) + "\n")
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
