@@ -39,6 +39,7 @@ from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, fami
 from pipeline.generation import SamplingConfig
 from pipeline.config import ConfigError, FieldError, load_config
 from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
+from pipeline.tokenizer import check_chat_prompts
 
 STAGE_CONFIGS = {
     "pretrain": "stages.pretrain.pretrain:PretrainConfig",
@@ -356,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
             rm_path = configured
         scorer = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="evaluate --rm")
     model, tokenizer = load_policy(path, cfg.trust_remote_code, device, "evaluate")
+    named = path if args.stage == path else f"{path} (--stage {args.stage})"
+    check_chat_prompts(tokenizer, named, [(rows, str(world / "eval_prompts.jsonl"))])
     print(f"[eval] {path}: {len(rows)} held-out prompts of {world}, {describe_sampling(sampling)}, seed {cfg.seed}",
           flush=True)
     result = evaluate_checkpoint(model, tokenizer, rows, load_judge(world), sampling, cfg.seed, args.batch_size, scorer,

@@ -41,6 +41,7 @@ from pipeline.evaluation import (EVAL_SAMPLING, family_table, held_out_prompts, 
                                  paired_gain, win_rate)
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
 from pipeline.runs import WORLD_DATA_FILE, StageConfig, resolve_precision, run_dir, run_main, stage_paths  # noqa: E402
+from pipeline.tokenizer import check_chat_prompts  # noqa: E402
 
 STAGES = ("pretrain", "sft", "prefs", "rm", "ppo")
 POLICIES = ("pretrain", "sft", "ppo")
@@ -557,6 +558,7 @@ def main(argv: list[str] | None = None) -> Path:
         if not stage_done(cfg, stage):
             continue
         model, tokenizer = load_policy(str(stage_paths(cfg, stage).final), cfg.trust_remote_code, device, "report")
+        check_chat_prompts(tokenizer, str(stage_paths(cfg, stage).final), [(rows, str(world / "eval_prompts.jsonl"))])
         print(f"[report] {stage}: answering {len(rows)} held-out prompts", flush=True)
         results[stage] = evaluate_checkpoint(model, tokenizer, rows, judge, sampling, cfg.seed, args.batch_size,
                                              ppo_scorer, reward=ppo_settings)

@@ -6,10 +6,13 @@ pretraining document ends the same way a reply does.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import re
+from collections.abc import Callable, Iterable, Sized
 from pathlib import Path
-from typing import Iterable
 
+import jinja2
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -86,6 +89,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, turn_end_
                               f"(none of {', '.join(TOKENIZER_FILES)})")
     with loading_from(name_or_path, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    _check_templates_compile(tokenizer, name_or_path)
     if tokenizer.chat_template is None:
         missing = [t for t in ROLE_TOKENS.values() if t not in tokenizer.get_vocab()]
         if missing:
@@ -113,6 +117,31 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, turn_end_
     if tokenizer.pad_token is None or pad_is_eos:
         tokenizer.add_special_tokens({"pad_token": PAD})
     return tokenizer
+
+
+def _check_templates_compile(tokenizer, name_or_path: str) -> None:
+    """A chat template that does not compile (a Jinja syntax error) failed in a Jinja traceback at the first
+    conversation a stage rendered, mid-run in some: refused as the tokenizer loads, naming the file it is in."""
+    templates = tokenizer.chat_template
+    for name, template in (templates if isinstance(templates, dict) else {"default": templates}).items():
+        if template is None:
+            continue
+        try:  # compiled before it renders: a template that refuses this conversation has compiled
+            tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], chat_template=template, tokenize=False)
+        except jinja2.TemplateSyntaxError as error:
+            raise CheckpointError(f"tokenizer: the chat template in {_template_file(name_or_path, name)} does not "
+                                  f"compile: line {error.lineno}: {error.message}") from None
+        except Exception:  # it compiled: a refusal (or any other failure) of this probe is the conversation's
+            pass
+
+
+def _template_file(name_or_path: str, name: str) -> str:
+    """Where a tokenizer keeps its chat template `name`, as transformers reads it: chat_template.jinja (the default)
+    or additional_chat_templates/<name>.jinja, else tokenizer_config.json (its chat_template entry)."""
+    own = "chat_template.jinja" if name == "default" else f"additional_chat_templates/{name}.jinja"
+    if not Path(name_or_path).is_dir():
+        return f"{own} or tokenizer_config.json of {name_or_path}"
+    return str(Path(name_or_path) / (own if (Path(name_or_path) / own).is_file() else "tokenizer_config.json"))
 
 
 def untrained_role_tokens(tokenizer) -> list[str]:
@@ -174,6 +203,60 @@ def prompt_text(turns: list[dict[str, str]]) -> str:
 def chat_prompt(tokenizer, prompt: str) -> str:
     """The text the model sees before it answers `prompt` (a user message, or an hh-rlhf transcript's turns)."""
     return tokenizer.apply_chat_template(prompt_messages(prompt), tokenize=False, add_generation_prompt=True)
+
+
+def first_refused(rows: Iterable, render: Callable) -> tuple[int, object, jinja2.TemplateError] | None:
+    """The first of `rows` whose conversation (`render` renders a row) the chat template refuses: its index, the
+    row and what the template said (`raise_exception`); of a stream, its first 1000 rows."""
+    for index, row in enumerate(itertools.islice(rows, None if isinstance(rows, Sized) else 1000)):
+        try:
+            render(row)
+        except jinja2.TemplateError as refused:
+            return index, row, refused
+    return None
+
+
+@contextlib.contextmanager
+def template_refusals_named(named: str, sources: list[tuple[Iterable[dict], str]], render: Callable[[dict], object],
+                            column: str, numbered: bool = True):
+    """Around rendering the rows of `sources` ((rows, source) pairs) through a chat template, there or inside other
+    code (TRL's tokenizing, a training loop): a conversation the template refuses (Gemma's "System role not
+    supported", Mistral's "roles must alternate", a length check) ended in a Jinja traceback. It becomes a DataError
+    naming `named` (the checkpoint whose template it is, and its key) and the first such row, found again once one
+    has failed (first_refused): by its number, or where `rows` are not in their source's order, by its `column`."""
+    from data.loading import DataError  # (data.loading imports this module)
+
+    try:
+        yield
+    except jinja2.TemplateError as error:
+        for rows, source in sources:
+            if found := first_refused(rows, render):
+                index, row, refused = found
+                which = "this conversation" if numbered else f"the conversation of {column} {quoted(row[column])}"
+                raise DataError(source, f"the chat template of {named} refuses {which}: {refused}. Change the data "
+                                        "(e.g. fold a system message into the first user turn), or use a model whose "
+                                        "template takes it", row=index + 1 if numbered else None,
+                                column=column) from None
+        sources = " or ".join(dict.fromkeys(source for _, source in sources))
+        raise DataError(sources, f"the chat template of {named} refuses a conversation: {error}") from None
+
+
+def check_chat_prompts(tokenizer, named: str, sources: list[tuple[list[dict], str]], numbered: bool = True) -> None:
+    """Render every prompt of `sources` ((prompt rows, source) pairs) as the model will read it: one the chat
+    template of `named` refuses is named before any model samples, by its row where `numbered` (the rows are their
+    source's, in order), else by its text."""
+    def render(row: dict) -> str:
+        return chat_prompt(tokenizer, row["prompt"])
+
+    with template_refusals_named(named, sources, render, "prompt", numbered):
+        for rows, _ in sources:
+            for row in rows:
+                render(row)
+
+
+def quoted(text: str, limit: int = 60) -> str:
+    """`text` quoted for a message, its start only if longer than `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def trl_masks_replies(tokenizer) -> bool:

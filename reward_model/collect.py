@@ -31,7 +31,7 @@ from pipeline.generation import decode_responses, encode_prompts, ended_with_sto
 from pipeline.model import POLICY_STAGES, load_causal_lm
 from pipeline.runs import WORLD_DATA_FILE, check_world_lineage, learned_world_data, model_path, require_ddp, \
     parse_stage_args, run_main, stage_paths, world_dir, world_lineage, write_resolved_config
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import check_chat_prompts, load_tokenizer
 from pipeline.tracking import Tracker
 from reward_model.config import RewardModelConfig
 
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     init = model_path(cfg, "policy", "sft", POLICY_STAGES, "prefs")
     check_world_lineage(cfg, init, world, "prefs", config_key="policy")
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    # by its text: repeated prompts are gone, so a row's place is not its file's
+    check_chat_prompts(tokenizer, f"{init} (key 'policy')", [(rows, cfg.prompts.path)], numbered=False)
     policy = load_causal_lm(init, "reward_model.collect", cfg.trust_remote_code,
                             tokenizer=tokenizer).to(accelerator.device).eval()
     rows = prompts_that_fit(rows, tokenizer, policy, cfg.sampling.max_new_tokens, cfg.max_prompt_tokens,

@@ -9,10 +9,12 @@ fewer).
 """
 from __future__ import annotations
 
+import jinja2
 import torch
 
+from pipeline.checkpoint import CheckpointError
 from pipeline.model import load_scalar_model
-from pipeline.tokenizer import load_tokenizer, prompt_messages
+from pipeline.tokenizer import first_refused, load_tokenizer, prompt_messages, quoted
 
 
 def conversation_text(tokenizer, prompt: str, response: str) -> str:
@@ -56,7 +58,7 @@ class RewardScorer:
         self.model = load_scalar_model(path, needed_by, self.tokenizer, trust_remote_code, allowed_stages=("rm",),
                                        trained_head=True).to(device).eval()
         self.model.requires_grad_(False)
-        self.device = device
+        self.path, self.needed_by, self.device = path, needed_by, device
         self.mean = float(getattr(self.model.config, "reward_mean", 0.0))
         self.std = float(getattr(self.model.config, "reward_std", 1.0)) or 1.0
         # an RM from elsewhere: 512 tokens, or its positions if it has fewer
@@ -70,8 +72,22 @@ class RewardScorer:
         max_length = max_length or self.max_length
         scores = []
         for start in range(0, len(prompts), batch_size):
-            batch = encode_conversations(self.tokenizer, prompts[start:start + batch_size],
-                                         responses[start:start + batch_size], max_length, self.device)
+            some_prompts, some_responses = prompts[start:start + batch_size], responses[start:start + batch_size]
+            try:
+                batch = encode_conversations(self.tokenizer, some_prompts, some_responses, max_length, self.device)
+            except jinja2.TemplateError as error:
+                raise self.refusal(list(zip(some_prompts, some_responses)), error) from None
             scores.append(sequence_scores(self.model, batch["input_ids"], batch["attention_mask"]))
         out = torch.cat(scores) if scores else torch.empty(0)
         return (out - self.mean) / self.std if normalize else out
+
+    def refusal(self, pairs: list[tuple[str, str]], error: jinja2.TemplateError) -> CheckpointError:
+        """A conversation this RM's chat template refuses (a reply too long for it, a role it does not take) ended
+        in a Jinja traceback mid-run (PPO scores each rollout): named by its prompt and reply, under the key that
+        chose this RM."""
+        which = "a conversation"
+        if found := first_refused(pairs, lambda pair: conversation_text(self.tokenizer, *pair)):
+            _, (prompt, response), error = found
+            which = f"the conversation of prompt {quoted(prompt)} and reply {quoted(response)}"
+        return CheckpointError(f"{self.needed_by}: the chat template of {self.path} refuses {which}: {error}. Score "
+                               "with a reward model whose template takes it")

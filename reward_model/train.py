@@ -43,7 +43,7 @@ from pipeline.runs import WORLD_DATA_FILE, accelerate_precision, check_world_lin
     init_checkpoint, learned_world_data, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, \
     world_dir, world_lineage, write_resolved_config
 from pipeline.schedule import warmup_cosine_scheduler
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import load_tokenizer, template_refusals_named
 from pipeline.tracking import LogWindow, Throughput, Tracker, stop_if_not_finite
 from reward_model.collect import question_of, split_indices
 from reward_model.config import RewardModelConfig
@@ -255,6 +255,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
     if cfg.lora.enabled:
         check_lora_can_train(tokenizer, init)
+    held_out_source = cfg.eval_data.path if cfg.train_data is not None and cfg.eval_data is not None else source
+
+    def refusals_named():
+        """Around rendering rankings (a sample up front, the held-out ones at each evaluation, the training ones
+        batch by batch): one the chat template refuses is named by its prompt (the split reorders the rows)."""
+        def render(row: dict) -> list[str]:
+            return [conversation_text(tokenizer, row["prompt"], response) for response in row["responses"]]
+
+        sources = [(train_rows, source), (eval_rows, held_out_source)]
+        return template_refusals_named(f"{init} (key 'init_from')", sources, render, "prompt", numbered=False)
     model = build_model(cfg, init, tokenizer, checkpoint)
     check_length_fits(model, cfg.max_length, "max_length")
     # what it learned from: the training rankings (held-out ones are only evaluated on)
@@ -305,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
               + (f"; resuming at step {start_step}" if start_step else ""))
         rankings = [*train_rows, *eval_rows]
         checked = random.Random(cfg.seed).sample(rankings, min(len(rankings), 2000))  # a sample: hh-rlhf is large
-        too_long = longer_than(tokenizer, checked, cfg.max_length)
+        with refusals_named():
+            too_long = longer_than(tokenizer, checked, cfg.max_length)
         if too_long:
             of = "" if len(checked) == len(rankings) else f" (in a sample of {len(checked):,} rankings)"
             print(f"[rm] warning: {too_long:,} conversations{of} are longer than max_length={cfg.max_length} tokens "
@@ -314,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def evaluate(step: int) -> tuple[dict[str, float], list[list[float]]]:
         """Score the held-out rankings (sharded over processes) and compare them with labels and gold."""
         model.eval()
-        with accelerator.split_between_processes(eval_rows) as shard, \
+        with accelerator.split_between_processes(eval_rows) as shard, refusals_named(), \
                 fp32_forward(accelerator.unwrap_model(model)) as plain:  # scored as RewardScorer and PPO will
             scores = score_rankings(plain, tokenizer, shard, cfg.max_length, cfg.eval_batch_size, accelerator.device)
         model.train()
@@ -354,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     started, metrics, scores, grad_norm = time.perf_counter(), None, None, float("nan")
     for step in progress:
         for _ in range(cfg.grad_accum):
-            batch = collate(tokenizer, next(batches), cfg.max_length, accelerator.device, cfg.forward_chunk)
+            with refusals_named():
+                batch = collate(tokenizer, next(batches), cfg.max_length, accelerator.device, cfg.forward_chunk)
             with accelerator.accumulate(model):
                 loss, stats = compute_loss(model, batch, cfg.margin, cfg.center_coef)
                 accelerator.backward(loss)

@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig
 
 from conftest import REPO, reset_accelerate, run_stage
+from data.loading import DataError
 from pipeline.checkpoint import CheckpointError, atomic_dir, require_checkpoint, save_final, save_training_checkpoint
 from pipeline.config import ConfigError, load_config
 from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
@@ -1067,6 +1068,77 @@ def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, mi
         run_stage(main, config, tmp_path, *init, f"{key}={positions + 1}", *(["ptx=true"] if "ptx" in key else []),
                   run_name="long")
     assert not (tmp_path / "long" / stage / "final").exists()
+
+
+# a length check in a chat template: some of the micro world's prompts of each kind are longer
+TOO_LONG = ("{% for m in messages %}{% if m['content'] | length > 40 %}{{ raise_exception('too long') }}{% endif %}"
+            "{% endfor %}")
+
+
+def with_template_start(checkpoint: Path, copy: Path, start: str) -> Path:
+    """A copy of `checkpoint` whose chat template (chat_template.jinja) begins with `start`."""
+    shutil.copytree(checkpoint, copy)
+    template = copy / "chat_template.jinja"
+    template.write_text(start + template.read_text())
+    return copy
+
+
+@pytest.mark.parametrize("stage", ["rm", "prefs", "ppo", "ppo reward_model", "evaluate"])
+def test_each_stage_names_a_conversation_the_chat_template_refuses(stage, micro_rm, tmp_path):
+    """A template that refuses a conversation (`raise_exception`: a length check, Gemma's "System role not
+    supported") ended in a Jinja traceback outside SFT: it names the checkpoint, by the key that chose it, and the
+    prompt, by its row where the rows are the file's."""
+    from pipeline.evaluate import main as evaluate
+    from reward_model.collect import main as collect
+    from reward_model.train import main as rm
+    from stages.ppo.ppo import main as ppo
+
+    micro = micro_rm.parent.parent
+    sft = with_template_start(micro / "sft" / "final", tmp_path / "refusing-sft", TOO_LONG)
+    refused = r"the chat template of .*refusing-sft \(key '{}'\) refuses the conversation of prompt '.*': too long"
+    main, config, overrides, error, message = {
+        "rm": (rm, "rm.yaml", [f"init_from={sft}", f"train_data.path={micro / 'prefs' / 'train.jsonl'}"], DataError,
+               r"train\.jsonl, column 'prompt': " + refused.format("init_from")),
+        "prefs": (collect, "rm.yaml", [f"policy={sft}"], DataError,
+                  r"world:pref_prompts, column 'prompt': " + refused.format("policy")),
+        "ppo": (ppo, "ppo.yaml", [f"init_from={sft}", f"reward_model={micro_rm}"], DataError,
+                r"world:ppo_prompts, row \d+, column 'prompt': the chat template of .*refusing-sft \(key 'init_from'\) "
+                r"refuses this conversation: too long"),
+        "ppo reward_model": (ppo, "ppo.yaml", [f"init_from={micro / 'sft' / 'final'}", "reward_model="
+                             + str(with_template_start(micro_rm, tmp_path / "refusing-rm", TOO_LONG))], CheckpointError,
+                             r"ppo \(key 'reward_model'\): the chat template of .*refusing-rm refuses the conversation "
+                             r"of prompt '.*' and reply '.*': too long"),
+        "evaluate": (None, None, [], DataError, r"eval_prompts\.jsonl, row \d+, column 'prompt': the chat template of "
+                                                r".*refusing-sft refuses this conversation: too long"),
+    }[stage]
+    with pytest.raises(error, match=message):
+        if main is None:
+            evaluate(["--config", str(MICRO / "ppo.yaml"), f"runs_dir={micro.parent}", "run_name=micro",
+                      "--stage", str(sft), "--out", str(tmp_path / "eval.json")])
+        else:
+            run_stage(main, config, tmp_path, *overrides, run_name="refused")
+    assert not (tmp_path / "refused" / stage.split()[0] / "final").exists() and not (tmp_path / "eval.json").exists()
+
+
+def test_a_chat_template_that_does_not_compile_is_refused_as_its_tokenizer_loads(micro_rm, tmp_path):
+    """A Jinja syntax error in a chat template came out as a Jinja traceback at the first conversation each stage
+    rendered (RM training, PPO, collection, evaluation; SFT named it itself): every stage now refuses it as it
+    loads the tokenizer, naming the file that holds the template."""
+    from reward_model.collect import main as collect
+
+    broken = with_template_start(micro_rm.parent.parent / "sft" / "final", tmp_path / "broken", "{% if %}")
+    does_not_compile = r" does not compile: line 1: Expected an expression"
+    with pytest.raises(CheckpointError, match=re.escape(str(broken / "chat_template.jinja")) + does_not_compile):
+        load_tokenizer(str(broken))
+    with pytest.raises(CheckpointError, match=re.escape(str(broken / "chat_template.jinja")) + does_not_compile):
+        run_stage(collect, "rm.yaml", tmp_path, f"policy={broken}", run_name="broken")
+    # a template kept in tokenizer_config.json, as transformers before 4.50 saved it
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["chat_template"] = (broken / "chat_template.jinja").read_text()
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    (broken / "chat_template.jinja").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(str(broken / "tokenizer_config.json")) + does_not_compile):
+        load_tokenizer(str(broken))
 
 
 def test_a_checkpoint_with_custom_code_says_which_key_lets_it_run(tmp_path):

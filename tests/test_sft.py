@@ -765,7 +765,8 @@ def test_a_conversation_the_chat_template_refuses_is_named_by_its_row(micro_pret
     sources = [f"data.path={good}", f"eval_data.path={data}", "eval_data.streaming=true"] if streamed else \
         [f"data.path={data}", f"eval_data.path={data}"]
     with pytest.raises(DataError, match=rf"{re.escape(str(data))}, row 2, column 'messages': the chat template of "
-                                        r".*outside refuses this conversation: System role not supported"):
+                                        r".*outside \(key 'init_from'\) refuses this conversation: "
+                                        r"System role not supported"):
         main(sft_args(tmp_path, "refused", f"init_from={outside}", *sources, *QUICK, "max_steps=1"))
 
 

@@ -48,7 +48,7 @@ from pipeline.packing import PackedCorpus
 from pipeline.runs import accelerate_precision, check_world_lineage, checkpoint_to_resume, end_stage, \
     init_checkpoint, learned_world_data, model_path, parse_stage_args, require_ddp, run_main, stage_paths, \
     start_checkpoints, world_dir, world_lineage, write_resolved_config
-from pipeline.tokenizer import PAD, load_tokenizer
+from pipeline.tokenizer import PAD, check_chat_prompts, load_tokenizer
 from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.config import FP16_UNSUPPORTED, PPOStageConfig
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"key 'lora.enabled': cannot resume from {checkpoint}, saved {saved}; set lora.enabled "
                           f"back to {not cfg.lora.enabled} to resume, or start over without resume=true")
     tokenizer = load_tokenizer(sft_path, cfg.trust_remote_code)
+    check_chat_prompts(tokenizer, f"{sft_path} (key 'init_from')",
+                       [(rows, cfg.prompts.path), (eval_rows, str(world / "eval_prompts.jsonl"))])
     if cfg.lora.enabled:
         check_lora_can_train(tokenizer, sft_path)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")

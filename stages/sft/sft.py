@@ -38,11 +38,11 @@ from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lor
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import distributed_launch, learned_world_data, resolve_precision, run_main, start_checkpoints, \
     weights_sharded, world_lineage, write_resolved_config
-from pipeline.tokenizer import ADDED_ROLE_TOKENS, load_tokenizer, trl_masks_replies
+from pipeline.tokenizer import ADDED_ROLE_TOKENS, check_chat_prompts, load_tokenizer, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (ProgressBar, RecordResumeSettings, StageSFTTrainer,
-                                      StopOnNonFiniteGradients, check_resumable, finished_steps, replies_cut,
-                                      resume_checkpoint, resume_settings_record, template_refusals_named,
+                                      StopOnNonFiniteGradients, check_resumable, conversation_refusals_named,
+                                      finished_steps, replies_cut, resume_checkpoint, resume_settings_record,
                                       trains_a_token, with_reply_masks)
 
 
@@ -219,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- tokenizer (with our chat template unless the checkpoint has its own) and model
     tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+    if gold_rows:  # the gold judge's prompts, which it answers before it trains and at each evaluation
+        check_chat_prompts(tokenizer, f"{init} (key 'init_from')", [(gold_rows, str(world / "eval_prompts.jsonl"))])
     model = load_causal_lm(init, "sft", cfg.trust_remote_code, tokenizer=tokenizer)
     set_special_token_ids(model, tokenizer)
     check_length_fits(model, cfg.max_length, "max_length")
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     # aside: a bad setting must leave them for a resume
     peft_config = cfg.lora.peft_config("CAUSAL_LM", model) if cfg.lora.enabled else None
     sources = [(train_data, cfg.data.path), (eval_data, cfg.eval_data.path)]  # a stream is tokenized as it is read
-    with template_refusals_named(tokenizer, init, sources):
+    with conversation_refusals_named(tokenizer, init, sources):
         # no {% generation %} markers TRL can use (or patch in), or none that take in the end-of-turn token
         if not trl_masks_replies(tokenizer):
             train_data, eval_data = (with_reply_masks(data, tokenizer, init, spec.path)
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, trainer):
         trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
-        with template_refusals_named(tokenizer, init, sources):
+        with conversation_refusals_named(tokenizer, init, sources):
             trainer.train(resume_from_checkpoint=checkpoint)
     train_seconds = time.perf_counter() - started
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report

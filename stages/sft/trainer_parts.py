@@ -4,14 +4,11 @@ the settings record beside each checkpoint, the NaN guard and the progress bar. 
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import json
 import random
 import shutil
 from pathlib import Path
 
-import jinja2
 import torch
 from datasets import Dataset, IterableDataset
 from transformers import ProgressCallback, TrainerCallback, TrainerState
@@ -25,7 +22,7 @@ from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoin
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
 from pipeline.schedule import warmup_cosine_scheduler
-from pipeline.tokenizer import TemplateError, reply_masks
+from pipeline.tokenizer import TemplateError, reply_masks, template_refusals_named
 from pipeline.tracking import stop_if_not_finite
 
 
@@ -199,29 +196,14 @@ def trains_a_token(data: Dataset) -> bool:
     return any(any(label != -100 for label in labels) for labels in data["labels"])
 
 
-@contextlib.contextmanager
-def template_refusals_named(tokenizer, init: str, datasets: list[tuple[Dataset | IterableDataset, str]]):
-    """Around tokenizing `datasets` ((data, source) pairs): a conversation the chat template refuses (Gemma's "System
-    role not supported", Mistral's "roles must alternate") ended in a Jinja traceback from inside TRL. It becomes a
-    DataError naming the first such row, found again by rendering row by row (only once one has failed; of a
-    stream, its first rows, which are what has been read by then). A template that does not compile is the model's.
-    """
-    try:
-        yield
-    except jinja2.TemplateSyntaxError as error:
-        raise ConfigError(f"key 'init_from': the chat template of {init} does not compile: {error}") from None
-    except jinja2.TemplateError as error:
-        for data, source in datasets:
-            for index, row in enumerate(itertools.islice(data, None if isinstance(data, Dataset) else 1000)):
-                try:
-                    tokenizer.apply_chat_template(row["messages"], tokenize=False)
-                except jinja2.TemplateError as refused:
-                    raise DataError(source, f"the chat template of {init} refuses this conversation: {refused}. "
-                                            "Change the data (e.g. fold a system message into the first user "
-                                            "turn), or train from a model whose template takes it", row=index + 1,
-                                    column="messages") from None
-        sources = " or ".join(dict.fromkeys(source for _, source in datasets))
-        raise DataError(sources, f"the chat template of {init} refuses a conversation: {error}") from None
+def conversation_refusals_named(tokenizer, init: str, datasets: list[tuple[Dataset | IterableDataset, str]]):
+    """Around tokenizing `datasets` ((data, source) pairs), inside TRL or our reply masks: a conversation the chat
+    template of `init` refuses is named by its file and row (a stream is tokenized as it is read, also during
+    training)."""
+    def render(row: dict) -> str:
+        return tokenizer.apply_chat_template(row["messages"], tokenize=False)
+
+    return template_refusals_named(f"{init} (key 'init_from')", datasets, render, "messages")
 
 
 def resume_checkpoint(checkpoints_dir: Path, is_main_process: bool) -> str | None:
