@@ -21,11 +21,13 @@ Sources (`DatasetSpec.path`):
   skipped), each read and validated on its own, then concatenated. Where files are named by
   split, as in a downloaded hub dataset (`train.jsonl`, `test.jsonl`,
   `data/train_sft-00000-of-00001.parquet`), only those of `split` are read.
+- a local directory written by `datasets`' `save_to_disk`: read with `load_from_disk`; of a
+  DatasetDict, its split `split`.
 - anything else: a Hugging Face hub dataset id, read with
   `datasets.load_dataset(path, name, split=split, streaming=streaming)`.
 
-Rows are numbered from 1 in error messages. `split` applies to hub datasets and split-named files;
-`max_rows` caps the rows read from the source (for `.txt`, lines).
+Rows are numbered from 1 in error messages. `split` applies to hub datasets, saved DatasetDicts and split-named
+files; `max_rows` caps the rows read from the source (for `.txt`, lines).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 
 import datasets
 import pyarrow.parquet
+from datasets.fingerprint import generate_random_fingerprint, get_temporary_cache_files_directory
 
 from pipeline.tokenizer import HH_REPLY, prompt_messages, prompt_text
 
@@ -542,6 +545,7 @@ class _Part:
     data_files: str | None = None
     name: str | None = None
     split: str = "train"
+    saved: bool = False  # `builder` is a directory written by datasets' save_to_disk
 
     @property
     def skips_blank_lines(self) -> bool:
@@ -556,11 +560,17 @@ def resolve_parts(spec: DatasetSpec, world_dir: str | Path | None, key: str = "D
     if path.startswith(WORLD_PREFIX):
         return [_world_part(path[len(WORLD_PREFIX):], world_dir)]
     local = Path(path).expanduser()
+    if local.is_dir() and _saved_to_disk(local):
+        return [_saved_part(local, spec.split)]
     if local.is_dir():
         files = sorted(p for p in local.rglob("*") if p.is_file() and _file_type(p) in LOCAL_BUILDERS
                        and not any(part.startswith(".") for part in p.relative_to(local).parts))
         if not files:
             raise DataError(str(local), f"directory has no {'/'.join(LOCAL_BUILDERS)} files")
+        saved = next((f.parent for f in files if _saved_to_disk(f.parent)), None)
+        if saved is not None:  # its .json files are no data, and its .arrow files no file type read here
+            raise DataError(str(saved), f"a dataset written by save_to_disk, inside {local}: give its directory as "
+                                        "the path of a dataset of its own")
         # `gunzip -k` leaves both: reading both would train on every row twice
         both = [f for f in files if f.suffix == ".gz" and f.with_suffix("") in files]
         if both:
@@ -601,6 +611,31 @@ def _files_of_split(directory: Path, files: list[Path], split: str) -> list[Path
     return chosen
 
 
+def _saved_to_disk(directory: Path) -> bool:
+    """Written by datasets' save_to_disk: a DatasetDict, or one Dataset. Read as data files, its
+    dataset_info.json was taken for the data (and its .arrow files left out)."""
+    return (directory / datasets.config.DATASETDICT_JSON_FILENAME).is_file() or \
+        (directory / datasets.config.DATASET_STATE_JSON_FILENAME).is_file() and \
+        (directory / datasets.config.DATASET_INFO_FILENAME).is_file()
+
+
+def _saved_part(directory: Path, split: str) -> _Part:
+    """A directory written by save_to_disk; of a DatasetDict, its split `split` (saved in a folder of its own)."""
+    listing = directory / datasets.config.DATASETDICT_JSON_FILENAME
+    if not listing.is_file():
+        return _Part(str(directory), str(directory), saved=True)
+    try:
+        splits = json.loads(listing.read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DataError(str(listing), f"cannot read the splits save_to_disk listed: {type(error).__name__}: "
+                                      f"{error}") from None
+    if split not in splits:
+        raise DataError(str(directory), f"a DatasetDict saved with save_to_disk, with splits {', '.join(splits)}, "
+                                        f"none named '{split}'; set the dataset's split to one of them",
+                        column="split")
+    return _Part(str(directory / split), str(directory / split), saved=True)
+
+
 def _world_part(split: str, world_dir: str | Path | None) -> _Part:
     if world_dir is None:
         raise DataError(f"{WORLD_PREFIX}{split}", "no world_dir given to load_dataset_for "
@@ -626,6 +661,13 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
         raise DataError(part.description, "no rows (empty file)")
     if part.builder == "parquet":
         _check_parquet(part)
+    if part.saved:
+        try:
+            saved = datasets.load_from_disk(part.builder)
+        except Exception as error:  # a file of it missing or cut short
+            raise DataError(part.description, f"cannot read the dataset save_to_disk wrote there: "
+                                              f"{type(error).__name__}: {error}") from error
+        return saved.to_iterable_dataset() if streaming else saved
     try:
         if part.builder == "csv":
             return datasets.load_dataset("csv", data_files=part.data_files, split="train", streaming=streaming,
@@ -818,6 +860,10 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
     _check_mapped_columns_exist(part, raw.column_names, columns, key)
     raw, as_json = _as_written(part, raw, {columns.get(t, t).split(".")[0] for t in mapped_targets(schema)})
     optional = _optional_present(raw.column_names, schema, columns)
+    # datasets caches a map of a saved dataset beside its files, in the user's directory (and then every later map,
+    # TRL's tokenizing too): in a temporary directory instead, as for a dataset in memory
+    cache = {"cache_file_name": os.path.join(get_temporary_cache_files_directory(),
+                                             f"cache-{generate_random_fingerprint()}.arrow")} if part.saved else {}
     try:  # the reader keeps bytes as it found them: text that is not UTF-8 fails only once a row is read
         normalised = raw.map(
             _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
@@ -825,6 +871,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
             fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
                        "optional": optional, "skip_blank": part.skips_blank_lines, "as_json": as_json},
             desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
+            **cache,
         )
     except UnicodeDecodeError as error:
         raise _not_utf8(part, error) from None

@@ -201,6 +201,37 @@ def test_a_downloaded_dataset_directory_reads_only_the_split_asked_for(tmp_path)
     assert load(prefs, "prompts")["prompt"] == ["kept"]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_dataset_written_by_save_to_disk_is_read_and_validated(tmp_path, streaming):
+    """Its dataset_info.json was read as the data (`column 'messages': missing ... found columns: citation,
+    description, ...`) and its .arrow files left out. A DatasetDict gives the split asked for, as a downloaded
+    dataset's files named by split do; its rows are checked like any other source's."""
+    chats = [{"messages": [said("user", f"Hi {i}"), said("assistant", "Hello.")]} for i in range(3)]
+    train, test = datasets.Dataset.from_list(chats), datasets.Dataset.from_list(chats[:1])
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "saved_dd"))
+    train.save_to_disk(str(tmp_path / "saved_ds"))
+    for path, split, rows in [("saved_dd", "train", 3), ("saved_dd", "test", 1), ("saved_ds", "train", 3)]:
+        dataset = load(tmp_path / path, "sft", split=split, streaming=streaming)
+        assert [r["messages"][0]["content"] for r in dataset] == [f"Hi {i}" for i in range(rows)], (path, split)
+    saved = sorted(p.name for p in (tmp_path / "saved_ds").iterdir())  # our maps cache elsewhere, not in there
+    assert not [name for name in saved if name.startswith("cache-")], saved
+    with pytest.raises(DataError, match=r"saved_dd, column 'split': a DatasetDict saved with save_to_disk, with "
+                                        r"splits train, test, none named 'validation'"):
+        load(tmp_path / "saved_dd", "sft", split="validation", streaming=streaming)
+    bad = chats[:1] + [{"messages": [said("user", "Hi"), said("assistant", "")]}]
+    datasets.Dataset.from_list(bad).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError) as error:
+        list(load(tmp_path / "bad", "sft", streaming=streaming))
+    assert_data_error(error, tmp_path / "bad", row=2, column="messages")
+    # one inside a folder of data files: its .json files are no data
+    outer = tmp_path / "outer"
+    train.save_to_disk(str(outer / "part"))
+    write_rows(outer / "more.jsonl", chats)
+    with pytest.raises(DataError, match=r"outer/part: a dataset written by save_to_disk, inside .*outer: give its "
+                                        r"directory as the path"):
+        load(outer, "sft", streaming=streaming)
+
+
 def test_world_paths(tmp_path):
     config = WorldConfig(n_entities=12, corpus_chars=5000, sft_examples=30, sft_eval_examples=5, pref_prompts=10,
                          ppo_prompts=10, eval_prompts=10)
