@@ -32,6 +32,7 @@ files; `max_rows` caps the rows read from the source (for `.txt`, lines).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -56,6 +57,7 @@ LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".cs
 
 
 GZIP_READABLE = (".jsonl", ".json", ".txt")  # read through gzip as they are (hh-rlhf ships train.jsonl.gz)
+TEXT_BUILDERS = ("json", "csv", "text")  # the readers of text files
 
 
 def _file_type(path: Path) -> str:
@@ -678,8 +680,7 @@ def _read(part: _Part, streaming: bool) -> datasets.Dataset | datasets.IterableD
         else:
             dataset = datasets.load_dataset(part.builder, part.name, split=part.split, streaming=streaming)
     except Exception as error:  # datasets raises many types (even StopIteration); all mean "unreadable"
-        if part.builder == "json":
-            _raise_json_problem(part.description)
+        _raise_text_problem(part)
         if "corresponds to no data" in str(error):  # datasets' words for a file with no rows in it
             raise _NoRows(part.description, "no rows (only blank lines, or a header alone)") from error
         hint = f" (nor is there a local file or directory {part.builder})" if part.data_files is None else ""
@@ -800,6 +801,15 @@ def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
             raise DataError(path, f"not valid JSON ({error.msg} at char {error.colno}); expected one "
                                   f"JSON object per line", row=number) from error
         yield number, value
+
+
+def _raise_text_problem(part: _Part) -> None:
+    """What a reader failed on in a local text file, where it can be found: a byte that is not UTF-8 (CSV, text and
+    JSON array readers fail on one as they read), or a line that is not JSON."""
+    if (not_utf8 := _not_utf8(part)) is not None:
+        raise not_utf8
+    if part.builder == "json":
+        _raise_json_problem(part.description)
 
 
 def _raise_json_problem(path: str) -> None:
@@ -1018,9 +1028,38 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     return datasets.IterableDataset.from_generator(generate, features=schema.output_features(optional))
 
 
-def _not_utf8(part: _Part, error: UnicodeDecodeError) -> DataError:
-    byte = error.object[error.start:error.start + 1].hex()
-    return DataError(part.description, f"not UTF-8 text (byte 0x{byte}: {error.reason}); save the file as UTF-8")
+def _not_utf8(part: _Part, error: UnicodeDecodeError | None = None) -> DataError | None:
+    """Text that is not UTF-8, named by the line of a local file's first such byte (datasets decodes a file in
+    blocks, so `error`'s position is within one), else by `error`'s byte. None: no `error`, and a local text file
+    that is UTF-8 throughout (or none)."""
+    found = _first_not_utf8(part.data_files) if part.data_files is not None and part.builder in TEXT_BUILDERS \
+        else None
+    if found is None and error is None:
+        return None
+    line, byte, reason = found or (None, error.object[error.start:error.start + 1], error.reason)
+    where = f"line {line}, " if line is not None else ""
+    return DataError(part.description, f"not UTF-8 text ({where}byte 0x{byte.hex()}: {reason}); save the file as "
+                                       "UTF-8")
+
+
+def _first_not_utf8(path: str) -> tuple[int, bytes, str] | None:
+    """(line, byte, why) of a local file's first byte that is not UTF-8 (through gzip if it is gzipped; read in
+    blocks, as a corpus may be large), or None."""
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    try:
+        with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+            while True:
+                block = f.read(1 << 20)
+                try:
+                    decoder.decode(block, final=not block)
+                except UnicodeDecodeError as error:  # its text: the character the last block cut, then this block
+                    text = error.object
+                    return line + text.count(b"\n", 0, error.start), text[error.start:error.start + 1], error.reason
+                if not block:
+                    return None
+                line += block.count(b"\n")
+    except (OSError, EOFError):  # unreadable, or a gzip cut short: said by the reader
+        return None
 
 
 def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str, Any]]:
@@ -1036,8 +1075,7 @@ def _guarded(part: _Part, stream: datasets.IterableDataset) -> Iterator[dict[str
         except UnicodeDecodeError as error:
             raise _not_utf8(part, error) from None
         except Exception as error:
-            if part.builder == "json":
-                _raise_json_problem(part.description)
+            _raise_text_problem(part)
             raise DataError(part.description, f"cannot read {_format_name(part)}: "
                                               f"{type(error).__name__}: {error}") from error
         yield row

@@ -2,6 +2,7 @@
 streaming, and a DataError naming file, row and column for every kind of bad input."""
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -162,12 +163,21 @@ def test_csv_columns_are_read_as_the_text_they_hold(tmp_path):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_text_that_is_not_utf8_is_a_data_error_naming_the_file(tmp_path, streaming):
-    """Latin-1 text passed the reader and ended in a UnicodeDecodeError traceback from deep inside datasets."""
-    latin = tmp_path / "latin.jsonl"
-    latin.write_bytes('{"text": "café"}\n'.encode("latin-1"))
-    with pytest.raises(DataError, match=rf"data error in {latin}: not UTF-8 text \(byte 0xe9"):
-        load(latin, "text", streaming=streaming)
+@pytest.mark.parametrize("name, text, schema, line", [
+    ("latin.jsonl", '{"text": "tea"}\n\n{"text": "café"}\n', "text", 3),
+    ("latin.json", '[{"text": "tea"},\n {"text": "café"}]\n', "text", 2),
+    ("latin.txt", "tea\n\ncafé au lait\n", "text", 3),
+    ("latin.csv", "prompt,completion\nq,tea\nq,café\n", "sft", 3),
+    ("latin.txt.gz", "tea\ncafé\n", "text", 2)])
+def test_text_that_is_not_utf8_is_a_data_error_naming_the_file_and_line(tmp_path, streaming, name, text, schema,
+                                                                         line):
+    """Latin-1 text passed the reader and ended in a UnicodeDecodeError traceback from deep inside datasets; then
+    it was named without its line (the reader's position is within the block it decoded)."""
+    latin = tmp_path / name
+    encoded = text.encode("latin-1")
+    latin.write_bytes(gzip.compress(encoded) if name.endswith(".gz") else encoded)
+    with pytest.raises(DataError, match=rf"data error in {latin}: not UTF-8 text \(line {line}, byte 0xe9: "):
+        list(load(latin, schema, streaming=streaming))
 
 
 def test_json_array_file_directory_and_max_rows(tmp_path):
