@@ -711,25 +711,47 @@ def _as_written(part: _Part, dataset: datasets.Dataset, read: set[str]) -> tuple
     become the number 3, the rating "2" the number 2 (its floats may come back rounded), and by then no row shows
     which was written how. Such a column of a local file is read again from the file and kept as each row's JSON
     text, returned with the dataset, for the row's own check to decode: each row is checked as written, so the row
-    named is the one holding the wrong type.
+    named is the one holding the wrong type. (A stream takes each row's value from the file as it reads the row.)
     `read`: the source columns the schema reads (another column may hold what it likes)."""
-    mixed = tuple(name for name, feature in dataset.features.items() if name in read and _holds_json(feature))
-    if not mixed or part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file():
+    mixed = _mixed_json_columns(part, dataset.features, read)
+    if not mixed:
         return dataset, ()
-    written: dict[str, list[str]] = {column: [] for column in mixed}
-    records = [record for _, record in itertools.islice(_json_rows(part.data_files), len(dataset))]  # in order
-    if len(records) < len(dataset) or not all(isinstance(record, dict) for record in records):
-        # not a record per row (a .json of columns, {"prompt": [...], ...}): no row shows how it was written
-        raise DataError(part.description, "the column holds values of more than one type, which datasets reads by "
-                                          "parsing each string that looks like JSON; write one type per column (\"3\" "
-                                          "in every row, not 3 in some)", column=mixed[0])
-    for record in records:
-        for column in mixed:
-            written[column].append(json.dumps(record.get(column)))
+    records = list(itertools.islice(_records_as_written(part, mixed), len(dataset)))  # in order
+    if len(records) < len(dataset):
+        raise _no_record_per_row(part, mixed)
     for column in mixed:  # added before the old one goes: a table left with no column would have no rows
-        dataset = dataset.add_column(f"{column} as written", written[column], feature=_STRING) \
+        written = [json.dumps(record.get(column)) for record in records]
+        dataset = dataset.add_column(f"{column} as written", written, feature=_STRING) \
             .remove_columns(column).rename_column(f"{column} as written", column)
     return dataset, mixed
+
+
+def _mixed_json_columns(part: _Part, features: datasets.Features | None, read: set[str]) -> tuple[str, ...]:
+    """The columns of `read` that datasets reads from a local JSON file as `Json` (see `_as_written`)."""
+    if part.builder != "json" or part.data_files is None or not Path(part.data_files).is_file() or not features:
+        return ()
+    return tuple(name for name, feature in features.items() if name in read and _holds_json(feature))
+
+
+def _records_as_written(part: _Part, mixed: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """The file's records in order, as it writes them, read as they are needed."""
+    for _, record in _json_rows(part.data_files):
+        if not isinstance(record, dict):
+            raise _no_record_per_row(part, mixed)
+        yield record
+
+
+def _no_record_per_row(part: _Part, mixed: tuple[str, ...]) -> DataError:
+    """A file of mixed columns without a record per row (a .json of columns, {"prompt": [...], ...}): no row shows
+    how it was written."""
+    return DataError(part.description, "the column holds values of more than one type, which datasets reads by "
+                                       "parsing each string that looks like JSON; write one type per column (\"3\" in "
+                                       "every row, not 3 in some)", column=mixed[0])
+
+
+def _read_columns(schema: Schema, columns: dict[str, str]) -> set[str]:
+    """The source columns `schema` reads (through `columns`), `list.field` by its list."""
+    return {columns.get(target, target).split(".")[0] for target in mapped_targets(schema)}
 
 
 def _holds_json(feature: Any) -> bool:
@@ -772,27 +794,33 @@ def _open_text(path: str):
     return open(path, encoding="utf-8", errors="replace")
 
 
-def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
-    """A local JSON(L) file's values with their row numbers: a .json file's array items (or its one value), else
-    each non-blank line's, numbered by its line in the file. A file it cannot read, or a line that is not JSON,
-    raises a DataError naming it."""
+def _text_lines(path: str) -> Iterator[str]:
+    """A local text file's lines, read as they are needed; one it cannot read raises a DataError naming it."""
     try:
         with _open_text(path) as f:
-            text = f.read()
+            yield from f
     except (OSError, EOFError) as error:  # gzip's BadGzipFile is an OSError; a cut-off file ends early
         if not path.endswith(".gz"):
             raise DataError(path, f"cannot read it: {type(error).__name__}: {error}") from None
         raise DataError(path, f"cannot read it through gzip ({type(error).__name__}: {error}): a corrupt or "
                               "truncated download? Fetch it again") from None
+
+
+def _json_rows(path: str) -> Iterator[tuple[int, Any]]:
+    """A local JSON(L) file's values with their row numbers: a .json file's array items (or its one value), else
+    each non-blank line's (read as needed: a streamed file may be large), numbered by its line in the file. A file
+    it cannot read, or a line that is not JSON, raises a DataError naming it."""
+    lines = _text_lines(path)
     if path.removesuffix(".gz").endswith(".json"):
+        text = "".join(lines)
         try:
             whole = json.loads(text)
         except json.JSONDecodeError:
-            pass  # maybe JSON lines in a .json file: read line by line below
+            lines = text.splitlines()  # maybe JSON lines in a .json file: read line by line below
         else:
             yield from enumerate(whole if isinstance(whole, list) else [whole], start=1)
             return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -868,7 +896,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
     if len(raw) == 0:
         raise DataError(part.description, "no rows (empty dataset)")
     _check_mapped_columns_exist(part, raw.column_names, columns, key)
-    raw, as_json = _as_written(part, raw, {columns.get(t, t).split(".")[0] for t in mapped_targets(schema)})
+    raw, as_json = _as_written(part, raw, _read_columns(schema, columns))
     optional = _optional_present(raw.column_names, schema, columns)
     # datasets caches a map of a saved dataset beside its files, in the user's directory (and then every later map,
     # TRL's tokenizing too): in a temporary directory instead, as for a dataset in memory
@@ -1010,10 +1038,17 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     def generate() -> Iterator[dict[str, Any]]:
         produced = read = 0
         for part, stream in streams:
+            mixed = _mixed_json_columns(part, stream.features, _read_columns(schema, spec.columns))
+            records = _records_as_written(part, mixed) if mixed else None
             for number, row in enumerate(_guarded(part, stream), start=1):
                 if spec.max_rows is not None and read >= spec.max_rows:  # rows read, as when not streaming
                     return
                 read += 1
+                if mixed:  # each row as the file writes it (see _as_written)
+                    record = next(records, None)
+                    if record is None:
+                        raise _no_record_per_row(part, mixed)
+                    row.update({column: record.get(column) for column in mixed})
                 if part.skips_blank_lines and not (row.get("text") or "").strip():
                     continue
                 try:

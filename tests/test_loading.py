@@ -486,6 +486,22 @@ def test_a_column_of_mixed_json_types_is_checked_as_written(tmp_path):
     assert len(load(tmp_path / "p.parquet", "sft")) == 1
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("reply", ["02", "4.", "1e3", "null"])
+def test_a_reply_that_looks_like_json_beside_a_chat_stays_the_text_it_is(tmp_path, streaming, reply):
+    """A completion written as text ("02") in one row and as messages in the next: datasets' lenient parsing made
+    it 2 and the row was refused ("got int 2"); streamed, it still was after the file was read as written."""
+    chat = [{"role": "assistant", "content": "Hello."}]
+    path = write_rows(tmp_path / "mixed.jsonl", [{"prompt": "Q?", "completion": reply},
+                                                  {"prompt": "Hi", "completion": chat}])
+    assert [r["messages"][-1]["content"] for r in load(path, "sft", streaming=streaming)] == [reply, "Hello."]
+    wrong = write_rows(tmp_path / "wrong.jsonl", [{"prompt": "Hi", "completion": chat},
+                                                  {"prompt": "Q?", "completion": 3}])
+    with pytest.raises(DataError) as error:
+        list(load(wrong, "sft", streaming=streaming))
+    assert "got int 3" in assert_data_error(error, wrong, row=2, column="completion")
+
+
 @pytest.mark.parametrize("rows, row, column, problem", [
     ([{"prompt": "a", "responses": ["3", "4"]}, {"prompt": "b", "responses": ["x", "y"]},
       {"prompt": "c", "responses": [5, "y"]}], 3, "responses", "response 0 is int 5"),
