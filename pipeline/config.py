@@ -253,7 +253,13 @@ def _section_file(value: str, base_dir: Path, where: str, key: str, tp: type) ->
 
 def _read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        loader = yaml.SafeLoader(Path(path).read_text(encoding="utf-8"))
+        try:
+            node = loader.get_single_node()
+            _refuse_duplicate_keys(node, path)
+            raw = (loader.construct_document(node) if node is not None else None) or {}
+        finally:
+            loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -267,6 +273,29 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
     return raw
+
+
+def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "", seen: set | None = None) -> None:
+    """A key given twice in one mapping of a YAML file (YAML keeps the last without a word: `max_steps: 3`, and
+    further down `max_steps: 50`) is refused, with its dotted name and both lines."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node checked already (or of one that holds it)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key, value in node.value:
+            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
+            if name in lines:
+                where = sorted({lines[name], key.start_mark.line + 1})
+                raise ConfigError(f"{path}: key '{name}' is given twice (line{'s' if len(where) > 1 else ''} "
+                                  f"{' and '.join(map(str, where))}); keep one")
+            if name is not None:
+                lines[name] = key.start_mark.line + 1
+            _refuse_duplicate_keys(value, path, f"{name or prefix}.", seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, path, f"{prefix.rstrip('.')}[{i}].", seen)
 
 
 def _field_type(cls: type, dotted: str) -> Any:

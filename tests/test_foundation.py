@@ -280,6 +280,23 @@ def test_a_config_path_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_pat
         load_config(PretrainConfig, latin, [])
 
 
+def test_a_key_given_twice_in_a_yaml_file_is_refused_with_its_lines(tmp_path):
+    """YAML keeps the last of two keys without a word: `max_steps: 3` high up lost to `max_steps: 50` further down."""
+    config = write(tmp_path / "twice.yaml", "max_steps: 3\nlearning_rate: 1.0e-3\nmax_steps: 50\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(config))}: key 'max_steps' is given twice \(lines 1 "
+                                          r"and 3\)"):
+        load_config(PretrainConfig, config)
+    write(config, "inner:\n  width: 8\n  rate: 0.1\n  width: 9\n")
+    with pytest.raises(ConfigError, match=r"key 'inner.width' is given twice \(lines 2 and 4\)"):
+        load_config(Outer, config)
+    write(config, "inner: {width: 8, width: 9}\n")
+    with pytest.raises(ConfigError, match=r"key 'inner.width' is given twice \(line 1\)"):
+        load_config(Outer, config)
+    write(tmp_path / "inner.yaml", "rate: 0.1\nrate: 0.2\n")  # a section's own file is named
+    with pytest.raises(ConfigError, match=r"inner.yaml: key 'rate' is given twice"):
+        load_config(Outer, write(config, "inner: inner.yaml\n"))
+
+
 @pytest.mark.parametrize("text", ["2", "2024-06-01", "on", "1e-3"])
 def test_a_text_key_on_the_command_line_keeps_the_text_as_typed(text):
     """YAML reads these as a number, a date or a boolean; `make all RUN=2` was refused as 'expected str'."""
