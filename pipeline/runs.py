@@ -73,9 +73,22 @@ class StageConfig:
 
     def __post_init__(self):
         check_run_name(self.run_name)
+        check_runs_dir(self.runs_dir, self.run_name)
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def check_runs_dir(runs_dir: str, run_name: str) -> None:
+    """The run's directory must be one that can be made: a file on its way (runs_dir=Makefile, /dev/null/x) failed
+    with a NotADirectoryError traceback where the first stage wrote its world."""
+    runs = Path(runs_dir)
+    for path in (runs / run_name, *(runs / run_name).parents):
+        if path.exists():  # the nearest that exists: all below it are made
+            if not path.is_dir():
+                key = "run_name" if run_name and path == runs / run_name else "runs_dir"
+                raise FieldError(key, f"{path} is not a directory; the run's outputs go in {runs / run_name}")
+            return
 
 
 def check_run_name(name: str) -> None:
@@ -434,6 +447,7 @@ def name_run_after_recipe(cfg: StageConfig, config_path: str | None) -> None:
     cfg.run_name = Path(config_path).resolve().parent.name if config_path else "default"
     try:
         check_run_name(cfg.run_name)
+        check_runs_dir(cfg.runs_dir, cfg.run_name)
     except ConfigError as e:
         sys.exit(f"config error: {e} (taken from the config's directory; set run_name=...)")
 

@@ -280,6 +280,18 @@ def test_a_config_path_that_is_a_directory_or_not_utf8_is_a_config_error(tmp_pat
         load_config(PretrainConfig, latin, [])
 
 
+def test_a_runs_dir_that_cannot_be_a_directory_names_its_key(tmp_path):
+    """Was a NotADirectoryError traceback from the world writer, once the stage had started."""
+    for override in (f"runs_dir={REPO / 'Makefile'}", "runs_dir=/dev/null/x", f"runs_dir={REPO / 'Makefile'}/x"):
+        with pytest.raises(ConfigError, match=rf"^override '{re.escape(override)}': key 'runs_dir': .* is not a "
+                                              r"directory"):
+            load_config(PretrainConfig, MICRO / "pretrain.yaml", [override])
+    (tmp_path / "taken").touch()
+    with pytest.raises(ConfigError, match=r"override 'run_name=taken': key 'run_name': .*taken is not a directory"):
+        load_config(PretrainConfig, MICRO / "pretrain.yaml", [f"runs_dir={tmp_path}", "run_name=taken"])
+    assert load_config(PretrainConfig, MICRO / "pretrain.yaml", [f"runs_dir={tmp_path}/new/runs"]).runs_dir
+
+
 def test_a_key_given_twice_in_a_yaml_file_is_refused_with_its_lines(tmp_path):
     """YAML keeps the last of two keys without a word: `max_steps: 3` high up lost to `max_steps: 50` further down."""
     config = write(tmp_path / "twice.yaml", "max_steps: 3\nlearning_rate: 1.0e-3\nmax_steps: 50\n")
