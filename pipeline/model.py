@@ -7,14 +7,20 @@ at its last non-pad token. Checkpoints load with plain `from_pretrained`: no pro
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import difflib
+import linecache
+import math
+import re
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
@@ -43,7 +49,8 @@ class ModelSpec:
     tie_word_embeddings: bool = True
     """Share input embeddings and LM head: saves vocab*hidden parameters, which matter at small sizes."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Further keyword arguments for the transformers config (e.g. attention_dropout)."""
+    """Further keyword arguments for the transformers config (e.g. attention_dropout). A number YAML reads as text
+    (1e-5) counts as a number where the config's setting is one."""
     tokenizer: str = ""
     """An existing tokenizer (path or hub id). Empty: the `pretrained` checkpoint's own when that is set (its
     embeddings are indexed by that vocabulary), else a byte-level BPE trained on the pretraining corpus."""
@@ -156,16 +163,63 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
         if model.get_input_embeddings().num_embeddings < len(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
     else:  # the spec's own check refused an architecture and extra keys that do not fit (check_architecture)
-        config = AutoConfig.for_model(
-            spec.architecture, vocab_size=len(tokenizer), hidden_size=spec.hidden_size,
-            num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
-            num_key_value_heads=spec.num_key_value_heads, intermediate_size=spec.intermediate_size,
-            max_position_embeddings=spec.max_position_embeddings, rope_theta=spec.rope_theta,
-            tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, **spec.extra)  # no pad id: it would freeze the pad embedding
-        model = AutoModelForCausalLM.from_config(config)
+        # no pad id: it would freeze the pad embedding
+        config = model_config(spec, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+        try:  # some values pass the config and fail only in the layers (head_dim=0, hidden_act=foo)
+            model = AutoModelForCausalLM.from_config(config)
+        except BAD_VALUE_ERRORS as e:
+            if not spec.extra:  # the spec's own fields are checked: not a setting's fault
+                raise
+            raise refused_extra(spec, e, "model's layers") from None
     set_special_token_ids(model, tokenizer)
     return model
+
+
+# what transformers raises on a setting's value it cannot use, in a config or in the layers built from it
+BAD_VALUE_ERRORS = (StrictDataclassError, ArithmeticError, LookupError, TypeError, ValueError, RuntimeError)
+
+
+def model_config(spec: ModelSpec, **tokens: Any) -> Any:
+    """The transformers config of a model built from scratch: the spec's sizes and `model.extra`, plus `tokens`
+    (the vocabulary size and special ids, once the tokenizer is known). A value it refuses is named by key."""
+    try:
+        return AutoConfig.for_model(
+            spec.architecture, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_hidden_layers,
+            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
+            intermediate_size=spec.intermediate_size, max_position_embeddings=spec.max_position_embeddings,
+            rope_theta=spec.rope_theta, tie_word_embeddings=spec.tie_word_embeddings, **tokens,
+            **copy.deepcopy(spec.extra))  # a copy: transformers fills rope_scaling in place
+    except BAD_VALUE_ERRORS as e:
+        if not spec.extra:
+            raise
+        raise refused_extra(spec, e, "config") from None
+
+
+def refused_extra(spec: ModelSpec, error: Exception, part: str) -> ConfigError:
+    """A `model.extra` value that the architecture's `part` (its config, its layers) could not take, named by its
+    key where the error shows which one."""
+    key = extra_key_blamed(error, spec.extra)
+    name, value = (f"model.extra.{key}", spec.extra[key]) if key else ("model.extra", spec.extra)
+    said = str(error.__cause__ or error).strip().splitlines()[0]  # a strict config's cause says it in one line
+    return ConfigError(f"key '{name}': the {spec.architecture} {part} cannot take {value!r} "
+                       f"({type(error.__cause__ or error).__name__}: {said})")
+
+
+def extra_key_blamed(error: Exception, extra: dict[str, Any]) -> str | None:
+    """The `model.extra` key an error from transformers is about: named in its message or, innermost first, in a
+    line of code it went through (`self.scaling = self.head_dim**-0.5`); else the one whose value a lookup missed
+    (rope_scaling's rope_type). None if none is."""
+    statements = ["".join(linecache.getline(frame.filename, line) for line in range(frame.lineno, (frame.end_lineno
+                                                                                        or frame.lineno) + 1))
+                  for frame in reversed(traceback.extract_tb(error.__traceback__))]  # whole, over several lines
+    for text in (str(error), *statements):
+        named = [key for key in extra if re.search(rf"\b{re.escape(key)}\b", text)]
+        if named:
+            return named[0]
+    missing = error.args[0] if isinstance(error, KeyError) and error.args else None
+    return next((key for key, value in extra.items() if isinstance(missing, str)
+                 and (value == missing or isinstance(value, dict) and missing in value.values())), None)
 
 
 # keyword arguments a config takes without keeping them as attributes
@@ -178,7 +232,8 @@ SPEC_CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atten
 def check_architecture(spec: ModelSpec) -> None:
     """A model built from scratch: its architecture must be a transformers causal LM, and a typo in `model.extra`
     (attention_dropuot), which a transformers config would store as a new attribute, changing nothing, is refused
-    with the keys the architecture's config does have."""
+    with the keys the architecture's config does have. Its values are typed as the config's (as_number), and one
+    the config refuses is named by its key."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if spec.architecture not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -198,6 +253,25 @@ def check_architecture(spec: ModelSpec) -> None:
             close = difflib.get_close_matches(key, known, n=1)
             raise ConfigError(f"key 'model.extra.{key}': the {spec.architecture} config has no such setting"
                               + (f" (did you mean '{close[0]}'?)" if close else ""))
+    spec.extra = {key: as_number(key, value, getattr(defaults, key, None)) for key, value in spec.extra.items()}
+    model_config(spec)  # its values too, before any data is read
+
+
+def as_number(key: str, value: Any, default: Any) -> Any:
+    """The `model.extra` value of `key` as the config's `default` types it: YAML reads 1e-5 (no dot) as text, and 1
+    as an integer, both of which a transformers config refuses for a float setting (rms_norm_eps)."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            raise ConfigError(f"key 'model.extra.{key}': expected a finite number (the config's default is "
+                              f"{default!r}), got {value!r}")
+        return int(number) if isinstance(default, int) and number.is_integer() else number
+    return float(value) if isinstance(default, float) and isinstance(value, int) else value
 
 
 def fit_embeddings(model: Any, tokenizer: Any, needed_by: str = "") -> None:

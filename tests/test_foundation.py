@@ -360,6 +360,29 @@ def test_a_typo_in_model_extra_is_refused_not_stored_as_a_new_attribute():
     ModelSpec(tokenizer="some/tokenizer", vocab_size=100)  # that tokenizer's vocabulary, not a BPE trained here
 
 
+def test_a_model_extra_value_transformers_cannot_take_is_named_by_its_key(tokenizer):
+    """Were tracebacks: a StrictDataclassFieldValidationError for `rms_norm_eps=1e-5` (YAML reads it as text) or
+    `attention_dropout=abc`, a KeyError for `hidden_act=foo`, a ZeroDivisionError for `head_dim=0`."""
+    extra = load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model.extra.rms_norm_eps=1e-5"]).model.extra
+    assert extra == {"rms_norm_eps": 1e-5}  # the config's float, as YAML reads 1.0e-5
+    assert ModelSpec(extra={"rms_norm_eps": 1, "head_dim": "1e1"}).extra == {"rms_norm_eps": 1.0, "head_dim": 10}
+    for override, message in (("model.extra.attention_dropout=abc", r"expected a finite number .*got 'abc'"),
+                              ("model.extra.head_dim=16.5", r"the llama config cannot take 16.5")):
+        key = override.partition("=")[0]
+        with pytest.raises(ConfigError, match=rf"key '{re.escape(key)}': {message}"):
+            load_config(PretrainConfig, MICRO / "pretrain.yaml", [override])
+    # values the config takes but the layers cannot: named when the model is built (no data is lost by then)
+    for extra, message in (({"head_dim": 0}, r"key 'model.extra.head_dim': .* cannot take 0 \(ZeroDivisionError"),
+                           ({"attention_dropout": 0.1, "hidden_act": "foo"},
+                            r"key 'model.extra.hidden_act': the llama model's layers cannot take 'foo'"),
+                           ({"rope_scaling": {"rope_type": "bogus"}}, r"key 'model.extra.rope_scaling': ")):
+        spec = ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         intermediate_size=32, extra=extra)
+        with pytest.raises(ConfigError, match=message):
+            build_causal_lm(spec, tokenizer)
+        assert spec.extra == extra  # transformers fills rope_scaling in place: the config's own stays as given
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.hidden_size=30", r"keys 'model.hidden_size', 'model.num_attention_heads': .* 30 is not a multiple of 4"),
     ("model.num_key_value_heads=3", r"keys 'model.num_attention_heads', 'model.num_key_value_heads': .* 4 is not a "
