@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import difflib
 import linecache
 import math
@@ -24,7 +23,7 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.utils import logging as hf_logging
 
-from pipeline.checkpoint import CheckpointError, loading_from, require_checkpoint
+from pipeline.checkpoint import CheckpointError, checkpoint_config, loading_from, require_checkpoint
 from pipeline.config import ConfigError
 
 POLICY_STAGES = ("pretrain", "sft", "ppo")
@@ -157,6 +156,7 @@ WEIGHTS_DTYPE = torch.float32
 def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = False) -> torch.nn.Module:
     """A fresh model from `spec` (or the `pretrained` checkpoint), sized to the tokenizer's vocabulary."""
     if spec.pretrained:  # which stage made it is the caller's to check (pretraining does, before loading data)
+        require_causal_lm(spec.pretrained, "key 'model.pretrained'")  # that it has an LM head is checked here too
         with loading_from(spec.pretrained, "key 'model.pretrained'"):
             model = AutoModelForCausalLM.from_pretrained(spec.pretrained, trust_remote_code=trust_remote_code,
                                                          dtype=WEIGHTS_DTYPE)
@@ -328,18 +328,22 @@ def load_causal_lm(path: str, needed_by: str, trust_remote_code: bool = False,
     With `tokenizer`, the embeddings are grown to fit it (fit_embeddings)."""
     if Path(path).exists():
         require_checkpoint(path, allowed_stages, needed_by)
-        # a scalar-head model from elsewhere (our own say which stage made them): as a causal LM its LM head would
-        # be the tied embeddings, or random, and it would answer in noise
-        architectures = json.loads((Path(path) / "config.json").read_text()).get("architectures") or []
-        if architectures and all(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
-                                 for a in architectures):
-            raise CheckpointError(f"{needed_by}: {path} is a {architectures[0]} (a reward or classifier model), "
-                                  "not a causal language model")
+        require_causal_lm(path, needed_by)
     with loading_from(path, needed_by):
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, dtype=WEIGHTS_DTYPE)
     if tokenizer is not None:
         fit_embeddings(model, tokenizer, needed_by)
     return model
+
+
+def require_causal_lm(path: str | Path, needed_by: str) -> None:
+    """Refuse a local scalar-head model from elsewhere (our own say which stage made them) as a causal LM: its LM
+    head would be the tied embeddings, or random, and it would answer in noise. A hub id passes (no config here)."""
+    architectures = (checkpoint_config(path) or {}).get("architectures") or []
+    if architectures and all(a.endswith(("ForSequenceClassification", "ForTokenClassification"))
+                             for a in architectures):
+        raise CheckpointError(f"{needed_by}: {path} is a {architectures[0]} (a reward or classifier model), "
+                              "not a causal language model")
 
 
 def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_code: bool = False,

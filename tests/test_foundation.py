@@ -1219,6 +1219,15 @@ def test_a_classifier_from_elsewhere_is_no_policy(micro_rm, tmp_path):
                                               r"classifier model\), not a causal language model"):
         load_causal_lm(str(outside), "test")
     load_causal_lm(str(micro_rm.parent.parent / "sft" / "final"), "test")  # a policy loads
+    # pretraining took it and trained it: refused by the key that named it, before the data is read
+    from stages.pretrain.pretrain import main
+
+    for key in ("init_from", "model.pretrained"):
+        with pytest.raises(CheckpointError, match=rf"pretrain \(key '{key}'\): .*outside_rm is a "
+                                                  r"LlamaForSequenceClassification"):
+            run_stage(main, "pretrain.yaml", tmp_path, f"{key}={outside}", "data.path=no/such/corpus.txt")
+    with pytest.raises(CheckpointError, match=r"key 'model.pretrained': .*outside_rm is a LlamaForSequence"):
+        build_causal_lm(ModelSpec(pretrained=str(outside)), load_tokenizer(str(outside)))
 
 
 def test_make_interrupted_after_a_stage_wrote_final_keeps_it(tmp_path):

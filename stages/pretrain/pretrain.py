@@ -27,7 +27,7 @@ from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
-    check_length_fits, non_embedding_parameters, set_special_token_ids
+    check_length_fits, non_embedding_parameters, require_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, learned_world_data, \
     model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
     write_resolved_config
@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     require_ddp("pretrain")
     if cfg.model.pretrained:  # before the data loads: a mistyped path or a reward model fails fast, under its key
         key = "init_from" if cfg.init_from else "model.pretrained"
-        model_path(cfg, key, "pretrain", POLICY_STAGES, f"pretrain (key '{key}')")
+        require_causal_lm(model_path(cfg, key, "pretrain", POLICY_STAGES, f"pretrain (key '{key}')"),
+                          f"pretrain (key '{key}')")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 
