@@ -1363,6 +1363,38 @@ def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_
     assert "Traceback" not in err, err
 
 
+def test_ctrl_c_through_the_launcher_exits_130_as_the_interrupted_stage_does(tmp_path):
+    """accelerate's --quiet exits 1 whatever its one-process stage's code: `make` said `Error 1` on Ctrl-C, and a
+    script could not tell an interrupt (130) from a failure."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        launch = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.launch", "--quiet", "--config_file", "configs/accelerate/cpu.yaml",
+             "-m", "stages.pretrain", "--config", str(MICRO / "pretrain.yaml"), f"runs_dir={tmp_path}", "run_name=t",
+             "max_steps=100000", "eval_every=100000", "checkpoint_every=100000"], cwd=REPO, start_new_session=True,
+            stdout=stdout, stderr=stderr, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                                               "TQDM_DISABLE": "1", "WANDB_MODE": "disabled"})
+        try:
+            deadline = time.time() + 300
+            while "parameters" not in out.read_text() and launch.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+            time.sleep(1)  # training
+            os.killpg(launch.pid, signal.SIGINT)  # as Ctrl-C: to the whole foreground group
+            launch.wait(timeout=120)
+        finally:
+            if launch.poll() is None:
+                os.killpg(launch.pid, signal.SIGKILL)
+                launch.wait()
+    said = err.read_text()
+    assert launch.returncode == 130, said[-3000:]
+    assert "interrupted (a training stage continues" in said and "Traceback" not in said, said[-3000:]
+
+
 def test_a_stage_that_fails_under_a_multi_process_launch_leaves_its_message_not_a_traceback(tmp_path):
     """accelerate's --quiet covers one-process launches: on two ranks, torch's elastic agent added a 30-line
     ChildFailedError traceback under the stage's one-line error."""
