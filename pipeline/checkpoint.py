@@ -304,6 +304,16 @@ def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
     return sorted((p for p in checkpoints_dir.iterdir() if checkpoint_step(p) is not None), key=checkpoint_step)
 
 
+def check_not_past(checkpoint: str | Path, last_step: int, key: str) -> None:
+    """Refuse to resume from a checkpoint beyond this run's last step (`last_step`, set by config `key`): the run
+    would train nothing and save the checkpoint's model, trained further than `key` says, as its final/."""
+    step = checkpoint_step(Path(checkpoint))
+    if step is not None and step > last_step:
+        raise ConfigError(f"key '{key}': this run ends at step {last_step}, but {checkpoint} is at step {step} "
+                          f"already (resuming would save that model as final/). Raise {key} to reach step {step} or "
+                          "more to resume, or start over without resume=true")
+
+
 def latest_checkpoint(checkpoints_dir: str | Path) -> Path | None:
     found = list_checkpoints(checkpoints_dir)
     return found[-1] if found else None

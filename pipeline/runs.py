@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 
 from data.world import WorldConfig, write_world
-from pipeline.checkpoint import LAUNCH_RECORDS, CheckpointError, checkpoint_config, checkpoint_step, \
+from pipeline.checkpoint import LAUNCH_RECORDS, CheckpointError, check_not_past, checkpoint_config, checkpoint_step, \
     latest_checkpoint, list_checkpoints, model_source, require_checkpoint, write_text_atomic
 from pipeline.config import ConfigError, FieldError, load_config, save_config
 
@@ -335,13 +335,17 @@ def start_checkpoints(checkpoints: Path, resume_from: str | Path | None, lineage
     write_text_atomic(starts_record, json.dumps(starts_from or {}) + "\n")
 
 
-def checkpoint_to_resume(cfg: StageConfig, checkpoints: Path, stage: str, is_main_process: bool) -> Path | None:
-    """With resume=true, the newest training checkpoint; saying so when there is none (the run starts fresh)."""
+def checkpoint_to_resume(cfg: StageConfig, checkpoints: Path, stage: str, is_main_process: bool,
+                         max_steps: int | None = None) -> Path | None:
+    """With resume=true, the newest training checkpoint; saying so when there is none (the run starts fresh).
+    With `max_steps` (the config key's), one already past it is refused (check_not_past)."""
     if not cfg.resume:
         return None
     found = latest_checkpoint(checkpoints)
     if found is None and is_main_process:
         print(f"[{stage}] resume=true but no checkpoint in {checkpoints}: starting fresh")
+    if found is not None and max_steps is not None:
+        check_not_past(found, max_steps, "max_steps")
     return found
 
 

@@ -335,6 +335,18 @@ def test_a_non_rm_checkpoint_as_reward_model_is_refused_by_name(micro_sft, tmp_p
         main(ppo_args(tmp_path, "bad", micro_sft, micro_sft))
 
 
+def test_a_resume_past_max_steps_is_refused_by_key(micro_sft, micro_rm, tmp_path):
+    """Resumed with max_steps=4 from a step-6 checkpoint, PPO trained nothing and saved the step-6 policy as the
+    final/ of a 4-step run."""
+    from stages.ppo.ppo import main
+
+    (tmp_path / "past" / "ppo" / "checkpoints" / "step_00000006").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"^key 'max_steps': this run ends at step 4, but .*step_00000006 is at "
+                                          r"step 6 already"):
+        main(ppo_args(tmp_path, "past", micro_sft, micro_rm, "max_steps=4", "resume=true"))
+    assert not (tmp_path / "past" / "ppo" / "final").exists()
+
+
 @pytest.mark.parametrize("override, key", [("sampling.top_k=20", "sampling.top_k"),
                                            ("sampling.top_p=0.9", "sampling.top_p"),
                                            ("precision=fp16", "precision"),

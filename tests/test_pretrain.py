@@ -328,6 +328,22 @@ def test_a_resume_under_another_model_or_batch_is_refused_by_key(tmp_path: Path)
     assert resumed == pytest.approx(losses, rel=1e-5)
 
 
+def test_a_resume_past_max_steps_is_refused_by_key(tmp_path: Path):
+    """Resumed with max_steps=3 from its step-4 checkpoint, a run trained nothing and saved the step-4 model as the
+    final/ of a 3-step run."""
+    from pipeline.config import ConfigError
+    from stages.pretrain.pretrain import main
+
+    settings = ("checkpoint_every=2", "eval_every=100", "log_every=100")
+    run_stage(main, "pretrain.yaml", tmp_path, "max_steps=4", *settings, run_name="past")
+    final = tmp_path / "past" / "pretrain" / "final" / "model.safetensors"
+    saved = final.stat().st_mtime_ns
+    with pytest.raises(ConfigError, match=r"^key 'max_steps': this run ends at step 3, but .*step_00000004 is at "
+                                          r"step 4 already"):
+        run_stage(main, "pretrain.yaml", tmp_path, "max_steps=3", *settings, "resume=true", run_name="past")
+    assert final.stat().st_mtime_ns == saved
+
+
 def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_rm: Path, tmp_path: Path):
     """A reward model's backbone loaded as a language model with no complaint (tied embeddings: nothing missing)."""
     from pipeline.checkpoint import CheckpointError

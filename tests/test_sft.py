@@ -511,6 +511,9 @@ def test_sft_by_epochs_resumed_at_its_last_checkpoint_logs_nothing_twice(micro_p
     shutil.rmtree(tmp_path / "switch" / "sft" / "final")
     main(sft_args(tmp_path, "switch", *args, "resume=true"))
     assert max(saved_steps(tmp_path / "switch" / "sft")) == max(saved_steps(stage)) == 3
+    # resumed with a max_steps its checkpoint is past: final/ became the step-3 model of a 2-step run
+    with pytest.raises(ConfigError, match=r"key 'max_steps': this run ends at step 2, but .*checkpoint-3 is at step 3"):
+        main(sft_args(tmp_path, "switch", *args, "max_steps=2", "resume=true"))
 
 
 def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_pretrain, tmp_path, monkeypatch):

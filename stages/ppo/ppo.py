@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     rm_path = model_path(cfg, "reward_model", "rm", SCALAR_STAGES, "ppo (key 'reward_model')")
     check_world_lineage(cfg, sft_path, world, "ppo")
     check_world_lineage(cfg, rm_path, world, "ppo (key 'reward_model')", config_key="reward_model")
-    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "ppo", accelerator.is_main_process)
+    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "ppo", accelerator.is_main_process,
+                                      cfg.max_steps)
     if checkpoint is not None and (checkpoint / "model" / "adapter_config.json").is_file() != cfg.lora.enabled:
         saved = "with LoRA adapters" if cfg.lora.enabled is False else "without LoRA"
         raise ConfigError(f"key 'lora.enabled': cannot resume from {checkpoint}, saved {saved}; set lora.enabled "

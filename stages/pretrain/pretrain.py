@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     texts = load_dataset_for(cfg.data, "text", world_dir=world, key="data")
 
     # ---- tokenizer and model: from the newest checkpoint on resume, else fresh
-    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "pretrain", accelerator.is_main_process)
+    checkpoint = checkpoint_to_resume(cfg, paths.checkpoints, "pretrain", accelerator.is_main_process,
+                                      cfg.max_steps)
     if checkpoint is not None:
         tokenizer = load_tokenizer(str(checkpoint / "model"), turn_end_is_eos=False)
     elif cfg.model.tokenizer or cfg.model.pretrained:  # a pretrained model keeps the vocabulary it learned

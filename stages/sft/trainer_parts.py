@@ -18,7 +18,8 @@ from trl.data_utils import common_prefix_length, get_dataset_column_names
 from trl.trainer.utils import global_then_local_main_first
 
 from data.loading import DataError
-from pipeline.checkpoint import CheckpointError, checkpoint_step, list_checkpoints, write_text_atomic
+from pipeline.checkpoint import CheckpointError, check_not_past, checkpoint_step, list_checkpoints, \
+    write_text_atomic
 from pipeline.config import ConfigError
 from pipeline.runs import STARTS_FROM_FILE
 from pipeline.schedule import warmup_cosine_scheduler
@@ -268,11 +269,13 @@ def check_resumable(checkpoint: str, sharded: bool) -> None:
 
 
 def finished_steps(checkpoint: str, trainer: SFTTrainer) -> bool:
-    """Whether the checkpoint is at or past this run's last step: max_steps, or the last step of num_epochs as the
-    Trainer counts it (not the one the checkpoint's run recorded: that run may have stopped by max_steps)."""
+    """Whether the checkpoint is at this run's last step: max_steps, or the last step of num_epochs as the Trainer
+    counts it (not the one the checkpoint's run recorded: that run may have stopped by max_steps). One past it is
+    refused (check_not_past): restored, it was saved as final/."""
     last = trainer.args.max_steps
     if last <= 0:
         last = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    check_not_past(checkpoint, last, "max_steps" if trainer.args.max_steps > 0 else "num_epochs")
     return checkpoint_step(Path(checkpoint)) >= last
 
 
