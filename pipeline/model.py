@@ -176,8 +176,9 @@ def build_causal_lm(spec: ModelSpec, tokenizer: Any, trust_remote_code: bool = F
     return model
 
 
-# what transformers raises on a setting's value it cannot use, in a config or in the layers built from it
-BAD_VALUE_ERRORS = (StrictDataclassError, ArithmeticError, LookupError, TypeError, ValueError, RuntimeError)
+# what transformers raises on a setting's value it cannot use, in a config or in the layers built from it (not
+# RuntimeError: an allocation that fails is no setting's fault)
+BAD_VALUE_ERRORS = (StrictDataclassError, ArithmeticError, LookupError, TypeError, ValueError)
 
 
 def model_config(spec: ModelSpec, **tokens: Any) -> Any:
