@@ -1122,13 +1122,18 @@ __all__ = ["DataError", "DatasetSpec", "SCHEMAS", "Schema", "load_dataset_for", 
 def source_fingerprints(**specs: DatasetSpec | None) -> dict[str, str]:
     """A digest of each local source's file bytes, by its key, for a resume to notice data that changed since the
     run began (it would read other rows at its steps). The world's splits are left out (the world's lineage covers
-    them), and so is the hub, which a run reads again as it finds it."""
+    them), and so are the hub, which a run reads again as it finds it, and a streamed source (a corpus too large to
+    read twice at every start)."""
     digests = {}
     for key, spec in specs.items():
-        if spec is None or spec.path.startswith(WORLD_PREFIX):
+        if spec is None or spec.path.startswith(WORLD_PREFIX) or spec.streaming:
             continue
-        files = [part.data_files for part in resolve_parts(spec, None, key) if part.data_files is not None
-                 and Path(part.data_files).is_file()]
+        files = []
+        for part in resolve_parts(spec, None, key):
+            if part.saved:  # a save_to_disk directory: its arrow shards and the json files that order them
+                files += sorted(str(f) for f in Path(part.builder).rglob("*") if f.is_file())
+            elif part.data_files is not None and Path(part.data_files).is_file():
+                files.append(part.data_files)
         if files:
             digest = hashlib.sha256()
             for file in files:

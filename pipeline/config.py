@@ -285,7 +285,9 @@ def _refuse_duplicate_keys(node: yaml.Node | None, path: Path, prefix: str = "",
     if isinstance(node, yaml.MappingNode):
         lines: dict[str, int] = {}
         for key, value in node.value:
-            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) else None
+            # several `<<` merge keys in one mapping are YAML's way to merge several anchors, not a duplicate
+            merge = isinstance(key, yaml.ScalarNode) and key.tag == "tag:yaml.org,2002:merge"
+            name = f"{prefix}{key.value}" if isinstance(key, yaml.ScalarNode) and not merge else None
             if name in lines:
                 where = sorted({lines[name], key.start_mark.line + 1})
                 raise ConfigError(f"{path}: key '{name}' is given twice (line{'s' if len(where) > 1 else ''} "

@@ -260,7 +260,8 @@ def check_architecture(spec: ModelSpec) -> None:
 
 def as_number(key: str, value: Any, default: Any) -> Any:
     """The `model.extra` value of `key` as the config's `default` types it: YAML reads 1e-5 (no dot) as text, and 1
-    as an integer, both of which a transformers config refuses for a float setting (rms_norm_eps)."""
+    as an integer, both of which a transformers config refuses for a float setting (rms_norm_eps); 16.0 for an
+    integer setting is 16."""
     if isinstance(default, bool) or not isinstance(default, (int, float)) or isinstance(value, bool):
         return value
     if isinstance(value, str):
@@ -272,6 +273,8 @@ def as_number(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"key 'model.extra.{key}': expected a finite number (the config's default is "
                               f"{default!r}), got {value!r}")
         return int(number) if isinstance(default, int) and number.is_integer() else number
+    if isinstance(default, int) and isinstance(value, float) and value.is_integer():  # 16.0 for head_dim
+        return int(value)
     return float(value) if isinstance(default, float) and isinstance(value, int) else value
 
 

@@ -208,6 +208,22 @@ def test_a_reply_cut_at_the_length_cap_says_so(micro_ppo, capsys):
     assert budget == 100 and len(kept) == 1 and ids.size(1) + budget <= model.config.max_position_embeddings
 
 
+def test_eval_refuses_replies_that_would_run_past_the_models_positions(micro_sft):
+    """Chat cuts a reply at the context's end; evaluation sampled on past it: a model with learnt positions failed
+    in an IndexError, a RoPE one was scored on positions it never saw."""
+    from pipeline.config import ConfigError
+
+    model = AutoModelForCausalLM.from_pretrained(micro_sft).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_sft)
+    prompts = ["What is 12 plus 30?", "Please write a short note inviting everyone to the big meadow picnic."]
+    model.config.max_position_embeddings = 40
+    with pytest.raises(ConfigError, match=r"key 'max_new_tokens': a prompt of \d+ tokens and 30 new tokens exceed "
+                                          r"the model's 40 positions"):
+        generate_responses(model, tokenizer, prompts, SamplingConfig(30, temperature=0.0))
+    responses, _ = generate_responses(model, tokenizer, prompts[:1], SamplingConfig(8, temperature=0.0))
+    assert len(responses) == 1  # within the positions: answered
+
+
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])
 def test_a_greedy_chat_reply_is_the_answer_eval_gives(micro_sft, micro_runs, stage):
     """A weak model emits stray role tokens and runs to the length cap: chat dropped those tokens (eval keeps them,

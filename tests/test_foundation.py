@@ -307,6 +307,9 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused_with_its_lines(tmp_path):
     write(tmp_path / "inner.yaml", "rate: 0.1\nrate: 0.2\n")  # a section's own file is named
     with pytest.raises(ConfigError, match=r"inner.yaml: key 'rate' is given twice"):
         load_config(Outer, write(config, "inner: inner.yaml\n"))
+    # two `<<` merge keys merge two anchors: no key is given twice
+    merged = load_config(Outer, write(config, "tuned: &a {width: 8}\ninner:\n  <<: *a\n  <<: {rate: 0.5}\n"))
+    assert (merged.inner.width, merged.inner.rate) == (8, 0.5)
 
 
 @pytest.mark.parametrize("text", ["2", "2024-06-01", "on", "1e-3"])
@@ -366,6 +369,7 @@ def test_a_model_extra_value_transformers_cannot_take_is_named_by_its_key(tokeni
     extra = load_config(PretrainConfig, MICRO / "pretrain.yaml", ["model.extra.rms_norm_eps=1e-5"]).model.extra
     assert extra == {"rms_norm_eps": 1e-5}  # the config's float, as YAML reads 1.0e-5
     assert ModelSpec(extra={"rms_norm_eps": 1, "head_dim": "1e1"}).extra == {"rms_norm_eps": 1.0, "head_dim": 10}
+    assert ModelSpec(extra={"head_dim": 16.0}).extra == {"head_dim": 16}  # a whole float for an integer setting
     for override, message in (("model.extra.attention_dropout=abc", r"expected a finite number .*got 'abc'"),
                               ("model.extra.head_dim=16.5", r"the llama config cannot take 16.5")):
         key = override.partition("=")[0]

@@ -225,6 +225,14 @@ def test_a_dataset_written_by_save_to_disk_is_read_and_validated(tmp_path, strea
         assert [r["messages"][0]["content"] for r in dataset] == [f"Hi {i}" for i in range(rows)], (path, split)
     saved = sorted(p.name for p in (tmp_path / "saved_ds").iterdir())  # our maps cache elsewhere, not in there
     assert not [name for name in saved if name.startswith("cache-")], saved
+    # a resume notices it changed, as it does a file's (source_fingerprints), unless it is streamed
+    from data.loading import source_fingerprints
+
+    before = source_fingerprints(data=DatasetSpec(path=str(tmp_path / "saved_ds")))
+    datasets.Dataset.from_list(chats[1:]).save_to_disk(str(tmp_path / "saved_ds"))
+    after = source_fingerprints(data=DatasetSpec(path=str(tmp_path / "saved_ds")))
+    assert set(before) == {"data"} and before != after
+    assert source_fingerprints(data=DatasetSpec(path=str(tmp_path / "saved_ds"), streaming=True)) == {}
     with pytest.raises(DataError, match=r"saved_dd, column 'split': a DatasetDict saved with save_to_disk, with "
                                         r"splits train, test, none named 'validation'"):
         load(tmp_path / "saved_dd", "sft", split="validation", streaming=streaming)

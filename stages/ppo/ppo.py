@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         start_step = state["step"]
     # after the settings check: a changed `prompts` is named as such, not as another world
     inputs = {"policy": output_id(sft_path), "reward model": output_id(rm_path),
-              **source_fingerprints(prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx else None)}
+              **(source_fingerprints(prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx else None)
+                 if checkpoint is not None or accelerator.is_main_process else {})}
     start_checkpoints(paths.checkpoints, checkpoint, world_data, "ppo", accelerator.is_main_process, inputs)
     policy, critic, policy_opt, critic_opt = accelerator.prepare(policy, critic, policy_opt, critic_opt)
     policy.eval()  # dropout off throughout: rollout and update log-probs come from the same function (N+)

@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         start_step = state["step"]
     # after the settings check: a changed `data` is named as such, not as another world
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process,
-                      starts_from=source_fingerprints(data=cfg.data))
+                      # (the corpus read again only where it is checked or recorded, not by every rank of every start)
+                      starts_from=source_fingerprints(data=cfg.data)
+                      if checkpoint is not None or accelerator.is_main_process else None)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process, start_step=start_step)

@@ -264,7 +264,9 @@ def main(argv: list[str] | None = None) -> None:
                                        "packing, keeps those); raise max_length")
 
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "sft", state.is_main_process,
-                      starts_from={"init checkpoint": output_id(init), **source_fingerprints(data=cfg.data)})
+                      starts_from={"init checkpoint": output_id(init),
+                                   **(source_fingerprints(data=cfg.data) if checkpoint or state.is_main_process
+                                      else {})})
     tracker = Tracker(cfg, "sft", paths.metrics_file, state.is_main_process, upstream=upstream,
                       start_step=checkpoint_step(Path(checkpoint)) if checkpoint else 0)
     if state.is_main_process:
