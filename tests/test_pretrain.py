@@ -165,10 +165,13 @@ def test_resume_after_sigkill_continues_and_matches(micro_pretrain: Path, tmp_pa
 
     # a finished run trained for longer goes on from its last step (it went back to the checkpoint before it and
     # trained those steps again)
+    trained = json.loads((stage_dir / "eval.json").read_text())["train_seconds"]
     longer = subprocess.run(command + ["resume=true", "max_steps=125", "eval_every=5"], cwd=REPO, env=stage_env(),
                             capture_output=True, text=True, timeout=300)
     assert longer.returncode == 0, longer.stderr
     assert "resuming from step 120" in longer.stdout, longer.stdout
+    # the training time is the whole run's, not that of the five steps of this launch
+    assert json.loads((stage_dir / "eval.json").read_text())["train_seconds"] > trained
 
 
 def test_ddp_two_ranks_identical_parameters_and_equal_to_one_process(tmp_path: Path):

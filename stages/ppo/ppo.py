@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
+    # the training time of the launches before a resume: eval.json's is the whole run's
+    trained_before = float(state.get("train_seconds", 0.0)) if checkpoint is not None else 0.0
     # after the settings check: a changed `prompts` is named as such, not as another world
     inputs = {"policy": output_id(sft_path), "reward model": output_id(rm_path),
               **(source_fingerprints(prompts=cfg.prompts, ptx_data=cfg.ptx_data if cfg.ptx else None)
@@ -368,12 +370,13 @@ def main(argv: list[str] | None = None) -> None:
                     paths.checkpoints, done, unwrap(policy), tokenizer,
                     {"policy_optimizer": policy_opt.state_dict(), "critic_optimizer": critic_opt.state_dict(),
                      "kl_controller": kl_ctl.state_dict(), "settings": settings,
+                     "train_seconds": trained_before + time.perf_counter() - loop_started,
                      **({"ema": ema.state_dict()} if ema is not None else {})},
                     cfg.keep_checkpoints, extra_models={"critic": unwrap(critic).rm})
             accelerator.wait_for_everyone()
 
     # ---- the hand-off: a plain HF checkpoint (LoRA merged), eval.json; per-rank weight hashes on request
-    train_seconds = time.perf_counter() - loop_started
+    train_seconds = trained_before + time.perf_counter() - loop_started
     if accelerator.is_main_process and eval_rows and result is None:  # resumed at max_steps: evaluate anyway
         result = evaluate(cfg.max_steps)
     accelerator.wait_for_everyone()

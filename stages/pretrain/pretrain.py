@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
+    # the training time of the launches before a resume: eval.json's is the whole run's
+    trained_before = float(state.get("train_seconds", 0.0)) if checkpoint is not None else 0.0
     # after the settings check: a changed `data` is named as such, not as another world
     start_checkpoints(paths.checkpoints, checkpoint, lineage, "pretrain", accelerator.is_main_process,
                       # (the corpus read again only where it is checked or recorded, not by every rank of every start)
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             if accelerator.is_main_process:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict(), "settings": settings,
-                                          "log_window": log_window, **scaler_state(accelerator.scaler)},
+                                          "log_window": log_window, **scaler_state(accelerator.scaler),
+                                          "train_seconds": trained_before + time.perf_counter() - started},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
             throughput.rate()  # nor saving
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, paths.final, "pretrain",
                    world_data=lineage, launch_records=paths.launch_records)
-        train_seconds = time.perf_counter() - started
+        train_seconds = trained_before + time.perf_counter() - started
         # eval.json as SFT's and the RM's: the report's Run facts read the training time there
         report = {"step": cfg.max_steps, "eval_loss": val_loss, "train_seconds": train_seconds}
         write_text_atomic(paths.root / "eval.json", json.dumps(report, indent=1) + "\n")
