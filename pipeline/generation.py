@@ -14,6 +14,7 @@ import torch
 
 from data.loading import DataError
 from pipeline.config import ConfigError, FieldError
+from pipeline.model import check_length_fits
 from pipeline.tokenizer import chat_prompt
 
 
@@ -203,16 +204,12 @@ def generate_responses(model, tokenizer, prompts: list[str], sampling: SamplingC
     model.eval()
     responses, ended = [], []
     stops = stop_token_ids(model, tokenizer)
-    positions = getattr(model.config, "max_position_embeddings", None)
     for start in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, prompts[start:start + batch_size], device)
         longest = int(batch["attention_mask"].sum(1).max()) if len(batch["input_ids"]) else 0
-        if positions and longest + sampling.max_new_tokens > positions:
-            # past its positions a model with learnt ones fails in an index error, a RoPE one answers unseen
-            # positions: neither is a measurement
-            raise ConfigError(f"key 'max_new_tokens': a prompt of {longest} tokens and {sampling.max_new_tokens} new "
-                              f"tokens exceed the model's {positions} positions; lower max_new_tokens (make eval: "
-                              "--max-new-tokens) or leave out the longest prompts")
+        # the longest prompt and its reply within the model's positions, as chat cuts a reply at the context's end
+        check_length_fits(model, longest + sampling.max_new_tokens, "max_new_tokens",
+                          f" (make eval: --max-new-tokens) or leave out the prompts longer than {longest - 1} tokens")
         tokens = sample(model, batch["input_ids"], batch["attention_mask"], sampling, stops, tokenizer.pad_token_id,
                         generator)
         responses += decode_responses(tokenizer, tokens, stops)

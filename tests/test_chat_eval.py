@@ -217,9 +217,10 @@ def test_eval_refuses_replies_that_would_run_past_the_models_positions(micro_sft
     tokenizer = AutoTokenizer.from_pretrained(micro_sft)
     prompts = ["What is 12 plus 30?", "Please write a short note inviting everyone to the big meadow picnic."]
     model.config.max_position_embeddings = 40
-    with pytest.raises(ConfigError, match=r"key 'max_new_tokens': a prompt of \d+ tokens and 30 new tokens exceed "
-                                          r"the model's 40 positions"):
+    with pytest.raises(ConfigError, match=r"key 'max_new_tokens': (\d+) tokens per sequence, but the model has 40 "
+                                          r"positions") as refused:
         generate_responses(model, tokenizer, prompts, SamplingConfig(30, temperature=0.0))
+    assert int(re.search(r"(\d+) tokens per sequence", str(refused.value)).group(1)) > 40  # prompt and its reply
     responses, _ = generate_responses(model, tokenizer, prompts[:1], SamplingConfig(8, temperature=0.0))
     assert len(responses) == 1  # within the positions: answered
 
