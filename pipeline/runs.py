@@ -378,6 +378,33 @@ def weights_sharded() -> str | None:
     return launch if launch in ("FSDP", "DeepSpeed ZeRO-3") else None
 
 
+def whole_weights_unsaved() -> str | None:
+    """Under FSDP or ZeRO-3, what would make the Trainer's final save write no whole weights (None: it writes
+    them). It then keeps only a warning and shards, and final/ would be a config without a model. Read from the
+    launcher's environment (and a DeepSpeed JSON config), so SFT refuses before it trains."""
+    launch = weights_sharded()
+    if launch == "FSDP":
+        # accelerate's default when the config names none: FULL_STATE_DICT under FSDP 1, SHARDED under FSDP 2
+        default = "FULL_STATE_DICT" if os.environ.get("FSDP_VERSION", "1") == "1" else "SHARDED_STATE_DICT"
+        kind = os.environ.get("FSDP_STATE_DICT_TYPE") or default
+        if kind.upper() != "FULL_STATE_DICT":
+            return f"fsdp_state_dict_type is {kind}: set fsdp_state_dict_type: FULL_STATE_DICT in the accelerate config"
+    elif launch == "DeepSpeed ZeRO-3":
+        gather = None
+        if config_file := os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+            try:
+                gather = json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get(
+                    "stage3_gather_16bit_weights_on_model_save")
+            except (OSError, ValueError, AttributeError):
+                gather = None
+        if gather in (None, "auto"):  # accelerate fills it from zero3_save_16bit_model (default false)
+            gather = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL", "false").lower() == "true"
+        if gather is not True:
+            return ("ZeRO-3 gathers no 16-bit weights on save: set zero3_save_16bit_model: true in the accelerate "
+                    "config (stage3_gather_16bit_weights_on_model_save: true in a DeepSpeed JSON config)")
+    return None
+
+
 def require_ddp(stage: str) -> None:
     """Pretraining, collection, the RM and PPO run their own loops with the whole model on every rank: they sample,
     evaluate and save outside the Trainer (which would hang or use one shard under FSDP / ZeRO-3), and do not set

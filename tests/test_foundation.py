@@ -198,6 +198,34 @@ def test_model_sources_local_hub_and_default_upstream(tmp_path):
         model_path(cfg, "policy", "sft", POLICY_STAGES, "prefs")
 
 
+@pytest.mark.parametrize("launch, refused", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}, None),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"},
+     "fsdp_state_dict_type is SHARDED_STATE_DICT"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "fsdp_state_dict_type is SHARDED_STATE_DICT"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3",
+      "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": "true"}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "set zero3_save_16bit_model"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, "set zero3_save_16bit_model"),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "gathers.json"}, None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+])
+def test_sharded_launches_that_would_save_no_whole_weights_are_named(launch, refused, monkeypatch, tmp_path):
+    """The Trainer's save under FSDP with a sharded state dict, or ZeRO-3 without gathering 16-bit weights, only
+    warns and writes shards: SFT asks this before training, as accelerate will read its settings."""
+    from pipeline.runs import whole_weights_unsaved
+
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    (tmp_path / "gathers.json").write_text(json.dumps(
+        {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    monkeypatch.chdir(tmp_path)
+    for name, value in launch.items():
+        monkeypatch.setenv(name, value)
+    reason = whole_weights_unsaved()
+    assert reason is None if refused is None else refused in reason
+
+
 @pytest.mark.parametrize("launch, expected", [
     ({"ACCELERATE_USE_FSDP": "true"}, "FSDP"),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "DeepSpeed ZeRO-3"),

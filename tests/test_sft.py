@@ -364,6 +364,33 @@ def test_under_sharded_weights_final_is_the_trainers_gathered_save_with_our_reco
     assert (final / "pipeline_metrics.jsonl").is_file()
 
 
+def test_under_sharded_weights_a_save_without_whole_weights_is_refused(micro_pretrain, tmp_path, monkeypatch):
+    """A launch whose save would keep only shards is refused before training; a save that wrote no whole weights all
+    the same (the Trainer only warns) leaves final/ unwritten rather than a config with no model."""
+    from pipeline.config import ConfigError
+    from pipeline.checkpoint import CheckpointError
+    from stages.sft import sft
+
+    monkeypatch.setattr(sft, "weights_sharded", lambda: "FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match="final/ would get no model weights, since fsdp_state_dict_type is SHARDED"):
+        main(sft_args(tmp_path, "shards", f"init_from={micro_pretrain}", "max_steps=4", *QUICK))
+    assert not (tmp_path / "shards" / "sft" / "checkpoints").exists()  # refused before training
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    save_model = sft.StageSFTTrainer.save_model
+
+    def save_without_weights(trainer, output_dir=None, *args, **kwargs):  # what the Trainer leaves when it only warns
+        save_model(trainer, output_dir, *args, **kwargs)
+        if output_dir and Path(output_dir).name == ".tmp-final-gathered":
+            (Path(output_dir) / "model.safetensors").unlink()
+
+    monkeypatch.setattr(sft.StageSFTTrainer, "save_model", save_without_weights)
+    with pytest.raises(CheckpointError, match="wrote no whole weights"):
+        main(sft_args(tmp_path, "shards", f"init_from={micro_pretrain}", "max_steps=4", *QUICK))
+    assert not (tmp_path / "shards" / "sft" / "final").exists()
+
+
 def saved_steps(stage: Path) -> list[int]:
     """Steps of the stage's finished Trainer checkpoints: the Trainer writes trainer_state.json last, and not
     atomically, so an empty or cut-short one means the save was still going (or was killed)."""

@@ -27,9 +27,9 @@ from transformers import ProgressCallback, TrainerCallback, set_seed
 from trl import SFTConfig
 
 from data.loading import DataError, DatasetSpec, load_dataset_for, source_fingerprints
-from pipeline.checkpoint import (atomic_dir, check_resume_settings, checkpoint_stage, checkpoint_step,
-                                 copy_launch_records, mark_final, mark_in_training, output_id, replace_dir,
-                                 resume_settings, save_final, write_text_atomic)
+from pipeline.checkpoint import (CheckpointError, atomic_dir, check_resume_settings, checkpoint_stage,
+                                 checkpoint_step, copy_launch_records, mark_final, mark_in_training, output_id,
+                                 replace_dir, resume_settings, save_final, write_text_atomic)
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig, stop_token_ids
@@ -37,7 +37,7 @@ from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lor
     load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import distributed_launch, learned_world_data, resolve_precision, run_main, start_checkpoints, \
-    weights_sharded, world_lineage, write_resolved_config
+    weights_sharded, whole_weights_unsaved, world_lineage, write_resolved_config
 from pipeline.tokenizer import ADDED_ROLE_TOKENS, check_chat_prompts, load_tokenizer, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (ProgressBar, RecordResumeSettings, StageSFTTrainer,
@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
     if sharding and cfg.lora.enabled:
         raise ConfigError(f"key 'lora.enabled': merging the adapters into final/ needs the whole model on the main "
                           f"process, which {sharding} does not hold there; launch LoRA with DDP")
+    if sharding and (unsaved := whole_weights_unsaved()):
+        raise ConfigError(f"sft under {sharding}: final/ would get no model weights, since {unsaved}")
     # first: the arguments set the distributed state up (CPU DDP included) and ZeRO-3's sharded loading
     arguments = training_arguments(cfg, paths.checkpoints)
     state = PartialState()
@@ -339,6 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         mark_final(trainer.accelerator.unwrap_model(trainer.model), "sft", lineage)
         trainer.save_model(str(staging))
         if state.is_main_process:
+            if not any((staging / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+                raise CheckpointError(f"sft: the Trainer's save under {sharding} wrote no whole weights (its warning "
+                                      f"above says why); {paths.final} is left as it was")
             (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: final/ holds safetensors only
             tokenizer.save_pretrained(staging)
             copy_launch_records(staging, paths.launch_records)
