@@ -400,14 +400,20 @@ def non_embedding_parameters(model: torch.nn.Module) -> int:
 def fp32_forward(model: torch.nn.Module):
     """Run `model` with its own fp32 forward inside this block, even while accelerate's mixed-precision autocast
     wrapper is on it (prepare() keeps the original as `_original_forward`). Evaluations use it so that the
-    figures a stage reports are the ones a plain `from_pretrained` load reproduces."""
+    figures a stage reports are the ones a plain `from_pretrained` load reproduces. A flash-attention model runs on
+    SDPA meanwhile: flash kernels refuse fp32 (pretraining may train with one: a runtime choice, not saved)."""
+    config = getattr(model, "config", None)
+    attention = getattr(config, "_attn_implementation", None)
+    if isinstance(attention, str) and "flash" in attention:  # its kernels take half precision only: SDPA in fp32
+        config._attn_implementation = "sdpa"
     original = model.__dict__.get("_original_forward")
-    if original is None:  # not wrapped: nothing to undo
-        yield model
-        return
-    patched = model.__dict__["forward"]
-    model.forward = original
+    patched = model.__dict__.get("forward")
+    if original is not None:  # (not wrapped: no autocast to undo)
+        model.forward = original
     try:
         yield model
     finally:
-        model.forward = patched
+        if original is not None:
+            model.forward = patched
+        if config is not None and attention != getattr(config, "_attn_implementation", None):
+            config._attn_implementation = attention

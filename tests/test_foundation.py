@@ -972,6 +972,25 @@ def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer
     assert torch.equal(after, autocast_logits)  # training keeps its mixed precision after the block
 
 
+def test_fp32_forward_runs_a_flash_attention_model_on_sdpa_inside_the_block_only(tokenizer):
+    """Flash kernels take half precision only; pretraining may train with one (model.extra.attn_implementation) and
+    then evaluates in fp32. Here flash-attn is not installed, so the model fails if the block leaves it on."""
+    from pipeline.model import fp32_forward
+
+    torch.manual_seed(0)
+    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=300), tokenizer).eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        model.config._attn_implementation = "flash_attention_2"  # as a GPU run sets it (the check needs the package)
+        with fp32_forward(model) as plain:
+            assert plain.config._attn_implementation == "sdpa"
+            logits = plain(input_ids=ids).logits
+    assert torch.allclose(logits, reference, atol=1e-5)
+    assert model.config._attn_implementation == "flash_attention_2"  # training keeps its kernel
+
+
 @pytest.mark.parametrize("module", ["stages.sft", "reward_model.train", "pipeline.evaluate"])
 def test_a_command_stops_on_bad_input_with_its_message_and_no_traceback(module, micro_rm, tmp_path):
     import subprocess
