@@ -246,8 +246,9 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                     cached], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():  # dropout (e.g. LoRA's) on a GPU draws from the CUDA generators
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # dropout (e.g. LoRA's) on a GPU draws from this process's device's generator
+        # (the main process saves; each rank's own device generator is seeded and advanced alike, as the CPU one is)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -256,8 +257,11 @@ def set_rng_state(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # saved before: every device's generator as the main process saw them (its own first)
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # this rank's device
 
 
 def _as_python_state(state: Any) -> tuple:

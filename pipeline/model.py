@@ -384,8 +384,9 @@ def load_scalar_model(path: str, needed_by: str, tokenizer: Any, trust_remote_co
     return model
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    # ZeRO-3 leaves each rank an empty tensor per parameter and the whole count in `ds_numel`
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def non_embedding_parameters(model: torch.nn.Module) -> int:

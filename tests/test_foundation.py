@@ -729,6 +729,45 @@ def test_checkpoint_pruning_always_keeps_the_newest(tmp_path, tokenizer, keep_la
     assert not list(tmp_path.glob(".tmp-*"))  # gone with the next save, though step 9 is never saved again
 
 
+def test_a_resume_restores_each_ranks_own_cuda_generator(monkeypatch):
+    """The main process saves its device's generator; a rank restores that to its own device (every rank's is seeded
+    and advanced alike), not the main process's view of every device, where rank 1's was never advanced. Simulated:
+    no GPU here."""
+    from pipeline import checkpoint
+
+    advanced, untouched = torch.tensor([7, 7], dtype=torch.uint8), torch.tensor([0, 0], dtype=torch.uint8)
+    device = {"current": 0}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: advanced if device["current"] == 0 else untouched)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [advanced, untouched])  # rank 0's view
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a, **k: restored.update({device["current"]: state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.update(enumerate(states)))
+    saved = checkpoint.rng_state()  # rank 0 saves
+    device["current"] = 1
+    checkpoint.set_rng_state(saved)  # rank 1 resumes
+    assert torch.equal(restored[1], advanced)
+    checkpoint.set_rng_state({**saved, "cuda": [advanced, untouched]})  # a checkpoint saved before: device 0's
+    assert torch.equal(restored[1], advanced)
+
+
+def test_parameter_counts_read_zero3s_whole_sizes(tokenizer):
+    """Under ZeRO-3 each rank holds an empty tensor per parameter and its size in `ds_numel`: SFT's parameter count
+    (console and W&B) read 0.00M there. Simulated: DeepSpeed is not installed here."""
+    from pipeline.model import count_parameters
+
+    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=64, vocab_size=300), tokenizer)
+    whole = count_parameters(model)
+    model.get_input_embeddings().weight.requires_grad_(False)
+    trainable = count_parameters(model, trainable_only=True)
+    assert 0 < trainable < whole
+    for p in model.parameters():  # what DeepSpeed's partitioning leaves on a rank
+        p.ds_numel, p.data = p.numel(), torch.empty(0)
+    assert (count_parameters(model), count_parameters(model, trainable_only=True)) == (whole, trainable)
+
+
 def test_a_fresh_run_starts_metrics_over_and_a_resumed_one_drops_the_replayed_steps(tmp_path):
     from pipeline.tracking import Tracker
 

@@ -27,7 +27,7 @@ from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
 from pipeline.model import POLICY_STAGES, WEIGHTS_DTYPE, ModelSpec, build_causal_lm, fp32_forward, \
-    check_length_fits, non_embedding_parameters, require_causal_lm, set_special_token_ids
+    check_length_fits, count_parameters, non_embedding_parameters, require_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, accelerate_precision, checkpoint_to_resume, end_stage, learned_world_data, \
     model_path, parse_stage_args, require_ddp, run_main, stage_paths, start_checkpoints, world_dir, world_lineage, \
     write_resolved_config
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker = Tracker(cfg, "pretrain", paths.metrics_file, accelerator.is_main_process, start_step=start_step)
     if accelerator.is_main_process:
         write_resolved_config(cfg, paths)
-        n_params = sum(p.numel() for p in model.parameters())
+        n_params = count_parameters(model)
         tracker.summary({"model/parameters": n_params, "data/train_tokens": corpus.train_tokens,
                          "data/unigram_entropy": corpus.unigram_entropy})
         tokens = "a streamed corpus" if corpus.streaming else f"{corpus.train_tokens:,} training tokens"

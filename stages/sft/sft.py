@@ -33,8 +33,8 @@ from pipeline.checkpoint import (CheckpointError, atomic_dir, check_resume_setti
 from pipeline.config import ConfigError, FieldError
 from pipeline.evaluation import EvalResult, evaluate_policy, family_table, load_judge, load_prompts
 from pipeline.generation import SamplingConfig, stop_token_ids
-from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lora_can_train, fp32_forward, \
-    load_causal_lm, set_special_token_ids
+from pipeline.model import POLICY_STAGES, LoraSpec, check_length_fits, check_lora_can_train, count_parameters, \
+    fp32_forward, load_causal_lm, set_special_token_ids
 from pipeline.runs import StageConfig, check_world_lineage, init_checkpoint, parse_stage_args, stage_paths, world_dir
 from pipeline.runs import distributed_launch, learned_world_data, resolve_precision, run_main, start_checkpoints, \
     weights_sharded, whole_weights_unsaved, world_lineage, write_resolved_config
@@ -283,8 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.add_callback(ProgressBar())
 
     if state.is_main_process:
-        n_params = sum(p.numel() for p in trainer.model.parameters())
-        n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        n_params, n_trainable = count_parameters(trainer.model), count_parameters(trainer.model, trainable_only=True)
         sizes = [f"{len(d):,}" if isinstance(d, Dataset) else "streamed" for d in (train_data, eval_data)]
         kept = trainer.train_dataset
         if not cfg.packing and isinstance(train_data, Dataset) and len(kept) < len(train_data):
