@@ -81,7 +81,10 @@ $(SETUP_STAMP): pyproject.toml
 	@if [ -n "$(HAS_GPU)" ]; then \
 	  echo "setup: GPU found, installing the default (CUDA) torch build"; \
 	  $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is None)" 2>/dev/null || { \
-	    $(PY) -m pip uninstall -y -q torch 2>/dev/null; $(PY) -m pip install -q torch; }; \
+	    $(PY) -m pip uninstall -y -q torch 2>/dev/null; $(PY) -m pip install -q "torch==2.13.0"; }; \
+	  $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null || \
+	    echo "setup: WARNING: nvidia-smi sees a GPU but this torch cannot use it (a driver older than its CUDA?):" \
+	      "every stage would train on the CPU"; \
 	elif [ "$$(uname -s)" != Linux ]; then \
 	  echo "setup: no CUDA here ($$(uname -s)): PyPI's torch build for this system has no CUDA in it"; \
 	  $(PY) -m pip install -q "torch==2.13.0"; \
