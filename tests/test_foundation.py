@@ -1215,6 +1215,9 @@ def test_each_stage_refuses_sequences_beyond_the_models_positions(stage, key, mi
 # a length check in a chat template: some of the micro world's prompts of each kind are longer
 TOO_LONG = ("{% for m in messages %}{% if m['content'] | length > 40 %}{{ raise_exception('too long') }}{% endif %}"
             "{% endfor %}")
+# one on replies only: what no prompt shows, so PPO meets it as it scores a rollout
+REPLY_TOO_LONG = ("{% for m in messages %}{% if m['role'] == 'assistant' and m['content'] | length > 2 %}"
+                  "{{ raise_exception('reply too long') }}{% endif %}{% endfor %}")
 
 
 def with_template_start(checkpoint: Path, copy: Path, start: str) -> Path:
@@ -1225,7 +1228,7 @@ def with_template_start(checkpoint: Path, copy: Path, start: str) -> Path:
     return copy
 
 
-@pytest.mark.parametrize("stage", ["rm", "prefs", "ppo", "ppo reward_model", "evaluate"])
+@pytest.mark.parametrize("stage", ["rm", "prefs", "ppo", "ppo reward_model", "ppo reward_model reply", "evaluate"])
 def test_each_stage_names_a_conversation_the_chat_template_refuses(stage, micro_rm, tmp_path):
     """A template that refuses a conversation (`raise_exception`: a length check, Gemma's "System role not
     supported") ended in a Jinja traceback outside SFT: it names the checkpoint, by the key that chose it, and the
@@ -1247,9 +1250,14 @@ def test_each_stage_names_a_conversation_the_chat_template_refuses(stage, micro_
                 r"world:ppo_prompts, row \d+, column 'prompt': the chat template of .*refusing-sft \(key 'init_from'\) "
                 r"refuses this conversation: too long"),
         "ppo reward_model": (ppo, "ppo.yaml", [f"init_from={micro / 'sft' / 'final'}", "reward_model="
-                             + str(with_template_start(micro_rm, tmp_path / "refusing-rm", TOO_LONG))], CheckpointError,
-                             r"ppo \(key 'reward_model'\): the chat template of .*refusing-rm refuses the conversation "
-                             r"of prompt '.*' and reply '.*': too long"),
+                             + str(with_template_start(micro_rm, tmp_path / "refusing-rm", TOO_LONG))], DataError,
+                             r"world:ppo_prompts, row \d+, column 'prompt': the chat template of .*refusing-rm \(key "
+                             r"'reward_model'\) refuses this conversation: too long"),
+        "ppo reward_model reply": (
+            ppo, "ppo.yaml", [f"init_from={micro / 'sft' / 'final'}", "reward_model="
+                              + str(with_template_start(micro_rm, tmp_path / "reply-refusing-rm", REPLY_TOO_LONG))],
+            CheckpointError, r"ppo \(key 'reward_model'\): the chat template of .*reply-refusing-rm refuses the "
+                             r"conversation of prompt '.*' and reply '.*': reply too long"),
         "evaluate": (None, None, [], DataError, r"eval_prompts\.jsonl, row \d+, column 'prompt': the chat template of "
                                                 r".*refusing-sft refuses this conversation: too long"),
     }[stage]

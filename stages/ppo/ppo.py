@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.lora.enabled:
         check_lora_can_train(tokenizer, sft_path)
     rm = RewardScorer(rm_path, device, cfg.trust_remote_code, needed_by="ppo (key 'reward_model')")
+    check_chat_prompts(rm.tokenizer, f"{rm_path} (key 'reward_model')", [(rows, cfg.prompts.path)])  # it reads them too
     # the critic, made from the RM, reads policy tokens (an RM keeps its own pad, which may be its EOS: the policy's
     # tokenizer then has our pad besides, which the critic's embeddings grow to)
     rm_vocab = rm.tokenizer.get_vocab()
