@@ -567,21 +567,32 @@ def test_a_nan_loss_stops_sft_before_the_step_and_no_checkpoint_holds_nan(micro_
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_ddp_on_the_cpu_logs_and_saves_from_one_rank(micro_pretrain, tmp_path):
+def test_ddp_on_the_cpu_logs_and_saves_from_one_rank_and_resumes_by_length(micro_pretrain, tmp_path):
     """On CPU DDP every rank took itself for the main process until the Trainer set the state up: each wrote every
-    metrics row (and would each have opened a W&B run and moved checkpoints aside)."""
+    metrics row (and would each have opened a W&B run and moved checkpoints aside). By length, 64 rows over two
+    ranks of 16 make 2 steps an epoch: a resume from step 3 lands mid-way through the second epoch, which under DDP
+    read the first epoch's order (accelerate's batch skipping hid the sampler from set_epoch)."""
     from conftest import launch_two_ranks
+    from safetensors.torch import load_file
 
-    run = launch_two_ranks("stages.sft", sft_args(tmp_path, "ddp", f"init_from={micro_pretrain}", *QUICK,
-                                                  "max_steps=6", "log_every=1"), timeout=240)
+    args = sft_args(tmp_path, "ddp", f"init_from={micro_pretrain}", *QUICK, "max_steps=6", "log_every=1",
+                    "group_by_length=true", "data.max_rows=64", "checkpoint_every=3")
+    run = launch_two_ranks("stages.sft", args, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "ddp" / "sft"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "train/loss" in r and "train/mean_loss" not in r]
     assert steps == [1, 2, 3, 4, 5, 6], steps
     assert run.stdout.count("M parameters (") == 1  # the size line, from the main process alone
-    assert (stage / "final" / "model.safetensors").exists()
     assert "find_unused_parameters=True" not in run.stderr  # DDP searched the graph for unused ones every step
+    uninterrupted = load_file(stage / "final" / "model.safetensors")
+    for lost in ("final", "checkpoints/checkpoint-6"):  # as if killed after step 5
+        shutil.rmtree(stage / lost)
+    resumed_run = launch_two_ranks("stages.sft", [*args, "resume=true"], timeout=240)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resumed = load_file(stage / "final" / "model.safetensors")
+    for name, weight in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], weight, rtol=0, atol=1e-6, msg=name)
 
 
 def test_resume_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):

@@ -40,7 +40,7 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         self.sampler, self.seed = sampler, seed
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:  # the Trainer's data loader calls it at each epoch's start
+    def set_epoch(self, epoch: int) -> None:  # SamplerEpoch calls it as each epoch begins
         self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
 
     def __iter__(self):
@@ -50,6 +50,19 @@ class EpochSeededSampler(torch.utils.data.Sampler):
         return len(self.sampler)
 
 
+class SamplerEpoch(TrainerCallback):
+    """Gives the trainer's EpochSeededSampler each epoch's number as the epoch begins. The data loader's set_epoch
+    reaches a sampler two wrappers down; under DDP a resume adds a third (accelerate's batch skipping), so the
+    resumed epoch read epoch 0's order."""
+
+    def __init__(self, trainer: StageSFTTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state: TrainerState, control, **kwargs):
+        if self.trainer.epoch_seeded_sampler is not None:  # (a resumed state's epoch is mid-way: 6.43 is epoch 6)
+            self.trainer.epoch_seeded_sampler.set_epoch(int(state.epoch + 1e-6))
+
+
 class StageSFTTrainer(SFTTrainer):
     """TRL's SFTTrainer with a length-grouped order that a resume reproduces (EpochSeededSampler), the stages'
     learning-rate schedule, a held-out loss per token, and the replies of a demonstration's prompt left untrained
@@ -57,7 +70,9 @@ class StageSFTTrainer(SFTTrainer):
 
     def __init__(self, *args, data_sources: dict[str, str] | None = None, **kwargs):
         self.data_sources = data_sources or {}  # read while the parent tokenizes the datasets
+        self.epoch_seeded_sampler: EpochSeededSampler | None = None
         super().__init__(*args, **kwargs)
+        self.add_callback(SamplerEpoch(self))
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         """Demonstrations as data.loading gives them are tokenized here, not by TRL: TRL would train every reply in
@@ -107,7 +122,9 @@ class StageSFTTrainer(SFTTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
-        return EpochSeededSampler(sampler, self.args.seed) if isinstance(sampler, LengthGroupedSampler) else sampler
+        if isinstance(sampler, LengthGroupedSampler):
+            sampler = self.epoch_seeded_sampler = EpochSeededSampler(sampler, self.args.seed)
+        return sampler
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """Without the tied weights a checkpoint leaves out (a tied LM head is saved once, as the embeddings):
