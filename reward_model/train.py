@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         scheduler.load_state_dict(state["scheduler"])
         restore_scaler(accelerator.scaler, state)
         start_step = state["step"]
+    # the training time of the launches before a resume: eval.json's is the whole run's
+    trained_before = float(state.get("train_seconds", 0.0)) if checkpoint is not None else 0.0
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers, the name accelerate 1.15 passes on
         warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -375,13 +377,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     stop_if_not_finite(grad_norm, "rm", step, "Lower learning_rate.", accelerator.scaler)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]) * n_procs)
+            throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]))  # this rank's
             window.add(loss.item(), stats["accuracy"].item(), stats["margin_mean"].item())
         scheduler.step()
 
         done = step + 1
         if done % cfg.log_every == 0 or done == max_steps:
-            tokens_per_sec = throughput.rate()
+            tokens_per_sec = throughput.rate(accelerator)
             # every rank's micro-batches since the last log, not rank 0's alone
             logged = {f"train/{k}": v for k, v in window.means(accelerator).items()}
             progress.set_postfix(loss=f"{logged['train/loss']:.3f}", acc=f"{logged['train/accuracy']:.2f}",
@@ -399,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 save_training_checkpoint(paths.checkpoints, done, accelerator.unwrap_model(model), tokenizer,
                                          {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                           "settings": settings, "log_window": log_window,
-                                          **scaler_state(accelerator.scaler)},
+                                          **scaler_state(accelerator.scaler),
+                                          "train_seconds": trained_before + time.perf_counter() - started},
                                          cfg.keep_checkpoints)
             accelerator.wait_for_everyone()
 
@@ -424,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records,
                    rm_held_out_prompts=held_out_fingerprint(eval_rows))
         result = headline_metrics(metrics)
-        result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=time.perf_counter() - started)
+        result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=trained_before + time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
         tracker.summary({f"eval/final_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"[rm] held-out pairwise accuracy {describe_accuracy(result)}; reward mean {reward_mean:.3f} "

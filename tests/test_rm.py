@@ -466,9 +466,14 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(micro_sft, micr
         train.main(args + ["resume=true", "learning_rate=0.5"])
     with pytest.raises(ConfigError, match=r"key 'max_length' was 96 there, 40 now"):  # other cuts of each reply
         train.main(args + ["resume=true", "max_length=40"])
+    # the launches before the resume trained for what the checkpoint says (here an hour): eval.json's training time
+    # is the whole run's, not the resumed launch's alone
+    state_file = final.parent / "checkpoints" / "step_00000002" / "training_state.pt"
+    torch.save({**torch.load(state_file, weights_only=True), "train_seconds": 3600.0}, state_file)
     capsys.readouterr()
     train.main(args + ["resume=true"])  # continues from step 2 of 4
     assert "resuming at step 2" in capsys.readouterr().out
+    assert 3600 < json.loads((final.parent / "eval.json").read_text())["train_seconds"] < 3900
     resumed = load_file(final / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     for name, tensor in uninterrupted.items():

@@ -500,7 +500,12 @@ def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(micro_pretr
     with pytest.raises(CheckpointError, match=r"checkpoint-6/model.safetensors is cut short"):
         main(sft_args(tmp_path, "whole", *args, "resume=true"))
     weights.write_bytes(whole)
+    # the launch before trained for what the checkpoint says (here an hour): eval.json's time is the whole run's
+    record = stage / "checkpoints/checkpoint-6/pipeline_train_seconds.json"
+    assert 0 < json.loads(record.read_text())["train_seconds"] < 3600  # what the run wrote beside its checkpoint
+    record.write_text('{"train_seconds": 3600.0}\n')
     main(sft_args(tmp_path, "whole", *args, "resume=true"))
+    assert 3600 < json.loads((stage / "eval.json").read_text())["train_seconds"] < 3900
     resumed = load_file(stage / "final" / "model.safetensors")
     assert uninterrupted.keys() == resumed.keys()
     for name, weight in uninterrupted.items():

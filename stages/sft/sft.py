@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +40,9 @@ from pipeline.runs import distributed_launch, learned_world_data, resolve_precis
 from pipeline.tokenizer import ADDED_ROLE_TOKENS, check_chat_prompts, load_tokenizer, trl_masks_replies
 from pipeline.tracking import Tracker, TrackerCallback
 from stages.sft.trainer_parts import (ProgressBar, RecordResumeSettings, StageSFTTrainer,
-                                      StopOnNonFiniteGradients, check_resumable, conversation_refusals_named,
-                                      finished_steps, replies_cut, resume_checkpoint, resume_settings_record,
-                                      trains_a_token, with_reply_masks)
+                                      StopOnNonFiniteGradients, TrainingTime, check_resumable,
+                                      conversation_refusals_named, finished_steps, replies_cut, resume_checkpoint,
+                                      resume_settings_record, trains_a_token, with_reply_masks)
 
 
 @dataclass
@@ -318,13 +317,14 @@ def main(argv: list[str] | None = None) -> None:
         if state.is_main_process and gold_rows else None
 
     # ---- training: logging, evaluation (eval loss + gold judge) and checkpoints happen inside
-    started = time.perf_counter()
+    timer = TrainingTime(checkpoint)
+    trainer.add_callback(timer)
     if checkpoint is not None and not distributed_launch() and finished_steps(checkpoint, trainer):
         trainer.restore_finished(checkpoint)  # (FSDP, DeepSpeed: weights load inside train(), with the extra step)
     else:
         with conversation_refusals_named(tokenizer, init, sources):
             trainer.train(resume_from_checkpoint=checkpoint)
-    train_seconds = time.perf_counter() - started
+    train_seconds = timer.seconds()
     if gold.last_eval_step != trainer.state.global_step:  # resumed at the end: nothing trained, still report
         tracker.muted = True  # the launch that trained logged this step's evaluation already
         trainer.evaluate()

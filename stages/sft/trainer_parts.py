@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from pipeline.tracking import stop_if_not_finite
 
 
 RESUME_SETTINGS_FILE = "pipeline_resume_settings.json"  # beside each Trainer checkpoint (RecordResumeSettings)
+TRAIN_SECONDS_FILE = "pipeline_train_seconds.json"  # beside each Trainer checkpoint (TrainingTime)
 
 
 class EpochSeededSampler(torch.utils.data.Sampler):
@@ -329,6 +331,25 @@ class RecordResumeSettings(TrainerCallback):
         if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_text_atomic(checkpoint / RESUME_SETTINGS_FILE, json.dumps(self.settings) + "\n")
+
+
+class TrainingTime(TrainerCallback):
+    """The run's training time over every launch a resume joins (eval.json's train_seconds): each checkpoint keeps
+    the time up to it, which the Trainer's state does not, and a resume adds on from there. Made as training
+    starts."""
+
+    def __init__(self, checkpoint: str | None):
+        self.before, self.started = 0.0, time.perf_counter()
+        if checkpoint and (Path(checkpoint) / TRAIN_SECONDS_FILE).is_file():
+            self.before = float(json.loads((Path(checkpoint) / TRAIN_SECONDS_FILE).read_text())["train_seconds"])
+
+    def seconds(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_text_atomic(checkpoint / TRAIN_SECONDS_FILE, json.dumps({"train_seconds": self.seconds()}) + "\n")
 
 
 class StopOnNonFiniteGradients(TrainerCallback):
