@@ -307,9 +307,16 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def rate(self) -> float:
+    def rate(self, accelerator: Any = None) -> float:
+        """With `accelerator`, every rank's tokens (each rank adds its own, and every rank must call): ranks whose
+        batches differ in length (the RM's rankings) would make rank 0's count times the ranks another figure."""
+        tokens = self.tokens
+        if accelerator is not None and accelerator.num_processes > 1:
+            import torch
+
+            tokens = accelerator.reduce(torch.tensor(float(tokens), device=accelerator.device), reduction="sum").item()
         now = time.perf_counter()
-        value = self.tokens / max(now - self.start, 1e-9)
+        value = tokens / max(now - self.start, 1e-9)
         self.tokens, self.start = 0, now
         return value
 

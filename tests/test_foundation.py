@@ -851,6 +851,25 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_the_old_copy(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # the next save clears them
 
 
+def test_throughput_adds_every_ranks_own_tokens():
+    """RM ranks read rankings of different lengths: rank 0's tokens times the number of ranks was off by up to a
+    quarter in a log window. Each rank adds its own, and the rate sums them (a stand-in for two ranks' reduce)."""
+    from types import SimpleNamespace
+
+    from pipeline.tracking import Throughput
+
+    other_rank = 300.0
+    accelerator = SimpleNamespace(num_processes=2, device="cpu",
+                                  reduce=lambda tensor, reduction: tensor + other_rank if reduction == "sum" else None)
+    throughput = Throughput()
+    throughput.add(100)
+    throughput.start -= 2.0  # two seconds ago
+    assert throughput.rate(accelerator) == pytest.approx(200.0, rel=1e-3)  # (100 + 300) tokens / 2 s
+    throughput.add(100)
+    throughput.start -= 2.0
+    assert throughput.rate() == pytest.approx(50.0, rel=1e-3)  # this rank alone (and no collective call)
+
+
 def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     from pipeline.tracking import Tracker
 
