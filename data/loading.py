@@ -907,7 +907,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
             _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=schema.output_features(optional),
             fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
-                       "optional": optional, "skip_blank": part.skips_blank_lines, "as_json": as_json},
+                       "optional": optional, "text_file": part.skips_blank_lines, "as_json": as_json},
             desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
             **cache,
         )
@@ -939,16 +939,17 @@ def _warn_of_transcripts_with_replies(part: _Part, prompts: list[str]) -> None:
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,
-                     columns: dict[str, str], optional: tuple[str, ...], skip_blank: bool,
+                     columns: dict[str, str], optional: tuple[str, ...], text_file: bool,
                      as_json: tuple[str, ...]) -> dict[str, list]:
-    """`as_json`: columns held as each row's JSON text, as the file writes them (see `_as_written`)."""
+    """`text_file`: the rows are a .txt file's lines (see `_text_line`). `as_json`: columns held as each row's JSON
+    text, as the file writes them (see `_as_written`)."""
     schema = SCHEMAS[schema_name]
     out: dict[str, list] = {c: [] for c in schema.columns + optional}
     keys = list(batch)
     for index, values in zip(indices, zip(*batch.values())):
         row = dict(zip(keys, values))
         row.update({column: json.loads(row[column]) for column in as_json})
-        if skip_blank and not (row.get("text") or "").strip():
+        if text_file and (row := _text_line(row, first=index == 0)) is None:
             continue
         try:
             checked = _checked_row(row, index + 1, description, schema, columns, optional)
@@ -957,6 +958,15 @@ def _normalise_batch(batch: dict[str, list], indices: list[int], description: st
         for column, value in checked.items():
             out[column].append(value)
     return out
+
+
+def _text_line(row: dict[str, Any], first: bool) -> dict[str, Any] | None:
+    """A .txt file's line as its row, or None for a blank line (skipped). The first loses the byte-order mark that
+    Windows' Notepad writes: datasets keeps it as text, gzipped or not (a CSV is read as utf-8-sig)."""
+    text = row.get("text") or ""
+    if first:
+        text = text.removeprefix("\ufeff")
+    return {**row, "text": text} if text.strip() else None
 
 
 def _checked_row(row: dict[str, Any], number: int, description: str, schema: Schema,
@@ -1049,7 +1059,7 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
                     if record is None:
                         raise _no_record_per_row(part, mixed)
                     row.update({column: record.get(column) for column in mixed})
-                if part.skips_blank_lines and not (row.get("text") or "").strip():
+                if part.skips_blank_lines and (row := _text_line(row, first=number == 1)) is None:
                     continue
                 try:
                     yield _checked_row(row, number, part.description, schema, spec.columns, optional)

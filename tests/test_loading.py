@@ -66,6 +66,19 @@ def test_txt_gives_one_row_per_non_empty_line(tmp_path):
     assert prompts.column_names == ["prompt"] and prompts["prompt"] == ["first line", "second line"]
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_byte_order_mark_is_no_part_of_a_txt_files_first_line(tmp_path, streaming):
+    """Notepad's "UTF-8" starts a file with a byte-order mark: it was kept, as '\ufeff', in the first document or
+    prompt (CSV already read it as the mark it is)."""
+    path = tmp_path / "notepad.txt"
+    path.write_bytes("\ufeffline one\nline two\n".encode("utf-8"))
+    assert [row["text"] for row in load(path, "text", streaming=streaming)] == ["line one", "line two"]
+    gzipped = tmp_path / "notepad.txt.gz"
+    gzipped.write_bytes(gzip.compress(path.read_bytes()))
+    prompts = load(gzipped, "prompts", columns={"prompt": "text"}, streaming=streaming)
+    assert [row["prompt"] for row in prompts] == ["line one", "line two"]
+
+
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_sft_messages_and_prompt_completion(tmp_path, suffix):
     chat = [{"role": "user", "content": "What is 2 plus 2?"}, {"role": "assistant", "content": "4."}]
