@@ -163,14 +163,21 @@ class _Invalid(Exception):
         self.column, self.problem = column, problem
 
 
-def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[str, ...]) -> dict[str, Any]:
+def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[str, ...],
+                  rating_column: str | None = None) -> dict[str, Any]:
     """Validate one (already column-mapped) row and return it in the schema's canonical form.
 
     Besides strings, the chat forms TRL calls conversational are read: a prompt, completion, chosen or
-    rejected given as a list of `{role, content}` messages (UltraFeedback's and trl-lib's pairs)."""
+    rejected given as a list of `{role, content}` messages (UltraFeedback's and trl-lib's pairs).
+    `rating_column`: the column ('ratings' or 'ranks') that rates the source's responses, if it has one."""
     if schema.name == "preferences":
         row = _rated(row)
     form = _input_form(row, schema)
+    if rating_column is not None and row.get("ratings") is None:
+        # unrated, the row's responses would be read as ranked best first, unlike its neighbours'
+        raise _Invalid(rating_column, f"null in this row, in a source whose responses are rated by "
+                                      f"'{rating_column}'; rate every row's responses, or put rows ranked best "
+                                      f"first in a file of their own")
     if schema.name == "text":
         out = {"text": _string(row, "text")}
     elif schema.name == "prompts":
@@ -898,6 +905,7 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
     _check_mapped_columns_exist(part, raw.column_names, columns, key)
     raw, as_json = _as_written(part, raw, _read_columns(schema, columns))
     optional = _optional_present(raw.column_names, schema, columns)
+    rating_column = _rating_column(raw.column_names, schema, columns)
     # datasets caches a map of a saved dataset beside its files, in the user's directory (and then every later map,
     # TRL's tokenizing too): in a temporary directory instead, as for a dataset in memory
     cache = {"cache_file_name": os.path.join(get_temporary_cache_files_directory(),
@@ -907,7 +915,8 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
             _normalise_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=schema.output_features(optional),
             fn_kwargs={"description": part.description, "schema_name": schema.name, "columns": columns,
-                       "optional": optional, "text_file": part.skips_blank_lines, "as_json": as_json},
+                       "optional": optional, "rating_column": rating_column, "text_file": part.skips_blank_lines,
+                       "as_json": as_json},
             desc=f"validating {Path(part.data_files).name if part.data_files else part.builder} as {schema.name}",
             **cache,
         )
@@ -939,8 +948,8 @@ def _warn_of_transcripts_with_replies(part: _Part, prompts: list[str]) -> None:
 
 
 def _normalise_batch(batch: dict[str, list], indices: list[int], description: str, schema_name: str,
-                     columns: dict[str, str], optional: tuple[str, ...], text_file: bool,
-                     as_json: tuple[str, ...]) -> dict[str, list]:
+                     columns: dict[str, str], optional: tuple[str, ...], rating_column: str | None,
+                     text_file: bool, as_json: tuple[str, ...]) -> dict[str, list]:
     """`text_file`: the rows are a .txt file's lines (see `_text_line`). `as_json`: columns held as each row's JSON
     text, as the file writes them (see `_as_written`)."""
     schema = SCHEMAS[schema_name]
@@ -952,7 +961,7 @@ def _normalise_batch(batch: dict[str, list], indices: list[int], description: st
         if text_file and (row := _text_line(row, first=index == 0)) is None:
             continue
         try:
-            checked = _checked_row(row, index + 1, description, schema, columns, optional)
+            checked = _checked_row(row, index + 1, description, schema, columns, optional, rating_column)
         except _NoPreference:
             continue
         for column, value in checked.items():
@@ -970,9 +979,10 @@ def _text_line(row: dict[str, Any], first: bool) -> dict[str, Any] | None:
 
 
 def _checked_row(row: dict[str, Any], number: int, description: str, schema: Schema,
-                 columns: dict[str, str], optional: tuple[str, ...]) -> dict[str, Any]:
+                 columns: dict[str, str], optional: tuple[str, ...], rating_column: str | None = None
+                 ) -> dict[str, Any]:
     try:
-        return normalise_row(map_columns(row, columns), schema, optional)
+        return normalise_row(map_columns(row, columns), schema, optional, rating_column)
     except _Invalid as invalid:
         raise DataError(description, invalid.problem, row=_file_row(description, number), column=invalid.column,
                         source_column=columns.get(invalid.column)) from None
@@ -1005,6 +1015,18 @@ def _check_mapped_columns_exist(part: _Part, present: list[str] | None, columns:
             raise DataError(part.description, f"not found (key '{key}.columns.{target}' names it); "
                                               f"found columns: {', '.join(present)}",
                             row=1, column=source)
+
+
+def _rating_column(source_columns: list[str] | None, schema: Schema, columns: dict[str, str]) -> str | None:
+    """The column that rates a preference source's responses ('ratings', or Nectar's 'ranks') if the source has one
+    (None where its columns are unknown: a stream that does not say)."""
+    if schema.name != "preferences" or source_columns is None:
+        return None
+    for column in ("ratings", "ranks"):
+        if column in columns and _has_source(columns[column], source_columns) \
+                or column not in columns and column in source_columns and column not in columns.values():
+            return column
+    return None
 
 
 def _optional_present(source_columns: list[str], schema: Schema, columns: dict[str, str]) -> tuple[str, ...]:
@@ -1050,6 +1072,7 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
         for part, stream in streams:
             mixed = _mixed_json_columns(part, stream.features, _read_columns(schema, spec.columns))
             records = _records_as_written(part, mixed) if mixed else None
+            rating_column = _rating_column(list(stream.features) if stream.features else None, schema, spec.columns)
             for number, row in enumerate(_guarded(part, stream), start=1):
                 if spec.max_rows is not None and read >= spec.max_rows:  # rows read, as when not streaming
                     return
@@ -1062,7 +1085,7 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
                 if part.skips_blank_lines and (row := _text_line(row, first=number == 1)) is None:
                     continue
                 try:
-                    yield _checked_row(row, number, part.description, schema, spec.columns, optional)
+                    yield _checked_row(row, number, part.description, schema, spec.columns, optional, rating_column)
                 except _NoPreference:  # a pair that says nothing (counted when not streaming)
                     continue
                 produced += 1

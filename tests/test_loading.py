@@ -629,10 +629,11 @@ def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix
     with pytest.raises(DataError) as error:  # UltraFeedback's "N/A" ratings become NaN through pandas
         load(nan, "preferences")
     assert_data_error(error, nan, 1, "ratings")
-    # streamed, rows after a first one without ratings still sort by theirs
-    mixed = write_rows(tmp_path / f"mixed{suffix}",
-                       [{"prompt": "r", "responses": ["x", "y"], "ratings": None}, rows[0]])
-    streamed = list(load(mixed, "preferences", streaming=True))
+    # streamed, rows after a first one without ratings (another file's) still sort by theirs
+    (tmp_path / "mixed").mkdir()
+    write_rows(tmp_path / "mixed" / f"a_ranked{suffix}", [{"prompt": "r", "responses": ["x", "y"]}])
+    write_rows(tmp_path / "mixed" / f"b_rated{suffix}", rows[:1])
+    streamed = list(load(tmp_path / "mixed", "preferences", streaming=True))
     assert streamed[1]["responses"] == ["best", "ok", "fine", "bad"] and streamed[1]["ratings"] == [5.0, 3.0, 3.0, 1.0]
     # beside a file without ratings (a strict ranking), the rated file keeps its ties
     (tmp_path / "both").mkdir()
@@ -640,6 +641,30 @@ def test_rated_responses_are_put_best_first_and_keep_their_ties(tmp_path, suffix
     write_rows(tmp_path / "both" / f"ranked{suffix}", [{"prompt": "r", "responses": ["x", "y"]}])
     both = load(tmp_path / "both", "preferences")
     assert sorted(both["ratings"], key=str) == [None, [5.0, 3.0, 3.0, 1.0]]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("suffix", FORMATS)
+def test_a_null_rating_in_a_rated_source_is_refused_by_its_row(tmp_path, suffix, streaming):
+    """A row whose ratings cell was null read its responses as ranked best first, beside rows whose ratings order
+    theirs: 'bad' became its chosen reply. A file without ratings is still a best-first ranking (above)."""
+    rated = write_rows(tmp_path / f"rated{suffix}", [{"prompt": "Q", "responses": ["bad", "good"], "ratings": [1, 9]},
+                                                     {"prompt": "Q2", "responses": ["bad", "good"], "ratings": None}])
+    with pytest.raises(DataError) as error:
+        list(load(rated, "preferences", streaming=streaming))
+    assert "null in this row, in a source whose responses are rated by 'ratings'" in \
+        assert_data_error(error, rated, 2, "ratings")
+    ranked = write_rows(tmp_path / f"nectar{suffix}", [{"prompt": "Q", "responses": ["bad", "good"], "ranks": None},
+                                                       {"prompt": "Q2", "responses": ["bad", "good"], "ranks": [2, 1]}])
+    with pytest.raises(DataError) as error:
+        list(load(ranked, "preferences", streaming=streaming))
+    assert_data_error(error, ranked, 1, "ranks")
+    scored = write_rows(tmp_path / f"scored{suffix}", [{"q": "Q", "answers": ["bad", "good"], "score": [1, 9]},
+                                                       {"q": "Q2", "answers": ["bad", "good"], "score": None}])
+    with pytest.raises(DataError) as error:
+        list(load(scored, "preferences", streaming=streaming,
+                  columns={"prompt": "q", "responses": "answers", "ratings": "score"}))
+    assert "(read from source column 'score')" in assert_data_error(error, scored, 2, "ratings")
 
 
 @pytest.mark.parametrize("suffix", FORMATS)
