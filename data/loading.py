@@ -333,7 +333,7 @@ def _stripped(turns: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{"role": t["role"], "content": t["content"].strip()} for t in turns]
 
 
-_LATER_EXCHANGE = re.compile(r"\n\nHuman:.*\n\nAssistant:", re.DOTALL)  # a turn of each after the reply
+HH_USER_TURN = "\n\nHuman:"  # opens a user turn in an hh-rlhf transcript
 
 
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -345,8 +345,9 @@ def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
                                  "that share their conversation up to an '\\n\\nAssistant:'")
     end = cut + len(HH_REPLY)
-    if any(_LATER_EXCHANGE.search(side, end) for side in (chosen, rejected)):
-        raise _NoPreference()  # the transcripts part before their last reply: no one prompt to rank replies to
+    if any(HH_USER_TURN in side[end:] for side in (chosen, rejected)):
+        # the transcripts part before their last reply, or one goes on past it: no one prompt to rank replies to
+        raise _NoPreference()
     return chosen[:end], chosen[end:].strip(), rejected[end:].strip()
 
 
@@ -368,7 +369,11 @@ def _reply_after_prompt(side: Any, prompt: str) -> Any:
         return side
     end = side.rfind(HH_REPLY) + len(HH_REPLY)
     turns, asked = _stripped(prompt_messages(side[:end])), _stripped(prompt_messages(prompt))
-    return side[end:] if turns[-len(asked):] == asked or turns[-1:] == asked[-1:] else side
+    if not (turns[-len(asked):] == asked or turns[-1:] == asked[-1:]):
+        return side
+    if HH_USER_TURN in side[end:]:
+        raise _NoPreference()  # the transcript goes on past its reply, as a raw hh-rlhf pair that is skipped
+    return side[end:]
 
 
 def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:
@@ -925,11 +930,12 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
     if len(normalised) == 0:
         raise DataError(part.description, "no rows (only blank lines)" if part.skips_blank_lines else
                         "no rows (every preference row said nothing: equal replies, an empty one, equal ratings, "
-                        "fewer than two distinct rated replies, or hh transcripts that part before the last reply)")
+                        "fewer than two distinct rated replies, or hh transcripts that part before the last reply or "
+                        "go on past it)")
     if schema.name == "preferences" and len(normalised) < len(raw):
         print(f"[data] {part.description}: {len(raw) - len(normalised):,} of {len(raw):,} preference rows skipped: "
               "their replies are equal, one is empty, their ratings are all equal, fewer than two distinct rated "
-              "replies are left, or (hh-rlhf transcripts) they part before their last reply")
+              "replies are left, or (hh-rlhf transcripts) they part before their last reply or go on past it")
     if "prompt" in normalised.column_names:
         _warn_of_transcripts_with_replies(part, normalised["prompt"])
     return normalised, len(raw)

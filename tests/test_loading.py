@@ -408,6 +408,22 @@ def test_pairs_that_say_nothing_are_skipped_with_a_count(tmp_path, capsys):
     assert_data_error(error, wrong_type, row=1, column="rejected")
 
 
+def test_hh_transcripts_that_go_on_past_their_reply_are_skipped_with_a_count(tmp_path, capsys):
+    """A side that ends on a Human turn was accepted, its reply running on into that turn ('5.\n\nHuman: thanks,
+    now tell me a joke' scored as the reply), with or without a prompt column; the chat form of it is refused."""
+    asked = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"
+    goes_on = asked + " 5.\n\nHuman: thanks, now tell me a joke"
+    path = write_rows(tmp_path / "hh.jsonl", [
+        {"chosen": goes_on, "rejected": asked + " 6."},
+        {"chosen": asked + " 5.\n\nHuman: thanks", "rejected": asked + " 6.\n\nHuman: why?"},  # both sides
+        {"prompt": asked, "chosen": goes_on, "rejected": asked + " 6."},
+        {"prompt": "What is 2 plus 3?", "chosen": asked + " 6.", "rejected": goes_on},
+        {"chosen": asked + " 5.", "rejected": asked + " 6."}])
+    assert load(path, "preferences")["responses"] == [["5.", "6."]]
+    assert "4 of 5 preference rows skipped" in capsys.readouterr().out
+    assert [row["responses"] for row in load(path, "preferences", streaming=True)] == [["5.", "6."]]
+
+
 def test_max_rows_counts_the_rows_read_alike_in_memory_and_streaming(tmp_path):
     """In memory the cap counted raw lines of one file but kept rows of the next; streaming counted kept rows."""
     folder = tmp_path / "txt"
@@ -847,9 +863,9 @@ def test_hub_downloads_read_as_shipped(tmp_path):
 def test_the_public_schema_readers_refuse_or_keep_what_they_should(tmp_path):
     """From a review of the readers above: a wrong type is a data error, not a TypeError; a stray .csv.gz in a
     folder is passed over as before; a gzipped file's bad line is named by its line; an hh reply that quotes
-    'Human:' is no later exchange; rated copies that differ in whitespace are one reply, with their gold scores;
-    a NaN rating is refused; ranks of another length name 'ranks'; Alpaca's input keeps its indentation, in
-    prompts too."""
+    'Human:' (not as hh-rlhf opens a turn) is no later exchange; rated copies that differ in whitespace are one
+    reply, with their gold scores; a NaN rating is refused; ranks of another length name 'ranks'; Alpaca's input
+    keeps its indentation, in prompts too."""
     import gzip
 
     odd_role = write_rows(tmp_path / "odd.jsonl", [{"messages": [{"role": ["user"], "content": "Hi"},
@@ -866,9 +882,13 @@ def test_the_public_schema_readers_refuse_or_keep_what_they_should(tmp_path):
     broken.write_bytes(gzip.compress(b'{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": \n'))
     with pytest.raises(DataError, match=r"row 4: not valid JSON"):
         load(broken, "prompts")
-    quoting = write_rows(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: Say hi\n\nAssistant: Sure:\n\nHuman: Hello.",
-                                                  "rejected": "\n\nHuman: Say hi\n\nAssistant: No."}])
-    assert load(quoting, "preferences")[0]["responses"] == ["Sure:\n\nHuman: Hello.", "No."]
+    # a reply may quote 'Human:' in a line of its own; one after a blank line, as hh-rlhf opens a turn, can not be
+    # told from a transcript that goes on past its reply, and is skipped as one (test above)
+    asked = "\n\nHuman: Say hi\n\nAssistant:"
+    no = asked + " No."
+    quoting = write_rows(tmp_path / "hh.jsonl", [{"chosen": asked + " Sure:\nHuman: Hello.", "rejected": no},
+                                                 {"chosen": asked + " Sure:\n\nHuman: Hello.", "rejected": no}])
+    assert load(quoting, "preferences")["responses"] == [["Sure:\nHuman: Hello.", "No."]]
     rated = write_rows(tmp_path / "rated.jsonl", [
         {"prompt": "q", "responses": ["Same answer.", "other", "Same answer. "], "ratings": [3, 1, 5],
          "gold_scores": [0.5, 0.1, 0.6]}])
