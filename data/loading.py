@@ -336,12 +336,19 @@ def _stripped(turns: list[dict[str, str]]) -> list[dict[str, str]]:
 HH_USER_TURN = "\n\nHuman:"  # opens a user turn in an hh-rlhf transcript
 
 
+def _is_transcript(text: str) -> bool:
+    """The text is in hh-rlhf's form: a Human turn first, and a reply opening somewhere."""
+    return text.lstrip().startswith("Human:") and HH_REPLY in text
+
+
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
     """hh-rlhf's raw pairs are two whole transcripts that agree up to their last "Assistant:": that shared part
     is the prompt (read as turns by pipeline.tokenizer.prompt_messages), the rest the two replies."""
     shared = os.path.commonprefix([chosen, rejected])
     cut = shared.rfind(HH_REPLY)  # the last reply opening both share: a reply may itself quote one
     if cut < 0:
+        if _is_transcript(chosen) and _is_transcript(rejected):
+            raise _NoPreference()  # transcripts that part in their first turn, as ones that part later are skipped
         raise _Invalid("prompt", "missing; 'chosen' and 'rejected' without a prompt must be hh-rlhf transcripts "
                                  "that share their conversation up to an '\\n\\nAssistant:'")
     end = cut + len(HH_REPLY)
@@ -365,7 +372,7 @@ def _reply_after_prompt(side: Any, prompt: str) -> Any:
     """A side that is an hh-rlhf transcript of the row's prompt (TRL's implicit-prompt form beside a prompt column:
     the prompt's turns, or ones ending with its last user message, then the reply) is cut to its reply; any other
     side is the reply as it stands (a reply may itself be a sample transcript)."""
-    if not isinstance(side, str) or not side.lstrip().startswith("Human:") or HH_REPLY not in side:
+    if not isinstance(side, str) or not _is_transcript(side):
         return side
     end = side.rfind(HH_REPLY) + len(HH_REPLY)
     turns, asked = _stripped(prompt_messages(side[:end])), _stripped(prompt_messages(prompt))

@@ -424,6 +424,24 @@ def test_hh_transcripts_that_go_on_past_their_reply_are_skipped_with_a_count(tmp
     assert [row["responses"] for row in load(path, "preferences", streaming=True)] == [["5.", "6."]]
 
 
+def test_hh_transcripts_that_part_in_their_first_turn_are_skipped_as_later_partings_are(tmp_path, capsys):
+    """Transcripts that differ in their first Human turn share no reply opening: that stopped the whole run with
+    'column prompt: missing', while parting at a later turn was skipped. Strings that are no transcripts still stop
+    it."""
+    rows = [{"chosen": "\n\nHuman: Q?\n\nAssistant: A.", "rejected": "\n\nHuman: Q?\n\nAssistant: B."},
+            {"chosen": "\n\nHuman: Hi there\n\nAssistant: x\n\nHuman: Q\n\nAssistant: good",
+             "rejected": "\n\nHuman: Hello\n\nAssistant: x\n\nHuman: Q\n\nAssistant: bad"},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: x\n\nHuman: Q\n\nAssistant: good",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: y\n\nHuman: Q\n\nAssistant: bad"}]
+    path = write_rows(tmp_path / "hh.jsonl", rows)
+    assert load(path, "preferences")["responses"] == [["A.", "B."]]
+    assert "2 of 3 preference rows skipped" in capsys.readouterr().out
+    half = write_rows(tmp_path / "half.jsonl", [rows[0], {"chosen": rows[1]["chosen"], "rejected": "bad"}])
+    with pytest.raises(DataError) as error:
+        load(half, "preferences")
+    assert "must be hh-rlhf transcripts" in assert_data_error(error, half, row=2, column="prompt")
+
+
 def test_max_rows_counts_the_rows_read_alike_in_memory_and_streaming(tmp_path):
     """In memory the cap counted raw lines of one file but kept rows of the next; streaming counted kept rows."""
     folder = tmp_path / "txt"
