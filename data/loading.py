@@ -259,39 +259,52 @@ class _NoPreference(Exception):
 
 def _pair(row: dict[str, Any], has_prompt: bool) -> dict[str, Any]:
     """A chosen/rejected pair as a ranked list of two. Each side is a reply, or a conversation that ends with the
-    reply; the conversation before the reply is then the prompt, and a prompt column must be that conversation
-    or its last user message."""
+    reply (a chat, or beside a prompt column an hh-rlhf transcript); the conversation before the reply is then the
+    prompt, and a prompt column must be that conversation or its last user message."""
     chosen, rejected = row["chosen"], row["rejected"]
-    if has_prompt and isinstance(row["prompt"], str):
-        chosen, rejected = (_reply_after_prompt(side, row["prompt"]) for side in (chosen, rejected))
     if not has_prompt and isinstance(chosen, str) and isinstance(rejected, str):
         prompt, *replies = _split_transcripts(_string(row, "chosen"), _string(row, "rejected"))
     else:
-        (chosen_before, chosen_reply), (rejected_before, rejected_reply) = _side(chosen, "chosen"), \
-            _side(rejected, "rejected")
+        asked = _prompt(row["prompt"], "prompt") if has_prompt else None  # a chat prompt as the text it travels in
+        (chosen_before, chosen_text, chosen_reply), (rejected_before, rejected_text, rejected_reply) = \
+            _side(chosen, "chosen", asked), _side(rejected, "rejected", asked)
         replies = [chosen_reply, rejected_reply]
         if chosen_before and rejected_before and _stripped(chosen_before) != _stripped(rejected_before):
             raise _Invalid("rejected", "its turns before the reply differ from those of 'chosen'")
-        before, side = (chosen_before, "chosen") if chosen_before else (rejected_before, "rejected")
+        before, before_text, side = (chosen_before, chosen_text, "chosen") if chosen_before else \
+            (rejected_before, rejected_text, "rejected")
         if has_prompt:
-            prompt = _prompt(row["prompt"], "prompt")
+            prompt = asked
             # only a side that carries its conversation has turns to compare (string pairs skip the parse)
-            if before and _stripped(prompt_messages(prompt)) not in (_stripped(before), _stripped(before[-1:])):
+            if before and not _holds_prompt(before, asked):
                 raise _Invalid(side, "its turns before the reply are neither the row's 'prompt' nor end with it")
         elif not before:
             raise _Invalid("prompt", "missing; 'chosen' and 'rejected' hold no conversation before their replies "
                                      "to take it from")
-        if before:
-            prompt = _prompt(before, side)
+        # a prompt column that holds only the last user message: the side's turns are the whole prompt
+        if before and (not has_prompt or _stripped(prompt_messages(asked)) != _stripped(before)):
+            prompt = before_text if before_text is not None else _prompt(before, side)
     if replies[0].strip() == replies[1].strip() or not all(r.strip() for r in replies):
         raise _NoPreference()
     return {"prompt": prompt, "responses": replies}
 
 
-def _side(value: Any, column: str) -> tuple[list[dict[str, str]], str]:
-    """One side of a pair: (the turns before the reply, the reply)."""
+def _side(value: Any, column: str, asked: str | None) -> tuple[list[dict[str, str]], str | None, str]:
+    """One side of a pair: (the turns before the reply, those turns as the text they came in if a transcript,
+    the reply). `asked`: the row's prompt, if it has one, whose hh-rlhf transcript a string side may be (TRL's
+    implicit prompt beside a prompt column, some hh-rlhf copies): one that holds its turns, or opens as hh-rlhf's
+    do ("\n\nHuman:"), is cut to its reply; any other string is the reply as it stands (it may itself be a sample
+    transcript)."""
     if isinstance(value, str):
-        return [], _pair_reply(value, column)
+        if asked is None or not _is_transcript(value):
+            return [], None, _pair_reply(value, column)
+        end = value.rfind(HH_REPLY) + len(HH_REPLY)
+        before = prompt_messages(value[:end])
+        if not value.startswith(HH_USER_TURN) and not _holds_prompt(before, asked):
+            return [], None, _pair_reply(value, column)
+        if HH_USER_TURN in value[end:]:
+            raise _NoPreference()  # the transcript goes on past its reply, as a raw hh-rlhf pair that is skipped
+        return before, value[:end], _pair_reply(value[end:], column)
     if not isinstance(value, (list, tuple)):
         raise _Invalid(column, f"expected a string or a list of {{'role', 'content'}} messages ending with the "
                                f"assistant's reply, got {_describe(value)}")
@@ -299,7 +312,12 @@ def _side(value: Any, column: str) -> tuple[list[dict[str, str]], str]:
     if turns[-1]["role"] != "assistant":
         raise _Invalid(column, f"expected the last message to be the assistant's reply, got a "
                                f"{turns[-1]['role']!r} message")
-    return turns[:-1], _pair_reply(turns[-1]["content"], column)
+    return turns[:-1], None, _pair_reply(turns[-1]["content"], column)
+
+
+def _holds_prompt(before: list[dict[str, str]], prompt: str) -> bool:
+    """A side's turns before its reply are the prompt's, or end with it as their last user message."""
+    return _stripped(prompt_messages(prompt)) in (_stripped(before), _stripped(before[-1:]))
 
 
 def _prompt(value: Any, column: str) -> str:
@@ -366,21 +384,6 @@ def _pair_reply(value: Any, column: str) -> str:
     if not value.strip():
         raise _NoPreference()
     return value.strip()
-
-
-def _reply_after_prompt(side: Any, prompt: str) -> Any:
-    """A side that is an hh-rlhf transcript of the row's prompt (TRL's implicit-prompt form beside a prompt column:
-    the prompt's turns, or ones ending with its last user message, then the reply) is cut to its reply; any other
-    side is the reply as it stands (a reply may itself be a sample transcript)."""
-    if not isinstance(side, str) or not _is_transcript(side):
-        return side
-    end = side.rfind(HH_REPLY) + len(HH_REPLY)
-    turns, asked = _stripped(prompt_messages(side[:end])), _stripped(prompt_messages(prompt))
-    if not (turns[-len(asked):] == asked or turns[-1:] == asked[-1:]):
-        return side
-    if HH_USER_TURN in side[end:]:
-        raise _NoPreference()  # the transcript goes on past its reply, as a raw hh-rlhf pair that is skipped
-    return side[end:]
 
 
 def _input_form(row: dict[str, Any], schema: Schema) -> tuple[str, ...]:

@@ -617,6 +617,42 @@ def test_a_conversational_prompt_with_earlier_turns_travels_as_the_turns_it_hold
     assert "at least one assistant turn; found none" in assert_data_error(error, no_reply, 1, "completion")
 
 
+SKY = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What colour is the sky?\n\nAssistant:"  # an hh-rlhf prompt
+
+
+def test_hh_transcript_sides_beside_a_prompt_column_are_read_as_chat_sides_are(tmp_path):
+    """Transcript sides were cut only beside a string prompt of their own turns: beside the last user message their
+    earlier turns were dropped (a chat side's are the prompt), beside a chat prompt they were not cut at all."""
+    from pipeline.tokenizer import prompt_messages
+
+    before = [said("user", "Hi"), said("assistant", "Hello!"), said("user", "What colour is the sky?")]
+    chat = {"chosen": [*before, said("assistant", "Blue.")], "rejected": [*before, said("assistant", "Green.")]}
+    transcripts = {"chosen": SKY + " Blue.", "rejected": SKY + " Green."}
+    rows = [{"prompt": "What colour is the sky?", **chat}, {"prompt": "What colour is the sky?", **transcripts},
+            {"prompt": before, **transcripts}, {"prompt": [before[-1]], **transcripts}]
+    pairs = load(write_rows(tmp_path / "pairs.jsonl", rows), "preferences")
+    assert [prompt_messages(prompt) for prompt in pairs["prompt"]] == [before] * 4
+    assert pairs["responses"] == [["Blue.", "Green."]] * 4
+
+
+@pytest.mark.parametrize("row, column, words", [
+    ({"prompt": "What colour is the sky?", "chosen": SKY + " Blue.",
+      "rejected": "\n\nHuman: Hey\n\nAssistant: Yo\n\nHuman: What colour is the sky?\n\nAssistant: Green."},
+     "rejected", "differ from those of 'chosen'"),
+    ({"prompt": "Something else?", "chosen": SKY + " Blue.", "rejected": "Green."}, "chosen",
+     "neither the row's 'prompt' nor end with it"),
+    ({"prompt": [said("user", "Hi"), said("assistant", "Hey"), said("user", "What colour is the sky?")],
+      "chosen": "Blue.", "rejected": SKY + " Green."}, "rejected", "neither the row's 'prompt' nor end with it"),
+], ids=["sides-disagree", "side-disagrees-with-prompt", "side-disagrees-with-chat-prompt"])
+def test_hh_transcript_sides_that_do_not_hold_the_prompt_are_refused_as_chat_sides_are(tmp_path, row, column, words):
+    """They were kept whole as replies (or beside the last user message, their differing earlier turns dropped);
+    the same pair as chats is refused."""
+    path = write_rows(tmp_path / "pairs.jsonl", [{"prompt": "Q?", "chosen": "A.", "rejected": "B."}, row])
+    with pytest.raises(DataError) as error:
+        load(path, "preferences")
+    assert words in assert_data_error(error, path, row=2, column=column)
+
+
 @pytest.mark.parametrize("row, column, words", [
     ({"chosen": [USER, said("assistant", "Paris.")], "rejected": [said("user", "Other?"), said("assistant", "No.")]},
      "rejected", "differ from those of 'chosen'"),
