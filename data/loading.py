@@ -324,7 +324,7 @@ def _prompt(value: Any, column: str) -> str:
     """A prompt as the pipeline carries it: a string, or chat turns written as `pipeline.tokenizer.prompt_text`
     does, which reads back into the same turns."""
     if isinstance(value, str):
-        return _text(value, column)
+        return _with_reply_opening(_text(value, column))
     expected = "expected a non-empty string or a list of {'role', 'content'} messages ending with the user's"
     if not isinstance(value, (list, tuple)) or not value:
         raise _Invalid(column, f"{expected}, got {_describe(value)}")
@@ -357,6 +357,21 @@ HH_USER_TURN = "\n\nHuman:"  # opens a user turn in an hh-rlhf transcript
 def _is_transcript(text: str) -> bool:
     """The text is in hh-rlhf's form: a Human turn first, and a reply opening somewhere."""
     return text.lstrip().startswith("Human:") and HH_REPLY in text
+
+
+def _with_reply_opening(prompt: str) -> str:
+    """A prompt in hh-rlhf's form that ends on its Human turn without the "\n\nAssistant:" that opens the reply (a
+    copy that cut it off: "\n\nHuman: Q?", or earlier turns and then one) with that opening, so that every stage
+    reads it as the turns it holds (pipeline.tokenizer.prompt_messages) rather than as one user message quoting the
+    markers. A prompt that merely starts with "Human:" (no blank line before, no Assistant turn) stays as it is."""
+    text = prompt.rstrip()
+    last_question = text.rfind(HH_USER_TURN)
+    if not (text.startswith(HH_USER_TURN) or _is_transcript(text)) or last_question < 0 \
+            or HH_REPLY in text[last_question:]:
+        return prompt
+    opened = text + HH_REPLY
+    turns = prompt_messages(opened)
+    return opened if turns != [{"role": "user", "content": opened}] and turns[-1]["content"].strip() else prompt
 
 
 def _split_transcripts(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -459,7 +474,7 @@ def _turns_or_text(row: dict[str, Any], column: str, role: str) -> list[dict[str
     its turns, as every stage prompts the model with it) or a list of messages."""
     if isinstance(row[column], str):
         text = _string(row, column)
-        return prompt_messages(text) if role == "user" else [{"role": role, "content": text}]
+        return prompt_messages(_with_reply_opening(text)) if role == "user" else [{"role": role, "content": text}]
     if not isinstance(row[column], (list, tuple)):
         raise _Invalid(column, f"expected a string or a list of {{'role', 'content'}} messages, got "
                                f"{_describe(row[column])}")

@@ -653,6 +653,25 @@ def test_hh_transcript_sides_that_do_not_hold_the_prompt_are_refused_as_chat_sid
     assert words in assert_data_error(error, path, row=2, column=column)
 
 
+def test_an_hh_prompt_without_its_closing_assistant_turn_is_read_as_its_turns(tmp_path):
+    """"\n\nHuman: Q?" (an hh-rlhf copy that cut off the reply's opening) was one user message quoting the markers,
+    and transcript sides beside it were not cut; a prompt that merely starts with "Human:" stays as it is."""
+    from pipeline.tokenizer import prompt_messages
+
+    turns = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Q?"
+    pairs = load(write_rows(tmp_path / "pairs.jsonl", [
+        {"prompt": "\n\nHuman: Q?", "chosen": "\n\nHuman: Q?\n\nAssistant: A.",
+         "rejected": "\n\nHuman: Q?\n\nAssistant: B."},
+        {"prompt": turns, "chosen": "A.", "rejected": "B."}]), "preferences")
+    assert [prompt_messages(prompt) for prompt in pairs["prompt"]] == [
+        [said("user", "Q?")], [said("user", "Hi"), said("assistant", "Hello"), said("user", "Q?")]]
+    assert pairs["responses"] == [["A.", "B."]] * 2
+    prompts = load(write_rows(tmp_path / "prompts.jsonl", [{"prompt": turns}, {"prompt": "Human: Q?"}]), "prompts")
+    assert prompts["prompt"] == [turns + "\n\nAssistant:", "Human: Q?"]
+    sft = load(write_rows(tmp_path / "sft.jsonl", [{"prompt": turns, "completion": "A."}]), "sft")[0]
+    assert sft["messages"][-2:] == [said("user", "Q?"), said("assistant", "A.")] and sft["prompt_turns"] == 3
+
+
 @pytest.mark.parametrize("row, column, words", [
     ({"chosen": [USER, said("assistant", "Paris.")], "rejected": [said("user", "Other?"), said("assistant", "No.")]},
      "rejected", "differ from those of 'chosen'"),
