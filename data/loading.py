@@ -15,8 +15,9 @@ Sources (`DatasetSpec.path`):
   `completion`, `prompt` + `chosen` + `rejected`; lists such as `responses` need JSON or parquet). Rows are
   numbered from the first one after the header.
 - a local `.txt` file: one `text` row per non-empty line (blank lines are skipped; row
-  numbers in errors are line numbers). Map it to another schema with
-  e.g. `columns={"prompt": "text"}`.
+  numbers in errors are line numbers): a corpus's documents, or prompts, one a line. Map it to another schema
+  with e.g. `columns={"prompt": "text"}`. Documents that run over several lines (paragraphs) need JSON lines or
+  parquet with a `text` column; a .txt corpus that looks like paragraphs is loaded with a warning.
 - a local directory: every supported file under it (recursively, sorted, hidden ones
   skipped), each read and validated on its own, then concatenated. Where files are named by
   split, as in a downloaded hub dataset (`train.jsonl`, `test.jsonl`,
@@ -963,7 +964,32 @@ def _load_part(part: _Part, schema: Schema, columns: dict[str, str], max_rows: i
               "replies are left, or (hh-rlhf transcripts) they part before their last reply or go on past it")
     if "prompt" in normalised.column_names:
         _warn_of_transcripts_with_replies(part, normalised["prompt"])
+    if schema.name == "text":
+        _warn_of_lines_in_paragraphs(part)
     return normalised, len(raw)
+
+
+def _warn_of_lines_in_paragraphs(part: _Part, lines_read: int = 10_000) -> None:
+    """A .txt corpus is read one document per line, but one whose lines run on in blocks between blank lines holds
+    paragraphs (a hard-wrapped book, sentences per line): each of its lines would become a document of its own,
+    shuffled away from the rest. Said, not refused: blank lines may merely space out one-line documents. Its first
+    `lines_read` lines are looked at (a streamed corpus may be large). Prompts are one a line, whatever the spacing."""
+    if part.builder != "text" or part.data_files is None:
+        return
+    blocks, run = [], 0  # the lengths, in lines, of the runs of non-blank lines between blank ones
+    for line in itertools.islice(_text_lines(part.data_files), lines_read):
+        if line.strip():
+            run += 1
+        elif run:
+            blocks.append(run)
+            run = 0
+    blocks += [run] if run else []
+    multi_line = sum(length > 1 for length in blocks)
+    if len(blocks) >= 3 and multi_line * 2 > len(blocks):
+        print(f"[data] {part.description}: warning: {multi_line:,} of the {len(blocks):,} blocks of lines between "
+              "blank lines in its first lines run over several lines (paragraphs?), but a .txt corpus is read one "
+              "document per line: each line is trained on as a document of its own, shuffled with the rest. Give "
+              "multi-line documents as .jsonl or .parquet with a 'text' column, one document per row")
 
 
 def _warn_of_transcripts_with_replies(part: _Part, prompts: list[str]) -> None:
@@ -1086,6 +1112,9 @@ def _load_streaming(parts: list[_Part], schema: Schema, spec: DatasetSpec) -> da
     """An IterableDataset that validates each row as it is read. The first row is checked
     now, so a wrong path, mapping or format fails before training starts."""
     streams = [(part, _read(part, streaming=True)) for part in parts]
+    if schema.name == "text":
+        for part in parts:
+            _warn_of_lines_in_paragraphs(part)
     first_part, first_stream = streams[0]
     first_row = next(iter(_guarded(first_part, first_stream)), None)
     if first_row is None:

@@ -67,6 +67,24 @@ def test_txt_gives_one_row_per_non_empty_line(tmp_path):
 
 
 @pytest.mark.parametrize("streaming", [False, True])
+def test_a_txt_corpus_of_paragraphs_is_read_line_by_line_with_a_warning(tmp_path, capsys, streaming):
+    """A hard-wrapped book trained on shuffled line fragments without a word: each line of a .txt corpus is a
+    document. Blank lines between one-line documents say nothing of the kind."""
+    paragraph = "Once upon a time there was a fox\nwho lived at the edge of a forest\nnear the river.\n"
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join([paragraph] * 3))
+    assert len(list(load(book, "text", streaming=streaming))) == 9  # a row per line, as documented
+    out = capsys.readouterr().out
+    assert "warning: 3 of the 3 blocks of lines between blank lines" in out and "one document per line" in out
+    spaced = tmp_path / "spaced.txt"
+    spaced.write_text("first document\n\nsecond document\n\nthird document\nfourth document\n")
+    assert len(list(load(spaced, "text", streaming=streaming))) == 4
+    # a prompt file is one prompt a line, however spaced
+    assert len(list(load(book, "prompts", columns={"prompt": "text"}, streaming=streaming))) == 9
+    assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("streaming", [False, True])
 def test_a_byte_order_mark_is_no_part_of_a_txt_files_first_line(tmp_path, streaming):
     """Notepad's "UTF-8" starts a file with a byte-order mark: it was kept, as '\ufeff', in the first document or
     prompt (CSV already read it as the mark it is)."""
