@@ -301,6 +301,32 @@ def test_micro_run_with_every_option_logs_metrics_and_writes_a_plain_final(micro
     assert "resuming from step 3" in capsys.readouterr().out
 
 
+def test_beta_adapts_after_each_step_and_micro_batches_weigh_every_token_alike(micro_sft, micro_rm, tmp_path):
+    """What only a run shows: the adaptive KL controller moves beta after a policy step, and the rewards subtract the
+    beta logged; and a minibatch's update is the same whether it is one micro-batch or four (token_normaliser: a mean
+    per micro-batch would weigh a token by how many others share its micro-batch)."""
+    from stages.ppo.ppo import main
+
+    # fp32: under bf16 (auto, on a CPU with bf16) a row's log-probs change with the micro-batch's size
+    main(ppo_args(tmp_path, "whole", micro_sft, micro_rm, "max_steps=2", "grad_accum=1", "eval_prompts=0",
+                  "precision=fp32"))
+    main(ppo_args(tmp_path, "cut", micro_sft, micro_rm, "max_steps=1", "grad_accum=4", "eval_prompts=0",
+                  "precision=fp32"))
+    whole, cut = ({r["step"]: r for r in metrics(tmp_path / run / "ppo") if "objective/kl" in r} for run in
+                  ("whole", "cut"))
+    # step 1 samples from the unmoved policy: KL 0 against kl_target 4, so the controller's error is clipped at -0.2
+    # and beta (init_kl_coef 0.05) shrinks by 0.2 * 8 rollouts / kl_horizon 1000
+    assert whole[1]["objective/kl"] == 0.0 and whole[1]["objective/kl_coef"] == 0.05
+    assert whole[2]["objective/kl_coef"] == pytest.approx(0.05 * (1 - 0.2 * 8 / 1000), rel=1e-9)
+    assert whole[2]["objective/kl"] != 0.0  # the policy moved in step 1, so step 2's rewards pay for it
+    assert whole[2]["objective/rlhf_reward"] == pytest.approx(
+        whole[2]["objective/score"] - whole[2]["objective/kl_coef"] * whole[2]["objective/kl"], rel=1e-5, abs=1e-6)
+    # the same minibatches in micro-batches of 1 reply: the same losses (means over every token of a minibatch) and
+    # the same accumulated gradients (not approxkl and the clip fractions: those are means per micro-batch)
+    for key in ("loss/policy", "loss/value", "policy/grad_norm", "val/grad_norm"):
+        assert cut[1][key] == pytest.approx(whole[1][key], rel=1e-4), key
+
+
 def test_ppo_on_prompts_of_your_own_logs_no_gold_for_them(micro_sft, micro_rm, tmp_path, capsys):
     """The world's judge grades only tone and form of a reply to a prompt it cannot parse: that "gold" was logged
     and printed at every step as if it measured the replies."""

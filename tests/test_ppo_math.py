@@ -29,6 +29,7 @@ from stages.ppo.ppo_math import (
     masked_whiten,
     policy_loss,
     response_mask,
+    rewards_and_advantages,
     shape_scores,
     token_normaliser,
     value_loss,
@@ -308,6 +309,43 @@ def test_gae_no_grad():
     v = torch.tensor([[0.1, 0.2]], requires_grad=True)
     adv, ret = gae(torch.ones(1, 2), v, torch.ones(1, 2), 1.0, 1.0)
     assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_a_ppo_steps_rewards_are_the_shaped_score_minus_beta_kl_and_its_advantages_whitened():
+    """rewards_and_advantages, as the PPO stage calls it on each rollout: the reward each reply is trained on, and
+    the advantages the update weighs its tokens by."""
+    from stages.ppo.config import PPOStageConfig
+
+    nan = float("nan")  # at masked positions: must not leak
+    rollout = {"mask": t([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], torch.bool),
+               "has_eos": torch.tensor([True, False, True]), "replies": ["Five.", "It is five and", "No."],
+               "logprobs": t([[-1.0, -0.5, -0.2, 9.0], [-0.3, -0.3, -0.3, -0.3], [-2.0, -0.1, nan, nan]]),
+               "ref_logprobs": t([[-1.2, -0.5, -0.6, 0.0], [-0.3, -0.5, -0.1, -0.4], [-1.0, -0.1, 0.0, 0.0]]),
+               "values": t([[0.1, 0.2, 0.3, nan], [0.0, -0.5, 0.5, 1.0], [0.4, 0.3, 7.0, 7.0]])}
+    rm_score, beta = t([0.5, 2.0, -7.0]), 0.1
+    plain = rewards_and_advantages(rollout, rm_score, beta, PPOStageConfig(lam=1.0, whiten_advantages=False))
+    # row 1 hit the length cap without EOS: missing_eos_penalty (-1) replaces its RM score; row 2 is clipped to -5
+    close(plain["score"], [0.5, -1.0, -5.0])
+    # k1 KL (logp - ref) summed over real tokens: 0.2 + 0 + 0.4, 0 + 0.2 - 0.2 + 0.1, -1.0 + 0
+    close(plain["kl"], [[0.2, 0.0, 0.4, 0.0], [0.0, 0.2, -0.2, 0.1], [-1.0, 0.0, 0.0, 0.0]], tol=1e-12)
+    close(plain["rlhf_reward"], [0.5 - beta * 0.6, -1.0 - beta * 0.1, -5.0 - beta * -1.0], tol=1e-12)
+    # gamma = lam = 1: a token's advantage is the reward still to come (all of it at the first) minus its value
+    close(plain["advantages"][:, 0], plain["rlhf_reward"] - rollout["values"][:, 0], tol=1e-12)
+    close(plain["returns"], torch.where(rollout["mask"], plain["advantages"] + rollout["values"], 0.0), tol=1e-12)
+
+    whitened = rewards_and_advantages(rollout, rm_score, beta, PPOStageConfig(lam=1.0))
+    mask = rollout["mask"]
+    real = [float(a) for a in whitened["advantages"][mask]]
+    mean = sum(real) / len(real)
+    assert abs(mean) < 1e-9 and abs(sum((a - mean) ** 2 for a in real) / (len(real) - 1) - 1.0) < 1e-6
+    assert (whitened["advantages"][~mask] == 0).all()
+    # the plain advantages, centred and scaled over the real tokens of every row
+    unwhitened = [float(a) for a in plain["advantages"][mask]]
+    plain_mean = sum(unwhitened) / len(unwhitened)
+    plain_std = math.sqrt(sum((a - plain_mean) ** 2 for a in unwhitened) / (len(unwhitened) - 1))
+    close(real, [(a - plain_mean) / plain_std for a in unwhitened], tol=1e-6)
+    for key in ("score", "kl", "rlhf_reward", "returns"):  # whitening the advantages changes nothing else
+        close(whitened[key], plain[key])
 
 
 # --------------------------------------------------------------------------- #

@@ -53,8 +53,8 @@ from pipeline.tracking import Tracker, stop_if_not_finite
 from reward_model.scoring import RewardScorer
 from stages.ppo.config import FP16_UNSUPPORTED, PPOStageConfig
 from stages.ppo.passes import TokenCritic, ppo_loss, rollout
-from stages.ppo.ppo_math import answered, compute_rewards, explained_variance, gae, kl_controller, masked_mean, \
-    masked_sum, masked_whiten, shape_scores, token_normaliser
+from stages.ppo.ppo_math import explained_variance, kl_controller, masked_mean, masked_sum, rewards_and_advantages, \
+    token_normaliser
 
 
 def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, seed: int) -> list[int]:
@@ -280,16 +280,10 @@ def main(argv: list[str] | None = None) -> None:
         rm_score = rm.score(prompts, replies, normalize=True, max_length=cfg.rm_max_length).to(device)
         gold = [judge.score(p, r).score for p, r in zip(prompts, replies) if judge.task(p) is not None]
 
-        # rewards: shaped score at the last token minus beta * KL on every token; GAE; global whitening
-        score = shape_scores(rm_score, answered(data["has_eos"], replies), cfg.missing_eos_penalty, cfg.reward_clip)
+        # rewards: shaped score at the last token minus beta * KL on every token; GAE; global whitening. Adds
+        # score, kl, rlhf_reward (score - beta * KL, per reply), advantages and returns, one row per reply
         beta = kl_ctl.value
-        rewards, kl = compute_rewards(score, data["logprobs"], data["ref_logprobs"], mask, beta, cfg.kl_estimator)
-        rlhf_reward = rewards.sum(1)  # score - beta * KL, per reply
-        if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
-        data["advantages"], data["returns"] = gae(rewards, data["values"], mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            data["advantages"] = masked_whiten(data["advantages"], mask, all_reduce=all_reduce)
+        data.update(rewards_and_advantages(data, rm_score, beta, cfg, all_reduce))
         rollout_seconds, update_started, update_stats = time.perf_counter() - started, time.perf_counter(), []
 
         # PPO update: epochs of shuffled minibatches, accumulated over micro-batches, clipped, one step per model
@@ -327,12 +321,12 @@ def main(argv: list[str] | None = None) -> None:
         update_seconds = time.perf_counter() - update_started
 
         # metrics, reduced across ranks (equal batches per rank, so the mean of rank means is the global mean)
-        seq_kl = kl.sum(1)
+        seq_kl = data["kl"].sum(1)
         if train_policy:  # Ziegler's controller adapts beta to the KL of this batch
             kl_ctl.update(accelerator.reduce(seq_kl.mean(), "mean").item(), cfg.rollout_batch_size * n_ranks)
-        local = {"objective/rm_score": rm_score.mean(), "objective/score": score.mean(), "objective/kl": seq_kl.mean(),
-                 "objective/kl_exact": masked_sum(data["kl_exact"], mask, dim=1).mean(),
-                 "objective/rlhf_reward": rlhf_reward.mean(),
+        local = {"objective/rm_score": rm_score.mean(), "objective/score": data["score"].mean(),
+                 "objective/kl": seq_kl.mean(), "objective/kl_exact": masked_sum(data["kl_exact"], mask, dim=1).mean(),
+                 "objective/rlhf_reward": data["rlhf_reward"].mean(),
                  "rollout/response_length": mask.sum(1).float().mean(),
                  "rollout/eos_rate": data["has_eos"].float().mean(),
                  **{k: torch.stack([s[k] for s in update_stats if k in s]).mean() for k in update_stats[-1]}}

@@ -1,7 +1,8 @@
 """Pure tensor maths for the PPO stage of the RLHF pipeline.
 
 Everything here is a small, side-effect-free function of torch tensors (plus two
-tiny KL-coefficient controllers), so it can be unit-tested on hand-sized inputs.
+tiny KL-coefficient controllers), so it can be unit-tested on hand-sized inputs;
+``rewards_and_advantages`` chains the reward functions as each PPO step does.
 
 Conventions
 -----------
@@ -29,10 +30,13 @@ References
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from stages.ppo.config import PPOStageConfig
 
 AllReduce = Callable[[Tensor], Tensor]
 
@@ -45,6 +49,7 @@ __all__ = [
     "shape_scores",
     "compute_rewards",
     "gae",
+    "rewards_and_advantages",
     "policy_loss",
     "token_normaliser",
     "value_loss",
@@ -315,6 +320,27 @@ def gae(
     advantages = torch.stack(adv_rev[::-1], dim=1)
     returns = torch.where(m, advantages + v, zero)
     return advantages, returns
+
+
+def rewards_and_advantages(rollout: dict, rm_score: Tensor, kl_coef: float, cfg: PPOStageConfig,
+                           all_reduce: AllReduce | None = None) -> dict[str, Tensor]:
+    """A rollout's rewards and advantages, as each PPO step computes them: the RM score shaped (a reply without EOS,
+    or empty, scores ``cfg.missing_eos_penalty``; then clipped) at the last token minus ``kl_coef`` * KL on every
+    token, GAE, and whitening over all ranks (``all_reduce``) as ``cfg`` asks. ``rollout``: what
+    ``passes.rollout`` returns. Returns ``score`` [B], ``kl`` [B, T], ``rlhf_reward`` [B] (the reply's summed
+    reward, score - kl_coef * KL, before any whitening), ``advantages`` and ``returns`` [B, T]."""
+    mask = rollout["mask"]
+    score = shape_scores(rm_score, answered(rollout["has_eos"], rollout["replies"]), cfg.missing_eos_penalty,
+                         cfg.reward_clip)
+    rewards, kl = compute_rewards(score, rollout["logprobs"], rollout["ref_logprobs"], mask, kl_coef,
+                                  cfg.kl_estimator)
+    rlhf_reward = rewards.sum(1)
+    if cfg.whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False, all_reduce=all_reduce)
+    advantages, returns = gae(rewards, rollout["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, mask, all_reduce=all_reduce)
+    return {"score": score, "kl": kl, "rlhf_reward": rlhf_reward, "advantages": advantages, "returns": returns}
 
 
 # --------------------------------------------------------------------------- #
