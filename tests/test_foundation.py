@@ -870,6 +870,40 @@ def test_throughput_adds_every_ranks_own_tokens():
     assert throughput.rate() == pytest.approx(50.0, rel=1e-3)  # this rank alone (and no collective call)
 
 
+def test_a_save_that_fails_part_way_leaves_the_last_checkpoint_and_final_as_they_were(tmp_path, tokenizer,
+                                                                                      monkeypatch):
+    """A training checkpoint and final/ are written through atomic_dir: a save that fails after the weights are
+    written (a full disk) leaves no step_N that a resume would take for whole, and the earlier final/ intact."""
+    from pipeline.checkpoint import latest_checkpoint
+
+    model = build_causal_lm(ModelSpec(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, intermediate_size=32), tokenizer)
+    checkpoints, final = tmp_path / "checkpoints", tmp_path / "final"
+    first = save_training_checkpoint(checkpoints, 1, model, tokenizer, {})
+    save_final(model, tokenizer, final, "pretrain")
+    files = lambda: {p.relative_to(final): p.read_bytes() for p in final.rglob("*") if p.is_file()}  # noqa: E731
+    saved = files()
+
+    weights_written = []
+
+    def disk_full(path, *args, **kwargs):  # both save the tokenizer after the weights
+        weights_written.extend(Path(path).glob("*.safetensors"))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", disk_full)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)  # trained on since: other weights to write
+    with pytest.raises(OSError, match="No space left"):
+        save_training_checkpoint(checkpoints, 2, model, tokenizer, {})
+    assert weights_written  # it failed part-way, not before writing anything
+    assert latest_checkpoint(checkpoints) == first and [p.name for p in checkpoints.iterdir()] == [first.name]
+    weights_written.clear()
+    with pytest.raises(OSError, match="No space left"):
+        save_final(model, tokenizer, final, "pretrain")
+    assert weights_written and files() == saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "final"]
+
+
 def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     from pipeline.tracking import Tracker
 
