@@ -917,6 +917,56 @@ def test_nan_loss_stops_the_run_with_a_message(tmp_path):
     assert last["step"] == 9 and last["policy/ratio_max"] == float("inf")
 
 
+@pytest.mark.parametrize("stage", ["pretrain", "rm", "ppo"])
+def test_a_nan_loss_stops_a_stage_before_the_step_and_no_checkpoint_holds_nan(stage, tmp_path, monkeypatch, request):
+    """Pretraining, the RM and PPO check the gradient norm before each optimizer step (stop_if_not_finite), as SFT
+    does: a NaN loss stops the run there, leaving the checkpoint before it clean, instead of stepping on NaN
+    gradients and saving NaN weights at the next checkpoint."""
+    import itertools
+
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoint import list_checkpoints
+
+    if stage == "pretrain":
+        from stages.pretrain.pretrain import main
+
+        args, backwards_per_step = [str(MICRO / "pretrain.yaml"), "max_steps=20", "eval_every=100", "log_every=10"], 1
+    elif stage == "rm":
+        from reward_model.train import main
+
+        shutil.copytree(request.getfixturevalue("micro_prefs"), tmp_path / "nan" / "prefs")
+        args = [str(MICRO / "rm.yaml"), f"init_from={request.getfixturevalue('micro_sft')}", "epochs=1",  # 4 steps
+                "eval_every=100", "log_every=10"]
+        backwards_per_step = 1
+    else:
+        from stages.ppo.config import PPOStageConfig
+        from stages.ppo.ppo import main
+
+        args = [str(MICRO / "ppo.yaml"), f"init_from={request.getfixturevalue('micro_sft')}",
+                f"reward_model={request.getfixturevalue('micro_rm')}", "max_steps=20", "eval_prompts=0"]
+        ppo = load_config(PPOStageConfig, MICRO / "ppo.yaml")  # a backward pass per micro-batch of every epoch
+        backwards_per_step = ppo.ppo_epochs * ppo.rollout_batch_size // ppo.minibatch_size * ppo.grad_accum
+    backward, passes = Accelerator.backward, itertools.count(1)
+
+    def nan_in_step_3(self, loss, **kwargs):
+        if next(passes) == 2 * backwards_per_step + 1:
+            loss = loss * float("nan")
+        return backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", nan_in_step_3)
+    reset_accelerate()  # after the fixtures' own runs
+    with pytest.raises(FloatingPointError, match=rf"^\[{stage}\] gradient norm is nan at step \d+ "):
+        main(["--config", *args, f"runs_dir={tmp_path}", "run_name=nan", "checkpoint_every=2"])
+    checkpoints = tmp_path / "nan" / stage / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_00000002"]
+    weights = [load_file(f) for f in (checkpoints / "step_00000002").rglob("*.safetensors")]  # PPO's critic too
+    assert len(weights) == (2 if stage == "ppo" else 1)
+    assert all(torch.isfinite(w).all() for saved in weights for w in saved.values())
+    assert not (tmp_path / "nan" / stage / "final").exists()
+
+
 NAN_ON_RANK_1 = """
 import os
 
