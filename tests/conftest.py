@@ -86,6 +86,24 @@ def run_stage(main, config: str, runs_dir: Path, *overrides: str, run_name: str 
     main(["--config", str(recipe / config), f"runs_dir={runs_dir}", f"run_name={run_name}", *overrides])
 
 
+def learnt_positions_checkpoints(tokenizer_source: Path, out: Path) -> tuple[Path, Path]:
+    """An untrained tiny GPT-2 policy (an `sft` final/) and an RM made from it (an `rm` final/, random head), built
+    through the model spec with `tokenizer_source`'s tokenizer. Their positions are learnt absolute embeddings: the
+    micro recipe's Llama has RoPE, which sees relative positions only, so there a padded row scores the same with
+    wrong position ids."""
+    from pipeline.checkpoint import save_final
+    from pipeline.model import ModelSpec, build_causal_lm, load_scalar_model
+    from pipeline.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_source), keep_pad=True)
+    policy = build_causal_lm(ModelSpec(architecture="gpt2", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128),
+                             tokenizer)
+    save_final(policy, tokenizer, out / "gpt2_policy", "sft")
+    save_final(load_scalar_model(str(out / "gpt2_policy"), "test", tokenizer), tokenizer, out / "gpt2_rm", "rm")
+    return out / "gpt2_policy", out / "gpt2_rm"
+
+
 @pytest.fixture(scope="session")
 def micro_runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")

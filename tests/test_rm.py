@@ -108,8 +108,12 @@ def test_kway_loss_in_training_equals_mean_of_pairwise_losses_by_hand(micro_rm):
     assert tied_stats["num_pairs"].item() == 6
 
 
-def test_padding_does_not_change_a_score(micro_rm):
-    scorer = RewardScorer(str(micro_rm))
+@pytest.mark.parametrize("positions", ["rope", "learnt"])
+def test_padding_does_not_change_a_score(micro_rm, tmp_path, positions):
+    """With learnt absolute positions (GPT-2) too: RoPE (the micro RM) is blind to positions shifted by padding."""
+    from conftest import learnt_positions_checkpoints
+
+    scorer = RewardScorer(str(micro_rm if positions == "rope" else learnt_positions_checkpoints(micro_rm, tmp_path)[1]))
     short = ("What is 12 plus 30?", "42.")
     long = ("Write a short thank-you note to Bob for the cake.",
             "Dear Bob, thank you for the lovely cake. I hope you enjoy the rest of your day. Best wishes.")
