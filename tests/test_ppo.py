@@ -136,6 +136,32 @@ def test_masked_positions_change_nothing_in_a_ppo_step(micro_sft, micro_rm):
         torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-4)
 
 
+def test_padded_passes_equal_each_row_alone_with_learnt_positions(micro_sft, tmp_path):
+    """Policy log-probs and critic values of a padded batch equal those of each row alone and unpadded, for models
+    with learnt absolute positions (GPT-2): the micro Llama's RoPE cannot tell when padding shifts the position ids
+    (scored alone after trim_padding, a row keeps the batch's padding, so that comparison cannot tell either)."""
+    from conftest import learnt_positions_checkpoints
+
+    policy_path, rm_path = learnt_positions_checkpoints(micro_sft, tmp_path)
+    tokenizer = load_tokenizer(str(policy_path))
+    policy = AutoModelForCausalLM.from_pretrained(policy_path).eval()
+    critic = TokenCritic(load_scalar_model(str(rm_path), "test", tokenizer)).eval()
+    cfg = load_config(PPOStageConfig, MICRO / "ppo.yaml", ["minibatch_size=4", "grad_accum=1"])
+    prompts = ["What is 12 plus 30?", "Write a short thank-you note to Bob.", "Hi"]
+    enc = encode_prompts(tokenizer, prompts)
+    assert (enc["attention_mask"] == 0).any()  # left-padded
+    responses = torch.randint(len(SPECIAL_TOKENS), len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
+    responses[1, 3], responses[1, 4:] = tokenizer.eos_token_id, tokenizer.pad_token_id  # ended early: right-padded
+    reference = lambda: contextlib.nullcontext(policy)  # noqa: E731
+    batch = score_rollout(policy, reference, critic, tokenizer, enc, responses, cfg)
+    for row, prompt in enumerate(prompts):
+        alone = score_rollout(policy, reference, critic, tokenizer, encode_prompts(tokenizer, [prompt]),
+                              responses[row:row + 1], cfg)
+        for key in ("logprobs", "values"):  # response_logits and TokenCritic, as the update calls them too
+            torch.testing.assert_close(batch[key][row][batch["mask"][row]], alone[key][0][alone["mask"][0]],
+                                       atol=1e-5, rtol=1e-4, msg=f"{key} of row {row}")
+
+
 def test_lora_is_refused_on_role_tokens_no_stage_has_trained(micro_sft, micro_rm, tmp_path):
     """A policy whose tokenizer got our role tokens (it had no chat template) and was never trained in full: LoRA
     would leave those embedding rows at their untrained start, as in SFT and the RM."""
