@@ -97,17 +97,12 @@ def test_checkpoint_reload_generates_same_tokens(micro_pretrain: Path):
     from pipeline.generation import SamplingConfig, sample
 
     tokenizer = AutoTokenizer.from_pretrained(micro_pretrain)
-    ids = tokenizer(["The word", "What"], return_tensors="pt", padding=True, padding_side="left")
-    outs = []
-    for _ in range(2):
-        model = AutoModelForCausalLM.from_pretrained(micro_pretrain).eval()
-        outs.append(sample(model, ids["input_ids"], ids["attention_mask"], SamplingConfig(12, temperature=0),
-                           tokenizer.eos_token_id, tokenizer.pad_token_id))
-    assert torch.equal(outs[0], outs[1])
+    model = AutoModelForCausalLM.from_pretrained(micro_pretrain).eval()
     # the reloaded checkpoint continues the run's last evaluation prompts exactly as the trained model did in
     # memory: a save that dropped or mangled a weight would change these greedy continuations
     records = [json.loads(line) for line in (micro_pretrain.parent / "metrics.jsonl").read_text().splitlines()]
     (last,) = [r for r in records if r.get("table") == "eval/samples"][-1:]
+    assert last["step"] == max(r["step"] for r in records)  # sampled from the weights final/ holds
     for prompt, text in last["rows"]:
         prompt_ids = tokenizer(prompt, return_tensors="pt")
         tokens = sample(model, prompt_ids["input_ids"], prompt_ids["attention_mask"],
