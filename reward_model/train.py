@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    stop_if_not_finite(grad_norm, "rm", step, "Lower learning_rate.", accelerator.scaler)
+                    stop_if_not_finite(grad_norm, "rm", step + 1, "Lower learning_rate.", accelerator.scaler)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             throughput.add(sum(int(c["attention_mask"].sum()) for c in batch["chunks"]))  # this rank's

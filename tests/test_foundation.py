@@ -957,7 +957,7 @@ def test_a_nan_loss_stops_a_stage_before_the_step_and_no_checkpoint_holds_nan(st
 
     monkeypatch.setattr(Accelerator, "backward", nan_in_step_3)
     reset_accelerate()  # after the fixtures' own runs
-    with pytest.raises(FloatingPointError, match=rf"^\[{stage}\] gradient norm is nan at step \d+ "):
+    with pytest.raises(FloatingPointError, match=rf"^\[{stage}\] gradient norm is nan at step 3 "):
         main(["--config", *args, f"runs_dir={tmp_path}", "run_name=nan", "checkpoint_every=2"])
     checkpoints = tmp_path / "nan" / stage / "checkpoints"
     assert [p.name for p in list_checkpoints(checkpoints)] == ["step_00000002"]

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    stop_if_not_finite(grad_norm, "pretrain", step, "Lower learning_rate or check the corpus.",
+                    stop_if_not_finite(grad_norm, "pretrain", step + 1, "Lower learning_rate or check the corpus.",
                                        accelerator.scaler)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
