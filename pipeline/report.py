@@ -443,6 +443,7 @@ def rm_section(cfg, measured: dict | None, error: str | None, plot: Path | None,
         ["gold agreement (agrees with the gold judge)", r.get("gold_accuracy")],
         ["noise ceiling (labeler agrees with gold)", r.get("noise_ceiling")],
         ["accuracy / noise ceiling", r.get("accuracy_over_ceiling")],
+        ["(accuracy - 1/2) / (ceiling - 1/2)", r.get("gain_over_chance_to_ceiling")],
         ["accuracy over all pairs", r.get("accuracy_all_pairs")],
         ["held-out rankings", r["rankings"]], ["pairs decided by gold", int(r.get("decided_pairs", 0))]], align="lr")
     ceiling = f" (ceiling {r['noise_ceiling']:.3f})" if r.get("noise_ceiling") is not None else ""

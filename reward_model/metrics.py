@@ -41,6 +41,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
     pairs come from, and accuracy_se its standard error over them (a ranking's pairs share its scores, so they
     are not independent draws). gold_accuracy: the RM orders the pair as gold does.
     noise_ceiling: the labeler itself agrees with gold; an RM that equals gold scores `accuracy` = ceiling.
+    accuracy_over_ceiling: accuracy / ceiling (a coin flip scores 0.5 / ceiling of it); gain_over_chance_to_ceiling:
+    (accuracy - 1/2) / (ceiling - 1/2), how far from a coin flip towards the ceiling.
     accuracy_all_pairs / noise_ceiling_all_pairs: the same over every pair, where on gold ties (the labeler
     flips a coin) the best expected accuracy is 1/2. A tie in RM scores counts 1/2 too (a coin flip between the
     two): two identical replies tie in gold and in the RM alike.
@@ -81,6 +83,8 @@ def ranking_metrics(scores: list[list[float]], rows: list[dict]) -> dict[str, fl
                         "noise_ceiling": _mean(label_gold), "decided_pairs": float(len(decided))})
         if metrics["noise_ceiling"] > 0:  # a labeler that never agrees with gold gives no ceiling to measure by
             metrics["accuracy_over_ceiling"] = metrics["accuracy"] / metrics["noise_ceiling"]
+        if metrics["noise_ceiling"] > 0.5:  # a coin flip already scores 1/2 of it: how far from there towards it
+            metrics["gain_over_chance_to_ceiling"] = (metrics["accuracy"] - 0.5) / (metrics["noise_ceiling"] - 0.5)
         # over all pairs the best any RM can expect: the ceiling on decided pairs, a coin flip on gold ties
         ties = len(all_pairs) - len(decided)
         metrics["noise_ceiling_all_pairs"] = (sum(label_gold) + 0.5 * ties) / len(all_pairs)
@@ -128,7 +132,8 @@ def best_and_rest(scores: list[list[float]], rows: list[dict]) -> tuple[list[flo
 def headline_metrics(metrics: dict[str, float]) -> dict:
     """What eval.json keeps of ranking_metrics: the headline figures and the breakdown by deciding criterion."""
     result = {k: metrics[k] for k in ("accuracy", "gold_accuracy", "noise_ceiling", "accuracy_over_ceiling",
-                                      "decided_pairs", "accuracy_all_pairs", "noise_ceiling_all_pairs", "pairs")
+                                      "gain_over_chance_to_ceiling", "decided_pairs", "accuracy_all_pairs",
+                                      "noise_ceiling_all_pairs", "pairs")
               if k in metrics}
     by_criterion = by_deciding_criterion(metrics)
     if by_criterion:
@@ -140,7 +145,9 @@ def describe_accuracy(result: dict) -> str:
     """"0.644, gold agreement 0.748, noise ceiling 0.846 (76.1% of it) ...": the accuracy, and against gold."""
     return f"{result['accuracy']:.3f}" + (
         f", gold agreement {result['gold_accuracy']:.3f}, noise ceiling {result['noise_ceiling']:.3f}"
-        + (f" ({result['accuracy_over_ceiling']:.1%} of it)" if "accuracy_over_ceiling" in result else "")
+        + (f" ({result['accuracy_over_ceiling']:.1%} of it" + (
+            f"; {result['gain_over_chance_to_ceiling']:.0%} of the way from a coin flip"
+            if "gain_over_chance_to_ceiling" in result else "") + ")" if "accuracy_over_ceiling" in result else "")
         + " on the pairs gold decides; over all pairs "
         f"{result['accuracy_all_pairs']:.3f} vs ceiling {result['noise_ceiling_all_pairs']:.3f}"
         if "noise_ceiling" in result else "")

@@ -408,6 +408,11 @@ def test_noise_ceiling_and_gold_agreement_when_the_labeler_disagrees_with_gold()
     assert gold_like["noise_ceiling"] == pytest.approx(2 / 3)  # the labeler's (b, c) is against gold
     assert gold_like["accuracy"] == pytest.approx(2 / 3)
     assert gold_like["accuracy_over_ceiling"] == pytest.approx(1.0)
+    assert gold_like["gain_over_chance_to_ceiling"] == pytest.approx(1.0)
+    # a coin flip (every score tied) is 3/4 "of the ceiling", and none of the way there from chance
+    coin = rm_metrics.headline_metrics(rm_metrics.ranking_metrics([[0.0, 0.0, 0.0]], [row]))
+    assert coin["accuracy_over_ceiling"] == pytest.approx(0.5 / (2 / 3)) and coin["gain_over_chance_to_ceiling"] == 0
+    assert "(75.0% of it; 0% of the way from a coin flip)" in rm_metrics.describe_accuracy(coin)
     # an RM that follows the labeler, mistake included, agrees with it fully and with gold on 2 of 3
     label_like = rm_metrics.ranking_metrics([[2.0, 1.0, 0.0]], [row])
     assert label_like["accuracy"] == 1.0 and label_like["gold_accuracy"] == pytest.approx(2 / 3)
@@ -416,6 +421,7 @@ def test_noise_ceiling_and_gold_agreement_when_the_labeler_disagrees_with_gold()
     reversed_row = {"prompt": "p", "responses": ["a", "b"], "gold_scores": [0.2, 0.5]}
     reversed_metrics = rm_metrics.headline_metrics(rm_metrics.ranking_metrics([[1.0, 0.0]], [reversed_row]))
     assert reversed_metrics["noise_ceiling"] == 0.0 and "accuracy_over_ceiling" not in reversed_metrics
+    assert "gain_over_chance_to_ceiling" not in reversed_metrics
     assert "of it" not in rm_metrics.describe_accuracy(reversed_metrics)
 
 
