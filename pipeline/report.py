@@ -27,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 import torch
 
 matplotlib.use("Agg")  # files only: no display needed
@@ -244,7 +245,8 @@ def plot_families(results: dict, path: Path) -> Path:
 
 def plot_rm(chosen: list[float], rejected: list[float], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    bins = 30 if len(chosen) > 100 else 12
+    # one set of bin edges for both sides: each hist() call would fit its own to its side's range, with other widths
+    bins = np.histogram_bin_edges(chosen + rejected, bins=30 if len(chosen) > 100 else 12)
     # one entry per side of every labelled pair, as accuracy counts them: a reply is in as many pairs as it has rivals
     ax.hist(chosen, bins=bins, alpha=0.6, label=f"preferred side (mean {sum(chosen) / len(chosen):.2f})")
     ax.hist(rejected, bins=bins, alpha=0.6, label=f"other side (mean {sum(rejected) / len(rejected):.2f})")
@@ -315,7 +317,9 @@ def image(path: Path | None, alt: str, run: Path) -> str:
 def change(after: float | None, before: float | None) -> str:
     if after is None or before is None:
         return "-"
-    return f"{after - before:+.1f}" if abs(after - before) >= 10 else f"{after - before:+.3f}"
+    # as precise as the figures it compares (fmt: one decimal from 10 up): "17.6 -> 22.9" is +5.3, not +5.250
+    coarse = max(abs(after), abs(before), abs(after - before)) >= 10
+    return f"{after - before:+.1f}" if coarse else f"{after - before:+.3f}"
 
 
 def compare_table(a: dict, b: dict, names: tuple[str, str]) -> str:
@@ -612,15 +616,23 @@ def main(argv: list[str] | None = None) -> Path:
         sections += [f"## {title}", "", *lines, ""]
         glance += row
     facts["report_seconds"] = time.perf_counter() - started
+    # the flags this report used that `make eval` would not take by default
+    eval_flags = [f"--{name.replace('_', '-')} {getattr(sampling, name):g}" for name in ("temperature", "top_k", "top_p",
+                  "max_new_tokens") if getattr(sampling, name) != getattr(EVAL_SAMPLING, name)] \
+        + ([f"--limit {args.limit}"] if args.limit else []) \
+        + ([f"--batch-size {args.batch_size}"] if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else [])
     header = [f"# Pipeline report: run `{cfg.run_name}`", "",
               f"Written {datetime.datetime.now():%Y-%m-%d %H:%M} by `make report` in {run}. Every policy figure",
               f"below was measured just now on the same {len(rows)} held-out world prompts "
               f"({relative(world / 'eval_prompts.jsonl', run)}),",
-              f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>` gives the same numbers"
-              + (f" (with `--batch-size {args.batch_size}`: sampled answers depend on how the prompts are batched)."
+              f"{describe_sampling(sampling)}, seed {cfg.seed}: `make eval STAGE=<stage>"
+              + (f' ARGS="{" ".join(eval_flags)}"' if eval_flags else "") + "` gives the same numbers"
+              + (" (sampled answers depend on how the prompts are batched)."
                  if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else "."),
-              "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term",
-              "(normalised; a reply cut at the length cap, or empty, scores `missing_eos_penalty`).", "",
+              "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term"
+              + ("." if ppo_settings.missing_eos_penalty is None else
+                 f" (normalised; a reply cut at the length cap, or empty, scores {ppo_settings.missing_eos_penalty:g}, "
+                 "PPO's `missing_eos_penalty`)."), "",
               "## At a glance", "",
               markdown_table(["stage", "measured", "verdict"], glance) if glance else "_No stage has finished._", ""]
     footer = [f"_Measured in {facts['report_seconds']:.0f}s._", ""]

@@ -54,6 +54,8 @@ def test_report_has_every_section_and_its_plots_render(micro_report):
     positions = [text.index(heading) for heading in SECTIONS]
     assert positions == sorted(positions)
     assert "not run yet" not in text.lower()
+    assert "`make eval STAGE=<stage>` gives the same numbers." in text  # the defaults: no flags to add
+    assert "or empty, scores -1, PPO's `missing_eos_penalty`" in text  # the micro recipe's
     for name in PLOTS:
         png = micro_report.parent / "report" / f"{name}.png"
         assert f"](report/{name}.png)" in text  # linked relative to report.md, so any Markdown viewer finds it
@@ -276,6 +278,8 @@ def test_report_of_a_partial_run_says_what_has_not_run(micro_sft, micro_runs, tm
     text = report.main(run_args(tmp_path, "partial") + ["--limit", "5"]).read_text()
     for heading in SECTIONS:
         assert heading in text
+    # the eval that gives these numbers again takes the report's flags (it named only --batch-size)
+    assert '`make eval STAGE=<stage> ARGS="--limit 5"` gives the same numbers.' in text
     rm_section = text[text.index("## Reward model"):text.index("## PPO")]
     ppo_section = text[text.index("## PPO"):text.index("## Samples")]
     assert "Not run yet: rm/final is missing. Run `make rm`" in rm_section
@@ -326,6 +330,12 @@ def test_a_later_launch_that_has_not_finished_leaves_what_the_report_reads_of_fi
     assert float(times["pretrain"][1]) > 0 and float(times["ppo"][1]) > 0  # from the finished launch's start
     assert float(times["prefs"][1]) > 0  # was negative: from the cut-off collection's start to the earlier rankings
     assert stage_paths(cfg, "prefs").of_final("config.yaml").read_text() != "seed: 99\n"
+
+
+def test_a_change_is_as_precise_as_the_figures_it_compares():
+    assert report.change(22.9, 17.6) == "+5.3"  # shown as 17.6 and 22.9, it read +5.250
+    assert report.change(0.75, 0.5) == "+0.250"
+    assert report.change(30.0, 10.5) == "+19.5" and report.change(None, 0.5) == "-"
 
 
 def test_a_verdict_is_given_only_beyond_two_standard_errors_of_the_paired_gains():
