@@ -476,7 +476,9 @@ def test_resume_after_sigkill_continues_identically(micro_sft, micro_rm, tmp_pat
         # other prompts were once refused as "another version of the world", with no key named
         for changed, said in (("sampling.max_new_tokens=9", "key 'sampling.max_new_tokens' was 16 there, 9 now"),
                               ("prompts.path=world:pref_prompts", "key 'prompts.path' was world:ppo_prompts there, world:pref_prompts now"),
-                              ("ptx=true", "key 'ptx' was False there, True now")):
+                              ("ptx=true", "key 'ptx' was False there, True now"),
+                              # the restored KL controller kept the old coefficient without a word
+                              ("init_kl_coef=0.5", "key 'init_kl_coef' was 0.05 there, 0.5 now")):
             refused = subprocess.run([sys.executable, "-m", "stages.ppo", *args, "resume=true", "max_steps=3",
                                       changed], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
             assert refused.returncode == 1 and said in refused.stderr, refused.stderr[-2000:]

@@ -159,13 +159,13 @@ def main(argv: list[str] | None = None) -> None:
         ema = AveragedModel(policy, device=device, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
                             use_buffers=True).eval()
     start_step = 0
-    # the prompts (and pretraining text) each step reads; and what the restored optimizers (eps) and saved adapter
-    # (lora.*) would overrule without a word
+    # the prompts (and pretraining text) each step reads; and what the restored optimizers (eps), KL coefficient
+    # (init_kl_coef) and saved adapter (lora.*) would overrule without a word
     # (ptx_data only with ptx: unread text is no reason to refuse)
     settings = resume_settings(cfg, ("rollout_batch_size", "minibatch_size", "ppo_epochs", "grad_accum", "seed",
                                      "critic_warmup_steps", "ptx", *(("ptx_data",) if cfg.ptx else ()),
                                      "ptx_batch_size", "ptx_block_size", "prompts", "max_prompt_tokens", "adam_eps",
-                                     "lora"), n_ranks)
+                                     "init_kl_coef", "lora"), n_ranks)
     # the prompt filter leaves room for the reply within the model's positions: another length keeps other prompts
     settings["sampling.max_new_tokens"] = cfg.sampling.max_new_tokens
     if checkpoint is not None:

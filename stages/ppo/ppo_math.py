@@ -540,7 +540,8 @@ class FixedKLController:
         return {"value": self.value}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
-        self.value = float(state["value"])
+        """Nothing to restore: a fixed coefficient is the run config's (a run resumed as fixed after adapting takes
+        the config's, not the adapted one)."""
 
 
 def kl_controller(
