@@ -465,6 +465,10 @@ def word_cases(world):
         ("Write the word tiger in upper case.", "In capitals, tiger is TIGER."),
         ("Write the word tiger in capitals.", "TIGER. OK."),
         ("Reverse the word apple.", "The word is elppa."),
+        # the template's keyword where the word would be names no other word
+        ("Reverse the word apple.", "The word reversed is elppa."),
+        ("Write the word lantern backwards.", "The word backwards is nretnal."),
+        ("Write the word lantern backwards.", "The word written backwards is nretnal."),
     ]
     flawed = [
         ("Reverse the word apple.", "The word apple reversed is elpap.", "correctness", 0.0),
@@ -476,6 +480,7 @@ def word_cases(world):
         ("How many letters are in the word garden?", f"The word {other_word} has 6 letters.", "on_task", 0.0),
         ("How many letters are in the word garden?", "The word zzzzzz has 6 letters.", "correctness", 0.0),  # unknown
         ("How many letters are in the word garden?", "The word 'zzzzzz' contains 6 letters.", "correctness", 0.0),
+        ("Write the word lantern backwards.", "The word zzzzzz written backwards is nretnal.", "correctness", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-l-e.", "correctness", 0.0),
         ("Spell out the word apple.", "The word apple spelled out is a-p-p-l-e7.", "correctness", 0.0),  # a digit on
         ("Write the word tiger in capitals.", "The word tiger in capitals is TIGRE.", "correctness", 0.0),

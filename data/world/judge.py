@@ -67,8 +67,10 @@ _NUMBER_RE = re.compile(r"(?<![0-9A-Za-z])-?\d+")
 _DASHED_RE = re.compile(r"(?<![A-Za-z0-9-])[A-Za-z](?:-[A-Za-z])+(?![A-Za-z0-9-])")  # "a-p-p-l-e7" spells no word
 _CAPS_RE = re.compile(r"\b[A-Z]{3,}\b")  # the world's words have 3+ letters; "OK" is no answer
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?])\s+")
-# "The word zzz has 5 letters.": the word a sentence is about, named as the answer templates name it
-_NAMED_WORD_RE = re.compile(r"\bthe word ['\"]?([a-z]+)['\"]? (?:reversed|has|spelled|in|backwards|is|contains)\b")
+# "The word zzz has 5 letters.": the word a sentence is about, named as the answer templates name it. What follows
+# "the word" may be the template's own keyword instead ("The word reversed is nettik."): that names no word.
+_WORD_KEYWORDS = "reversed|has|spelled|in|backwards|is|contains|written"
+_NAMED_WORD_RE = re.compile(rf"\bthe word (?!(?:{_WORD_KEYWORDS})\b)['\"]?([a-z]+)['\"]? (?:{_WORD_KEYWORDS})\b")
 # "Mossvale is a goat.", "Zorbo likes pie.", "Zorbo's colour is gold.": a capitalised word opening a sentence (or a
 # line) as the fact templates' subjects do. Pronouns and "The" ("The friend of Brinze is ...") open sentences about
 # the asked subject; the answer or another value may open one too ("Gold is the colour of Brinze.").
