@@ -560,6 +560,40 @@ def test_judge_penalises_each_flaw_on_its_criterion(judge, world, family):
         assert verdict.score < judge.score(prompt, judge.good_response(prompt)).score, response
 
 
+def test_a_sentence_about_the_friend_is_judged_against_the_friend(judge, world):
+    """A sentence whose subject is the friend (its name, "Brinze's friend", "Its friend") says what the friend is:
+    false of the friend, it is wrong; true of it, it answers nothing about the subject, nor conflicts with the
+    subject's own answer. These false ones scored 1.0 when the friend only counted as standing in for the subject."""
+    e = next(x for x in world.entities
+             if world.entity(x.friend).colour != x.colour and world.entity(x.friend).count != x.count)
+    n, f = e.name, world.entity(e.friend)
+    colour, count = f"What colour is {n}?", f"How many {e.item} does {n} have?"
+    for prompt, response in [(colour, f"{f.name} is {e.colour}, like its friend {n}."),
+                             (colour, f"{n}'s friend is {e.colour}."),
+                             (colour, f"{n} is {e.colour}. Its friend is {e.colour} too."),
+                             (count, f"{f.name} has {e.count} {e.item}, like {n}.")]:
+        verdict = judge.score(prompt, response)
+        assert verdict.criteria["correctness"] == 0.0 and verdict.score < 1.0, (response, verdict)
+    assert judge.score(colour, f"{n}'s friend is {f.colour}.").criteria["correctness"] == 0.0
+    for prompt, response in [(colour, f"{n} is {e.colour}. {f.name} is {f.colour}."),
+                             (count, f"{n} has {e.count} {e.item}. Its friend has {f.count} {f.item}.")]:
+        assert judge.score(prompt, response).score == 1.0, response
+
+
+def test_friendship_is_one_way(judge, world):
+    """"Gembe's friend is Brinze." to "Who is Brinze's friend?" says whose friend Brinze is, not who its friend is:
+    wrong, even where Gembe's friend is Brinze (it scored 1.0)."""
+    mutual = next(e for e in world.entities if world.entity(e.friend).friend == e.name)
+    one_way = next(e for e in world.entities if world.entity(e.friend).friend != e.name)
+    for e in (mutual, one_way):
+        prompt = f"Who is {e.name}'s friend?"
+        for response in (f"{e.friend}'s friend is {e.name}.", f"{e.name} is {e.friend}'s friend.",
+                         f"{e.name} is the friend of {e.friend}."):
+            verdict = judge.score(prompt, response)
+            assert verdict.criteria["correctness"] == 0.0 and verdict.score < 1.0, (response, verdict)
+        assert judge.score(prompt, f"{e.friend} is {e.name}'s friend.").score == 1.0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generated_responses_get_the_expected_verdicts(judge, world, family):
     rng = random.Random(family)

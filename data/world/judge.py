@@ -6,8 +6,10 @@ scores a response on five criteria in [0, 1]:
 - correctness (weight 0.4): the right answer is stated and no conflicting answer is, nor
   another entity or word than the one asked about ("The word folder has 6 letters." does not
   answer "How many letters are in the word kitten?"), nor a place or an unknown name as the subject
-  ("Mossvale is a goat.", "The word zzz has 3 letters."). Checked by program per answer kind
-  (number, colour/place/..., reversed word, ...).
+  ("Mossvale is a goat.", "The word zzz has 3 letters."). A sentence whose subject is the subject's friend
+  ("Vusko is gold.", "Brinze's friend is gold.") is about the friend: judged against the friend, it answers
+  nothing about the subject. Friendship is one-way: "Vusko's friend is Brinze." does not say who Brinze's friend
+  is. Checked by program per answer kind (number, colour/place/..., reversed word, ...).
   Weighted most because being right is the point; the other criteria are about how.
 - on_task (0.15): the response addresses this prompt -- it states the right answer (about
   the right subject) or mentions the operands / entity / word asked about. A dismissive
@@ -75,6 +77,8 @@ _NAMED_WORD_RE = re.compile(rf"\bthe word (?!(?:{_WORD_KEYWORDS})\b)['\"]?([a-z]
 # line) as the fact templates' subjects do. Pronouns and "The" ("The friend of Brinze is ...") open sentences about
 # the asked subject; the answer or another value may open one too ("Gold is the colour of Brinze.").
 _SENTENCE_SUBJECT_RE = re.compile(r"(?:^|(?<=[.!?] )|(?<=\n))([A-Z][A-Za-z]+)(?:'s [a-z]+| (?:is|has|lives|likes))\b")
+# Sentences (or lines) of a reply, each judged for what it is about.
+_SENTENCE_RE = re.compile(r"(?<=[.!?])\s+|\s*\n\s*")
 _SUBJECT_PRONOUNS = frozenset({"the", "it", "its", "he", "his", "she", "her", "they", "their", "this", "that", "there",
                                "here"})
 
@@ -165,8 +169,11 @@ class GoldJudge:
 def correctness(task: Task, view: _ResponseView) -> float:
     """1 if the right answer is stated and nothing contradicts it, else 0 (notes: partial credit).
     Naming another entity or word than the one asked about contradicts it: that answers another question."""
-    if _names_other_subject(task, view):
+    if _names_other_subject(task, view) or _reverses_friendship(task, view):
         return 0.0
+    about_companion, view = _split_off_companion(task, view)
+    if any(_stated_values(task, sentence) - set(task.companion_facts) for sentence in about_companion):
+        return 0.0  # a false statement about the friend: "Vusko is black." when Vusko is gold
     kind = task.answer_kind
     if any(d.lower() in view.words for d in task.detail_alternatives):
         return 0.0  # about other things: a count of other items, a note for another gift or place
@@ -261,6 +268,47 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
     return sum(parts) / len(parts)
 
 
+def _reverses_friendship(task: Task, view: _ResponseView) -> bool:
+    """"Klopo's friend is Brinze." or "Brinze is Klopo's friend." to "Who is Brinze's friend?": friendship is one-way,
+    so that says whose friend Brinze is, not who Brinze's friend is (which is Klopo)."""
+    if task.op != "friend":
+        return False
+    name, friend = task.params["name"].lower(), task.answer.lower()
+    return any(claim in view.lower for claim in (f"{friend}'s friend is {name}", f"the friend of {friend} is {name}",
+                                                 f"{name} is {friend}'s friend", f"{name} is the friend of {friend}",
+                                                 f"{name} is a friend of {friend}"))
+
+
+def _split_off_companion(task: Task, view: _ResponseView) -> tuple[list[_ResponseView], _ResponseView]:
+    """The sentences about the subject's friend, and the rest of the reply. A sentence is about the friend if the
+    friend is its subject ("Vusko is gold, like its friend Brinze.", "Brinze's friend is gold.", "Its friend has 14
+    acorns."); one that names the friend further on mentions it in passing ("Brinze is black, like its friend Vusko.")
+    and is about the subject. What a sentence says of the friend says nothing of the subject."""
+    if not task.companion or (task.companion.lower() not in view.words and "friend" not in view.words):
+        return [], view
+    opens_on_companion = _companion_opening(task.params["name"], task.companion)
+    about, rest = [], []
+    for sentence in _SENTENCE_RE.split(view.text):
+        (about if opens_on_companion.match(sentence) else rest).append(sentence)
+    if not about:
+        return [], view
+    return [_ResponseView.of(sentence) for sentence in about], _ResponseView.of(" ".join(rest))
+
+
+@functools.lru_cache(maxsize=4096)
+def _companion_opening(name: str, companion: str) -> re.Pattern[str]:
+    friend = rf"{re.escape(name)}'s friend|(?:the|its|his|her|their) friend"
+    return re.compile(rf"(?:{re.escape(companion)}|{friend})\b", re.IGNORECASE)
+
+
+def _stated_values(task: Task, view: _ResponseView) -> set[str]:
+    """The values of the kind asked about that `view` states (lower case): colours to a colour question, numbers and
+    items to a count."""
+    if task.op == "count":
+        return {str(n) for n in view.numbers} | ({task.params["item"], *task.detail_alternatives} & view.words)
+    return {value.lower() for value in (task.answer, *task.alternatives)} & view.words
+
+
 # ---------------------------------------------------------------- style criteria
 
 
@@ -283,7 +331,7 @@ def _names_other_subject(task: Task, view: _ResponseView) -> bool:
 def on_task(task: Task, view: _ResponseView) -> float:
     """1 if the right answer is stated (and no other entity or word is named), else the share of subject terms
     mentioned."""
-    if _answer_stated(task, view) and not _names_other_subject(task, view):
+    if _answer_stated(task, _split_off_companion(task, view)[1]) and not _names_other_subject(task, view):
         return 1.0
     terms = task.subject_terms
     if task.op in ("plus", "minus"):

@@ -145,6 +145,8 @@ class Task:
     kitten?"), even if the value it states happens to be right.
     `companion` (facts other than the friend question): the subject's friend, which a reply may mention in
     passing beside the subject ("..., like its friend Vusko"), but not instead of it ("Vusko is gold.").
+    `companion_facts`: the friend's own values of the kind asked about (lower case; its count and item for a
+    count), against which a sentence about the friend ("Vusko is gold.", "Brinze's friend has 14 acorns.") is judged.
     """
 
     family: str
@@ -155,6 +157,7 @@ class Task:
     detail_alternatives: tuple[str, ...] = ()
     other_subjects: tuple[str, ...] = ()
     companion: str = ""
+    companion_facts: tuple[str, ...] = ()
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -251,23 +254,21 @@ def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
     entity = world.entity(params["name"])
     if entity is None:
         return None
+    friend = world.entity(entity.friend)
     # the friend may be mentioned in passing ("..., like its friend Vusko"); any other entity is a wrong subject
     other_subjects = tuple(n for n in world.names if n not in (entity.name, entity.friend))
     if op == "count":
         if params["item"] != entity.item:
             return None  # the world does not say how many of other things it has
         return Task("fact", op, params, str(entity.count), detail_alternatives=tuple(
-            i for i in world.items if i != entity.item), other_subjects=other_subjects, companion=entity.friend)
+            i for i in world.items if i != entity.item), other_subjects=other_subjects, companion=friend.name,
+                    companion_facts=(str(friend.count), friend.item))
     if op == "friend":
         return Task("fact", op, params, entity.friend, other_subjects, other_subjects=other_subjects)
-    answer, category = {
-        "colour": (entity.colour, world.colours),
-        "place": (entity.place, world.places),
-        "food": (entity.food, world.foods),
-        "kind": (entity.kind, world.kinds),
-    }[op]
+    category = {"colour": world.colours, "place": world.places, "food": world.foods, "kind": world.kinds}[op]
+    answer = getattr(entity, op)  # each of these ops is named after the attribute it asks for
     return Task("fact", op, params, answer, tuple(c for c in category if c != answer), other_subjects=other_subjects,
-                companion=entity.friend)
+                companion=friend.name, companion_facts=(getattr(friend, op).lower(),))
 
 
 def _word_answer(op: str, word: str) -> str:
