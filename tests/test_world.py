@@ -510,6 +510,14 @@ def polite_cases(world):
         (f"Write a short get-well note to {n}.", f"Dear {n}, I hope you feel better soon. Best wishes."),
         (f"Write a short note inviting {n} to {place}.",
          f"Dear {n}, please come and visit me in {place}. Best wishes."),
+        # an occasion in other words or inflected; "better" outside "feel better", and thanks, in any note
+        (f"Write a short note inviting {n} to {place}.", f"Dear {n}, you are invited to {place}. Best wishes."),
+        (f"Write a short apology to {n}.", f"Dear {n}, my apologies for the noise. Kind regards."),
+        (f"Write a short birthday note to {n}.",
+         f"Dear {n}, happy birthday! I hope you have a better year. Best wishes."),
+        (f"Write a short get-well note to {n}.",
+         f"Dear {n}, thanks for the card. I hope you are feeling better. Best wishes."),
+        (f"Write a short get-well note to {n}.", f"Dear {n}, sorry to hear you are ill. Get well soon. Best wishes."),
     ]
     flawed = [
         (f"Write a short thank-you note to {n}.", f"Dear {other}, thank you for your help. Best wishes.",
@@ -518,6 +526,9 @@ def polite_cases(world):
          "correctness", 0.0),
         (f"Write a short thank-you note to {n} for the {food}.",
          f"Dear {n}, thank you for the lovely {other_food}. Best wishes.", "correctness", 0.0),
+        (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday. Get well soon. Best wishes.",
+         "correctness", 0.0),
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, have a nice day. Best wishes.", "correctness", 0.0),
         (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday, I guess. Now stop bothering me.",
          "tone", 0.0),
         (f"Write a short apology to {n}.", "Whatever.", "on_task", 0.0),

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from .entities import MAX_ITEM_COUNT, MIN_ITEM_COUNT, World
 from .responses import flawed_response as _flawed_response
 from .responses import good_response as _good_response
-from .tasks import (ARITHMETIC_OPS, NOTE_OCCASION, OCCASION_MARKERS, OPERANDS, SIGN_OFFS, UNKNOWN_FAMILY, Task,
-                    parse_prompt)
+from .tasks import (ARITHMETIC_OPS, COURTESY_OCCASIONS, NOTE_OCCASION, OCCASION_PATTERNS, OPERANDS, SIGN_OFFS,
+                    UNKNOWN_FAMILY, Task, parse_prompt)
 
 CRITERIA_WEIGHTS: dict[str, float] = {
     "correctness": 0.4,
@@ -250,19 +250,20 @@ def _reverse_correctness(words: frozenset[str], word: str, answer: str) -> float
 
 
 def _note_correctness(task: Task, view: _ResponseView) -> float:
-    """0 if the recipient is missing, or another entity, occasion, gift or place is named;
-    else the share of required parts present: occasion words, the gift or place asked
-    about (if any), a sign-off."""
+    """0 if the recipient is missing or another entity, gift or place is named, or if the note does not say its
+    occasion or says another one (see OCCASION_PATTERNS); else the share of its parts present: the occasion, the
+    gift or place asked about (if any), a sign-off."""
     words = view.words
     if task.answer.lower() not in words or any(n.lower() in words for n in task.alternatives):
         return 0.0
     occasion = NOTE_OCCASION[task.op]
-    other_markers = [m for occ, markers in OCCASION_MARKERS.items() if occ != occasion for m in markers]
-    if any(m in words for m in other_markers):
+    if not OCCASION_PATTERNS[occasion].search(view.text):
+        return 0.0
+    if any(pattern.search(view.text) for other, pattern in OCCASION_PATTERNS.items()
+           if other != occasion and other not in COURTESY_OCCASIONS):
         return 0.0
     detail = task.params.get("food") or task.params.get("place")
-    parts = [any(m in words for m in OCCASION_MARKERS[occasion]),
-             any(s in view.lower for s in SIGN_OFFS)]
+    parts = [True, any(s in view.lower for s in SIGN_OFFS)]  # the occasion, said, is the first part
     if detail:
         parts.append(detail.lower() in words)
     return sum(parts) / len(parts)

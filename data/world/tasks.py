@@ -103,15 +103,19 @@ RESPONSE_TEMPLATES: dict[str, str] = {
     "invite": "Dear {name}, please come and visit me in {place}. Best wishes.",
 }
 
-# Words that mark what a note is for. A note containing another occasion's marker
-# (an apology inside a thank-you note) is judged wrong.
-OCCASION_MARKERS: dict[str, tuple[str, ...]] = {
-    "thanks": ("thank", "thanks", "grateful"),
-    "sorry": ("sorry", "apologise", "apologize", "apology"),
-    "birthday": ("birthday",),
-    "get_well": ("better", "recover"),
-    "invite": ("visit", "invite"),
-}
+# How a note says what it is for. Matched from the start of a word, so inflections count ("thanked", "apologies",
+# "recovery", "invited"); phrases where the word alone is common in any note ("feel better", not "a better year").
+# A note must say its own occasion and no other (an apology inside a thank-you note is the wrong note), except
+# thanks: any note may thank.
+OCCASION_PATTERNS: dict[str, re.Pattern[str]] = {
+    occasion: re.compile(rf"\b(?:{phrases})", re.IGNORECASE) for occasion, phrases in {
+        "thanks": r"thank|grateful",
+        "sorry": r"sorry(?! to hear)|apolog",  # "sorry to hear you are ill" is no apology
+        "birthday": r"birthday",
+        "get_well": r"(?:feel|feels|feeling|get|gets|getting)[ -](?:well|better)\b|recover",
+        "invite": r"invit|visit (?:me|us)\b",
+    }.items()}
+COURTESY_OCCASIONS = ("thanks",)  # any note may say these
 NOTE_OCCASION = {"thanks": "thanks", "thanks_gift": "thanks", "sorry": "sorry",
                  "birthday": "birthday", "get_well": "get_well", "invite": "invite"}
 SIGN_OFFS = ("best wishes", "kind regards", "warm wishes", "yours truly", "with love", "love from")
