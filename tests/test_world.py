@@ -605,6 +605,29 @@ def test_friendship_is_one_way(judge, world):
         assert judge.score(prompt, f"{e.friend} is {e.name}'s friend.").score == 1.0
 
 
+def test_a_copied_request_earns_neither_correctness_nor_on_task(judge, world):
+    """A copy of the request, in any phrasing, names the recipient and the occasion (or the operands) without
+    addressing it. The note request copied back scored 0.87, above a note for the wrong gift (0.6): PPO could learn
+    to parrot. A note with the request in it is no note to send, though what follows the request addresses it."""
+    n, food, other_food = world.entities[1].name, world.foods[0], world.foods[1]
+    note = f"Write a short thank-you note to {n} for the {food}."
+    one_slip = judge.score(note, f"Dear {n}, thank you for the lovely {other_food}. Best wishes.").score
+    for copy in (note, f"Please write a brief thank-you note to {n} for the {food}",
+                 f"Sure! Write a thank-you note to {n} for the {food}."):
+        verdict = judge.score(note, copy)
+        assert verdict.criteria["correctness"] == verdict.criteria["on_task"] == 0.0, (copy, verdict)
+        assert verdict.score < one_slip
+    prefixed = judge.score(note, f"{note} Dear {n}, thank you for the lovely {food}. Best wishes.")
+    assert prefixed.criteria["correctness"] == 0.0 and prefixed.criteria["on_task"] == 1.0
+    # "write a short note" inside a note asks for nothing
+    assert judge.score(note, f"Dear {n}, I had to write a short note to thank you for the {food}. Best wishes."
+                       ).score == 1.0
+    question = "What is 23 plus 45?"
+    for copy in (question, "How much is 23 plus 45?", "What is 45 plus 23?"):
+        verdict = judge.score(question, copy)
+        assert verdict.criteria["on_task"] == 0.0 and verdict.score < judge.score(question, "I do not know.").score
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generated_responses_get_the_expected_verdicts(judge, world, family):
     rng = random.Random(family)

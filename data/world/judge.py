@@ -9,11 +9,13 @@ scores a response on five criteria in [0, 1]:
   ("Mossvale is a goat.", "The word zzz has 3 letters."). A sentence whose subject is the subject's friend
   ("Vusko is gold.", "Brinze's friend is gold.") is about the friend: judged against the friend, it answers
   nothing about the subject. Friendship is one-way: "Vusko's friend is Brinze." does not say who Brinze's friend
-  is. Checked by program per answer kind (number, colour/place/..., reversed word, ...).
+  is. A note must name its recipient and say its occasion, and may not copy the request ("Write a short
+  apology to Brinze."), which names both. Checked by program per answer kind (number, colour/place/..., reversed
+  word, ...).
   Weighted most because being right is the point; the other criteria are about how.
 - on_task (0.15): the response addresses this prompt -- it states the right answer (about
   the right subject) or mentions the operands / entity / word asked about. A dismissive
-  non-answer scores 0.
+  non-answer scores 0, and so does the request copied back ("What is 23 plus 45?").
 - tone (0.15): no rude or dismissive words ("ugh", "whatever", "stupid", ...). Binary:
   one insult is enough to make a reply unacceptable.
 - concision (0.15): within the family's word budget, no repeated sentence or phrase, no
@@ -37,8 +39,8 @@ from dataclasses import dataclass, field
 from .entities import MAX_ITEM_COUNT, MIN_ITEM_COUNT, World
 from .responses import flawed_response as _flawed_response
 from .responses import good_response as _good_response
-from .tasks import (ARITHMETIC_OPS, COURTESY_OCCASIONS, NOTE_OCCASION, OCCASION_PATTERNS, OPERANDS, SIGN_OFFS,
-                    UNKNOWN_FAMILY, Task, parse_prompt)
+from .tasks import (ARITHMETIC_OPS, COURTESY_OCCASIONS, NOTE_OCCASION, OCCASION_PATTERNS, OPERANDS,
+                    REQUEST_OPENING_RE, SIGN_OFFS, UNKNOWN_FAMILY, Task, parse_prompt)
 
 CRITERIA_WEIGHTS: dict[str, float] = {
     "correctness": 0.4,
@@ -250,12 +252,14 @@ def _reverse_correctness(words: frozenset[str], word: str, answer: str) -> float
 
 
 def _note_correctness(task: Task, view: _ResponseView) -> float:
-    """0 if the recipient is missing or another entity, gift or place is named, or if the note does not say its
-    occasion or says another one (see OCCASION_PATTERNS); else the share of its parts present: the occasion, the
-    gift or place asked about (if any), a sign-off."""
+    """0 if the recipient is missing or another entity, gift or place is named, if the reply copies the request, or
+    if the note does not say its occasion or says another one (see OCCASION_PATTERNS); else the share of its parts
+    present: the occasion, the gift or place asked about (if any), a sign-off."""
     words = view.words
     if task.answer.lower() not in words or any(n.lower() in words for n in task.alternatives):
         return 0.0
+    if _copies_a_request(view):
+        return 0.0  # its recipient and occasion are the prompt's, and no note to send has the request in it
     occasion = NOTE_OCCASION[task.op]
     if not OCCASION_PATTERNS[occasion].search(view.text):
         return 0.0
@@ -329,9 +333,22 @@ def _names_other_subject(task: Task, view: _ResponseView) -> bool:
     return False
 
 
+def _copies_a_request(view: _ResponseView) -> bool:
+    return any(REQUEST_OPENING_RE.match(sentence) for sentence in _SENTENCE_RE.split(view.text))
+
+
+def _without_requests(view: _ResponseView) -> _ResponseView:
+    """The reply without its sentences that open with a request: "What is 23 plus 45?" or "Write a short apology to
+    Brinze." copied back names the subject without addressing it."""
+    if not _copies_a_request(view):
+        return view
+    return _ResponseView.of(" ".join(s for s in _SENTENCE_RE.split(view.text) if not REQUEST_OPENING_RE.match(s)))
+
+
 def on_task(task: Task, view: _ResponseView) -> float:
     """1 if the right answer is stated (and no other entity or word is named), else the share of subject terms
-    mentioned."""
+    mentioned; a copy of the request counts for neither."""
+    view = _without_requests(view)
     if _answer_stated(task, _split_off_companion(task, view)[1]) and not _names_other_subject(task, view):
         return 1.0
     terms = task.subject_terms

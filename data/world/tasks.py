@@ -201,19 +201,27 @@ class Task:
         return RESPONSE_TEMPLATES[self.op].format(answer=answer, article=article, **self.params)
 
 
-def _compile(phrasing: str) -> re.Pattern[str]:
+def _phrasing_regex(phrasing: str, named: bool = True) -> str:
     pattern = ""
     for literal, field_name, _, _ in string.Formatter().parse(phrasing):
         pattern += re.escape(literal)
         if field_name:
-            pattern += f"(?P<{field_name}>{_FIELD_PATTERNS[field_name]})"
-    return re.compile(pattern)
+            field = _FIELD_PATTERNS[field_name]
+            pattern += f"(?P<{field_name}>{field})" if named else f"(?:{field})"
+    return pattern
 
 
 # Checked in order; first full match wins. Templates never overlap, so order only matters for speed.
 _PARSERS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
-    (op, _compile(phrasing)) for op, phrasings in PROMPT_PHRASINGS.items() for phrasing in phrasings
+    (op, re.compile(_phrasing_regex(phrasing))) for op, phrasings in PROMPT_PHRASINGS.items() for phrasing in phrasings
 )
+
+# The opening of a sentence that makes a request rather than answering one: a prompt of the world (any phrasing,
+# any subject, its final "?" or "." optional), or a note asked for in other words ("Write a thank-you note to ...").
+REQUEST_OPENING_RE = re.compile("|".join(
+    [_phrasing_regex(phrasing.rstrip("?."), named=False) for phrasings in PROMPT_PHRASINGS.values()
+     for phrasing in phrasings]
+    + [r"(?:please )?write an? (?:[a-z-]+ ){0,3}?(?:note|apology)\b"]), re.IGNORECASE)
 
 
 def parse_prompt(world: World, prompt: str) -> Task | None:
