@@ -52,10 +52,11 @@ def split_indices(groups: list, eval_fraction: float, seed: int, source: str, wh
 
 
 def question_of(judge, prompt: str):
-    """What a world prompt asks, shared by all its phrasings ("What is 23 plus 45?", "Compute 23 plus 45."); the
-    text itself for a prompt the world does not know."""
+    """What a world prompt asks, shared by all its phrasings ("What is 23 plus 45?", "Compute 23 plus 45.") and for
+    arithmetic by every form of its addition fact ("45 plus 23", "68 minus 23": the ranked answers to one teach the
+    others'); the text itself for a prompt the world does not know."""
     task = judge.task(prompt)
-    return task.key if task is not None else prompt
+    return task.fact_key if task is not None else prompt
 
 
 def distinct_responses(responses: list[str]) -> tuple[list[str], int, int]:
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[prefs] note: {outside} of the {len(rows)} prompts ({cfg.prompts.path}) are no task of the world: "
               "the simulated annotator ranks their replies by tone, concision and format alone (gold scores too), "
               "with its noise deciding between replies alike in those")
-    # held out by question: another phrasing of a held-out question in the training rankings would flatter the RM
+    # held out by question: another phrasing of a held-out question (or another form of its addition fact) in the
+    # training rankings would flatter the RM
     questions = [question_of(judge, row["prompt"]) for row in rows]
     train_idx, eval_idx = split_indices(questions, cfg.eval_fraction, cfg.seed, cfg.prompts.path,
                                         "question", " (every prompt asks the same one)")

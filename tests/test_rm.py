@@ -359,6 +359,26 @@ def test_accuracy_standard_error_counts_rankings_not_pairs():
     assert "accuracy_se" not in rm_metrics.ranking_metrics([[3.0, 2.0, 1.0]], rows[:1])  # one ranking: no spread
 
 
+def test_the_held_out_split_keeps_every_form_of_an_addition_fact_on_one_side():
+    """"Compute 45 plus 23." and "What is 68 minus 23?" are answered from the fact 23 + 45 = 68 as "What is 23 plus
+    45?" is: held out by question, the rankings of one taught the RM the held-out answer of another (8 of the tiny
+    run's 47 held-out sums). They go to one side together, as the world holds out its arithmetic (is_heldout_fact)."""
+    from data.world import GoldJudge, World
+    from reward_model.collect import question_of, split_indices
+
+    judge = GoldJudge(World.from_seed(0, 4))
+    facts = [(a, b) for a in range(10, 50, 7) for b in range(11, 50, 9)]
+    prompts = [prompt for a, b in facts for prompt in (f"What is {a} plus {b}?", f"Compute {b} plus {a}.",
+                                                        f"What is {a + b} minus {a}?",
+                                                        f"How much is {a + b} minus {b}?")]
+    fact_of = [fact for fact in facts for _ in range(4)]
+    questions = [question_of(judge, p) for p in prompts]
+    assert len(set(questions)) == len(facts)
+    for seed in range(5):
+        train_idx, eval_idx = split_indices(questions, 0.3, seed, source="test")
+        assert train_idx and eval_idx and not {fact_of[i] for i in train_idx} & {fact_of[i] for i in eval_idx}, seed
+
+
 def test_the_held_out_split_keeps_every_phrasing_of_a_question_on_one_side(tmp_path):
     """Split by prompt text, "What is 23 plus 45?" could be held out while "Compute 23 plus 45." was trained on."""
     from data.world import WorldConfig, write_world

@@ -169,6 +169,15 @@ class Task:
         return (self.op, *(f"{k}={v}" for k, v in sorted(self.params.items())))
 
     @property
+    def fact_key(self) -> tuple[str, ...]:
+        """Identity of what answering takes knowing, which a held-out split keeps on one side: for arithmetic the
+        addition fact, which "a plus b", "b plus a" and both differences state (as `is_heldout_fact` holds them out
+        together); else the question (`key`)."""
+        if self.op in ARITHMETIC_OPS:
+            return ("addition", *(str(n) for n in sorted(addends(self.op, *self.operands))))
+        return self.key
+
+    @property
     def answer_kind(self) -> str:
         if self.op in ARITHMETIC_OPS or self.op in ("count", "letters"):
             return "number"
