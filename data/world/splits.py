@@ -26,8 +26,10 @@ class PromptSplits:
 
 
 def make_prompt_splits(world: World, config: WorldConfig, rng: random.Random) -> PromptSplits:
-    """Draw each split round-robin over its families, without replacement, so splits are
-    disjoint by construction and families are (roughly) equally represented."""
+    """Draw each split round-robin over its families, without replacement, so splits are disjoint by construction.
+    The eval split has an equal share of every family. Each training split takes its part of each family's pool (in
+    proportion to its size, see _share_out) round-robin until a family's part runs out; the larger families (sums,
+    notes) fill the rest. Tiny's sft_train: 2245 sums, 2243 notes, 788 facts, 724 word tasks."""
     pools = {family: enumerate_prompts(world, family) for family in FAMILIES}
     for family in FAMILIES:
         rng.shuffle(pools[family])
