@@ -1090,16 +1090,21 @@ def test_precision_auto_on_a_gpu_counts_only_native_bf16(monkeypatch, native, ex
         assert launch["mixed_precision"] == "no", gpu_config  # bf16 there forced emulated bf16 on a V100 node
 
 
-def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):
-    from accelerate import Accelerator
-    from pipeline.model import fp32_forward
-
+def tiny_lm_with_logits(tokenizer) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A one-layer Llama in eval mode, a batch of token ids and its fp32 logits for them."""
     torch.manual_seed(0)
     model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=2, intermediate_size=64, vocab_size=300), tokenizer).eval()
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
-        reference = model(input_ids=ids).logits
+        return model, ids, model(input_ids=ids).logits
+
+
+def test_fp32_forward_undoes_accelerate_autocast_inside_the_block_only(tokenizer):
+    from accelerate import Accelerator
+    from pipeline.model import fp32_forward
+
+    model, ids, reference = tiny_lm_with_logits(tokenizer)
     try:
         prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
         with torch.no_grad():
@@ -1119,12 +1124,8 @@ def test_fp32_forward_runs_a_flash_attention_model_on_sdpa_inside_the_block_only
     then evaluates in fp32. Here flash-attn is not installed, so the model fails if the block leaves it on."""
     from pipeline.model import fp32_forward
 
-    torch.manual_seed(0)
-    model = build_causal_lm(ModelSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=2, intermediate_size=64, vocab_size=300), tokenizer).eval()
-    ids = torch.randint(0, 300, (2, 12))
+    model, ids, reference = tiny_lm_with_logits(tokenizer)
     with torch.no_grad():
-        reference = model(input_ids=ids).logits
         model.config._attn_implementation = "flash_attention_2"  # as a GPU run sets it (the check needs the package)
         with fp32_forward(model) as plain:
             assert plain.config._attn_implementation == "sdpa"
