@@ -617,10 +617,12 @@ def main(argv: list[str] | None = None) -> Path:
         glance += row
     facts["report_seconds"] = time.perf_counter() - started
     # the flags this report used that `make eval` would not take by default
-    eval_flags = [f"--{name.replace('_', '-')} {getattr(sampling, name):g}" for name in ("temperature", "top_k", "top_p",
-                  "max_new_tokens") if getattr(sampling, name) != getattr(EVAL_SAMPLING, name)] \
+    eval_flags = [f"--{name.replace('_', '-')} {getattr(sampling, name):g}"
+                  for name in ("temperature", "top_k", "top_p", "max_new_tokens")
+                  if getattr(sampling, name) != getattr(EVAL_SAMPLING, name)] \
         + ([f"--limit {args.limit}"] if args.limit else []) \
-        + ([f"--batch-size {args.batch_size}"] if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else [])
+        + ([f"--batch-size {args.batch_size}"]
+           if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else [])
     header = [f"# Pipeline report: run `{cfg.run_name}`", "",
               f"Written {datetime.datetime.now():%Y-%m-%d %H:%M} by `make report` in {run}. Every policy figure",
               f"below was measured just now on the same {len(rows)} held-out world prompts "
@@ -631,8 +633,8 @@ def main(argv: list[str] | None = None) -> Path:
                  if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else "."),
               "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term"
               + ("." if ppo_settings.missing_eos_penalty is None else
-                 f" (normalised; a reply cut at the length cap, or empty, scores {ppo_settings.missing_eos_penalty:g}, "
-                 "PPO's `missing_eos_penalty`)."), "",
+                 " (normalised; a reply cut at the length cap, or empty, scores "
+                 f"{ppo_settings.missing_eos_penalty:g}, PPO's `missing_eos_penalty`)."), "",
               "## At a glance", "",
               markdown_table(["stage", "measured", "verdict"], glance) if glance else "_No stage has finished._", ""]
     footer = [f"_Measured in {facts['report_seconds']:.0f}s._", ""]

@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                    rm_max_length=cfg.max_length, world_data=lineage, launch_records=paths.launch_records,
                    rm_held_out_prompts=held_out_fingerprint(eval_rows))
         result = headline_metrics(metrics)
-        result.update(reward_mean=reward_mean, reward_std=reward_std, train_seconds=trained_before + time.perf_counter() - started)
+        result.update(reward_mean=reward_mean, reward_std=reward_std,
+                      train_seconds=trained_before + time.perf_counter() - started)
         write_text_atomic(paths.root / "eval.json", json.dumps(result, indent=1) + "\n")
         tracker.summary({f"eval/final_{k}": v for k, v in result.items() if isinstance(v, (int, float))})
         print(f"[rm] held-out pairwise accuracy {describe_accuracy(result)}; reward mean {reward_mean:.3f} "
