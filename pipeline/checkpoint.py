@@ -247,7 +247,8 @@ def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
                                                     cached], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():  # dropout (e.g. LoRA's) on a GPU draws from this process's device's generator
-        # (the main process saves; each rank's own device generator is seeded and advanced alike, as the CPU one is)
+        # The main process saves its own, and every rank restores it to its device, as with the CPU generator: exact
+        # where ranks draw alike (pretraining, PPO); RM ranks, whose rankings differ in size, resume on rank 0's.
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 

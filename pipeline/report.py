@@ -632,7 +632,7 @@ def main(argv: list[str] | None = None) -> Path:
               + (" (sampled answers depend on how the prompts are batched)."
                  if sampling.temperature > 0 and args.batch_size != EVAL_BATCH_SIZE else "."),
               "Gold scores are in [0, 1] (the world's judge); RM scores are PPO's rewards without the KL term"
-              + ("." if ppo_settings.missing_eos_penalty is None else
+              + (" (normalised)." if ppo_settings.missing_eos_penalty is None else
                  " (normalised; a reply cut at the length cap, or empty, scores "
                  f"{ppo_settings.missing_eos_penalty:g}, PPO's `missing_eos_penalty`)."), "",
               "## At a glance", "",

@@ -729,10 +729,10 @@ def test_checkpoint_pruning_always_keeps_the_newest(tmp_path, tokenizer, keep_la
     assert not list(tmp_path.glob(".tmp-*"))  # gone with the next save, though step 9 is never saved again
 
 
-def test_a_resume_restores_each_ranks_own_cuda_generator(monkeypatch):
-    """The main process saves its device's generator; a rank restores that to its own device (every rank's is seeded
-    and advanced alike), not the main process's view of every device, where rank 1's was never advanced. Simulated:
-    no GPU here."""
+def test_a_resume_restores_the_main_process_cuda_generator_to_each_ranks_device(monkeypatch):
+    """The main process saves its device's generator; a rank restores that to its own device (where ranks draw alike,
+    theirs is seeded and advanced alike), not the main process's view of every device, where rank 1's was never
+    advanced. Simulated: no GPU here."""
     from pipeline import checkpoint
 
     advanced, untouched = torch.tensor([7, 7], dtype=torch.uint8), torch.tensor([0, 0], dtype=torch.uint8)
