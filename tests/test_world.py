@@ -628,6 +628,22 @@ def test_a_copied_request_earns_neither_correctness_nor_on_task(judge, world):
         assert verdict.criteria["on_task"] == 0.0 and verdict.score < judge.score(question, "I do not know.").score
 
 
+def test_a_sentence_that_opens_with_the_request_and_answers_it_is_no_copy(judge, world):
+    """Only a sentence that is the request, to its end, is a copy: one that opens with the request's words and goes
+    on to answer it answers, and a note may ask for a note back. Taken for copies these scored 0.85 (on_task 0) and
+    correctness 0."""
+    n = world.entities[1].name
+    for prompt, reply in (("Spell out the word apple.", "Spell out the word apple: a-p-p-l-e."),
+                          ("Reverse the word kitten.", "Reverse the word kitten and you get nettik."),
+                          ("Count the letters in the word kitten.",
+                           "Count the letters in the word kitten and you get 6."),
+                          (f"Write a short thank-you note to {n}.",
+                           f"Dear {n}, thank you for your help. Please write a note back soon. Best wishes.")):
+        assert judge.score(prompt, reply).score == 1.0, (prompt, reply)
+    # the request itself, as the whole sentence, is still a copy
+    assert judge.score("Spell out the word apple.", "Spell out the word apple.").criteria["on_task"] == 0.0
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generated_responses_get_the_expected_verdicts(judge, world, family):
     rng = random.Random(family)

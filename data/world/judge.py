@@ -40,7 +40,7 @@ from .entities import MAX_ITEM_COUNT, MIN_ITEM_COUNT, World
 from .responses import flawed_response as _flawed_response
 from .responses import good_response as _good_response
 from .tasks import (ARITHMETIC_OPS, COURTESY_OCCASIONS, NOTE_OCCASION, OCCASION_PATTERNS, OPERANDS,
-                    REQUEST_OPENING_RE, SIGN_OFFS, UNKNOWN_FAMILY, Task, parse_prompt)
+                    REQUEST_RE, SIGN_OFFS, UNKNOWN_FAMILY, Task, parse_prompt)
 
 CRITERIA_WEIGHTS: dict[str, float] = {
     "correctness": 0.4,
@@ -333,16 +333,20 @@ def _names_other_subject(task: Task, view: _ResponseView) -> bool:
     return False
 
 
+def _is_request(sentence: str) -> bool:
+    return REQUEST_RE.fullmatch(sentence.strip()) is not None
+
+
 def _copies_a_request(view: _ResponseView) -> bool:
-    return any(REQUEST_OPENING_RE.match(sentence) for sentence in _SENTENCE_RE.split(view.text))
+    return any(_is_request(sentence) for sentence in _SENTENCE_RE.split(view.text))
 
 
 def _without_requests(view: _ResponseView) -> _ResponseView:
-    """The reply without its sentences that open with a request: "What is 23 plus 45?" or "Write a short apology to
+    """The reply without its sentences that are a request: "What is 23 plus 45?" or "Write a short apology to
     Brinze." copied back names the subject without addressing it."""
     if not _copies_a_request(view):
         return view
-    return _ResponseView.of(" ".join(s for s in _SENTENCE_RE.split(view.text) if not REQUEST_OPENING_RE.match(s)))
+    return _ResponseView.of(" ".join(s for s in _SENTENCE_RE.split(view.text) if not _is_request(s)))
 
 
 def on_task(task: Task, view: _ResponseView) -> float:

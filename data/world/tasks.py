@@ -225,12 +225,15 @@ _PARSERS: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (op, re.compile(_phrasing_regex(phrasing))) for op, phrasings in PROMPT_PHRASINGS.items() for phrasing in phrasings
 )
 
-# The opening of a sentence that makes a request rather than answering one: a prompt of the world (any phrasing,
-# any subject, its final "?" or "." optional), or a note asked for in other words ("Write a thank-you note to ...").
-REQUEST_OPENING_RE = re.compile("|".join(
+# A sentence that is a request rather than an answer: a prompt of the world (any phrasing, any subject, its final "?"
+# or "." optional), or a note asked for in other words ("Write a thank-you note to Brinze."). Matched against the
+# whole sentence: one that opens with a request and goes on to answer it ("Spell out the word apple: a-p-p-l-e.")
+# is an answer, as is one that merely asks for a note ("Please write a note back soon.").
+REQUEST_RE = re.compile("(?:" + "|".join(
     [_phrasing_regex(phrasing.rstrip("?."), named=False) for phrasings in PROMPT_PHRASINGS.values()
      for phrasing in phrasings]
-    + [r"(?:please )?write an? (?:[a-z-]+ ){0,3}?(?:note|apology)\b"]), re.IGNORECASE)
+    + [r"(?:please )?write an? (?:[a-z-]+ ){0,3}?(?:note|apology) "
+       r"(?:to [a-z]+(?: for the [a-z]+)?|inviting [a-z]+ to [a-z]+)"]) + r")[.?!]?", re.IGNORECASE)
 
 
 def parse_prompt(world: World, prompt: str) -> Task | None:
