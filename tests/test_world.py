@@ -518,6 +518,14 @@ def polite_cases(world):
         (f"Write a short get-well note to {n}.",
          f"Dear {n}, thanks for the card. I hope you are feeling better. Best wishes."),
         (f"Write a short get-well note to {n}.", f"Dear {n}, sorry to hear you are ill. Get well soon. Best wishes."),
+        # invitation words that invite no one, "are better", a greeting's "are well" and an apology "sorry to hear"
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, thank you for inviting me. Best wishes."),
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, thank you for the invitation. Best wishes."),
+        (f"Write a short apology to {n}.", f"Dear {n}, I am sorry I missed your invitation. Best wishes."),
+        (f"Write a short get-well note to {n}.", f"Dear {n}, I hope you are better soon. Best wishes."),
+        (f"Write a short thank-you note to {n}.",
+         f"Dear {n}, I hope you are well. Thank you for your help. Best wishes."),
+        (f"Write a short apology to {n}.", f"Dear {n}, I am sorry to hear that I upset you. Best wishes."),
     ]
     flawed = [
         (f"Write a short thank-you note to {n}.", f"Dear {other}, thank you for your help. Best wishes.",
@@ -529,6 +537,8 @@ def polite_cases(world):
         (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday. Get well soon. Best wishes.",
          "correctness", 0.0),
         (f"Write a short thank-you note to {n}.", f"Dear {n}, have a nice day. Best wishes.", "correctness", 0.0),
+        (f"Write a short thank-you note to {n}.", f"Dear {n}, thank you for your help. I invite you to {place}. "
+         "Best wishes.", "correctness", 0.0),
         (f"Write a short birthday note to {n}.", f"Dear {n}, happy birthday, I guess. Now stop bothering me.",
          "tone", 0.0),
         (f"Write a short apology to {n}.", "Whatever.", "on_task", 0.0),

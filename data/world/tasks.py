@@ -104,16 +104,18 @@ RESPONSE_TEMPLATES: dict[str, str] = {
 }
 
 # How a note says what it is for. Matched from the start of a word, so inflections count ("thanked", "apologies",
-# "recovery", "invited"); phrases where the word alone is common in any note ("feel better", not "a better year").
+# "recovery"); phrases where the word alone is common in any note ("feel better", not "a better year"; "you are
+# invited", not "thank you for the invitation"; "be well soon", not the greeting "I hope you are well").
 # A note must say its own occasion and no other (an apology inside a thank-you note is the wrong note), except
 # thanks: any note may thank.
 OCCASION_PATTERNS: dict[str, re.Pattern[str]] = {
     occasion: re.compile(rf"\b(?:{phrases})", re.IGNORECASE) for occasion, phrases in {
         "thanks": r"thank|grateful",
-        "sorry": r"sorry(?! to hear)|apolog",  # "sorry to hear you are ill" is no apology
+        "sorry": r"sorry(?! to hear (?:that )?(?:you|your)\b)|apolog",  # "sorry to hear you are ill" is no apology
         "birthday": r"birthday",
-        "get_well": r"(?:feel|feels|feeling|get|gets|getting)[ -](?:well|better)\b|recover",
-        "invite": r"invit|visit (?:me|us)\b",
+        "get_well": r"(?:feel|feels|feeling|get|gets|getting)[ -](?:well|better)\b|(?:are|be) (?:well soon|better)\b"
+                    r"|recover",
+        "invite": r"invit(?:e|es|ing) you\b|you(?:'re| are) (?:\w+ )?invited|come (?:and )?visit|visit (?:me|us)\b",
     }.items()}
 COURTESY_OCCASIONS = ("thanks",)  # any note may say these
 NOTE_OCCASION = {"thanks": "thanks", "thanks_gift": "thanks", "sorry": "sorry",
