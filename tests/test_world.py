@@ -601,6 +601,19 @@ def test_a_sentence_about_the_friend_is_judged_against_the_friend(judge, world):
         assert judge.score(prompt, response).score == 1.0, response
 
 
+def test_a_sentence_that_opens_on_the_friend_but_is_about_the_subject_is_about_the_subject(judge, world):
+    """Only the friend as the subject of what the sentence says makes a sentence about the friend: "Gembe's friend
+    Brinze is grey." and "Gembe and Brinze are friends, and Brinze is grey." say Brinze's colour (they scored 0.6,
+    taken for statements about Gembe)."""
+    e = next(x for x in world.entities if world.entity(x.friend).colour != x.colour)
+    n, f = e.name, world.entity(e.friend)
+    colour = f"What colour is {n}?"
+    for response in (f"{f.name}'s friend {n} is {e.colour}.", f"{f.name} and {n} are friends, and {n} is {e.colour}."):
+        assert judge.score(colour, response).score == 1.0, response
+    # the friend as subject, named after "Its friend", is still about the friend
+    assert judge.score(colour, f"Its friend {f.name} is {e.colour}.").criteria["correctness"] == 0.0
+
+
 def test_friendship_is_one_way(judge, world):
     """"Gembe's friend is Brinze." to "Who is Brinze's friend?" says whose friend Brinze is, not who its friend is:
     wrong, even where Gembe's friend is Brinze (it scored 1.0)."""

@@ -288,22 +288,27 @@ def _split_off_companion(task: Task, view: _ResponseView) -> tuple[list[_Respons
     """The sentences about the subject's friend, and the rest of the reply. A sentence is about the friend if the
     friend is its subject ("Vusko is gold, like its friend Brinze.", "Brinze's friend is gold.", "Its friend has 14
     acorns."); one that names the friend further on mentions it in passing ("Brinze is black, like its friend Vusko.")
-    and is about the subject. What a sentence says of the friend says nothing of the subject."""
+    and is about the subject, as is one that opens on the friend without being about it ("Vusko's friend Brinze is
+    grey.", "Vusko and Brinze are friends, ..."). What a sentence says of the friend says nothing of the subject."""
     if not task.companion or (task.companion.lower() not in view.words and "friend" not in view.words):
         return [], view
-    opens_on_companion = _companion_opening(task.params["name"], task.companion)
+    about_companion = _companion_subject(task.params["name"], task.companion)
     about, rest = [], []
     for sentence in _SENTENCE_RE.split(view.text):
-        (about if opens_on_companion.match(sentence) else rest).append(sentence)
+        (about if about_companion.match(sentence) else rest).append(sentence)
     if not about:
         return [], view
     return [_ResponseView.of(sentence) for sentence in about], _ResponseView.of(" ".join(rest))
 
 
 @functools.lru_cache(maxsize=4096)
-def _companion_opening(name: str, companion: str) -> re.Pattern[str]:
-    friend = rf"{re.escape(name)}'s friend|(?:the|its|his|her|their) friend"
-    return re.compile(rf"(?:{re.escape(companion)}|{friend})\b", re.IGNORECASE)
+def _companion_subject(name: str, companion: str) -> re.Pattern[str]:
+    """A sentence opening whose subject is the friend: its name, "Brinze's friend", "its friend" or "the friend of
+    Brinze" (the name may follow: "Its friend Vusko"), then a verb or attribute of the fact templates. "Vusko's
+    friend ..." is someone else, the subject perhaps; "Vusko and Brinze ..." is not the friend alone."""
+    name, companion = re.escape(name), re.escape(companion)
+    subject = (rf"{companion}|(?:(?:{name}'s|the|its|his|her|their) friend|the friend of {name})(?:,? {companion})?")
+    return re.compile(rf"(?:{subject})(?: (?:is|has|lives|likes)\b|'s (?!friend\b)[a-z]+)", re.IGNORECASE)
 
 
 def _stated_values(task: Task, view: _ResponseView) -> set[str]:
