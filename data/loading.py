@@ -174,8 +174,9 @@ def normalise_row(row: dict[str, Any], schema: Schema, optional_present: tuple[s
     if schema.name == "preferences":
         row = _rated(row)
     form = _input_form(row, schema)
-    if rating_column is not None and row.get("ratings") is None:
-        # unrated, the row's responses would be read as ranked best first, unlike its neighbours'
+    if rating_column is not None and form == ("prompt", "responses") and row.get("ratings") is None:
+        # unrated, the row's responses would be read as ranked best first, unlike its neighbours'; a chosen/rejected
+        # pair says which is better itself
         raise _Invalid(rating_column, f"null in this row, in a source whose responses are rated by "
                                       f"'{rating_column}'; rate every row's responses, or put rows ranked best "
                                       f"first in a file of their own")

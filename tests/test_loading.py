@@ -774,6 +774,16 @@ def test_a_null_rating_in_a_rated_source_is_refused_by_its_row(tmp_path, suffix,
     assert "(read from source column 'score')" in assert_data_error(error, scored, 2, "ratings")
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_pair_beside_rated_rows_needs_no_rating(tmp_path, streaming):
+    """A chosen/rejected row says which reply is better itself: beside rated rows its null rating is no gap (it was
+    refused as one). JSON lines only: a table's cells cannot tell a missing column from a null one."""
+    mixed = write_rows(tmp_path / "mixed.jsonl", [{"prompt": "Q1", "responses": ["a", "b"], "ratings": [1, 2]},
+                                                  {"prompt": "Q2", "chosen": "good", "rejected": "bad"}])
+    rows = list(load(mixed, "preferences", streaming=streaming))
+    assert [row["responses"] for row in rows] == [["b", "a"], ["good", "bad"]]
+
+
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_raw_ultrafeedback_completions_map_to_rated_responses(tmp_path, suffix):
     """openbmb/UltraFeedback keeps each instruction's completions as a list of records; `list.field` reaches in."""
