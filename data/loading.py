@@ -296,14 +296,15 @@ def _side(value: Any, column: str, asked: str | None) -> tuple[list[dict[str, st
     the reply). `asked`: the row's prompt, if it has one, whose hh-rlhf transcript a string side may be (TRL's
     implicit prompt beside a prompt column, some hh-rlhf copies): one that holds its turns, or opens as hh-rlhf's
     do ("\n\nHuman:"), is cut to its reply; any other string is the reply as it stands (it may itself be a sample
-    transcript)."""
+    transcript). Beside a prompt in hh-rlhf's form, a reply with a Human turn in it goes on past its reply: the row is
+    skipped, as a transcript side that does."""
     if isinstance(value, str):
         if asked is None or not _is_transcript(value):
-            return [], None, _pair_reply(value, column)
+            return [], None, _reply_beside(value, column, asked)
         end = value.rfind(HH_REPLY) + len(HH_REPLY)
         before = prompt_messages(value[:end])
         if not value.startswith(HH_USER_TURN) and not _holds_prompt(before, asked):
-            return [], None, _pair_reply(value, column)
+            return [], None, _reply_beside(value, column, asked)
         if HH_USER_TURN in value[end:]:
             raise _NoPreference()  # the transcript goes on past its reply, as a raw hh-rlhf pair that is skipped
         return before, value[:end], _pair_reply(value[end:], column)
@@ -315,6 +316,14 @@ def _side(value: Any, column: str, asked: str | None) -> tuple[list[dict[str, st
         raise _Invalid(column, f"expected the last message to be the assistant's reply, got a "
                                f"{turns[-1]['role']!r} message")
     return turns[:-1], None, _pair_reply(turns[-1]["content"], column)
+
+
+def _reply_beside(value: str, column: str, asked: str | None) -> str:
+    """A string side that is the reply alone, beside the row's prompt (if it has one)."""
+    if asked is not None and _is_transcript(asked) and HH_USER_TURN in value:
+        # in hh-rlhf's form a quoted turn cannot be told from the conversation going on ('5.\n\nHuman: thanks')
+        raise _NoPreference()
+    return _pair_reply(value, column)
 
 
 def _holds_prompt(before: list[dict[str, str]], prompt: str) -> bool:

@@ -442,6 +442,22 @@ def test_hh_transcripts_that_go_on_past_their_reply_are_skipped_with_a_count(tmp
     assert [row["responses"] for row in load(path, "preferences", streaming=True)] == [["5.", "6."]]
 
 
+def test_a_reply_beside_an_hh_prompt_that_goes_on_into_a_human_turn_is_skipped_with_a_count(tmp_path, capsys):
+    """Beside a prompt in hh-rlhf's form, a reply-only side with a Human turn in it goes on past its reply, as the
+    same pair written as transcripts does (above); it was accepted, the turn kept in the reply. Beside a plain
+    prompt such a reply stays as it is."""
+    asked = "\n\nHuman: What is 2 plus 3?\n\nAssistant:"
+    path = write_rows(tmp_path / "hh.jsonl", [
+        {"prompt": asked, "chosen": " 5.\n\nHuman: thanks, now tell me a joke", "rejected": " 6."},
+        {"prompt": asked, "chosen": " 5.", "rejected": " 6.\n\nHuman: why?"},
+        {"prompt": asked, "chosen": " 5.", "rejected": " 6."},
+        {"prompt": "Write a dialogue.", "chosen": "Hi.\n\nHuman: hello", "rejected": "No."}])
+    expected = [["5.", "6."], ["Hi.\n\nHuman: hello", "No."]]
+    assert load(path, "preferences")["responses"] == expected
+    assert "2 of 4 preference rows skipped" in capsys.readouterr().out
+    assert [row["responses"] for row in load(path, "preferences", streaming=True)] == expected
+
+
 def test_hh_transcripts_that_part_in_their_first_turn_are_skipped_as_later_partings_are(tmp_path, capsys):
     """Transcripts that differ in their first Human turn share no reply opening: that stopped the whole run with
     'column prompt: missing', while parting at a later turn was skipped. Strings that are no transcripts still stop
