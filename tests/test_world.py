@@ -628,6 +628,18 @@ def test_friendship_is_one_way(judge, world):
         assert judge.score(prompt, f"{e.friend} is {e.name}'s friend.").score == 1.0
 
 
+def test_a_true_reverse_friendship_beside_the_answer_is_no_error(judge, world):
+    """Where the friend's friend is the subject, saying so beside the answer is right (it scored 0.6); where it is
+    not, that is a false statement."""
+    mutual = next(e for e in world.entities if world.entity(e.friend).friend == e.name)
+    one_way = next(e for e in world.entities if world.entity(e.friend).friend != e.name)
+    for e, correct in ((mutual, 1.0), (one_way, 0.0)):
+        prompt = f"Who is {e.name}'s friend?"
+        for response in (f"{e.name}'s friend is {e.friend}, and {e.friend}'s friend is {e.name}.",
+                         f"{e.friend}. {e.name} is {e.friend}'s friend too."):
+            assert judge.score(prompt, response).criteria["correctness"] == correct, response
+
+
 def test_a_copied_request_earns_neither_correctness_nor_on_task(judge, world):
     """A copy of the request, in any phrasing, names the recipient and the occasion (or the operands) without
     addressing it. The note request copied back scored 0.87, above a note for the wrong gift (0.6): PPO could learn

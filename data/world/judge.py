@@ -171,8 +171,13 @@ class GoldJudge:
 def correctness(task: Task, view: _ResponseView) -> float:
     """1 if the right answer is stated and nothing contradicts it, else 0 (notes: partial credit).
     Naming another entity or word than the one asked about contradicts it: that answers another question."""
-    if _names_other_subject(task, view) or _reverses_friendship(task, view):
+    if _names_other_subject(task, view):
         return 0.0
+    reverse_claims = _reverse_friendship_claims(task, view)
+    if reverse_claims:
+        if task.params["name"].lower() not in task.companion_facts:
+            return 0.0  # false: the friend's friend is someone else
+        view = _without_phrases(view, reverse_claims)  # true, but the answer to another question
     about_companion, view = _split_off_companion(task, view)
     if any(_stated_values(task, sentence) - set(task.companion_facts) for sentence in about_companion):
         return 0.0  # a false statement about the friend: "Vusko is black." when Vusko is gold
@@ -273,15 +278,23 @@ def _note_correctness(task: Task, view: _ResponseView) -> float:
     return sum(parts) / len(parts)
 
 
-def _reverses_friendship(task: Task, view: _ResponseView) -> bool:
-    """"Klopo's friend is Brinze." or "Brinze is Klopo's friend." to "Who is Brinze's friend?": friendship is one-way,
-    so that says whose friend Brinze is, not who Brinze's friend is (which is Klopo)."""
+def _reverse_friendship_claims(task: Task, view: _ResponseView) -> list[str]:
+    """"Klopo's friend is Brinze." or "Brinze is Klopo's friend." to "Who is Brinze's friend?" (lower case, as the
+    reply states them): friendship is one-way, so that says whose friend Brinze is, not who Brinze's friend is (which
+    is Klopo). True or not, such a statement does not answer the question."""
     if task.op != "friend":
-        return False
+        return []
     name, friend = task.params["name"].lower(), task.answer.lower()
-    return any(claim in view.lower for claim in (f"{friend}'s friend is {name}", f"the friend of {friend} is {name}",
-                                                 f"{name} is {friend}'s friend", f"{name} is the friend of {friend}",
-                                                 f"{name} is a friend of {friend}"))
+    return [claim for claim in (f"{friend}'s friend is {name}", f"the friend of {friend} is {name}",
+                                f"{name} is {friend}'s friend", f"{name} is the friend of {friend}",
+                                f"{name} is a friend of {friend}") if claim in view.lower]
+
+
+def _without_phrases(view: _ResponseView, phrases: list[str]) -> _ResponseView:
+    text = view.text
+    for phrase in phrases:
+        text = re.sub(re.escape(phrase), "", text, flags=re.IGNORECASE)
+    return _ResponseView.of(text)
 
 
 def _split_off_companion(task: Task, view: _ResponseView) -> tuple[list[_ResponseView], _ResponseView]:

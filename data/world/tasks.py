@@ -152,7 +152,8 @@ class Task:
     `companion` (facts other than the friend question): the subject's friend, which a reply may mention in
     passing beside the subject ("..., like its friend Vusko"), but not instead of it ("Vusko is gold.").
     `companion_facts`: the friend's own values of the kind asked about (lower case; its count and item for a
-    count), against which a sentence about the friend ("Vusko is gold.", "Brinze's friend has 14 acorns.") is judged.
+    count), against which a sentence about the friend ("Vusko is gold.", "Brinze's friend has 14 acorns.") is judged;
+    for the friend question, the friend's own friend ("Vusko's friend is Brinze." is true or false by it).
     """
 
     family: str
@@ -290,7 +291,8 @@ def _fact_task(world: World, op: str, params: dict[str, str]) -> Task | None:
             i for i in world.items if i != entity.item), other_subjects=other_subjects, companion=friend.name,
                     companion_facts=(str(friend.count), friend.item))
     if op == "friend":
-        return Task("fact", op, params, entity.friend, other_subjects, other_subjects=other_subjects)
+        return Task("fact", op, params, entity.friend, other_subjects, other_subjects=other_subjects,
+                    companion_facts=(friend.friend.lower(),))
     category = {"colour": world.colours, "place": world.places, "food": world.foods, "kind": world.kinds}[op]
     answer = getattr(entity, op)  # each of these ops is named after the attribute it asks for
     return Task("fact", op, params, answer, tuple(c for c in category if c != answer), other_subjects=other_subjects,
