@@ -116,11 +116,14 @@ $(SFT_OUT): $(PRETRAIN_OUT)
 
 # collection reads these of RM_ARGS (and of ARGS of `make rm`) too: an RM given its own preference data (train_data.*)
 # collects nothing, only leaving the record make waits for; the collection settings (K, sampling, ...) shape the
-# rankings it trains on. (Rankings already collected are not collected again: RM training then refuses settings
-# they were not collected with, and names PREFS_ARGS.)
-COLLECTION_ARGS = train_data.% train_data=% policy=% prompts.% prompts=% max_prompts=% responses_per_prompt=% sampling.% sampling=% \
-	max_prompt_tokens=% generation_batch_size=% mix_static=% eval_fraction=%
+# rankings it trains on, and the seed their held-out split. RM training reads those of PREFS_ARGS in turn: it records
+# what its rankings were collected with. (Rankings already collected are not collected again: RM training then
+# refuses settings they were not collected with.)
+COLLECTION_ARGS = train_data.% train_data=% eval_data.% eval_data=% policy=% prompts.% prompts=% max_prompts=% \
+	responses_per_prompt=% sampling.% sampling=% max_prompt_tokens=% generation_batch_size=% mix_static=% \
+	eval_fraction=% seed=% trust_remote_code=%
 RM_DATA_ARGS = $(filter $(COLLECTION_ARGS),$(RM_ARGS) $(if $(filter rm,$(MAKECMDGOALS)),$(ARGS)))
+RM_COLLECTED_ARGS = $(filter $(COLLECTION_ARGS),$(PREFS_ARGS))
 prefs: $(SFT_OUT)
 	$(call stage,reward_model.collect,rm,$(PREFS_ARGS) $(filter $(COLLECTION_ARGS),$(RM_ARGS)),$(ARGS))
 $(PREFS_OUT): $(SFT_OUT)
@@ -128,9 +131,9 @@ $(PREFS_OUT): $(SFT_OUT)
 
 # the RM starts from SFT's final/ (and, by default, learns from rankings of its samples)
 rm: $(PREFS_OUT) $(SFT_OUT)
-	$(call stage,reward_model.train,rm,$(RM_ARGS),$(ARGS))
+	$(call stage,reward_model.train,rm,$(RM_COLLECTED_ARGS) $(RM_ARGS),$(ARGS))
 $(RM_OUT): $(PREFS_OUT) $(SFT_OUT)
-	$(call stage,reward_model.train,rm,$(RM_ARGS))
+	$(call stage,reward_model.train,rm,$(RM_COLLECTED_ARGS) $(RM_ARGS))
 
 ppo: $(RM_OUT) $(SFT_OUT)
 	$(call stage,stages.ppo,ppo,$(PPO_ARGS),$(ARGS))

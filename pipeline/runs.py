@@ -74,6 +74,8 @@ class StageConfig:
     def __post_init__(self):
         check_run_name(self.run_name)
         check_runs_dir(self.runs_dir, self.run_name)
+        if not 0 <= self.seed < 2 ** 32:  # numpy's range, which the Trainer seeds (SFT stopped with its traceback)
+            raise FieldError("seed", f"must be in [0, 2**32), got {self.seed}")
 
 
 RUN_NAME = re.compile(r"[A-Za-z0-9_.-]+")

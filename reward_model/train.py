@@ -75,8 +75,9 @@ def check_collected_with(cfg: RewardModelConfig, prefs: Path) -> None:
     if changed:
         raise ConfigError(
             "; ".join(f"key '{key}' is {now[key]} here, {then.get(key)} in the collected rankings" for key in changed)
-            + f" ({record}). Collection reads it, not RM training: collect with it first (make prefs PREFS_ARGS="
-            f"\"{changed[0]}=...\"), or leave it out of RM_ARGS and ARGS")
+            + f" ({record}). Collection reads it, not RM training, which records what its rankings were collected "
+            f"with: give RM training their value (RM_ARGS, which make passes to collection too), or collect them "
+            f"again with this one (make prefs PREFS_ARGS=\"{changed[0]}=...\")")
 
 
 def load_rankings(cfg: RewardModelConfig, world: Path | None = None) -> tuple[list[dict], list[dict], str]:

@@ -453,7 +453,12 @@ def test_ranges_of_the_other_stages_are_refused_by_key():
             (SFTStageConfig, "sft.yaml", "lora.rank=0", r"key 'lora.rank': must be 1 or more"),
             (RewardModelConfig, "rm.yaml", "max_length=1", r"key 'max_length': must be 2 or more"),
             (PPOStageConfig, "ppo.yaml", "reward_clip=0", r"key 'reward_clip': must be > 0"),
-            (PPOStageConfig, "ppo.yaml", "ptx_block_size=1", r"key 'ptx_block_size': must be 2 or more")):
+            (PPOStageConfig, "ppo.yaml", "ptx_block_size=1", r"key 'ptx_block_size': must be 2 or more"),
+            # tracebacks from the Trainer: numpy's seed range, and epochs of a dataset with no length
+            (SFTStageConfig, "sft.yaml", "seed=-1", r"key 'seed': must be in \[0, 2\*\*32\), got -1"),
+            (RewardModelConfig, "rm.yaml", f"seed={2 ** 32}", r"key 'seed': must be in \[0, 2\*\*32\)"),
+            (SFTStageConfig, "sft.yaml", "data.streaming=true max_steps=-1",
+             r"keys 'data.streaming', 'max_steps': a streamed dataset has no length to count epochs by")):
         with pytest.raises(ConfigError, match=message):
             load_config(cls, MICRO / config, override.split())
 
@@ -1508,11 +1513,14 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
 
     from conftest import REPO
 
-    def collection(*args: str) -> str:
+    def command(module: str, *args: str) -> str:
         out = subprocess.run(["make", "-n", "-C", str(REPO), *args, f"RUNDIR={tmp_path}", "RUN=t",
                               f"SETUP_STAMP={REPO / 'pyproject.toml'}"], capture_output=True, text=True).stdout
-        (line,) = [line for line in out.splitlines() if "reward_model.collect" in line]
+        (line,) = [line for line in out.splitlines() if module in line]
         return line
+
+    def collection(*args: str) -> str:
+        return command("reward_model.collect", *args)
 
     assert "train_data.path=p.jsonl" in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
     assert "learning_rate" not in collection("rm", "ARGS=train_data.path=p.jsonl learning_rate=1e-4")
@@ -1529,6 +1537,13 @@ def test_make_rm_with_its_own_preference_data_collects_none(tmp_path):
         assert f"{key}=x" in collection("rm", f"ARGS={key}=x"), key
     for section in ("prompts", "sampling"):
         assert f"{section}.x=1" in collection("rm", f"ARGS={section}.x=1"), section
+    # the seed decides the collection's held-out split, eval_data whether it collects at all (the gpu recipe)
+    for key in ("seed", "eval_data", "trust_remote_code"):
+        assert f"{key}=x" in collection("rm", f"RM_ARGS={key}=x"), key
+    # RM training records what its rankings were collected with: PREFS_ARGS' collection keys reach it (it refused
+    # them as settings the rankings were not collected with), its other keys do not
+    training = command("reward_model.train", "rm", "PREFS_ARGS=responses_per_prompt=6 generation_batch_size=8 x=1")
+    assert "responses_per_prompt=6" in training and "x=1" not in training
 
 
 def test_ctrl_c_under_the_makefiles_launcher_leaves_only_the_stages_message(tmp_path):

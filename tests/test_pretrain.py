@@ -355,6 +355,9 @@ def test_continued_pretraining_refuses_a_reward_model_or_a_mistyped_path(micro_r
         run_stage(main, "pretrain.yaml", tmp_path, f"init_from={micro_rm}", "data.path=no/such/corpus.txt")
     with pytest.raises(ConfigError, match=r"^key 'init_from': runs/x/fnal does not exist"):
         run_stage(main, "pretrain.yaml", tmp_path, "init_from=runs/x/fnal", "max_steps=2")
+    # a mistyped tokenizer path was a hub error naming no key, once the corpus had loaded (here it does not exist)
+    with pytest.raises(ConfigError, match=r"^key 'model.tokenizer': /no/such/tokenizer does not exist"):
+        run_stage(main, "pretrain.yaml", tmp_path, "model.tokenizer=/no/such/tokenizer", "data.path=no/such.txt")
     with pytest.raises(ConfigError, match=r"key 'init_from': .* both name pretraining's starting checkpoint"):
         load_config(PretrainConfig, MICRO / "pretrain.yaml", ["init_from=gpt2", "model.pretrained=gpt2-medium"])
 

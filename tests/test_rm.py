@@ -720,8 +720,9 @@ def test_collection_settings_the_rankings_were_not_collected_with_are_refused(mi
     shutil.copytree(micro_prefs, tmp_path / "r" / "prefs")
     args = ["--config", str(MICRO_RM), f"runs_dir={tmp_path}", "run_name=r"]
     with pytest.raises(ConfigError, match=r"key 'responses_per_prompt' is 8 here, 4 in the collected rankings .*"
-                                          r"Collection reads it, not RM training: collect with it first \(make "
-                                          r"prefs PREFS_ARGS=\"responses_per_prompt=\.\.\.\"\)"):
+                                          r"Collection reads it, not RM training, .* give RM training their value "
+                                          r"\(RM_ARGS, .*\), or collect them again with this one \(make prefs "
+                                          r"PREFS_ARGS=\"responses_per_prompt=\.\.\.\"\)"):
         main(args + ["responses_per_prompt=8"])
     with pytest.raises(ConfigError, match=r"key 'sampling\.temperature' is 0\.5 here, 1\.0 in the collected"):
         main(args + ["sampling.temperature=0.5"])

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.loading import DataError, DatasetSpec, load_dataset_for, source_fingerprints
-from pipeline.checkpoint import (load_training_state, loading_from, mark_in_training, parameter_fingerprint,
-                                 restore_scaler, resume_settings, save_final, save_training_checkpoint, scaler_state,
-                                 write_text_atomic)
+from pipeline.checkpoint import (load_training_state, loading_from, mark_in_training, model_source,
+                                 parameter_fingerprint, restore_scaler, resume_settings, save_final,
+                                 save_training_checkpoint, scaler_state, write_text_atomic)
 from pipeline.config import FieldError
 from pipeline.generation import SamplingConfig, sample
 from pipeline.packing import PackedCorpus
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         key = "init_from" if cfg.init_from else "model.pretrained"
         require_causal_lm(model_path(cfg, key, "pretrain", POLICY_STAGES, f"pretrain (key '{key}')"),
                           f"pretrain (key '{key}')")
+    if cfg.model.tokenizer:
+        model_source(cfg.model.tokenizer, "model.tokenizer")
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=accelerate_precision(cfg))
     torch.manual_seed(cfg.seed)
 

@@ -103,6 +103,9 @@ class SFTStageConfig(StageConfig):
         if self.max_steps <= 0 and self.num_epochs <= 0:  # the Trainer would stop with a traceback
             raise FieldError(("num_epochs", "max_steps"), f"with max_steps {self.max_steps} (off), num_epochs "
                                                           f"decides: it must be above 0, got {self.num_epochs}")
+        if self.max_steps <= 0 and self.data.streaming:  # (so would the Trainer: no length to count epochs by)
+            raise FieldError(("data.streaming", "max_steps"), "a streamed dataset has no length to count epochs by: "
+                                                              "set max_steps")
 
 
 def training_arguments(cfg: SFTStageConfig, checkpoints_dir: Path) -> SFTConfig:
