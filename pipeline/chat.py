@@ -20,8 +20,9 @@ from typing import Iterator
 import torch
 
 from pipeline.checkpoint import DEFAULT_MAX_NEW_TOKENS
-from pipeline.evaluate import (add_run_arguments, add_sampling_arguments, default_device, describe_sampling,
-                               load_policy, load_run_config, resolve_checkpoint, sampling_from_args)
+from pipeline.evaluate import (RUN_KEYS, SAMPLING_FLAGS, add_run_arguments, add_sampling_arguments, default_device,
+                               describe_sampling, load_policy, load_run_config, refuse_unused_overrides,
+                               resolve_checkpoint, sampling_from_args)
 from pipeline.generation import SamplingConfig, sample_steps, stop_token_ids
 from pipeline.runs import run_main
 
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--system", default="", help="a system message at the start of the conversation")
     parser.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh one)")
     args = parser.parse_intermixed_args(argv)
+    # the seed is --seed (no seed= override: the run's seed would give every chat the same replies)
+    refuse_unused_overrides(args.overrides, "chat", RUN_KEYS, {**SAMPLING_FLAGS, "seed": "--seed"})
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
     path, label = resolve_checkpoint(cfg, args.stage)

@@ -17,7 +17,7 @@ sampling), so the report's figures equal a separate `make eval` of the same chec
 Config: the stage YAML the Makefile hands over (configs/<recipe>/ppo.yaml) is read by that stage's own
 config class (chosen by the file name, see STAGE_CONFIGS), so every key in it and every `key=value` override
 is checked as usual. Only the run's shared settings (run_name, runs_dir, seed, world, trust_remote_code) are
-used here; what to evaluate and how to sample are `--flags`. RM scores (`--rm`) are shaped as the run's PPO
+used here, and an override of any other key is refused; what to evaluate and how to sample are `--flags`. RM scores (`--rm`) are shaped as the run's PPO
 shaped its rewards, with the settings its ppo/final was trained with (`run_ppo_settings`).
 """
 from __future__ import annotations
@@ -70,6 +70,31 @@ def load_run_config(config_path: str | None, overrides: list[str]) -> StageConfi
     return load_stage_config(config_class(config_path), config_path, overrides)
 
 
+RUN_KEYS = ("run_name", "runs_dir", "trust_remote_code")
+"""Config keys that locate the run (and allow its checkpoints' code): every command reading a run uses them."""
+
+SAMPLING_FLAGS = {"sampling.temperature": "--temperature", "sampling.max_new_tokens": "--max-new-tokens",
+                  "sampling.top_p": "--top-p", "sampling.top_k": "--top-k"}
+EVAL_FLAGS = {**SAMPLING_FLAGS, "eval_prompts": "--limit", "eval_batch_size": "--batch-size"}
+"""Stage keys whose job a flag does in evaluate and report: an override of the key would be ignored."""
+
+
+def refuse_unused_overrides(overrides: list[str], command: str, used_keys: tuple[str, ...],
+                            flags: dict[str, str] | None = None) -> None:
+    """Exit naming the first override of a key `command` does not read (and the flag that does its job, if any):
+    the stage YAML's class accepts every stage key, so `sampling.temperature=1.5` passed its checks and was ignored.
+    `used_keys`: the keys read (a section's name covers its dotted keys); `flags`: dotted key -> flag."""
+    flags = flags or {}
+    for item in overrides:
+        key = item.partition("=")[0]
+        if any(key == used or key.startswith(used + ".") for used in used_keys):
+            continue
+        # a whole section (sampling=...) names the flags of all its keys
+        instead = [flag for name, flag in flags.items() if name == key or name.startswith(key + ".")]
+        hint = f"use {' / '.join(instead)} instead" if instead else f"it reads only {', '.join(used_keys)}"
+        sys.exit(f"override '{item}': {command} does not use the config key '{key}'; {hint}")
+
+
 def shared_config(cfg: StageConfig) -> StageConfig:
     """Only the fields every stage shares (what the report's W&B run records as its config)."""
     return StageConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(StageConfig)})
@@ -77,7 +102,8 @@ def shared_config(cfg: StageConfig) -> StageConfig:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a stage YAML naming the run's world, e.g. configs/tiny/ppo.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the keys that locate the run and its world (run_name=...)")
     parser.add_argument("--stage", default="ppo",
                         help="pretrain, sft or ppo (that stage's final/ in this run), or a checkpoint path")
 
@@ -335,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       "the default, e.g. -temperature0.7)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
+    refuse_unused_overrides(args.overrides, "evaluate", (*RUN_KEYS, "seed", "world"), EVAL_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
 

@@ -34,10 +34,11 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.checkpoint import write_text_atomic  # noqa: E402
-from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, add_sampling_arguments, at_least_one,  # noqa: E402
-                               default_device, describe_sampling, evaluate_checkpoint, family_counts, int_at_least,
-                               limit_count, load_policy, load_run_config, markdown_table, run_ppo_settings,
-                               run_reward_model, run_world, sampling_from_args, shared_config)
+from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, EVAL_FLAGS, RUN_KEYS, add_sampling_arguments,  # noqa: E402
+                               at_least_one, default_device, describe_sampling, evaluate_checkpoint, family_counts,
+                               int_at_least, limit_count, load_policy, load_run_config, markdown_table,
+                               refuse_unused_overrides, run_ppo_settings, run_reward_model, run_world,
+                               sampling_from_args, shared_config)
 from pipeline.evaluation import (EVAL_SAMPLING, family_table, held_out_prompts, load_judge,  # noqa: E402
                                  paired_gain, win_rate)
 from pipeline.generation import SamplingConfig, encode_prompts, sample, stop_token_ids  # noqa: E402
@@ -523,7 +524,9 @@ def run_facts_section(cfg, facts: dict) -> list:
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a stage YAML naming the run's world, e.g. configs/tiny/ppo.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., seed=...)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the keys that locate the run and its world "
+                             "(run_name=..., seed=...)")
     add_sampling_arguments(parser, EVAL_SAMPLING)
     parser.add_argument("--limit", type=limit_count, default=0, help="evaluate on the first N held-out prompts (0: all)")
     parser.add_argument("--batch-size", type=at_least_one, default=EVAL_BATCH_SIZE)
@@ -531,6 +534,7 @@ def main(argv: list[str] | None = None) -> Path:
                         help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
+    refuse_unused_overrides(args.overrides, "report", (*RUN_KEYS, "seed", "world", "wandb_project"), EVAL_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
     started = time.perf_counter()

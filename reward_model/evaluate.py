@@ -28,8 +28,8 @@ import yaml
 from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import checkpoint_config, write_text_atomic
 from pipeline.config import load_config
-from pipeline.evaluate import at_least_one, check_output, default_device, load_run_config, resolve_checkpoint, \
-    run_world
+from pipeline.evaluate import RUN_KEYS, at_least_one, check_output, default_device, load_run_config, \
+    refuse_unused_overrides, resolve_checkpoint, run_world
 from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
@@ -74,10 +74,16 @@ def held_out_rankings(cfg: StageConfig) -> tuple[list[dict], str]:
     return rows, trained.eval_data.path if trained.eval_data is not None else source  # a held-out file of its own
 
 
+RM_DATA_FLAGS = {"eval_data.path": "--data", "eval_data.split": "--split", "eval_data.name": "--name",
+                 "eval_data.columns": "--column", "eval_data.max_rows": "--max-rows"}
+"""The held-out data keys whose job eval-rm's flags do (the run's own held-out rankings are its default)."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="the run's RM config, e.g. configs/tiny/rm.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the config (run_name=..., ...)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides of the keys that locate the run and its world (run_name=...)")
     parser.add_argument("--reward-model", metavar="PATH", default="rm",
                         help="an RM checkpoint directory or hub id (default: the run's rm/final)")
     parser.add_argument("--data", help="a preference dataset: local file or directory, or hub id (default: the "
@@ -93,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>[-<name>][-<split>][-first<N>]].json)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
+    # eval_batch_size is read: it is --batch-size's default
+    refuse_unused_overrides(args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"), RM_DATA_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     if not isinstance(cfg, RewardModelConfig):
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")

@@ -394,3 +394,28 @@ def test_the_pretrain_tokens_per_second_is_the_median_of_an_even_count(tmp_path)
     lines, _ = report.pretrain_section(cfg, records, None, tmp_path, facts)
     assert facts["pretrain"]["tokens_per_sec_median"] == 1409.0
     assert "| tokens/s (median)            | 1,409 |" in lines[0]
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("evaluate", "sampling.temperature=1.5", r"'sampling.temperature'; use --temperature"),
+    ("evaluate", "sampling.max_new_tokens=4", r"'sampling.max_new_tokens'; use --max-new-tokens"),
+    ("evaluate", "eval_prompts=3", r"'eval_prompts'; use --limit"),
+    ("evaluate", "sampling.top_p=0.5", r"use --top-p"),
+    ("evaluate", "kl_horizon=5", r"'kl_horizon'; it reads only run_name, runs_dir, trust_remote_code, seed, world"),
+    ("report", "sampling.top_k=5", r"'sampling.top_k'; use --top-k"),
+    ("report", "sampling=x.yaml", r"'sampling'; use --temperature / --max-new-tokens / --top-p / --top-k"),
+    ("chat", "seed=1", r"'seed'; use --seed"),
+    ("chat", "sampling.temperature=0", r"use --temperature"),
+    ("eval-rm", "eval_data.split=test", r"'eval_data.split'; use --split"),
+    ("eval-rm", "seed=3", r"'seed'; it reads only run_name, runs_dir, trust_remote_code, world, eval_batch_size"),
+])
+def test_an_override_the_command_does_not_read_is_refused_naming_its_flag(command, override, message, tmp_path):
+    """`make eval ARGS="sampling.temperature=1.5 eval_prompts=3"` evaluated greedily on every prompt: the stage
+    YAML's class accepts every stage key, and these commands take sampling and limits from their flags."""
+    from pipeline import chat
+    from reward_model import evaluate as evaluate_rm
+
+    main, config = {"evaluate": (evaluate.main, "ppo.yaml"), "report": (report.main, "ppo.yaml"),
+                    "chat": (chat.main, "ppo.yaml"), "eval-rm": (evaluate_rm.main, "rm.yaml")}[command]
+    with pytest.raises(SystemExit, match=f"override '{re.escape(override)}': {command} does not use .*{message}"):
+        main(["--config", str(MICRO / config), f"runs_dir={tmp_path}", "run_name=nothing", override])
