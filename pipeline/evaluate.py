@@ -103,7 +103,7 @@ def shared_config(cfg: StageConfig) -> StageConfig:
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a stage YAML naming the run's world, e.g. configs/tiny/ppo.yaml")
     parser.add_argument("overrides", nargs="*",
-                        help="key=value overrides of the keys that locate the run and its world (run_name=...)")
+                        help="key=value overrides of the keys that locate the run (run_name=...); others are refused")
     parser.add_argument("--stage", default="ppo",
                         help="pretrain, sft or ppo (that stage's final/ in this run), or a checkpoint path")
 
