@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="an RM checkpoint directory or hub id (default: the run's rm/final)")
     parser.add_argument("--data", help="a preference dataset: local file or directory, or hub id (default: the "
                                        "rankings the run's RM training held out)")
-    parser.add_argument("--split", default="test", help="with --data: the split (default: test)")
+    parser.add_argument("--split", default=None, help="with --data: the split (default: test)")
     parser.add_argument("--name", default=None, help="with --data: the hub dataset's config name")
     parser.add_argument("--column", action="append", default=[], metavar="SCHEMA=SOURCE",
                         help="with --data: read a schema column from another column, e.g. --column prompt=instruction")
@@ -98,6 +98,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="default: the config's eval_batch_size")
     parser.add_argument("--out", help="JSON output file (default: runs/<run>/eval/rm-<label>[-on-<data>[-<name>][-<split>][-first<N>]].json)")
     args = parser.parse_intermixed_args(argv)
+    # without --data the run's held-out rankings are read as its RM training split them: these would be dropped
+    given = [flag for flag, given in (("--split", args.split is not None), ("--name", args.name is not None),
+                                      ("--column", bool(args.column)), ("--max-rows", args.max_rows is not None))
+             if given]
+    if given and not args.data:
+        parser.error(f"{', '.join(given)}: only with --data (the run's held-out rankings are read whole)")
+    if args.split is None:
+        args.split = "test"
     check_output(args.out)
     # eval_batch_size is read: it is --batch-size's default
     refuse_unused_overrides(args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"), RM_DATA_FLAGS)

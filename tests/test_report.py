@@ -419,3 +419,14 @@ def test_an_override_the_command_does_not_read_is_refused_naming_its_flag(comman
                     "chat": (chat.main, "ppo.yaml"), "eval-rm": (evaluate_rm.main, "rm.yaml")}[command]
     with pytest.raises(SystemExit, match=f"override '{re.escape(override)}': {command} does not use .*{message}"):
         main(["--config", str(MICRO / config), f"runs_dir={tmp_path}", "run_name=nothing", override])
+
+
+def test_eval_rm_refuses_the_data_flags_without_data(tmp_path, capsys):
+    """`make eval-rm ARGS="--max-rows 1 --split validation"` without --data scored the run's held-out rankings whole,
+    dropping the flags."""
+    from reward_model import evaluate as evaluate_rm
+
+    with pytest.raises(SystemExit):
+        evaluate_rm.main(["--config", str(MICRO / "rm.yaml"), f"runs_dir={tmp_path}", "--max-rows", "1",
+                          "--split", "validation", "--column", "prompt=foo"])
+    assert "--split, --column, --max-rows: only with --data" in capsys.readouterr().err
