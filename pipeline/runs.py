@@ -16,6 +16,7 @@ This module is the one place that knows the layout; stages and the Makefile go t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import yaml
 
 from data.world import WorldConfig, write_world
 from pipeline.checkpoint import LAUNCH_RECORDS, CheckpointError, check_not_past, checkpoint_config, checkpoint_step, \
@@ -437,15 +439,53 @@ def run_main(main, interrupted: str = TRAINING_INTERRUPTED) -> None:
         sys.exit(130)
 
 
-def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = ""):
-    """`--config FILE key=value ...` -> a config dataclass. Bad keys exit with a message, not a traceback."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", help="YAML config, e.g. configs/tiny/pretrain.yaml")
+STAGE_COMMANDS = {
+    "stages.pretrain.pretrain": ("stages.pretrain", "pretrain.yaml"),
+    "stages.sft.sft": ("stages.sft", "sft.yaml"),
+    "reward_model.collect": ("reward_model.collect", "rm.yaml"),
+    "reward_model.train": ("reward_model.train", "rm.yaml"),
+    "stages.ppo.ppo": ("stages.ppo", "ppo.yaml"),
+}
+"""The module whose main() reads a stage's command line -> (what `python -m` runs, the recipe YAML it reads)."""
+
+
+def config_keys_help(config: object, prefix: str = "") -> list[str]:
+    """`key=default` of every field of a config dataclass instance, a nested dataclass's as dotted keys."""
+    items = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            items += config_keys_help(value, f"{prefix}{f.name}.")
+        else:  # as written in YAML (null, true, '')
+            items.append(f"{prefix}{f.name}={yaml.safe_dump(value, default_flow_style=True, width=1000).strip()}"
+                         .removesuffix("\n..."))
+    return items
+
+
+def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = "",
+                     module: str | None = None):
+    """`--config FILE key=value ...` -> a config dataclass. Bad keys exit with a message, not a traceback.
+    `module`: the stage's module, for --help (`python -m stages.sft`, configs/<recipe>/sft.yaml); default: the
+    module of the caller (its main())."""
+    if module is None:
+        caller = sys._getframe(1).f_globals  # run as `python -m`, its __name__ is __main__; its spec has the name
+        module = caller["__spec__"].name if caller.get("__spec__") else caller.get("__name__", "")
+    command, example = STAGE_COMMANDS.get(module, (module, "<stage>.yaml"))
+    lines = [""]
+    for item in config_keys_help(config_cls()):  # packed a line at a time, never split inside an item
+        lines[-1:] = [lines[-1] + "  " + item] if len(lines[-1]) + 2 + len(item) <= 118 or not lines[-1] \
+            else [lines[-1], "  " + item]
+    keys = "\n".join(lines)
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {command}" if command else None, description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"config keys (YAML or key=value; dotted for nested keys), with their defaults:\n{keys}")
+    parser.add_argument("--config", help=f"YAML config, e.g. configs/tiny/{example}")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     args = parser.parse_args(argv)
     if not args.config:  # legal (every setting has a default), but rarely meant
         print("note: no --config given: every setting not overridden is its default (run 'default'); a recipe's "
-              "config is e.g. --config configs/tiny/<stage>.yaml", file=sys.stderr)
+              f"config is e.g. --config configs/tiny/{example}", file=sys.stderr)
     return load_stage_config(config_cls, args.config, args.overrides)
 
 
