@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import difflib
 import gzip
 import hashlib
 import itertools
@@ -692,8 +693,17 @@ def _world_part(split: str, world_dir: str | Path | None) -> _Part:
                                                   "(expected the directory written by write_world)")
     file = Path(world_dir) / f"{split}.jsonl"
     if not file.is_file():
-        raise DataError(str(file), f"file not found (world split '{split}'; expected a directory "
-                                   f"written by data.world.write_world)")
+        from data.world.writer import CONFIG_FILE  # here: data.world is not loaded for every dataset
+
+        if not (Path(world_dir) / CONFIG_FILE).is_file():
+            raise DataError(str(file), f"file not found (world split '{split}'; expected a directory "
+                                       f"written by data.world.write_world)")
+        # a world, and a split it lacks: most likely a typo in `world:<split>`
+        splits = sorted(path.stem for path in Path(world_dir).glob("*.jsonl"))
+        close = difflib.get_close_matches(split, splits, n=1)
+        raise DataError(f"{WORLD_PREFIX}{split}", f"the world in {world_dir} has no split '{split}' (its splits: "
+                                                  f"{', '.join(splits)})"
+                                                  f"{f'; did you mean {WORLD_PREFIX}{close[0]}?' if close else ''}")
     return _file_part(file)
 
 

@@ -298,7 +298,7 @@ def test_world_paths(tmp_path):
         assert sorted(dataset.column_names) == sorted(columns), split
     with pytest.raises(DataError, match="no world_dir"):
         load_dataset_for(DatasetSpec(path="world:sft_train"), "sft")
-    with pytest.raises(DataError, match="nope.jsonl.*file not found"):
+    with pytest.raises(DataError, match=r"world:nope: the world in .* has no split 'nope' \(its splits: eval_prompts, "):
         load_dataset_for(DatasetSpec(path="world:nope"), "prompts", world_dir=world_dir)
 
 
@@ -1077,3 +1077,21 @@ def test_a_prompt_that_runs_on_into_a_reply_is_read_with_a_warning(tmp_path, cap
     load(write_rows(tmp_path / "fine.jsonl", [{"prompt": "\n\nHuman: Hi\n\nAssistant:"}]), "prompts")
     assert "warning" not in capsys.readouterr().out
 
+
+
+def test_a_world_split_that_is_not_there_names_the_worlds_splits_and_the_nearest(tmp_path):
+    """`prompts.path=world:ppo_promts` said the file was not found and that a directory written by write_world was
+    expected, of a directory that is one."""
+    world_dir = tmp_path / "world"
+    world_dir.mkdir()
+    for split in ("ppo_prompts", "pref_prompts"):
+        (world_dir / f"{split}.jsonl").write_text('{"prompt": "hi"}\n')
+    (world_dir / "world_config.json").write_text("{}")
+    with pytest.raises(DataError, match=r"world:ppo_promts: the world in .*world has no split 'ppo_promts' \(its "
+                                        r"splits: ppo_prompts, pref_prompts\); did you mean world:ppo_prompts\?"):
+        load_dataset_for(DatasetSpec(path="world:ppo_promts"), "prompts", world_dir=world_dir)
+    with pytest.raises(DataError, match=r"no split 'nope' \(its splits: ppo_prompts, pref_prompts\)$"):
+        load_dataset_for(DatasetSpec(path="world:nope"), "prompts", world_dir=world_dir)
+    # a directory that is no world is still said to be none
+    with pytest.raises(DataError, match=r"expected a directory written by data.world.write_world"):
+        load_dataset_for(DatasetSpec(path="world:ppo_prompts"), "prompts", world_dir=tmp_path)
