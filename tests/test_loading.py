@@ -298,7 +298,7 @@ def test_world_paths(tmp_path):
         assert sorted(dataset.column_names) == sorted(columns), split
     with pytest.raises(DataError, match="no world_dir"):
         load_dataset_for(DatasetSpec(path="world:sft_train"), "sft")
-    with pytest.raises(DataError, match=r"world:nope: the world in .* has no split 'nope' \(its splits: eval_prompts, "):
+    with pytest.raises(DataError, match=r"world:nope: the world in .* has no split 'nope' \(its splits: eval_"):
         load_dataset_for(DatasetSpec(path="world:nope"), "prompts", world_dir=world_dir)
 
 
