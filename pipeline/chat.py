@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh one)")
     args = parser.parse_intermixed_args(argv)
     # the seed is --seed (no seed= override: the run's seed would give every chat the same replies)
-    refuse_unused_overrides(args.overrides, "chat", RUN_KEYS, {**SAMPLING_FLAGS, "seed": "--seed"})
+    refuse_unused_overrides(args.config, args.overrides, "chat", RUN_KEYS, {**SAMPLING_FLAGS, "seed": "--seed"})
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
     path, label = resolve_checkpoint(cfg, args.stage)

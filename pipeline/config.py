@@ -311,6 +311,11 @@ def _field_type(cls: type, dotted: str) -> Any:
     return tp
 
 
+def is_config_key(cls: type, dotted: str) -> bool:
+    """Whether a dotted key names a field of the config dataclass `cls` (or of a dataclass nested in it)."""
+    return _field_type(cls, dotted) is not None
+
+
 def _takes_text(tp: Any) -> bool:
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and str in typing.get_args(tp))
 

@@ -37,7 +37,7 @@ from data.world.judge import CRITERIA_WEIGHTS
 from pipeline.checkpoint import is_hub_id, write_text_atomic
 from pipeline.evaluation import EVAL_SAMPLING, EvalResult, evaluate_policy, family_table, held_out_prompts, load_judge
 from pipeline.generation import SamplingConfig
-from pipeline.config import ConfigError, FieldError, load_config
+from pipeline.config import ConfigError, FieldError, is_config_key, load_config
 from pipeline.runs import StageConfig, load_stage_config, run_dir, run_main, stage_paths, world_dir
 from pipeline.tokenizer import check_chat_prompts
 
@@ -79,7 +79,7 @@ EVAL_FLAGS = {**SAMPLING_FLAGS, "eval_prompts": "--limit", "eval_batch_size": "-
 """Stage keys whose job a flag does in evaluate and report: an override of the key would be ignored."""
 
 
-def refuse_unused_overrides(overrides: list[str], command: str, used_keys: tuple[str, ...],
+def refuse_unused_overrides(config_path: str | None, overrides: list[str], command: str, used_keys: tuple[str, ...],
                             flags: dict[str, str] | None = None) -> None:
     """Exit naming the first override of a key `command` does not read (and the flag that does its job, if any):
     the stage YAML's class accepts every stage key, so `sampling.temperature=1.5` passed its checks and was ignored.
@@ -91,8 +91,12 @@ def refuse_unused_overrides(overrides: list[str], command: str, used_keys: tuple
             continue
         # a whole section (sampling=...) names the flags of all its keys
         instead = [flag for name, flag in flags.items() if name == key or name.startswith(key + ".")]
-        hint = f"use {' / '.join(instead)} instead" if instead else f"it reads only {', '.join(used_keys)}"
-        sys.exit(f"override '{item}': {command} does not use the config key '{key}'; {hint}")
+        if instead:
+            sys.exit(f"override '{item}': {command} does not use the config key '{key}'; use {' / '.join(instead)} "
+                     f"instead")
+        if is_config_key(config_class(config_path), key):  # else unknown: loading names it, and the nearest key
+            sys.exit(f"override '{item}': {command} does not use the config key '{key}'; it reads only "
+                     f"{', '.join(used_keys)}")
 
 
 def shared_config(cfg: StageConfig) -> StageConfig:
@@ -361,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       "the default, e.g. -temperature0.7)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
-    refuse_unused_overrides(args.overrides, "evaluate", (*RUN_KEYS, "seed", "world"), EVAL_FLAGS)
+    refuse_unused_overrides(args.config, args.overrides, "evaluate", (*RUN_KEYS, "seed", "world"), EVAL_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
 

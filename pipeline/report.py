@@ -534,7 +534,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
-    refuse_unused_overrides(args.overrides, "report", (*RUN_KEYS, "seed", "world", "wandb_project"), EVAL_FLAGS)
+    refuse_unused_overrides(args.config, args.overrides, "report", (*RUN_KEYS, "seed", "world", "wandb_project"),
+                            EVAL_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     sampling = sampling_from_args(args, parser)
     started = time.perf_counter()

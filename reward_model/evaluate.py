@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.split = "test"
     check_output(args.out)
     # eval_batch_size is read: it is --batch-size's default
-    refuse_unused_overrides(args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"), RM_DATA_FLAGS)
+    refuse_unused_overrides(args.config, args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"),
+                            RM_DATA_FLAGS)
     cfg = load_run_config(args.config, args.overrides)
     if not isinstance(cfg, RewardModelConfig):
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")

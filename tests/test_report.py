@@ -419,6 +419,9 @@ def test_an_override_the_command_does_not_read_is_refused_naming_its_flag(comman
                     "chat": (chat.main, "ppo.yaml"), "eval-rm": (evaluate_rm.main, "rm.yaml")}[command]
     with pytest.raises(SystemExit, match=f"override '{re.escape(override)}': {command} does not use .*{message}"):
         main(["--config", str(MICRO / config), f"runs_dir={tmp_path}", "run_name=nothing", override])
+    # a key of no stage is the config loader's to name, with the nearest key
+    with pytest.raises(SystemExit, match="unknown key 'run_nam'"):
+        main(["--config", str(MICRO / config), f"runs_dir={tmp_path}", "run_nam=x"])
 
 
 def test_eval_rm_refuses_the_data_flags_without_data(tmp_path, capsys):
