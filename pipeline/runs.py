@@ -439,16 +439,6 @@ def run_main(main, interrupted: str = TRAINING_INTERRUPTED) -> None:
         sys.exit(130)
 
 
-STAGE_COMMANDS = {
-    "stages.pretrain.pretrain": ("stages.pretrain", "pretrain.yaml"),
-    "stages.sft.sft": ("stages.sft", "sft.yaml"),
-    "reward_model.collect": ("reward_model.collect", "rm.yaml"),
-    "reward_model.train": ("reward_model.train", "rm.yaml"),
-    "stages.ppo.ppo": ("stages.ppo", "ppo.yaml"),
-}
-"""The module whose main() reads a stage's command line -> (what `python -m` runs, the recipe YAML it reads)."""
-
-
 def config_keys_help(config: object, prefix: str = "") -> list[str]:
     """`key=default` of every field of a config dataclass instance, a nested dataclass's as dotted keys."""
     items = []
@@ -462,30 +452,24 @@ def config_keys_help(config: object, prefix: str = "") -> list[str]:
     return items
 
 
-def parse_stage_args(config_cls: type, argv: list[str] | None = None, description: str = "",
-                     module: str | None = None):
+def parse_stage_args(config_cls: type, argv: list[str] | None, description: str, command: str, recipe_file: str):
     """`--config FILE key=value ...` -> a config dataclass. Bad keys exit with a message, not a traceback.
-    `module`: the stage's module, for --help (`python -m stages.sft`, configs/<recipe>/sft.yaml); default: the
-    module of the caller (its main())."""
-    if module is None:
-        caller = sys._getframe(1).f_globals  # run as `python -m`, its __name__ is __main__; its spec has the name
-        module = caller["__spec__"].name if caller.get("__spec__") else caller.get("__name__", "")
-    command, example = STAGE_COMMANDS.get(module, (module, "<stage>.yaml"))
+    `command`: what `python -m` runs (stages.sft); `recipe_file`: the recipe YAML it reads (sft.yaml), for --help."""
     lines = [""]
     for item in config_keys_help(config_cls()):  # packed a line at a time, never split inside an item
         lines[-1:] = [lines[-1] + "  " + item] if len(lines[-1]) + 2 + len(item) <= 118 or not lines[-1] \
             else [lines[-1], "  " + item]
     keys = "\n".join(lines)
     parser = argparse.ArgumentParser(
-        prog=f"python -m {command}" if command else None, description=description,
+        prog=f"python -m {command}", description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"config keys (YAML or key=value; dotted for nested keys), with their defaults:\n{keys}")
-    parser.add_argument("--config", help=f"YAML config, e.g. configs/tiny/{example}")
+    parser.add_argument("--config", help=f"YAML config, e.g. configs/tiny/{recipe_file}")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted for nested keys")
     args = parser.parse_args(argv)
     if not args.config:  # legal (every setting has a default), but rarely meant
         print("note: no --config given: every setting not overridden is its default (run 'default'); a recipe's "
-              f"config is e.g. --config configs/tiny/{example}", file=sys.stderr)
+              f"config is e.g. --config configs/tiny/{recipe_file}", file=sys.stderr)
     return load_stage_config(config_cls, args.config, args.overrides)
 
 

@@ -75,7 +75,7 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
+    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__, "reward_model.collect", "rm.yaml")
     paths = stage_paths(cfg, "prefs")
     if cfg.train_data is not None:
         print(f"[prefs] train_data is set ({cfg.train_data.path}): the reward model trains on it, "

@@ -218,7 +218,7 @@ def build_model(cfg: RewardModelConfig, init: str, tokenizer, checkpoint: Path |
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__)
+    cfg: RewardModelConfig = parse_stage_args(RewardModelConfig, argv, __doc__, "reward_model.train", "rm.yaml")
     paths = stage_paths(cfg, "rm")
     require_ddp("rm")
     # ranks score their micro-batches in as many forward passes as their responses need (rankings differ in size):

@@ -187,7 +187,8 @@ def test_a_pairs_dataset_is_held_out_by_prompt_not_by_row(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = parse_stage_args(RewardModelConfig, ["--config", str(MICRO_RM), f"runs_dir={tmp_path}",
-                                               f"train_data.path={data}", "eval_fraction=0.25"])
+                                               f"train_data.path={data}", "eval_fraction=0.25"], "",
+                           "reward_model.train", "rm.yaml")
     trained, held_out, _ = train.load_rankings(cfg)
     trained_prompts, held_out_prompts = {r["prompt"] for r in trained}, {r["prompt"] for r in held_out}
     assert len(held_out_prompts) == 3 and not trained_prompts & held_out_prompts
@@ -214,7 +215,8 @@ def test_final_loads_with_plain_transformers_and_carries_reward_stats(micro_rm, 
     scorer = RewardScorer(str(micro_rm))
     assert plain == pytest.approx(scorer.score(["What is 12 plus 30?"], ["42."]).item(), abs=1e-5)
     # scoring reads conversations at the length the RM was trained at, not at a length it never saw
-    rm_cfg = train.parse_stage_args(train.RewardModelConfig, ["--config", str(MICRO_RM)])
+    rm_cfg = train.parse_stage_args(train.RewardModelConfig, ["--config", str(MICRO_RM)], "", "reward_model.train",
+                                    "rm.yaml")
     assert model.config.rm_max_length == rm_cfg.max_length == scorer.max_length
     # a rank whose share of a small held-out set is empty scores nothing instead of failing
     assert train.score_rankings(scorer.model, scorer.tokenizer, [], rm_cfg.max_length, 8) == []

@@ -66,7 +66,7 @@ def prompt_indices(n_rows: int, step: int, rank: int, world: int, batch: int, se
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__)
+    cfg: PPOStageConfig = parse_stage_args(PPOStageConfig, argv, __doc__, "stages.ppo", "ppo.yaml")
     paths = stage_paths(cfg, "ppo")
     require_ddp("ppo")
     if accelerate_precision(cfg) == "fp16":  # precision: auto under `accelerate launch --mixed_precision fp16`

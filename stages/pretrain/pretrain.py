@@ -98,7 +98,7 @@ def get_lr(step: int, cfg: PretrainConfig) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__)
+    cfg: PretrainConfig = parse_stage_args(PretrainConfig, argv, __doc__, "stages.pretrain", "pretrain.yaml")
     paths = stage_paths(cfg, "pretrain")
     require_ddp("pretrain")
     if cfg.model.pretrained:  # before the data loads: a mistyped path or a reward model fails fast, under its key

@@ -189,7 +189,7 @@ def comparison(sft: dict[str, float], pretrained: dict[str, float]) -> list[dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg: SFTStageConfig = parse_stage_args(SFTStageConfig, argv, __doc__)
+    cfg: SFTStageConfig = parse_stage_args(SFTStageConfig, argv, __doc__, "stages.sft", "sft.yaml")
     paths = stage_paths(cfg, "sft")
     # FSDP / ZeRO-3: the Trainer trains and saves sharded weights; our evaluation samples on the main process
     sharding = weights_sharded()
