@@ -264,9 +264,11 @@ def test_eval_rm_repeats_the_training_figures_and_scores_any_preference_data(mic
 
     run = ["--config", str(MICRO_RM), f"runs_dir={micro_runs}", "run_name=micro"]
     world_settings = (micro_runs / "micro" / "world" / "world_config.json").read_text()
-    # other settings on the command line change neither the held-out split (the RM's own resolved config says how
-    # it split) nor the run's world
-    report = evaluate.main(run + ["eval_fraction=0.5", "seed=7", "world.seed=5"])
+    # settings of the split are the RM's own (its resolved config says how it split): refused, not ignored
+    for override in ("eval_fraction=0.5", "seed=7"):
+        with pytest.raises(SystemExit, match=rf"override '{override}': eval-rm does not use the config key"):
+            evaluate.main(run + [override])
+    report = evaluate.main(run + ["world.seed=5"])  # nor does the run's world change
     assert (micro_runs / "micro" / "world" / "world_config.json").read_text() == world_settings
     trained = json.loads((micro_rm.parent / "eval.json").read_text())
     for key in ("accuracy", "gold_accuracy", "noise_ceiling", "pairs", "decided_pairs"):
