@@ -17,8 +17,8 @@ sampling), so the report's figures equal a separate `make eval` of the same chec
 Config: the stage YAML the Makefile hands over (configs/<recipe>/ppo.yaml) is read by that stage's own
 config class (chosen by the file name, see STAGE_CONFIGS), so every key in it and every `key=value` override
 is checked as usual. Only the run's shared settings (run_name, runs_dir, seed, world, trust_remote_code) are
-used here, and an override of any other key is refused; what to evaluate and how to sample are `--flags`. RM scores (`--rm`) are shaped as the run's PPO
-shaped its rewards, with the settings its ppo/final was trained with (`run_ppo_settings`).
+used here, and an override of any other key is refused; what to evaluate and how to sample are `--flags`. RM
+scores (`--rm`) are shaped as the run's PPO shaped its rewards, with the settings its ppo/final was trained with (`run_ppo_settings`).
 """
 from __future__ import annotations
 
