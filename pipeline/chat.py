@@ -21,8 +21,7 @@ import torch
 
 from pipeline.checkpoint import DEFAULT_MAX_NEW_TOKENS
 from pipeline.evaluate import (RUN_KEYS, SAMPLING_FLAGS, add_run_arguments, add_sampling_arguments, default_device,
-                               describe_sampling, load_policy, load_run_config, refuse_unused_overrides,
-                               resolve_checkpoint, sampling_from_args)
+                               describe_sampling, load_policy, load_run_config, resolve_checkpoint, sampling_from_args)
 from pipeline.generation import SamplingConfig, sample_steps, stop_token_ids
 from pipeline.runs import run_main
 
@@ -136,8 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=None, help="seed the sampling (default: a fresh one)")
     args = parser.parse_intermixed_args(argv)
     # the seed is --seed (no seed= override: the run's seed would give every chat the same replies)
-    refuse_unused_overrides(args.config, args.overrides, "chat", RUN_KEYS, {**SAMPLING_FLAGS, "seed": "--seed"})
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, "chat", RUN_KEYS, {**SAMPLING_FLAGS, "seed": "--seed"})
     sampling = sampling_from_args(args, parser)
     path, label = resolve_checkpoint(cfg, args.stage)
     device = default_device()

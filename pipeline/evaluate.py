@@ -65,8 +65,12 @@ def config_class(config_path: str | None) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def load_run_config(config_path: str | None, overrides: list[str]) -> StageConfig:
-    """The stage YAML (checked by its stage's config class) with overrides; exits with a message on errors."""
+def load_run_config(config_path: str | None, overrides: list[str], command: str = "",
+                    used_keys: tuple[str, ...] = (), flags: dict[str, str] | None = None) -> StageConfig:
+    """The stage YAML (checked by its stage's config class) with overrides; exits with a message on errors. With
+    `command`, an override of a key it does not read (not in `used_keys`) is refused (refuse_unused_overrides)."""
+    if command:
+        refuse_unused_overrides(config_path, overrides, command, used_keys, flags)
     return load_stage_config(config_class(config_path), config_path, overrides)
 
 
@@ -365,8 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       "the default, e.g. -temperature0.7)")
     args = parser.parse_intermixed_args(argv)
     check_output(args.out)
-    refuse_unused_overrides(args.config, args.overrides, "evaluate", (*RUN_KEYS, "seed", "world"), EVAL_FLAGS)
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, "evaluate", (*RUN_KEYS, "seed", "world"), EVAL_FLAGS)
     sampling = sampling_from_args(args, parser)
 
     path, label = resolve_checkpoint(cfg, args.stage)

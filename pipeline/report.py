@@ -37,7 +37,7 @@ from pipeline.checkpoint import write_text_atomic  # noqa: E402
 from pipeline.evaluate import (CRITERIA, EVAL_BATCH_SIZE, EVAL_FLAGS, RUN_KEYS, add_sampling_arguments,  # noqa: E402
                                at_least_one, default_device, describe_sampling, evaluate_checkpoint, family_counts,
                                int_at_least, limit_count, load_policy, load_run_config, markdown_table,
-                               refuse_unused_overrides, run_ppo_settings, run_reward_model, run_world,
+                               run_ppo_settings, run_reward_model, run_world,
                                sampling_from_args, shared_config)
 from pipeline.evaluation import (EVAL_SAMPLING, family_table, held_out_prompts, load_judge,  # noqa: E402
                                  paired_gain, win_rate)
@@ -534,9 +534,8 @@ def main(argv: list[str] | None = None) -> Path:
                         help="held-out prompts shown with every model's answer")
     parser.add_argument("--kl-samples", type=at_least_one, default=4, help="responses per prompt for the KL to SFT")
     args = parser.parse_intermixed_args(argv)
-    refuse_unused_overrides(args.config, args.overrides, "report", (*RUN_KEYS, "seed", "world", "wandb_project"),
-                            EVAL_FLAGS)
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, "report", (*RUN_KEYS, "seed", "world", "wandb_project"),
+                          EVAL_FLAGS)
     sampling = sampling_from_args(args, parser)
     started = time.perf_counter()
     run = run_dir(cfg)

@@ -29,7 +29,7 @@ from data.loading import DataError, DatasetSpec, load_dataset_for
 from pipeline.checkpoint import checkpoint_config, write_text_atomic
 from pipeline.config import load_config
 from pipeline.evaluate import RUN_KEYS, at_least_one, check_output, default_device, load_run_config, \
-    refuse_unused_overrides, resolve_checkpoint, run_world
+    resolve_checkpoint, run_world
 from pipeline.runs import StageConfig, run_dir, run_main, stage_paths
 from reward_model.config import RewardModelConfig
 from reward_model.scoring import RewardScorer
@@ -108,9 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.split = "test"
     check_output(args.out)
     # eval_batch_size is read: it is --batch-size's default
-    refuse_unused_overrides(args.config, args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"),
-                            RM_DATA_FLAGS)
-    cfg = load_run_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides, "eval-rm", (*RUN_KEYS, "world", "eval_batch_size"),
+                          RM_DATA_FLAGS)
     if not isinstance(cfg, RewardModelConfig):
         raise SystemExit(f"--config {args.config}: expected the run's RM config (configs/<recipe>/rm.yaml)")
 
